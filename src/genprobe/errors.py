@@ -1,0 +1,36 @@
+"""Typed exceptions. Every user-facing error says what is wrong, which name or file, and what to do.
+
+The CLI turns any :class:`GenprobeError` into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+
+class GenprobeError(ValueError):
+    """Base class of every error caused by the user's input (not by a bug in genprobe)."""
+
+
+class DataError(GenprobeError):
+    """A dataset is unknown, not installed, unreadable, or has the wrong shape."""
+
+
+class StateError(GenprobeError):
+    """A state dict does not match the model (missing/unexpected key, wrong shape), or is unreadable."""
+
+
+class ModuleSelectionError(GenprobeError):
+    """A module pattern or group selects nothing, or selects overlapping modules."""
+
+
+class ConfigError(GenprobeError):
+    """An option has a bad value (the message names the option and the allowed values)."""
+
+
+class RunError(GenprobeError):
+    """A run directory is missing, incomplete or corrupt."""
+
+
+def check_choice(name: str, value: object, allowed: tuple | list) -> None:
+    """Raise ConfigError naming `name`, the bad `value` and the allowed ones."""
+    if value not in allowed:
+        raise ConfigError(f"unknown {name}={value!r}; choose one of {', '.join(map(repr, allowed))}")

@@ -1,0 +1,297 @@
+"""States, module units, and the state operations every probe uses.
+
+A *state* is a flat ``dict[str, Tensor]`` keyed like ``model.named_parameters()`` followed by
+``model.named_buffers()`` (tied tensors appear once, under their first name). States are never
+mutated in place: every operation here returns a new dict that shares the untouched tensors.
+
+A *unit* is the thing a probe edits and reports on: a named set of parameter keys. By default
+every module that owns parameters directly is one unit, in forward order. Users select units
+with ``fnmatch`` patterns, or group modules into one unit (a residual block, a transformer
+layer) with a ``{name: pattern(s)}`` mapping.
+
+Buffer policy (BatchNorm running statistics): buffers are statistics of data flowing through
+the trained network, not parameters, so by default (``buffers="keep"``) every edit leaves all
+buffers at their values in the base state (normally θ^F). With ``buffers="follow"`` a unit's
+own floating-point buffers move with its parameters (rewound to the checkpoint, interpolated,
+or reset on re-randomization). Integer buffers (``num_batches_tracked``) always stay.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ModuleSelectionError, StateError, check_choice
+
+State = dict[str, Tensor]
+BufferPolicy = Literal["keep", "follow"]
+BUFFER_POLICIES = ("keep", "follow")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A named group of modules edited together.
+
+    ``modules`` are module names (as in ``named_modules()``); ``params`` and ``buffers`` the state
+    keys those modules own (a group owns its modules' whole subtrees).
+    """
+
+    name: str
+    modules: tuple[str, ...]
+    params: tuple[str, ...]
+    buffers: tuple[str, ...] = ()
+
+    def keys(self, buffers: BufferPolicy = "keep") -> tuple[str, ...]:
+        """The state keys an edit of this unit touches under the buffer policy."""
+        check_choice("buffers", buffers, BUFFER_POLICIES)
+        return self.params + (self.buffers if buffers == "follow" else ())
+
+
+# ----------------------------------------------------------------------------- states
+
+
+def state_of(model: nn.Module) -> State:
+    """The model's current parameters and buffers, detached, as a new state (tied tensors once)."""
+    state = {k: v.detach().clone() for k, v in model.named_parameters()}
+    state.update({k: v.detach().clone() for k, v in model.named_buffers()})
+    return state
+
+
+def state_keys(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(parameter names, buffer names) of the model, tied tensors once."""
+    return [k for k, _ in model.named_parameters()], [k for k, _ in model.named_buffers()]
+
+
+def canonical_state(model: nn.Module, state: Mapping[str, Tensor], what: str = "state") -> State:
+    """Check `state` against the model and return it restricted to the canonical keys.
+
+    Accepts a plain ``state_dict()`` (which lists tied tensors under every name). Raises
+    StateError naming the first missing key, unexpected key or shape mismatch.
+    """
+    if not isinstance(state, Mapping):
+        raise StateError(f"{what} must be a dict of tensors (a state_dict), got {type(state).__name__}")
+    params, buffers = state_keys(model)
+    reference = dict(model.named_parameters()) | dict(model.named_buffers())
+    aliases = set(model.state_dict().keys())
+    missing = [k for k in params + buffers if k not in state]
+    if missing:
+        raise StateError(f"{what} is missing key {missing[0]!r} ({len(missing)} missing in all); "
+                         "pass a state_dict of this model")
+    unexpected = [k for k in state if k not in aliases]
+    if unexpected:
+        raise StateError(f"{what} has unexpected key {unexpected[0]!r} ({len(unexpected)} in all); "
+                         "is it a state_dict of a different model?")
+    out: State = {}
+    for k in params + buffers:
+        value = state[k]
+        if not isinstance(value, Tensor):
+            raise StateError(f"{what}[{k!r}] is a {type(value).__name__}, not a tensor")
+        if value.shape != reference[k].shape:
+            raise StateError(f"{what}[{k!r}] has shape {tuple(value.shape)}, the model expects "
+                             f"{tuple(reference[k].shape)}")
+        out[k] = value.detach().to("cpu", copy=False)
+    return out
+
+
+def split_state(model: nn.Module, state: State) -> tuple[State, State]:
+    """(params, buffers) parts of a state, for ``torch.func.functional_call``."""
+    params, buffers = state_keys(model)
+    return {k: state[k] for k in params}, {k: state[k] for k in buffers}
+
+
+# ----------------------------------------------------------------------------- units
+
+
+def forward_order(model: nn.Module, example: Tensor | None) -> list[str]:
+    """Module names in the order their forward is first called on `example` (one input, batch 1).
+
+    Modules never called keep their registration order, after the called ones. Without an
+    example, registration order (which is forward order for most models).
+    """
+    names = [n for n, _ in model.named_modules()]
+    if example is None:
+        return names
+    seen: list[str] = []
+    hooks = []
+    for name, module in model.named_modules():
+        def hook(mod, args, name=name):
+            if name not in seen:
+                seen.append(name)
+        hooks.append(module.register_forward_pre_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    except Exception:  # an odd model: fall back to registration order rather than fail
+        return names
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return seen + [n for n in names if n not in seen]
+
+
+def _direct_keys(model: nn.Module, prefix: str, module: nn.Module, canonical: set[str]):
+    join = (lambda n: f"{prefix}.{n}") if prefix else (lambda n: n)
+    params = tuple(join(n) for n, _ in module.named_parameters(recurse=False) if join(n) in canonical)
+    buffers = tuple(join(n) for n, b in module.named_buffers(recurse=False)
+                    if join(n) in canonical and b.is_floating_point())
+    return params, buffers
+
+
+def default_units(model: nn.Module, order: Sequence[str] | None = None) -> list[Unit]:
+    """Every module that owns parameters directly, one unit each, in `order` (module names)."""
+    param_names, buffer_names = state_keys(model)
+    canonical = set(param_names) | set(buffer_names)
+    modules = dict(model.named_modules())
+    units = []
+    for name in order or list(modules):
+        if name not in modules:
+            continue
+        params, buffers = _direct_keys(model, name, modules[name], canonical)
+        if params:
+            units.append(Unit(name or "(root)", (name,), params, buffers))
+    return units
+
+
+def select_units(
+    model: nn.Module,
+    modules: str | Sequence[str] | Mapping[str, str | Sequence[str]] | None,
+    order: Sequence[str] | None = None,
+) -> list[Unit]:
+    """Resolve a user's module selection to units.
+
+    - ``None``: the default units.
+    - a pattern or list of patterns: the default units whose module name matches any of them
+      (``fnmatch``: ``"features.*"``, ``"*conv*"``), each its own unit.
+    - a mapping ``{group_name: pattern(s)}``: one unit per group, owning every parameter in the
+      subtrees of the modules its patterns match (``{"block1": "layer1.0"}``).
+
+    Raises ModuleSelectionError, listing the available names, when a pattern matches nothing
+    or when two units would share a parameter.
+    """
+    units = default_units(model, order)
+    if modules is None:
+        return units
+    available = ", ".join(u.name for u in units)
+    if isinstance(modules, Mapping):
+        param_names, buffer_names = state_keys(model)
+        canonical = set(param_names) | set(buffer_names)
+        rank = {n: i for i, n in enumerate(order or [n for n, _ in model.named_modules()])}
+        all_modules = dict(model.named_modules())
+        groups = []
+        for group, patterns in modules.items():
+            patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+            matched = [n for n in all_modules if n and any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+            if not matched:
+                raise ModuleSelectionError(
+                    f"group {group!r}: pattern(s) {patterns} match no module; modules with "
+                    f"parameters: {available}")
+            params: list[str] = []
+            buffers: list[str] = []
+            for n in matched:
+                for sub, mod in all_modules[n].named_modules(prefix=n):
+                    p, b = _direct_keys(model, sub, mod, canonical)
+                    params += [k for k in p if k not in params]
+                    buffers += [k for k in b if k not in buffers]
+            if not params:
+                raise ModuleSelectionError(f"group {group!r} matches modules {matched} that own no parameters")
+            groups.append((min(rank.get(n, len(rank)) for n in matched),
+                           Unit(str(group), tuple(matched), tuple(params), tuple(buffers))))
+        selected = [u for _, u in sorted(groups, key=lambda t: t[0])]
+    else:
+        patterns = [modules] if isinstance(modules, str) else list(modules)
+        if not patterns:
+            raise ModuleSelectionError(f"empty module selection; modules with parameters: {available}")
+        for p in patterns:
+            if not any(fnmatch.fnmatchcase(u.name, p) for u in units):
+                raise ModuleSelectionError(
+                    f"module pattern {p!r} matches no module with parameters; available: {available}")
+        selected = [u for u in units if any(fnmatch.fnmatchcase(u.name, p) for p in patterns)]
+    owner: dict[str, str] = {}
+    for u in selected:
+        for k in u.params:
+            if k in owner:
+                raise ModuleSelectionError(
+                    f"parameter {k!r} is in both unit {owner[k]!r} and unit {u.name!r}; groups must not overlap")
+            owner[k] = u.name
+    return selected
+
+
+# ----------------------------------------------------------------------------- operations
+
+
+def replace(base: State, source: State, keys: Sequence[str]) -> State:
+    """`base` with the tensors at `keys` taken from `source` (re-initialization to a checkpoint)."""
+    out = dict(base)
+    for k in keys:
+        out[k] = source[k]
+    return out
+
+
+def interpolate(start: State, end: State, alpha: float, keys: Sequence[str], base: State | None = None) -> State:
+    """``base`` with ``keys`` at ``(1 - alpha) * start + alpha * end``; ``base`` defaults to `end`.
+
+    Integer tensors are never interpolated (they keep the base's value).
+    """
+    out = dict(end if base is None else base)
+    for k in keys:
+        if start[k].is_floating_point():
+            out[k] = torch.lerp(start[k], end[k], float(alpha))
+    return out
+
+
+def distance(a: State, b: State, keys: Sequence[str]) -> float:
+    """Frobenius norm ‖a − b‖ over `keys` (all tensors of a unit taken together)."""
+    total = sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in keys)
+    return total ** 0.5
+
+
+def norm(a: State, keys: Sequence[str]) -> float:
+    """Frobenius norm ‖a‖ over `keys`."""
+    return sum(float(a[k].double().pow(2).sum()) for k in keys) ** 0.5
+
+
+def rerandomize(model: nn.Module, base: State, unit: Unit, seed: int,
+                buffers: BufferPolicy = "keep") -> State:
+    """`base` with `unit`'s parameters replaced by a fresh draw from their init distribution.
+
+    The draw uses the model's own initializer: ``model.init_module(module)`` when the model
+    defines it (every genprobe zoo model does, so σ_w / NTK-parameterization inits are honoured),
+    otherwise each module's ``reset_parameters()``. The draw is made on copies of the unit's
+    modules under a forked RNG seeded with `seed`: the caller's model and global RNG are untouched.
+    """
+    check_choice("buffers", buffers, BUFFER_POLICIES)
+    modules = dict(model.named_modules())
+    init_module = getattr(model, "init_module", None)
+    out = dict(base)
+    owned = set(unit.keys(buffers))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name in unit.modules:
+            for sub, mod in modules[name].named_modules(prefix=name):
+                join = (lambda n, s=sub: f"{s}.{n}") if sub else (lambda n: n)
+                direct = [join(n) for n, _ in mod.named_parameters(recurse=False)]
+                if not any(k in owned for k in direct):
+                    continue
+                fresh = copy.deepcopy(mod)
+                if init_module is not None:
+                    init_module(fresh)
+                elif hasattr(fresh, "reset_parameters"):
+                    fresh.reset_parameters()
+                else:
+                    raise StateError(f"cannot re-randomize module {sub!r} ({type(mod).__name__}): it has "
+                                     "no reset_parameters() and the model defines no init_module()")
+                if buffers == "follow" and hasattr(fresh, "reset_running_stats"):
+                    fresh.reset_running_stats()
+                for n, t in list(fresh.named_parameters(recurse=False)) + list(fresh.named_buffers(recurse=False)):
+                    if join(n) in owned:
+                        out[join(n)] = t.detach().to(base[join(n)].device)
+    return out
