@@ -1,0 +1,21 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from foreign import FOREIGN, make_subject  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(params=sorted(FOREIGN))
+def foreign_subject(request):
+    """A float32 Subject of every foreign model in turn (see tests/foreign.py)."""
+    return make_subject(request.param)

@@ -1,0 +1,130 @@
+"""Models genprobe did not write for itself, shared by every engine and probe test.
+
+Each is the kind of thing a user brings: nested containers, residual additions, BatchNorm, a
+module used twice, a transformer block, and a model ``torch.fx`` cannot trace. ``FOREIGN``
+maps a name to ``(factory, input_shape, num_classes)``; factories take a seed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import genprobe as gp
+
+
+class Nested(nn.Module):
+    """Containers inside containers: Sequential in ModuleDict in ModuleList."""
+
+    def __init__(self, d=6, k=3):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.ModuleDict({"ff": nn.Sequential(nn.Linear(d, 8), nn.Tanh()),
+                                                    "out": nn.Linear(8, d)}) for _ in range(2)])
+        self.head = nn.Sequential(nn.Sequential(nn.Linear(d, k)))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b["out"](b["ff"](x))
+        return self.head(x)
+
+
+class Residual(nn.Module):
+    """Residual additions and BatchNorm on a small conv net."""
+
+    def __init__(self, c=4, k=3):
+        super().__init__()
+        self.stem = nn.Conv2d(1, c, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, k)
+
+    def forward(self, x):
+        h = torch.relu(self.bn1(self.stem(x)))
+        h = torch.relu(h + self.bn2(self.conv(h)))
+        return self.fc(h.mean(dim=(2, 3)))
+
+
+class Shared(nn.Module):
+    """One Linear applied twice (weight sharing), a parameter owned by the root module."""
+
+    def __init__(self, d=5, k=3):
+        super().__init__()
+        self.inp = nn.Linear(d, 7)
+        self.mid = nn.Linear(7, 7)
+        self.out = nn.Linear(7, k)
+        self.scale = nn.Parameter(torch.ones(7))
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.mid(h)) * self.scale
+        h = torch.tanh(self.mid(h))
+        return self.out(h)
+
+
+class TransformerClassifier(nn.Module):
+    """A PyTorch TransformerEncoderLayer over a sequence of rows (B, T, D), mean-pooled."""
+
+    def __init__(self, t=4, d=8, k=3):
+        super().__init__()
+        self.embed = nn.Linear(d, 16)
+        self.pos = nn.Parameter(torch.randn(t, 16) * 0.1)
+        self.block = nn.TransformerEncoderLayer(16, nhead=2, dim_feedforward=24, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, k)
+
+    def forward(self, x):
+        h = self.embed(x) + self.pos
+        return self.head(self.block(h).mean(dim=1))
+
+
+class Untraceable(nn.Module):
+    """Data-dependent Python control flow: ``torch.fx`` symbolic tracing fails on it."""
+
+    def __init__(self, d=5, k=3):
+        super().__init__()
+        self.a = nn.Linear(d, 6)
+        self.b = nn.Linear(6, k)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.sum() > 0:  # fx cannot trace a branch on a tensor value
+            h = torch.relu(h)
+        else:
+            h = torch.tanh(h)
+        return self.b(h)
+
+
+FOREIGN = {
+    "nested": (Nested, (6,), 3),
+    "residual_bn": (Residual, (1, 6, 6), 3),
+    "shared": (Shared, (5,), 3),
+    "transformer": (TransformerClassifier, (4, 8), 3),
+    "untraceable": (Untraceable, (5,), 3),
+}
+
+
+def make_subject(name: str, *, n_train: int = 32, n_test: int = 24, seed: int = 0, steps: int = 3,
+                 dtype: torch.dtype = torch.float32, checkpoints: int = 1) -> gp.Subject:
+    """A Subject of foreign model `name`: θ⁰, a few SGD steps to θ^F (a checkpoint after each of
+    `checkpoints` "epochs"), random data. BatchNorm statistics are updated by the steps."""
+    factory, shape, k = FOREIGN[name]
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = factory().to(dtype)
+    x_train = torch.randn(n_train, *shape, generator=g, dtype=dtype)
+    y_train = torch.randint(0, k, (n_train,), generator=g)
+    x_test = torch.randn(n_test, *shape, generator=g, dtype=dtype)
+    y_test = torch.randint(0, k, (n_test,), generator=g)
+    init = {k_: v.clone() for k_, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    recorded = {}
+    for epoch in range(1, checkpoints + 1):
+        model.train()
+        for _ in range(steps):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x_train), y_train).backward()
+            opt.step()
+        recorded[epoch] = {k_: v.clone() for k_, v in model.state_dict().items()}
+    model.eval()
+    return gp.Subject(model, init=init, checkpoints=recorded, train=(x_train, y_train),
+                      test=(x_test, y_test), num_classes=k)
