@@ -88,3 +88,106 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _parse_options(pairs: list[str] | None, flag: str) -> dict:
+    """``["width=256", "activation=tanh"]`` -> ``{"width": 256, "activation": "tanh"}`` (YAML-typed values)."""
+    import yaml
+
+    from .errors import ConfigError
+
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} {pair!r}: write KEY=VALUE, e.g. {flag} width=256")
+        options[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
+@app.command()
+def train(
+    config: Path | None = typer.Argument(None, help="YAML file of training options (flags override it)."),
+    arch: str | None = typer.Option(None, help="Architecture (see `genprobe archs`)."),
+    dataset: str | None = typer.Option(None, help="Dataset (see `genprobe datasets`)."),
+    out: Path | None = typer.Option(None, help="Run directory to write (default runs/ARCH-DATASET)."),
+    epochs: int | None = typer.Option(None, help="Training epochs [10]."),
+    lr: float | None = typer.Option(None, help="Peak learning rate [0.05]."),
+    batch_size: int | None = typer.Option(None, help="Minibatch size [128]."),
+    optimizer: str | None = typer.Option(None, help="sgd or adam [sgd]."),
+    momentum: float | None = typer.Option(None, help="SGD momentum [0.9]."),
+    weight_decay: float | None = typer.Option(None, help="L2 weight decay [5e-4]."),
+    schedule: str | None = typer.Option(None, help="cosine, constant or step [cosine]."),
+    label_noise: float | None = typer.Option(None, help="Fraction of training labels replaced by random ones [0]."),
+    checkpoints: str | None = typer.Option(None, help="every, log:N, or epochs like 1,2,5 [every]."),
+    n_train: int | None = typer.Option(None, help="Use a seeded subset of this many training examples."),
+    n_test: int | None = typer.Option(None, help="Use a seeded subset of this many test examples."),
+    opt: list[str] | None = typer.Option(None, "--opt", help="Architecture option KEY=VALUE (repeatable), e.g. --opt width=256."),
+    data_opt: list[str] | None = typer.Option(None, "--data-opt", help="Dataset option KEY=VALUE (repeatable)."),
+    seed: int | None = typer.Option(None, help="Seed of data split, corruption, init and data order [0]."),
+    data_dir: Path | None = typer.Option(None, help=DATA_DIR_HELP),
+    device: str | None = typer.Option(None, help=DEVICE_HELP),
+    resume: Path | None = typer.Option(None, help="Resume the unfinished run in this directory."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+) -> None:
+    """Train an architecture on a dataset, writing a run directory with checkpoints and metrics."""
+    from .zoo.train import TrainConfig, read_metrics, train_run
+
+    if resume is not None:
+        path = train_run(TrainConfig(), resume, resume=True, progress=True)
+    else:
+        base = TrainConfig.from_yaml(config).to_dict() if config else {}
+        flags = dict(arch=arch, dataset=dataset, epochs=epochs, lr=lr, batch_size=batch_size,
+                     optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+                     label_noise=label_noise, checkpoints=checkpoints, n_train=n_train, n_test=n_test,
+                     seed=seed, device=device, data_dir=str(data_dir) if data_dir else None)
+        merged = base | {k: v for k, v in flags.items() if v is not None}
+        merged["arch_options"] = base.get("arch_options", {}) | _parse_options(opt, "--opt")
+        merged["dataset_options"] = base.get("dataset_options", {}) | _parse_options(data_opt, "--data-opt")
+        cfg = TrainConfig.from_dict(merged)
+        out = out or Path("runs") / f"{cfg.arch}-{cfg.dataset}"
+        path = train_run(cfg, out, overwrite=overwrite, progress=True)
+    last = read_metrics(path).iloc[-1]
+    typer.echo(f"{path}: epoch {int(last.epoch)} train error {last.train_error:.4f} "
+               f"test error {last.test_error:.4f} test loss {last.test_loss:.4f}")
+
+
+@app.command()
+def datasets() -> None:
+    """List the built-in datasets."""
+    from .data import describe, list_datasets
+
+    for name in list_datasets():
+        typer.echo(f"{name:15s} {describe(name)}")
+
+
+@app.command()
+def archs() -> None:
+    """List the built-in architectures and their options."""
+    from .zoo import list_models, model_options
+
+    for name in list_models():
+        options = ", ".join(f"{k}={v!r}" for k, v in model_options(name).items())
+        typer.echo(f"{name:12s} {options}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Where to write the demo run and its probe results."),
+    epochs: int = typer.Option(10, help="Training epochs of the demo model."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+) -> None:
+    """The one-command tour: train a small FCN on the built-in digits, then probe it."""
+    from .zoo.train import TrainConfig, read_metrics, train_run
+
+    cfg = TrainConfig(arch="fcn", dataset="digits", arch_options={"width": 256, "depth": 3},
+                      epochs=epochs, device=device)
+    run = out / "fcn-digits"
+    typer.echo(f"training {cfg.arch} on {cfg.dataset} for {epochs} epochs -> {run}")
+    train_run(cfg, run, overwrite=True, progress=True)
+    metrics = read_metrics(run)
+    typer.echo(metrics[["epoch", "train_loss", "train_error", "test_loss", "test_error"]]
+               .to_string(index=False, float_format="{:.4f}".format))

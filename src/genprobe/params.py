@@ -203,7 +203,8 @@ def select_units(
                     buffers += [k for k in b if k not in buffers]
             if not params:
                 raise ModuleSelectionError(f"group {group!r} matches modules {matched} that own no parameters")
-            groups.append((min(rank.get(n, len(rank)) for n in matched),
+            first = min(rank.get(sub, len(rank)) for n in matched for sub, _ in all_modules[n].named_modules(prefix=n))
+            groups.append((first,
                            Unit(str(group), tuple(matched), tuple(params), tuple(buffers))))
         selected = [u for _, u in sorted(groups, key=lambda t: t[0])]
     else:
@@ -259,13 +260,23 @@ def norm(a: State, keys: Sequence[str]) -> float:
     return sum(float(a[k].double().pow(2).sum()) for k in keys) ** 0.5
 
 
+def reset_module(module: nn.Module) -> None:
+    """PyTorch's own re-initialization of `module`: ``reset_parameters()``, or
+    ``_reset_parameters()`` for MultiheadAttention. StateError for a module with neither."""
+    for method in ("reset_parameters", "_reset_parameters"):  # MultiheadAttention has the latter
+        if hasattr(module, method):
+            getattr(module, method)()
+            return
+    raise StateError(f"{type(module).__name__} has no reset_parameters()")
+
+
 def rerandomize(model: nn.Module, base: State, unit: Unit, seed: int,
                 buffers: BufferPolicy = "keep") -> State:
     """`base` with `unit`'s parameters replaced by a fresh draw from their init distribution.
 
     The draw uses the model's own initializer: ``model.init_module(module)`` when the model
     defines it (every genprobe zoo model does, so σ_w / NTK-parameterization inits are honoured),
-    otherwise each module's ``reset_parameters()``. The draw is made on copies of the unit's
+    otherwise each module's ``reset_parameters()`` (``_reset_parameters()`` for attention). The draw is made on copies of the unit's
     modules under a forked RNG seeded with `seed`: the caller's model and global RNG are untouched.
     """
     check_choice("buffers", buffers, BUFFER_POLICIES)
@@ -282,13 +293,12 @@ def rerandomize(model: nn.Module, base: State, unit: Unit, seed: int,
                 if not any(k in owned for k in direct):
                     continue
                 fresh = copy.deepcopy(mod)
-                if init_module is not None:
-                    init_module(fresh)
-                elif hasattr(fresh, "reset_parameters"):
-                    fresh.reset_parameters()
-                else:
-                    raise StateError(f"cannot re-randomize module {sub!r} ({type(mod).__name__}): it has "
-                                     "no reset_parameters() and the model defines no init_module()")
+                reset = init_module or reset_module
+                try:
+                    reset(fresh)
+                except StateError as exc:
+                    raise StateError(f"cannot re-randomize module {sub!r}: {exc}; define "
+                                     "init_module(module) on the model") from None
                 if buffers == "follow" and hasattr(fresh, "reset_running_stats"):
                     fresh.reset_running_stats()
                 for n, t in list(fresh.named_parameters(recurse=False)) + list(fresh.named_buffers(recurse=False)):

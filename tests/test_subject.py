@@ -1,0 +1,86 @@
+"""Subject construction and validation; results round-trip; evaluation against a hand loop."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import genprobe as gp
+from genprobe import DataError, StateError
+
+
+def _model():
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def test_validation_names_the_bad_key_and_shape():
+    m = _model()
+    state = m.state_dict()
+    with pytest.raises(StateError, match=r"missing key '2.bias'"):
+        gp.Subject(m, init={k: v for k, v in state.items() if k != "2.bias"})
+    with pytest.raises(StateError, match=r"unexpected key 'extra.weight'"):
+        gp.Subject(m, final=state | {"extra.weight": torch.zeros(1)})
+    with pytest.raises(StateError, match=r"checkpoints\[3\]\['0.weight'\] has shape \(2, 2\)"):
+        gp.Subject(m, checkpoints={3: state | {"0.weight": torch.zeros(2, 2)}})
+    with pytest.raises(StateError, match="needs the initial state"):
+        gp.Subject(m).require_init("robustness")
+    with pytest.raises(StateError, match="recorded epochs"):
+        gp.Subject(m, init=state).state(7)
+
+
+def test_data_forms_are_converted_once():
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    a = gp.Subject(_model(), train=(x, y))
+    b = gp.Subject(_model(), train=TensorDataset(x, y))
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.train.y, b.train.y)
+    assert a.num_classes == 3
+    with pytest.raises(DataError, match="labels must be a 1-D integer"):
+        gp.Subject(_model(), train=(x, y.float()))
+    with pytest.raises(DataError, match="6 inputs but 5 labels"):
+        gp.Subject(_model(), train=(x, y[:5]))
+    with pytest.raises(DataError, match="no test data"):
+        a.data("test")
+
+
+def test_subject_copies_the_model_and_init_is_checkpoint_zero():
+    m = _model().train()
+    init = {k: v.clone() for k, v in m.state_dict().items()}
+    s = gp.Subject(m, init=init)
+    assert m.training and not s.model.training  # the caller's model keeps its mode
+    assert s.checkpoints[0] is s.init
+    with torch.no_grad():
+        m[0].weight.add_(1.0)
+    assert not torch.equal(s.final["0.weight"], m[0].weight)  # later changes to the caller's model don't leak in
+
+
+def test_evaluate_matches_a_hand_loop(foreign_subject):
+    s = foreign_subject
+    got = gp.evaluate(s.model, s.final, s.test, batch_size=5)
+    model = s.model
+    model.load_state_dict(s.final)
+    with torch.no_grad():
+        out = model(s.test.x)
+    loss = nn.functional.cross_entropy(out, s.test.y).item()
+    error = (out.argmax(1) != s.test.y).float().mean().item()
+    assert got.loss == pytest.approx(loss, rel=1e-5) and got.error == pytest.approx(error)
+
+
+def test_result_round_trip_is_exact(tmp_path):
+    table = pd.DataFrame({"module": ["a", "b"], "value": [0.1, float("nan")], "flag": [True, False],
+                          "n": [1, 2]})
+    r = gp.Result(table=table, summary={"x": 1.5, "y": math.nan}, meta={"options": {"k": (1, 2)}, "seed": 3},
+                  tables={"extra": table.head(1)}, tensors={"m": torch.arange(6.0).reshape(2, 3)})
+    r.save(tmp_path / "r")
+    back = gp.load(tmp_path / "r")
+    pd.testing.assert_frame_equal(back.table, table)
+    pd.testing.assert_frame_equal(back.tables["extra"], table.head(1))
+    assert back.summary["x"] == 1.5 and math.isnan(back.summary["y"])
+    assert torch.equal(back.tensors["m"], r.tensors["m"])
+    assert back.meta["seed"] == 3 and back.meta["probe"] == "result"
+    r.save(tmp_path / "r")  # overwriting an existing result works and leaves no temp dirs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
+    with pytest.raises(gp.RunError, match="not a readable genprobe result"):
+        gp.load(tmp_path / "missing")

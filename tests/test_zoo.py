@@ -1,0 +1,72 @@
+"""Every registered architecture: forward, backward, no NaN, its own init rule (timm-style)."""
+
+import math
+
+import pytest
+import torch
+
+from genprobe import ConfigError
+from genprobe import params as P
+from genprobe.zoo import create_model, list_models, model_options
+
+SHAPES = {"fcn": (1, 8, 8), "cnn": (1, 8, 8), "vgg": (1, 8, 8), "resnet": (3, 8, 8), "transformer": (1, 8, 8)}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_backward_no_nan(name):
+    model = create_model(name, SHAPES[name], 10)
+    x = torch.randn(4, *SHAPES[name])
+    out = model(x)
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_rerandomize_draws_from_the_models_own_init(name):
+    model = create_model(name, SHAPES[name], 10)
+    state = P.state_of(model)
+    x = torch.randn(2, *SHAPES[name])
+    for unit in P.default_units(model, P.forward_order(model, x[:1])):
+        fresh = P.rerandomize(model, state, unit, seed=12345)  # not the seed the model was built under
+        assert any(not torch.equal(fresh[k], state[k]) or state[k].std() == 0 for k in unit.params)
+
+
+def test_options_are_validated():
+    with pytest.raises(ConfigError, match="unknown arch='nope'"):
+        create_model("nope", (4,), 2)
+    with pytest.raises(ConfigError, match="has no option 'widht'"):
+        create_model("fcn", (4,), 2, widht=3)
+    with pytest.raises(ConfigError, match="activation"):
+        create_model("fcn", (4,), 2, activation="gelu")
+    with pytest.raises(ConfigError, match="6n\\+2"):
+        create_model("resnet", (3, 8, 8), 2, depth=9)
+    with pytest.raises(ConfigError, match="image inputs"):
+        create_model("cnn", (40,), 2)
+    assert "readout" in model_options("cnn")
+
+
+def test_ntk_parameterization_matches_its_definition():
+    torch.manual_seed(0)
+    sigma_w, sigma_b = 1.7, 0.3
+    model = create_model("fcn", (5,), 3, depth=1, width=4, activation="erf", sigma_w=sigma_w,
+                         sigma_b=sigma_b, parameterization="ntk")
+    w0, b0 = model.layers[1].weight, model.layers[1].bias
+    w1, b1 = model.layers[3].weight, model.layers[3].bias
+    x = torch.randn(2, 5)
+    h = torch.erf(x @ w0.T * sigma_w / math.sqrt(5) + sigma_b * b0)
+    expected = h @ w1.T * sigma_w / math.sqrt(4) + sigma_b * b1
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_standard_parameterization_with_sigma_has_the_right_variance():
+    torch.manual_seed(0)
+    model = create_model("fcn", (400,), 2, width=2000, depth=1, sigma_w=2.0, sigma_b=0.5)
+    w, b = model.layers[1].weight, model.layers[1].bias
+    assert w.var().item() == pytest.approx(4.0 / 400, rel=0.02)
+    assert b.var().item() == pytest.approx(0.25, rel=0.15)
+
+
+def test_resnet18_configuration_has_11m_parameters():
+    model = create_model("resnet", (3, 32, 32), 10, width=64, blocks="2,2,2,2")
+    assert 11.0e6 < sum(p.numel() for p in model.parameters()) < 11.3e6
