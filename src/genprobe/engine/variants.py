@@ -1,0 +1,670 @@
+"""Evaluate many edited copies of one network on the same data, fast.
+
+This is the shared engine of the rewinding / perturbing probes (layer robustness, module
+criticality, ablation and noise curves). An *edit* is a change of the base network: new values
+for some parameters (re-initialization, interpolation, noise) and/or a function applied to some
+modules' output activations (unit masks, activation noise). :class:`VariantEvaluator` returns,
+per edit, the mean cross-entropy and the 0–1 error over the data (optionally per-example values
+and logits), equal to the naive evaluation (deep-copy the model, load the edited state dict, run
+the whole forward) up to float rounding.
+
+Usage::
+
+    from genprobe.engine.variants import (Edit, VariantEvaluator, replace_edit, interpolate_edit,
+                                          noise_edit, mask_edit, activation_noise_edit, stack_edits)
+
+    ev = VariantEvaluator(subject.model, subject.final, subject.test)       # once
+    unit = subject.units("fc2")[0]
+    out = ev.evaluate([
+        Edit(),                                                  # the base network itself
+        replace_edit(unit, subject.init),                        # θ_i ← θ_i⁰
+        interpolate_edit(unit, subject.init, subject.final, [0, .5, 1]),   # stacked: 3 variants
+        noise_edit(unit, subject.final, sigma=0.1, draws=8, seed=0),      # stacked: 8 draws
+        mask_edit("relu1", mask),                                # zero some units of relu1's output
+    ], per_example=True)
+    out[1].loss, out[1].error          # 0-d float64 tensors
+    out[2].error                       # shape (3,): one per α
+    out[3].losses                      # (8, N) per-example cross-entropy, per_example=True
+
+Edits
+-----
+``Edit(params={key: tensor}, activations={module: fn}, args={name: tensor}, size=None)``:
+
+- ``params``: state keys (canonical names, as in ``Subject.final``) → new values. All other keys
+  keep the base state's values (bit-identical). Buffers may be edited too.
+- ``activations``: module name → ``fn(h, ctx) -> h'`` applied to that module's output ``h``
+  (shape (n, ...), a data chunk of n examples). ``ctx`` is an :class:`ActivationContext` with
+  ``ctx.index`` (n,) the chunk's example indices into the data (for fixed per-example draws) and
+  ``ctx.args`` this variant's slice of ``Edit.args``.
+- ``size``: ``None`` for one variant; an int B for a *stack* of B variants: every ``params`` value
+  then has shape (B, *param_shape) and every ``args`` value a leading dim B. Stacks are run
+  through ``torch.func.vmap`` over the variant dim (falling back to a loop over variants, with a
+  logged warning, when a module has no batching rule). Results then have a leading dim B.
+
+Helpers build the common edits from :class:`genprobe.params.Unit`\\ s and states:
+:func:`replace_edit`, :func:`interpolate_edit`, :func:`noise_edit`, :func:`mask_edit`,
+:func:`activation_noise_edit`; :func:`stack_edits` concatenates edits of the same keys into one
+stack. The engine skips variants whose parameters equal the base bit for bit (re-init to θ^F, a
+module with θ^F = θ⁰) and returns the base result for them.
+
+How it is fast
+--------------
+- Parameters are dicts applied with ``torch.func.functional_call``; the model is copied once
+  (at construction, to a private eval-mode copy on the device), never per edit.
+- Prefix reuse: when ``torch.fx`` can trace the model, the evaluator runs the traced graph node by
+  node, caching every node's value for the base network on a data chunk; an edit recomputes only
+  the nodes downstream of it — the call sites of modules owning an edited key (a module called
+  twice has two call sites), ``get_attr`` reads of edited parameters, the outputs of masked
+  modules, and every node that depends on those transitively (residual branches included).
+  Modules given activation edits are made fx leaves so their outputs exist as graph nodes.
+  When tracing fails (data-dependent control flow), or the traced graph disagrees with the
+  model's own forward, the engine falls back to a full ``functional_call`` forward per edit and
+  logs a warning naming the reason; ``ev.mode`` says which path is used (``"fx"``/``"full"``).
+- Loop order: data chunk outer, edits inner; a chunk holds every cached node value, so the chunk
+  size is chosen to keep the cache plus the largest stack of variants within ``memory_budget``
+  bytes (stacks are split when needed).
+- BatchNorm runs in eval mode (running statistics are buffers of the state).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.func import functional_call, vmap
+
+from ..device import resolve_device
+from ..errors import ConfigError, ModuleSelectionError, StateError
+from ..evaluate import DEFAULT_BATCH_SIZE
+from ..params import BufferPolicy, Unit
+from ..subject import Data
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_BUDGET = 1 << 30
+"""Bytes of cached activations (base network on one data chunk, plus one stack of variants'
+recomputed suffix) the evaluator aims to stay within: 1 GiB keeps a CIFAR ResNet's 1,024-image
+chunk cached on a laptop while leaving room for the model and the data."""
+
+NOISE_SCALES = ("absolute", "relative")
+
+
+# ----------------------------------------------------------------------------- edits
+
+
+@dataclass(frozen=True)
+class ActivationContext:
+    """What an activation edit's ``fn(h, ctx)`` may use besides the output ``h`` (n, ...)."""
+
+    index: Tensor
+    """(n,) long: indices into the evaluated data of the chunk's examples."""
+    args: Mapping[str, Tensor] = field(default_factory=dict)
+    """This variant's slice of ``Edit.args`` (under a stack: without the leading B dim)."""
+
+
+ActivationFn = Callable[[Tensor, ActivationContext], Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class Edit:
+    """One variant of the base network, or a stack of ``size`` variants (see the module doc).
+
+    Args:
+        params: state key → new value ((B, *shape) when ``size`` is B).
+        activations: module name → ``fn(h, ctx)`` applied to that module's output.
+        args: name → tensor with leading dim B, sliced per variant into ``ctx.args``.
+        size: ``None`` (one variant) or B (a stack).
+        label: free-form tag, returned on the result.
+    """
+
+    params: Mapping[str, Tensor] = field(default_factory=dict)
+    activations: Mapping[str, ActivationFn] = field(default_factory=dict)
+    args: Mapping[str, Tensor] = field(default_factory=dict)
+    size: int | None = None
+    label: Any = None
+
+    @property
+    def variants(self) -> int:
+        return 1 if self.size is None else self.size
+
+
+@dataclass(frozen=True, eq=False)
+class EditResult:
+    """Per-edit outcome. Shapes: ``()`` for a single edit, ``(B,)`` / ``(B, N, ...)`` for a stack.
+
+    ``loss`` mean cross-entropy (nats) and ``error`` 0–1 error over the N examples, float64.
+    ``losses`` / ``errors`` per-example (N,) float64 and ``logits`` (N, K) float32, when asked.
+    """
+
+    loss: Tensor
+    error: Tensor
+    losses: Tensor | None = None
+    errors: Tensor | None = None
+    logits: Tensor | None = None
+    label: Any = None
+
+
+def replace_edit(unit: Unit, source: Mapping[str, Tensor], *, buffers: BufferPolicy = "keep",
+                 label: Any = None) -> Edit:
+    """θ_unit ← `source`'s values (re-initialization to a checkpoint, re-randomization)."""
+    return Edit(params={k: source[k] for k in unit.keys(buffers)}, label=label)
+
+
+def interpolate_edit(unit: Unit, start: Mapping[str, Tensor], end: Mapping[str, Tensor],
+                     alphas: Sequence[float] | Tensor, *, buffers: BufferPolicy = "keep",
+                     label: Any = None) -> Edit:
+    """A stack of len(alphas) variants, θ_unit ← (1 − α) start + α end (integer keys skipped)."""
+    alphas = [float(a) for a in torch.as_tensor(alphas, dtype=torch.float64).flatten()]
+    if not alphas:
+        raise ConfigError("interpolate_edit needs at least one alpha")
+    params = {k: torch.stack([torch.lerp(start[k], end[k], a) for a in alphas])
+              for k in unit.keys(buffers) if start[k].is_floating_point()}
+    return Edit(params=params, size=len(alphas), label=label)
+
+
+def noise_edit(unit: Unit, center: Mapping[str, Tensor], sigma: float, draws: int, *,
+               seed: int | None = None, generator: torch.Generator | None = None,
+               scale: str = "absolute", label: Any = None) -> Edit:
+    """A stack of `draws` variants θ_unit ← center + u, u ~ N(0, σ² I), over the unit's parameters.
+
+    ``scale="relative"``: each parameter tensor's noise has standard deviation
+    σ · ‖center_k‖_F / √numel_k, so that E‖u_k‖² = σ² ‖center_k‖² (noise proportional to the
+    tensor's norm, as in sharpness measures). Draws come from `generator`, else a CPU generator
+    seeded with `seed` (default 0), in the unit's key order: reproducible.
+    """
+    if scale not in NOISE_SCALES:
+        raise ConfigError(f"unknown scale={scale!r}; choose one of {NOISE_SCALES}")
+    if draws < 1:
+        raise ConfigError(f"draws must be >= 1, got {draws}")
+    g = generator or torch.Generator().manual_seed(0 if seed is None else int(seed))
+    params = {}
+    for k in unit.params:
+        c = center[k]
+        u = torch.randn((draws, *c.shape), generator=g, dtype=c.dtype)
+        std = float(sigma)
+        if scale == "relative":
+            std *= float(c.double().norm()) / math.sqrt(max(c.numel(), 1))
+        params[k] = c.unsqueeze(0) + std * u.to(c.device)
+    return Edit(params=params, size=draws, label=label)
+
+
+def _unit_view(x: Tensor, ndim: int, dim: int) -> Tensor:
+    shape = [1] * ndim
+    shape[dim % ndim] = -1
+    return x.reshape(shape)
+
+
+def mask_edit(module: str, mask: Tensor, value: float | Tensor = 0.0, *, dim: int = 1,
+              label: Any = None) -> Edit:
+    """Set the units of `module`'s output where `mask` is True to `value` (0, or per-unit means).
+
+    `mask`: (C,) bool, one entry per unit along `dim` of the output (dim 1: channels of a conv
+    output (n, C, H, W) or features of a linear output (n, C)); or (B, C) for a stack of B masks.
+    `value`: a scalar or a (C,) tensor (e.g. each unit's mean activation).
+    """
+    mask = torch.as_tensor(mask, dtype=torch.bool)
+    value = torch.as_tensor(value)
+    if mask.dim() not in (1, 2):
+        raise ConfigError(f"mask must be (C,) or (B, C), got shape {tuple(mask.shape)}")
+
+    def fn(h: Tensor, ctx: ActivationContext) -> Tensor:
+        m = _unit_view(ctx.args["mask"].to(h.device), h.dim(), dim)
+        v = ctx.args["value"].to(h.device, h.dtype)
+        v = v if v.dim() == 0 else _unit_view(v, h.dim(), dim)
+        return torch.where(m, v, h)
+
+    if mask.dim() == 1:
+        return Edit(activations={module: fn}, args={"mask": mask, "value": value}, label=label)
+    stacked = value.expand(mask.shape[0], *value.shape)
+    return Edit(activations={module: fn}, args={"mask": mask, "value": stacked},
+                size=mask.shape[0], label=label)
+
+
+def activation_noise_edit(module: str, std: float | Tensor, *, seed: int = 0, dim: int = 1,
+                          label: Any = None) -> Edit:
+    """Add Gaussian noise to `module`'s output: h + std · z, z ~ N(0, I) fresh per example.
+
+    `std`: a scalar or (C,) per-unit standard deviations along `dim` (e.g. factor × each unit's
+    empirical std). Each chunk's draw uses a generator seeded with (seed, first example index):
+    reproducible for a fixed chunk size.
+    """
+    std = torch.as_tensor(std)
+
+    def fn(h: Tensor, ctx: ActivationContext) -> Tensor:
+        first = int(ctx.index[0]) if len(ctx.index) else 0
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + first)
+        z = torch.randn(h.shape, generator=g, dtype=h.dtype).to(h.device)
+        s = std.to(h.device, h.dtype)
+        return h + (s if s.dim() == 0 else _unit_view(s, h.dim(), dim)) * z
+
+    return Edit(activations={module: fn}, label=label)
+
+
+def stack_edits(edits: Sequence[Edit], label: Any = None) -> Edit:
+    """One stack of the given parameter edits (each single or stacked), all of the same keys."""
+    if not edits:
+        raise ConfigError("stack_edits needs at least one edit")
+    keys = set(edits[0].params)
+    for e in edits:
+        if set(e.params) != keys or e.activations or e.args:
+            raise ConfigError("stack_edits stacks parameter-only edits of the same keys")
+    params = {k: torch.cat([e.params[k] if e.size is not None else e.params[k].unsqueeze(0)
+                            for e in edits]) for k in keys}
+    return Edit(params=params, size=sum(e.variants for e in edits), label=label)
+
+
+# ----------------------------------------------------------------------------- fx program
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self, leaves: frozenset[str]):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaves:
+            return True
+        # trace through a standard leaf when a module inside it needs its own call site
+        inner = any(leaf.startswith(qualname + ".") for leaf in self.leaves) if qualname else False
+        return super().is_leaf_module(m, qualname) and not inner
+
+
+class _Program:
+    """A traced model, run node by node with parameter overrides and a cache of the base run."""
+
+    def __init__(self, model: nn.Module, leaves: frozenset[str], alias: dict[str, str]):
+        tracer = _Tracer(leaves)
+        graph = tracer.trace(model)
+        self.gm = fx.GraphModule(tracer.root, graph)
+        self.nodes = list(graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        if not placeholders:
+            raise fx.proxy.TraceError("the traced graph has no input")
+        self.input = placeholders[0]
+        self.extra_inputs = {n: (n.args[0] if n.args else None) for n in placeholders[1:]}
+        self.output = next(n for n in self.nodes if n.op == "output")
+        modules = dict(self.gm.named_modules())
+        self.module_keys: dict[fx.Node, list[tuple[str, str]]] = {}
+        self.reads: dict[fx.Node, set[str]] = {}
+        for n in self.nodes:
+            if n.op == "call_module":
+                mod = modules[n.target]
+                local = list(mod.named_parameters(remove_duplicate=False)) + \
+                    list(mod.named_buffers(remove_duplicate=False))
+                pairs = [(ln, alias[f"{n.target}.{ln}"]) for ln, _ in local
+                         if f"{n.target}.{ln}" in alias]
+                self.module_keys[n] = pairs
+                self.reads[n] = {c for _, c in pairs}
+            elif n.op == "get_attr":
+                self.reads[n] = {alias[n.target]} if n.target in alias else set()
+        self.modules = modules
+
+    def affected(self, keys: set[str], act_modules: set[str]) -> list[fx.Node]:
+        """Nodes to recompute for an edit, in graph (topological) order."""
+        seeds = [n for n, r in self.reads.items() if r & keys]
+        seeds += [n for n in self.nodes if n.op == "call_module" and n.target in act_modules]
+        todo, seen = list(seeds), set(seeds)
+        while todo:
+            for user in todo.pop().users:
+                if user not in seen:
+                    seen.add(user)
+                    todo.append(user)
+        return sorted(seen, key=self.index.__getitem__)
+
+    def run_node(self, n: fx.Node, get, override: Mapping[str, Tensor],
+                 acts: Mapping[str, ActivationFn], ctx: ActivationContext):
+        """Value of node `n`; `get(node)` gives input values; `override` maps edited canonical
+        keys to their values (every other tensor is the private model's own: the base state)."""
+        args = fx.node.map_arg(n.args, get)
+        kwargs = fx.node.map_arg(n.kwargs, get)
+        if n.op == "call_module":
+            mod = self.modules[n.target]
+            local = {ln: override[c] for ln, c in self.module_keys[n] if c in override}
+            if local:
+                out = functional_call(mod, local, tuple(args), dict(kwargs))
+            else:
+                out = mod(*args, **kwargs)
+            fn = acts.get(n.target)
+            return out if fn is None else fn(out, ctx)
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)
+        if n.op == "call_method":
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        if n.op == "get_attr":
+            for key in self.reads[n]:
+                if key in override:
+                    return override[key]
+            obj = self.gm
+            for part in n.target.split("."):
+                obj = getattr(obj, part)
+            return obj
+        if n.op == "output":
+            return args[0]
+        raise RuntimeError(f"unexpected fx node op {n.op!r}")
+
+    def has_call_site(self, module: str) -> bool:
+        return any(n.op == "call_module" and n.target == module for n in self.nodes)
+
+    def run_base(self, x: Tensor) -> dict[fx.Node, Any]:
+        env: dict[fx.Node, Any] = {}
+        empty = ActivationContext(torch.empty(0, dtype=torch.long))
+        for n in self.nodes:
+            if n.op == "placeholder":
+                env[n] = x if n is self.input else self.extra_inputs[n]
+            else:
+                env[n] = self.run_node(n, env.__getitem__, {}, {}, empty)
+        return env
+
+    def run_suffix(self, env, nodes: list[fx.Node], override, acts, ctx) -> Any:
+        local: dict[fx.Node, Any] = {}
+
+        def get(m):
+            return local[m] if m in local else env[m]
+
+        for n in nodes:
+            local[n] = self.run_node(n, get, override, acts, ctx)
+        return get(self.output)
+
+
+# ----------------------------------------------------------------------------- evaluator
+
+
+@dataclass
+class _Plan:
+    edit: Edit
+    keep: list[int]                   # variant indices computed (the others equal the base)
+    nodes: list[fx.Node] | None = None  # nodes to recompute; None: a full forward
+
+
+class VariantEvaluator:
+    """Evaluates edits of `model` under `base_state` on `data` (see the module docstring).
+
+    Args:
+        model: the architecture (any ``nn.Module``); copied once, never mutated.
+        base_state: the state every edit starts from (normally θ^F), with the model's canonical
+            keys (parameters then buffers, tied tensors once: ``Subject.final``).
+        data: the examples, :class:`genprobe.subject.Data` ``(x (N, ...), y (N,))``.
+        batch_size: the largest data chunk (default ``evaluate.DEFAULT_BATCH_SIZE``); the
+            memory budget may lower it.
+        device: ``"auto"|"cpu"|"cuda"|"cuda:N"``.
+        memory_budget: bytes of cached activations to stay within (default 1 GiB).
+        use_fx: ``False`` forces the full-forward path (for testing and comparison).
+    """
+
+    def __init__(self, model: nn.Module, base_state: Mapping[str, Tensor], data: Data, *,
+                 batch_size: int | None = None, device: str | torch.device = "auto",
+                 memory_budget: int | None = None, use_fx: bool = True):
+        if batch_size is not None and batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if memory_budget is not None and memory_budget < 1:
+            raise ConfigError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+        self.device = resolve_device(device)
+        self.data = data
+        self.batch_size = batch_size or DEFAULT_BATCH_SIZE
+        self.memory_budget = memory_budget or DEFAULT_MEMORY_BUDGET
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.alias = _alias_map(self.model)
+        keys = _ordered_keys(self.model)
+        missing = [k for k in keys if k not in base_state]
+        if missing:
+            raise StateError(f"base_state is missing key {missing[0]!r}; pass a canonical state "
+                             "(Subject.final or genprobe.params.canonical_state)")
+        self.model.load_state_dict({k: base_state[k].detach() for k in keys}, strict=False)
+        self.model.to(self.device)
+        own = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        self.base: dict[str, Tensor] = {k: own[k].detach() for k in keys}
+        self.module_names = {n for n, _ in self.model.named_modules()}
+        self.use_fx = use_fx
+        self.fallback_reason: str | None = None if use_fx else "use_fx=False"
+        self._programs: dict[frozenset[str], _Program | None] = {}
+        self._bytes_per_example: float | None = None
+        self._vmap_ok = True
+
+    # -- public ----------------------------------------------------------------
+
+    @property
+    def mode(self) -> str:
+        """``"fx"`` (prefix reuse) or ``"full"`` (a full forward per edit)."""
+        return "fx" if self._program(frozenset()) is not None else "full"
+
+    def recomputed(self, edit: Edit) -> list[str] | None:
+        """Names of the fx nodes `edit` recomputes (the rest come from the cache), in order;
+        ``None`` when it runs the full forward."""
+        self._check(edit)
+        plan = self._plan(edit, self._program(frozenset(edit.activations)))
+        return None if plan.nodes is None else [n.name for n in plan.nodes]
+
+    @torch.no_grad()
+    def evaluate(self, edits: Sequence[Edit], *, per_example: bool = False,
+                 logits: bool = False) -> list[EditResult]:
+        """Evaluate every edit on the data. Returns one :class:`EditResult` per edit, in order.
+
+        `per_example`: also return per-example losses and errors; `logits`: also the logits.
+        """
+        edits = list(edits)
+        for e in edits:
+            self._check(e)
+        program = self._program(frozenset(m for e in edits for m in e.activations))
+        plans = [self._plan(e, program) for e in edits]
+        n_total = len(self.data)
+        chunk, max_stack = self._chunking(program)
+        accs = [_Acc(p.edit.size) for p in plans]
+        for start in range(0, n_total, chunk):
+            index = torch.arange(start, min(start + chunk, n_total))
+            x = self.data.x[index].to(self.device)
+            y = self.data.y[index].to(self.device)
+            env = program.run_base(x) if program is not None else None
+            base_out = _check_logits(env[program.output] if env is not None else self.model(x))
+            for plan, acc in zip(plans, accs, strict=True):
+                acc.add(self._run_plan(plan, program, env, x, index, base_out, max_stack), y,
+                        per_example, logits)
+        return [acc.result(p.edit.label, n_total, per_example, logits) for p, acc in zip(plans, accs, strict=True)]
+
+    # -- planning ----------------------------------------------------------------
+
+    def _check(self, e: Edit) -> None:
+        if e.size is not None and e.size < 1:
+            raise ConfigError(f"Edit.size must be None or >= 1, got {e.size}")
+        for k, v in e.params.items():
+            if k not in self.base:
+                hint = f" (an alias of {self.alias[k]!r})" if k in self.alias else ""
+                raise StateError(f"edit of unknown state key {k!r}{hint}; use the model's canonical "
+                                 "state keys (genprobe.params.state_keys)")
+            want = tuple(self.base[k].shape) if e.size is None else (e.size, *self.base[k].shape)
+            if tuple(v.shape) != want:
+                raise StateError(f"edit of {k!r} has shape {tuple(v.shape)}, expected {want}")
+        for m in e.activations:
+            if m not in self.module_names:
+                raise ModuleSelectionError(f"activation edit of unknown module {m!r}; modules: "
+                                           f"{', '.join(sorted(n for n in self.module_names if n))}")
+        for k, v in e.args.items():
+            if e.size is not None and (v.dim() == 0 or v.shape[0] != e.size):
+                raise ConfigError(f"Edit.args[{k!r}] must have leading dim size={e.size}")
+
+    def _plan(self, e: Edit, program: _Program | None) -> _Plan:
+        keep = list(range(e.variants))
+        if not e.activations:
+            keep = [b for b in keep if not self._equals_base(e, b)]
+        if program is None or not all(program.has_call_site(m) for m in e.activations):
+            return _Plan(e, keep, None)
+        return _Plan(e, keep, program.affected(set(e.params), set(e.activations)))
+
+    def _equals_base(self, e: Edit, b: int) -> bool:
+        for k, v in e.params.items():
+            v = v if e.size is None else v[b]
+            base = self.base[k]
+            if v.dtype != base.dtype or not torch.equal(v.to(base.device), base):
+                return False
+        return True
+
+    def _chunking(self, program: _Program | None) -> tuple[int, int]:
+        """(examples per chunk, variants per vmapped stack) within the memory budget."""
+        bpe = self._estimate_bytes(program)
+        n = min(self.batch_size, max(len(self.data), 1),
+                max(1, int(self.memory_budget // (2 * bpe))))
+        return n, max(1, int(self.memory_budget // (n * bpe)) - 1)
+
+    def _estimate_bytes(self, program: _Program | None) -> float:
+        """Bytes of every cached node value per example (the base run on a few examples)."""
+        if self._bytes_per_example is None:
+            k = min(4, len(self.data))
+            x = self.data.x[:k].to(self.device)
+            values = program.run_base(x).values() if program is not None else [self.model(x)]
+            total = sum(v.numel() * v.element_size() for v in values if isinstance(v, Tensor))
+            self._bytes_per_example = max(total / max(k, 1), 1.0)
+        return self._bytes_per_example
+
+    def _program(self, acts: frozenset[str]) -> _Program | None:
+        if acts in self._programs:
+            return self._programs[acts]
+        program = None
+        if self.use_fx:
+            try:
+                program = _Program(self.model, acts, self.alias)
+                self._verify(program)
+            except Exception as exc:  # any tracing/verification failure → full forward
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                self.fallback_reason = reason
+                logger.warning("variants: torch.fx cannot split %s (%s); falling back to a full "
+                               "forward per edit (correct, slower)", type(self.model).__name__, reason)
+                program = None
+        self._programs[acts] = program
+        return program
+
+    @torch.no_grad()
+    def _verify(self, program: _Program) -> None:
+        x = self.data.x[: min(4, len(self.data))].to(self.device)
+        ours = program.run_base(x)[program.output]
+        theirs = self.model(x)
+        if not (isinstance(ours, Tensor) and ours.shape == theirs.shape
+                and torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5)):
+            raise RuntimeError("the traced graph's output differs from the model's forward")
+
+    # -- running -----------------------------------------------------------------
+
+    def _run_plan(self, plan: _Plan, program, env, x, index, base_out, max_stack) -> Tensor:
+        """Logits of every variant of the plan's edit on this chunk: (n, K) or (B, n, K)."""
+        e = plan.edit
+        if e.size is None:
+            if not plan.keep:
+                return base_out
+            return self._run_one(plan, program, env, x, index, e.params, e.args)
+        out = base_out.unsqueeze(0).repeat(e.size, *([1] * base_out.dim()))
+        for lo in range(0, len(plan.keep), max_stack):
+            sel = torch.tensor(plan.keep[lo:lo + max_stack], dtype=torch.long)
+            params = {k: v[sel.to(v.device)].to(self.device) for k, v in e.params.items()}
+            args = {k: v[sel.to(v.device)] for k, v in e.args.items()}
+            out[sel.to(out.device)] = self._run_stack(plan, program, env, x, index, params, args,
+                                                      len(sel))
+        return out
+
+    def _run_one(self, plan, program, env, x, index, params, args) -> Tensor:
+        ctx = ActivationContext(index, args)
+        override = {k: v.to(self.device) for k, v in params.items()}
+        if plan.nodes is not None:
+            return _check_logits(program.run_suffix(env, plan.nodes, override,
+                                                    plan.edit.activations, ctx))
+        return self._full_forward(override, x, plan.edit.activations, ctx)
+
+    def _run_stack(self, plan, program, env, x, index, params, args, size) -> Tensor:
+        if plan.nodes is not None and self._vmap_ok:
+            def one(p, a):
+                return program.run_suffix(env, plan.nodes, p, plan.edit.activations,
+                                          ActivationContext(index, a))
+            try:
+                return _check_logits(vmap(one)(params, args))
+            except Exception as exc:  # a module without a batching rule: loop instead
+                self._vmap_ok = False
+                logger.warning("variants: vmap over stacked edits failed (%s: %s); evaluating "
+                               "the variants one at a time", type(exc).__name__,
+                               str(exc).splitlines()[0][:200])
+        return torch.stack([self._run_one(plan, program, env, x, index,
+                                          {k: v[b] for k, v in params.items()},
+                                          {k: v[b] for k, v in args.items()})
+                            for b in range(size)])
+
+    def _full_forward(self, override, x, acts, ctx) -> Tensor:
+        modules = dict(self.model.named_modules())
+        hooks = [modules[m].register_forward_hook(lambda mod, inp, out, fn=fn: fn(out, ctx))
+                 for m, fn in acts.items()]
+        try:
+            if override:
+                return _check_logits(functional_call(self.model, override, (x,)))
+            return _check_logits(self.model(x))
+        finally:
+            for h in hooks:
+                h.remove()
+
+
+class _Acc:
+    """Accumulates one edit's per-chunk logits into sums (and per-example pieces)."""
+
+    def __init__(self, size: int | None):
+        self.size = size
+        b = 1 if size is None else size
+        self.loss = torch.zeros(b, dtype=torch.float64)
+        self.wrong = torch.zeros(b, dtype=torch.float64)
+        self.losses: list[Tensor] = []
+        self.errors: list[Tensor] = []
+        self.logits: list[Tensor] = []
+
+    def add(self, out: Tensor, y: Tensor, per_example: bool, keep_logits: bool) -> None:
+        out = out.unsqueeze(0) if self.size is None else out            # (B, n, K)
+        b, n, k = out.shape
+        loss = F.cross_entropy(out.reshape(b * n, k).double(), y.repeat(b), reduction="none")
+        loss = loss.view(b, n)
+        wrong = (out.argmax(dim=-1) != y).double()
+        self.loss += loss.sum(dim=1).cpu()
+        self.wrong += wrong.sum(dim=1).cpu()
+        if per_example:
+            self.losses.append(loss.cpu())
+            self.errors.append(wrong.cpu())
+        if keep_logits:
+            self.logits.append(out.float().cpu())
+
+    def result(self, label, n: int, per_example: bool, keep_logits: bool) -> EditResult:
+        def shape(t: Tensor | None) -> Tensor | None:
+            return t[0] if (t is not None and self.size is None) else t
+
+        def cat(parts: list[Tensor]) -> Tensor:
+            return torch.cat(parts, dim=1)
+
+        return EditResult(shape(self.loss / max(n, 1)), shape(self.wrong / max(n, 1)),
+                          shape(cat(self.losses)) if per_example else None,
+                          shape(cat(self.errors)) if per_example else None,
+                          shape(cat(self.logits)) if keep_logits else None, label)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _alias_map(model: nn.Module) -> dict[str, str]:
+    """Every parameter/buffer name (tied aliases included) → its canonical (first) name."""
+    first: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    named = list(model.named_parameters(remove_duplicate=False)) + \
+        list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        alias[name] = first.setdefault(id(t), name)
+    return alias
+
+
+def _ordered_keys(model: nn.Module) -> list[str]:
+    return [k for k, _ in model.named_parameters()] + [k for k, _ in model.named_buffers()]
+
+
+def _check_logits(out: Any) -> Tensor:
+    if not isinstance(out, Tensor) or out.dim() < 2:
+        raise StateError(f"the model must return logits (N, K); got {type(out).__name__}"
+                         + (f" of shape {tuple(out.shape)}" if isinstance(out, Tensor) else ""))
+    return out

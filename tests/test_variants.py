@@ -1,0 +1,273 @@
+"""The variants engine against the naive evaluation: deep-copy, load the edited state, full forward."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import genprobe.params as P
+from foreign import make_subject
+from genprobe.engine.variants import (
+    ActivationContext,
+    Edit,
+    VariantEvaluator,
+    activation_noise_edit,
+    interpolate_edit,
+    mask_edit,
+    noise_edit,
+    replace_edit,
+    stack_edits,
+)
+from genprobe.errors import ConfigError, ModuleSelectionError, StateError
+
+# a module per foreign model whose output activations get masked / noised, and the unit dim
+ACT = {"nested": ("blocks.0.ff", 1, 8), "residual_bn": ("bn1", 1, 4), "shared": ("mid", 1, 7),
+       "transformer": ("embed", -1, 16), "untraceable": ("a", 1, 6)}
+
+TOL = 1e-5
+
+
+def naive_logits(subject, state, hooks=None, data=None):
+    """The obviously-right evaluation: a fresh deep copy, load_state_dict, a full forward."""
+    model = copy.deepcopy(subject.model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k not in state for k in missing)
+    model.eval()
+    data = data or subject.test
+    modules = dict(model.named_modules())
+    for name, fn in (hooks or {}).items():
+        modules[name].register_forward_hook(lambda m, i, o, fn=fn: fn(o))
+    with torch.no_grad():
+        return model(data.x)
+
+
+def metrics(logits, y):
+    return float(F.cross_entropy(logits.double(), y)), float((logits.argmax(-1) != y).double().mean())
+
+
+def assert_matches(result, logits, y, b=None):
+    loss, error = metrics(logits, y)
+    got_loss = result.loss if b is None else result.loss[b]
+    got_err = result.error if b is None else result.error[b]
+    assert abs(float(got_loss) - loss) < TOL
+    assert abs(float(got_err) - error) < TOL
+    if result.logits is not None:
+        got = result.logits if b is None else result.logits[b]
+        torch.testing.assert_close(got, logits.float(), atol=TOL, rtol=TOL)
+
+
+def name_of(subject):
+    return {"Nested": "nested", "Residual": "residual_bn", "Shared": "shared",
+            "TransformerClassifier": "transformer", "Untraceable": "untraceable"}[type(subject.model).__name__]
+
+
+def test_replace_every_unit(foreign_subject):
+    s = foreign_subject
+    ev = VariantEvaluator(s.model, s.final, s.test)
+    units = s.units()
+    out = ev.evaluate([Edit()] + [replace_edit(u, s.init) for u in units], logits=True)
+    assert_matches(out[0], naive_logits(s, s.final), s.test.y)
+    for u, r in zip(units, out[1:], strict=True):
+        assert_matches(r, naive_logits(s, P.replace(s.final, s.init, u.params)), s.test.y)
+
+
+def test_interpolate_and_noise_stacks(foreign_subject):
+    s = foreign_subject
+    chunk = None if name_of(s) == "untraceable" else 7   # several chunks (see below)
+    ev = VariantEvaluator(s.model, s.final, s.test, batch_size=chunk)
+    alphas = [0.0, 0.3, 1.0]
+    for u in s.units():
+        inter = interpolate_edit(u, s.init, s.final, alphas)
+        noise = noise_edit(u, s.final, 0.05, 3, seed=1)
+        rel = noise_edit(u, s.final, 0.1, 2, seed=2, scale="relative")
+        out = ev.evaluate([inter, noise, rel], logits=True, per_example=True)
+        assert out[0].loss.shape == (3,) and out[0].losses.shape == (3, len(s.test))
+        for b, a in enumerate(alphas):
+            assert_matches(out[0], naive_logits(s, P.interpolate(s.init, s.final, a, u.params)),
+                           s.test.y, b)
+        for edit, res in ((noise, out[1]), (rel, out[2])):
+            for b in range(edit.size):
+                state = {**s.final, **{k: v[b] for k, v in edit.params.items()}}
+                assert_matches(res, naive_logits(s, state), s.test.y, b)
+
+
+def test_noise_draws_reproducible_and_scaled():
+    s = make_subject("nested")
+    u = s.units()[0]
+    a, b = noise_edit(u, s.final, 0.1, 4, seed=3), noise_edit(u, s.final, 0.1, 4, seed=3)
+    c = noise_edit(u, s.final, 0.1, 4, seed=4)
+    k = u.params[0]
+    assert torch.equal(a.params[k], b.params[k]) and not torch.equal(a.params[k], c.params[k])
+    big = noise_edit(u, s.final, 1.0, 2000, seed=0)
+    std = (big.params[k] - s.final[k]).std()
+    assert abs(float(std) - 1.0) < 0.02
+    rel = noise_edit(u, s.final, 1.0, 2000, seed=0, scale="relative")
+    expect = float(s.final[k].norm()) / s.final[k].numel() ** 0.5
+    assert abs(float((rel.params[k] - s.final[k]).std()) / expect - 1) < 0.02
+    with pytest.raises(ConfigError):
+        noise_edit(u, s.final, 0.1, 2, scale="weird")
+
+
+def test_activation_masks_and_noise(foreign_subject):
+    s = foreign_subject
+    module, dim, c = ACT[name_of(s)]
+    # Untraceable branches on a whole-batch sum: only the one-chunk evaluation equals the naive one
+    chunk = None if name_of(s) == "untraceable" else 10
+    ev = VariantEvaluator(s.model, s.final, s.test, batch_size=chunk)
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(c, generator=g) < 0.5
+    means = torch.randn(c, generator=g)
+    masks = torch.rand(3, c, generator=g) < 0.4
+
+    def view(t, h):
+        sh = [1] * h.dim()
+        sh[dim] = -1
+        return t.view(sh)
+
+    noise = torch.randn(len(s.test), *([c] if dim == 1 else [4, c]), generator=g)
+    if name_of(s) == "residual_bn":
+        noise = torch.randn(len(s.test), 4, 6, 6, generator=g)
+    fixed = Edit(activations={module: lambda h, ctx: h + 0.3 * noise[ctx.index]})
+    edits = [mask_edit(module, mask, dim=dim), mask_edit(module, mask, means, dim=dim),
+             mask_edit(module, masks, dim=dim), fixed,
+             stack_edits([replace_edit(s.units()[-1], s.init)])]
+    out = ev.evaluate(edits, logits=True)
+    y = s.test.y
+    assert_matches(out[0], naive_logits(s, s.final, {module: lambda h: torch.where(view(mask, h), 0.0, h)}), y)
+    assert_matches(out[1], naive_logits(s, s.final, {module: lambda h: torch.where(view(mask, h), view(means, h), h)}), y)
+    for b in range(3):
+        m = masks[b]
+        assert_matches(out[2], naive_logits(s, s.final, {module: lambda h, m=m: torch.where(view(m, h), 0.0, h)}), y, b)
+    assert_matches(out[3], naive_logits(s, s.final, {module: lambda h: h + 0.3 * noise}), y)
+
+
+def test_activation_noise_edit_reproducible():
+    s = make_subject("nested")
+    ev = VariantEvaluator(s.model, s.final, s.test, batch_size=8)
+    e1 = activation_noise_edit("blocks.0.ff", torch.full((8,), 0.5), seed=1)
+    e2 = activation_noise_edit("blocks.0.ff", torch.full((8,), 0.5), seed=1)
+    e3 = activation_noise_edit("blocks.0.ff", 0.5, seed=2)
+    r = ev.evaluate([Edit(), e1, e2, e3], per_example=True)
+    assert torch.equal(r[1].losses, r[2].losses)
+    assert not torch.equal(r[1].losses, r[3].losses)
+    assert not torch.equal(r[0].losses, r[1].losses)
+
+
+def test_self_checks_change_nothing(foreign_subject):
+    """Re-init to θ^F, and re-init of a module whose θ^F = θ⁰, give the trained model's result."""
+    s = foreign_subject
+    u = s.units()[0]
+    final = P.replace(s.final, s.init, u.params)           # unit 0 never moved
+    ev = VariantEvaluator(s.model, final, s.test)
+    out = ev.evaluate([Edit(), replace_edit(u, s.init)] + [replace_edit(v, final) for v in s.units()],
+                      per_example=True)
+    for r in out[1:]:
+        assert torch.equal(r.losses, out[0].losses)
+    assert_matches(out[0], naive_logits(s, final), s.test.y)
+
+
+def test_fx_used_for_traceable_and_fallback_warns(foreign_subject, caplog):
+    s = foreign_subject
+    with caplog.at_level(logging.WARNING, logger="genprobe.engine.variants"):
+        ev = VariantEvaluator(s.model, s.final, s.test)
+        mode = ev.mode
+    if name_of(s) == "untraceable":
+        assert mode == "full" and "TraceError" in ev.fallback_reason
+        assert any("TraceError" in r.getMessage() and "falling back" in r.getMessage()
+                   for r in caplog.records)
+        assert ev.recomputed(replace_edit(s.units()[-1], s.init)) is None
+    else:
+        assert mode == "fx" and ev.fallback_reason is None
+        assert not caplog.records
+        # prefix reuse: editing the last unit recomputes fewer nodes than editing the first
+        first = ev.recomputed(replace_edit(s.units()[0], s.init))
+        last = ev.recomputed(replace_edit(s.units()[-1], s.init))
+        assert len(last) < len(first)
+        assert ev.recomputed(Edit()) == []
+
+
+def test_downstream_includes_residual_and_shared_sites():
+    s = make_subject("residual_bn")
+    ev = VariantEvaluator(s.model, s.final, s.test)
+    nodes = ev.recomputed(replace_edit(s.units("stem")[0], s.init))
+    assert "stem" in nodes and "add" in nodes and "conv" in nodes   # both branches of the sum
+    assert ev.recomputed(replace_edit(s.units("fc")[0], s.init)) == ["fc", "output"]
+    s = make_subject("shared")
+    ev = VariantEvaluator(s.model, s.final, s.test)
+    nodes = ev.recomputed(replace_edit(s.units("mid")[0], s.init))
+    assert "inp" not in nodes and sum(n.startswith("mid") for n in nodes) == 2
+
+
+def test_memory_budget_and_chunks_do_not_change_results():
+    s = make_subject("residual_bn", n_test=23)
+    u = s.units("conv")[0]
+    edits = [replace_edit(u, s.init), interpolate_edit(u, s.init, s.final, [0.2, 0.7, 0.9])]
+    big = VariantEvaluator(s.model, s.final, s.test).evaluate(edits, per_example=True)
+    tiny = VariantEvaluator(s.model, s.final, s.test, memory_budget=1).evaluate(edits, per_example=True)
+    full = VariantEvaluator(s.model, s.final, s.test, use_fx=False).evaluate(edits, per_example=True)
+    for a, b, c in zip(big, tiny, full, strict=True):
+        torch.testing.assert_close(a.losses, b.losses, atol=TOL, rtol=TOL)
+        torch.testing.assert_close(a.losses, c.losses, atol=TOL, rtol=TOL)
+
+
+def test_caller_model_and_states_unchanged(foreign_subject):
+    s = foreign_subject
+    before = {k: v.clone() for k, v in s.model.state_dict().items()}
+    final = {k: v.clone() for k, v in s.final.items()}
+    u = s.units()[0]
+    ev = VariantEvaluator(s.model, s.final, s.test)
+    ev.evaluate([replace_edit(u, s.init), noise_edit(u, s.final, 0.1, 2),
+                 mask_edit(ACT[name_of(s)][0], torch.ones(ACT[name_of(s)][2], dtype=torch.bool),
+                           dim=ACT[name_of(s)][1])])
+    for k, v in s.model.state_dict().items():
+        assert torch.equal(v, before[k])
+    for k, v in s.final.items():
+        assert torch.equal(v, final[k])
+    assert all(not m._forward_hooks for m in s.model.modules())
+    # an edit carries only its unit's keys: every other parameter is the base's, bit for bit
+    assert set(replace_edit(u, s.init).params) == set(u.params)
+
+
+def test_float64_tight():
+    s = make_subject("residual_bn", dtype=torch.float64)
+    ev = VariantEvaluator(s.model, s.final, s.test)
+    for u in s.units():
+        r = ev.evaluate([replace_edit(u, s.init)], logits=True)[0]
+        ref = naive_logits(s, P.replace(s.final, s.init, u.params))
+        loss, _ = metrics(ref, s.test.y)
+        assert abs(float(r.loss) - loss) < 1e-12
+
+
+def test_bad_edits():
+    s = make_subject("nested")
+    ev = VariantEvaluator(s.model, s.final, s.test)
+    k = s.units()[0].params[0]
+    with pytest.raises(StateError, match="unknown state key"):
+        ev.evaluate([Edit(params={"nope.weight": torch.zeros(1)})])
+    with pytest.raises(StateError, match="shape"):
+        ev.evaluate([Edit(params={k: torch.zeros(1)})])
+    with pytest.raises(StateError, match="shape"):
+        ev.evaluate([Edit(params={k: s.final[k]}, size=2)])
+    with pytest.raises(ModuleSelectionError, match="blocks.0.ff"):
+        ev.evaluate([mask_edit("nope", torch.ones(3, dtype=torch.bool))])
+    with pytest.raises(ConfigError):
+        VariantEvaluator(s.model, s.final, s.test, batch_size=0)
+    with pytest.raises(ConfigError):
+        stack_edits([])
+
+
+def test_context_has_indices():
+    s = make_subject("nested", n_test=10)
+    seen = []
+
+    def fn(h, ctx: ActivationContext):
+        seen.append(ctx.index.clone())
+        return h
+
+    VariantEvaluator(s.model, s.final, s.test, batch_size=4).evaluate(
+        [Edit(activations={"blocks.1.out": fn})])
+    assert torch.equal(torch.cat(seen), torch.arange(10))
