@@ -1,8 +1,16 @@
 """genprobe: which parts of a trained PyTorch network matter, and what that says about generalization."""
 
-from .errors import ConfigError, DataError, GenprobeError, ModuleSelectionError, RunError, StateError
+from .errors import (
+    ConfigError,
+    DataError,
+    GenprobeError,
+    ModuleSelectionError,
+    RunError,
+    StateError,
+)
 from .evaluate import Metrics, evaluate
 from .params import Unit
+from .probes.robustness import RobustnessResult, robustness
 from .results import Result, load
 from .subject import Data, Subject
 
@@ -10,5 +18,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "Data", "DataError", "GenprobeError", "Metrics", "ModuleSelectionError",
-    "Result", "RunError", "StateError", "Subject", "Unit", "evaluate", "load", "__version__",
+    "Result", "RobustnessResult", "RunError", "StateError", "Subject", "Unit", "evaluate", "load", "robustness", "__version__",
 ]

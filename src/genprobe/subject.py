@@ -39,7 +39,9 @@ def as_data(data: Data | tuple | Dataset | None, what: str) -> Data | None:
     """Convert `(X, y)` tensors or a map-style Dataset of `(input, label)` to Data, once."""
     if data is None:
         return None
-    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
+    if isinstance(data, Data):  # a NamedTuple whose len() is the number of examples
+        x, y = data.x, data.y
+    elif isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
         x, y = data
     elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):
         try:
