@@ -200,7 +200,7 @@ def _tables(units, targets, epochs, results, init, final, base, rerandomize, see
         size = P.norm(init, unit.params)
         moved = P.distance(final, init, unit.params) / size if size > 0 else math.nan
         delta0 = errors[0] - base_error
-        robust = bool(delta0 < threshold)
+        robust = bool(delta0 < threshold - 1e-9)  # exact ties (one example = 1pp) are critical
         per_module.append({"module": unit.name, "moved": moved, "robust": robust,
                            "delta_error": delta0, "error": errors[0]})
         cells = [("reinit", e, None, errors[i], losses[i]) for i, e in enumerate(targets) if e in epochs]
