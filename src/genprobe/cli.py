@@ -15,7 +15,6 @@ import logging
 import sys
 from pathlib import Path
 
-import click
 import typer
 from rich.console import Console
 
@@ -78,16 +77,18 @@ def main(argv: list[str] | None = None) -> None:
     except GenprobeError as exc:
         print(f"genprobe: error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.NoArgsIsHelp as exc:  # help was printed; nothing went wrong
-        sys.exit(0 if exc.ctx is None else 0)
-    except click.ClickException as exc:
-        print(f"genprobe: error: {exc.format_message()} (see --help)", file=sys.stderr)
-        sys.exit(2)
-    except click.exceptions.Abort:
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
         print("genprobe: aborted", file=sys.stderr)
         sys.exit(130)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+    except typer.exceptions.TyperException as exc:  # the parser's errors (typer >= 0.29 vendors click)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `genprobe` or `genprobe probe` alone
+            print(exc.format_message())
+            sys.exit(0)
+        message = " ".join(exc.format_message().split())
+        print(f"genprobe: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- commands

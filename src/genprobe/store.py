@@ -15,6 +15,7 @@ state dict, but only through ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except StateError:
         raise
-    except (SafetensorError, RuntimeError, OSError, ValueError, EOFError) as exc:
+    except (SafetensorError, RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StateError(f"cannot read checkpoint {path}: {first[:200]} "
                          "(is it a safetensors file, or a weights-only .pt state dict?)") from None

@@ -1,0 +1,43 @@
+"""Trained runs for the slow paper-finding tests, trained once and shared.
+
+``trained_run("fcn", "mnist", epochs=5, n_train=10000)`` trains (or reuses) a run directory and
+returns its path. Runs are deterministic under their config, so they are cached under
+``$GENPROBE_TEST_RUNS`` (default: a folder in the system temp dir) keyed by the config and by
+the source of the code that makes them: a change to the zoo, the training loop or the data
+retrains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import genprobe
+from genprobe.zoo.train import TrainConfig, train_run
+
+_SOURCES = ["zoo/models.py", "zoo/train.py", "data"]
+
+
+def _code_digest() -> str:
+    root = Path(genprobe.__file__).parent
+    h = hashlib.sha256()
+    for rel in _SOURCES:
+        p = root / rel
+        for f in sorted(p.rglob("*.py")) if p.is_dir() else [p]:
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def trained_run(arch: str, dataset: str, **options) -> Path:
+    """A finished run of `arch` on `dataset` with TrainConfig `options` (plus arch_options=...)."""
+    config = TrainConfig(arch=arch, dataset=dataset, device="cpu", **options)
+    key = json.dumps(config.to_dict(), sort_keys=True) + _code_digest()
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("GENPROBE_TEST_RUNS", Path(tempfile.gettempdir()) / "genprobe-test-runs"))
+    path = root / f"{arch}-{dataset}-{digest}"
+    if not (path / "final.safetensors").is_file():
+        train_run(config, path, overwrite=True)
+    return path

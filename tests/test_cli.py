@@ -1,0 +1,90 @@
+"""The command line: happy paths, and one line + exit code 2 for every kind of bad input."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from genprobe.cli import main
+
+
+def run_cli(*args, cwd=None):
+    """Run `python -m genprobe ARGS` in a subprocess: (exit code, stdout, stderr)."""
+    env = os.environ | {"MPLBACKEND": "Agg", "COLUMNS": "200"}
+    p = subprocess.run([sys.executable, "-m", "genprobe", *map(str, args)], capture_output=True,
+                       text=True, cwd=cwd, env=env, timeout=600)
+    return p.returncode, p.stdout, p.stderr
+
+
+def call(args, capsys):
+    """Run the CLI in-process (fast): (exit code, stdout, stderr)."""
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_help_and_listings(capsys):
+    code, out, _ = call(["--help"], capsys)
+    assert code == 0 and "train" in out and "probe" in out and "demo" in out
+    code, out, _ = call(["datasets"], capsys)
+    assert code == 0 and "digits" in out and "fashion-mnist" in out
+    code, out, _ = call(["archs"], capsys)
+    assert code == 0 and "resnet" in out and "readout" in out
+
+
+def test_train_writes_a_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = call(["train", "--arch", "fcn", "--dataset", "digits", "--epochs", "2",
+                              "--opt", "width=16", "--opt", "depth=1", "--out", out, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "test error" in stdout and (out / "final.safetensors").is_file()
+
+
+def test_train_from_yaml_with_flag_override(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("arch: fcn\ndataset: digits\nepochs: 5\narch_options: {width: 8, depth: 1}\n")
+    code, _, err = call(["train", config, "--epochs", "1", "--out", tmp_path / "r"], capsys)
+    assert code == 0, err
+    import genprobe.store as store
+    assert store.read_config(tmp_path / "r")["epochs"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--arch", "nope", "--dataset", "digits"], "unknown arch='nope'"),
+    (["train", "--arch", "fcn", "--dataset", "nope"], "unknown dataset='nope'"),
+    (["train", "--arch", "fcn", "--epochs", "0"], "epochs must be a positive integer"),
+    (["train", "--arch", "fcn", "--epochs", "abc"], "Invalid value"),
+    (["train", "--arch", "fcn", "--opt", "width"], "write KEY=VALUE"),
+    (["train", "--arch", "fcn", "--device", "cuda:0"] if not __import__("torch").cuda.is_available()
+     else ["train", "--arch", "fcn", "--device", "tpu"], "device"),
+    (["train", "no-such-config.yaml"], "config file no-such-config.yaml does not exist"),
+    (["train", "--resume", "no-such-run"], "does not exist"),
+    (["nonsense-command"], "No such command"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = call(args + ["--out", tmp_path / "out"] if args[0] == "train" and "--resume" not in args
+                        and args[1].startswith("--") else args, capsys)
+    assert code == 2
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1, err
+    assert message in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_run_directory(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("arch: [unclosed\n")
+    code, _, err = call(["train", "--resume", tmp_path / "run"], capsys)
+    assert code == 2 and "corrupt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_module_entry_point_and_demo(tmp_path):
+    code, out, err = run_cli("demo", "--epochs", "2", "--out", tmp_path / "demo", cwd=tmp_path)
+    assert code == 0, err
+    assert "test_error" in out
