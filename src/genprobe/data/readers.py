@@ -34,8 +34,20 @@ _NUMPY_GLOBALS: dict[tuple[str, str], Any] = {
         (f"{prefix}.multiarray", "scalar", scalar),
         (f"{prefix}.numeric", "_frombuffer", _frombuffer),
     )
-} | {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
-"""The only globals a pickle may name: what numpy needs to rebuild arrays and scalars."""
+}
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles ``bytes`` at protocols < 3, latin-1 only."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+_NUMPY_GLOBALS |= {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                   ("_codecs", "encode"): _latin1_encode}
+"""The only globals a pickle may name: what numpy needs to rebuild arrays and scalars, and
+the latin-1 ``_codecs.encode`` that Python 3 uses for ``bytes`` at pickle protocol 2."""
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
