@@ -1,0 +1,790 @@
+"""Gram matrices of per-example derivatives: the engine under stiffness and the empirical NTK.
+
+For a model f(θ, x) with K outputs and examples x_1..x_N, the engine computes inner products of
+per-example derivatives with respect to all parameters θ (P numbers):
+
+- ``of="loss"``: g_i = ∇_θ L(f(θ, x_i), y_i), G_ij = g_iᵀ g_j, a (N1, N2) matrix (stiffness);
+- ``of="outputs"``: J_i = ∂f(θ, x_i)/∂θ (K × P), Θ_ij = J_i J_jᵀ, a (N1, N2, K, K) array (the
+  empirical NTK, neural-tangents' layout), or its trace over outputs (N1, N2) with
+  ``trace_outputs=True``.
+
+Every computation is done at a given state with BatchNorm in eval mode (per-example gradients are
+undefined when BatchNorm normalizes with batch statistics) and never mutates the model.
+
+Implementations (one switch, cross-checked against each other in tests/test_grams.py):
+
+- ``"loop"``: the plain per-example autograd loop (one forward/backward per example). Slow but
+  works on every model; the reference.
+- ``"vmap"``: ``torch.func.vmap(grad(...))`` (``jacrev`` for outputs) over a block of examples,
+  per-parameter gradients multiplied into the Gram matrix. Works on any model whose forward can
+  be vmapped (no data-dependent Python control flow); falls back to ``"loop"`` with a warning.
+- ``"layerwise"``: one batched forward and backward per block. For ``nn.Linear``,
+  ``nn.Conv2d`` (groups=1), eval-mode ``BatchNorm`` and ``nn.LayerNorm`` the per-example
+  gradients follow exactly from each call's input and output gradient (the BackPACK / Opacus
+  route: per-example weight gradient of a linear map = Σ over positions of b ⊗ a), and for a
+  2-D ``nn.Linear`` the Gram contribution is contracted directly as (A Aᵀ) ⊙ (B Bᵀ) without
+  forming g_i. Every other parameter (attention projections, embeddings, parameters owned by
+  the root, tied weights, layers whose output is later modified in place) goes through
+  ``vmap(grad)`` restricted to those parameters. Guards, checked on the first block: the
+  batched forward must equal the vmapped per-example forward (examples must not interact),
+  and the summed per-example gradients of every rule must equal autograd's batch gradient;
+  a module failing the second check moves to the ``vmap`` set with a warning.
+- ``"auto"`` (default): ``"layerwise"``, which degrades by itself to ``"vmap"`` and ``"loop"``
+  where the model needs it. ``"vmap"`` is the simplest reliable fast path.
+
+Memory: examples are processed in blocks whose size comes from a memory budget (bytes), so the
+N × P matrix of per-example gradients never needs to exist. A square Gram of N examples with
+block size B > N is one block; otherwise the examples are cut into chunks of B/2 and every pair
+of chunks (I, J) is one block on the union I ∪ J, so each example's gradient is recomputed about
+2N/B times: cost O(N²/B) per-example gradients, memory O(B). Rectangular Grams (x1 vs x2,
+train–test) stream the same way over (chunk of x1, chunk of x2) pairs; :func:`gram_blocks` yields
+the blocks one by one for callers that want to reduce them without holding the whole matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+from ..device import resolve_device
+from ..errors import ConfigError, DataError, check_choice
+from ..params import State, split_state
+
+logger = logging.getLogger(__name__)
+
+Of = Literal["loss", "outputs"]
+Implementation = Literal["auto", "layerwise", "vmap", "loop"]
+LossName = Literal["cross_entropy", "mse"]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+"""A per-example loss: ``loss(outputs (B, K), targets (B, ...)) -> (B,)``, row by row."""
+
+OFS = ("loss", "outputs")
+IMPLEMENTATIONS = ("auto", "layerwise", "vmap", "loop")
+
+DEFAULT_MEMORY_FRACTION = 0.25
+"""Default budget: this fraction of the memory available on the device (CPU: MemAvailable;
+CUDA: free memory), so that the engine leaves room for the model, the data and other work."""
+DEFAULT_MEMORY_CAP = 8 * 2**30
+"""Upper bound of the default budget (bytes): beyond a few GiB bigger blocks stop paying off."""
+FALLBACK_MEMORY_BUDGET = 2**30
+"""Budget when the available memory cannot be read (1 GiB)."""
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _cross_entropy(out: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def _mse(out: Tensor, y: Tensor) -> Tensor:
+    target = F.one_hot(y, out.shape[-1]).to(out.dtype) if not y.is_floating_point() else y
+    return 0.5 * (out - target).pow(2).flatten(1).sum(1)
+
+
+LOSSES: dict[str, LossFn] = {"cross_entropy": _cross_entropy, "mse": _mse}
+
+
+def resolve_loss(loss: LossName | LossFn) -> LossFn:
+    """A loss name (``cross_entropy``: nats per example; ``mse``: ½‖f − onehot(y)‖²) or callable."""
+    if callable(loss):
+        return loss
+    check_choice("loss", loss, tuple(LOSSES))
+    return LOSSES[loss]
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes the engine may use by default: see :data:`DEFAULT_MEMORY_FRACTION`."""
+    available = None
+    try:
+        if device.type == "cuda":
+            available = torch.cuda.mem_get_info(device)[0]
+        else:
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        available = int(line.split()[1]) * 1024
+                        break
+    except (OSError, RuntimeError, ValueError):
+        available = None
+    if not available:
+        return FALLBACK_MEMORY_BUDGET
+    return int(min(DEFAULT_MEMORY_CAP, DEFAULT_MEMORY_FRACTION * available))
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class GramResult:
+    """A Gram matrix of per-example derivatives and the self inner products of both sets.
+
+    - ``matrix``: (N1, N2) for ``of="loss"`` or traced outputs; (N1, N2, K, K) for outputs.
+    - ``diag1``, ``diag2``: the same quantity of each example with itself, (N) or (N, K, K)
+      (squared gradient norms for the loss). For a square Gram they equal the diagonal.
+    - ``implementation``: the route that actually ran (after any fallback); ``block_size``:
+      examples per block; ``blocks``: number of blocks computed.
+    """
+
+    matrix: Tensor
+    diag1: Tensor
+    diag2: Tensor
+    implementation: str
+    block_size: int
+    blocks: int
+
+    def cosine(self) -> Tensor:
+        """Normalized Gram G_ij / √(G_ii G_jj) (scalar Grams only); 0 where a norm is 0."""
+        return cosine_from_gram(self.matrix, self.diag1, self.diag2)
+
+
+def cosine_from_gram(matrix: Tensor, diag1: Tensor, diag2: Tensor) -> Tensor:
+    """Cosine similarity from a scalar Gram (N1, N2) and squared norms (N1,), (N2,).
+
+    Pairs where either derivative is exactly zero get cosine 0 (no alignment; their sign is 0
+    too). Values are clipped to [-1, 1] against rounding.
+    """
+    if matrix.dim() != 2:
+        raise ConfigError("cosine needs a scalar Gram (N1, N2); trace the outputs first")
+    n1 = diag1.clamp_min(0).sqrt()
+    n2 = diag2.clamp_min(0).sqrt()
+    denom = n1[:, None] * n2[None, :]
+    out = torch.where(denom > 0, matrix / denom.where(denom > 0, torch.ones_like(denom)),
+                      torch.zeros_like(matrix))
+    zero = int((n1 == 0).sum()) + int((n2 == 0).sum())
+    if zero:
+        logger.warning("%d example(s) have a zero gradient: their cosine is set to 0", zero)
+    return out.clamp(-1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclass
+class _Setup:
+    """Everything fixed across blocks: the model, state on the device, objective, plan."""
+
+    model: nn.Module
+    params: dict[str, Tensor]
+    buffers: dict[str, Tensor]
+    of: str
+    loss_fn: LossFn
+    outputs: int  # K' = rows per example (1 for the loss, K for outputs)
+    impl: str
+    covered: dict[str, nn.Module] = field(default_factory=dict)  # layerwise modules by name
+    keys: dict[str, dict[str, str]] = field(default_factory=dict)  # module -> local -> state key
+    residual: list[str] = field(default_factory=list)  # params done by vmap in layerwise
+    per_example_bytes: int = 0
+    verified: bool = False
+
+
+def _objectives(s: _Setup, out: Tensor, y: Tensor | None) -> list[Tensor]:
+    """Scalars whose gradients give the rows: Σ_i L_i, or Σ_i f_k(x_i) for each output k."""
+    if s.of == "loss":
+        return [s.loss_fn(out, y).sum()]
+    flat = out.reshape(out.shape[0], -1)
+    return [flat[:, k].sum() for k in range(flat.shape[1])]
+
+
+def _call(s: _Setup, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    return functional_call(s.model, ({**s.params, **params}, s.buffers), (x,))
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _loop_block(s: _Setup, x: Tensor, y: Tensor | None, keys: list[str]) -> Tensor:
+    """Gram (R, R), R = n·K', by one autograd call per example and output."""
+    rows = []
+    for i in range(len(x)):
+        leaves = {k: s.params[k].detach().requires_grad_(True) for k in keys}
+        with torch.enable_grad():
+            out = _call(s, leaves, x[i:i + 1])
+            objs = _objectives(s, out, None if y is None else y[i:i + 1])
+            for obj in objs:
+                grads = torch.autograd.grad(obj, list(leaves.values()), retain_graph=True,
+                                            allow_unused=True)
+                rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                       for g, p in zip(grads, leaves.values(), strict=True)]))
+    feats = torch.stack(rows)  # (R, P)
+    return (feats @ feats.T).double()
+
+
+# ----------------------------------------------------------------------------- vmap
+
+
+def _vmap_block(s: _Setup, x: Tensor, y: Tensor | None, keys: list[str]) -> Tensor:
+    """Gram (R, R) from vmap(grad) (loss) or vmap(jacrev) (outputs) over parameters `keys`."""
+    sub = {k: s.params[k] for k in keys}
+
+    if s.of == "loss":
+        def f(p, xi, yi):
+            out = _call(s, p, xi.unsqueeze(0))
+            return s.loss_fn(out, yi.unsqueeze(0)).sum()
+
+        grads = _quiet_vmap(vmap(grad(f), in_dims=(None, 0, 0)))(sub, x, y)  # {k: (n, *shape)}
+    else:
+        def f(p, xi):
+            return _call(s, p, xi.unsqueeze(0)).reshape(-1)
+
+        grads = _quiet_vmap(vmap(jacrev(f), in_dims=(None, 0)))(sub, x)  # {k: (n, K, *shape)}
+    rows = len(x) * s.outputs
+    total = torch.zeros(rows, rows, dtype=torch.float64, device=x.device)
+    for g in grads.values():
+        flat = g.reshape(rows, -1)
+        total += (flat @ flat.T).double()
+    return total
+
+
+# ----------------------------------------------------------------------------- layerwise rules
+
+# Each rule takes the module, the calls' inputs `a` (n, ...) and output gradients `b`
+# (n, K', ...) and returns per-example gradients {local name: (n, K', *param shape)}.
+
+
+def _linear_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
+    n, kk = b.shape[:2]
+    a3 = a.reshape(n, -1, a.shape[-1])  # (n, T, in)
+    b4 = b.reshape(n, kk, -1, b.shape[-1])  # (n, K', T, out)
+    out = {"weight": torch.einsum("nkto,nti->nkoi", b4, a3)}
+    if m.bias is not None:
+        out["bias"] = b4.sum(2)
+    return out
+
+
+def _conv_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
+    n, kk = b.shape[:2]
+    u = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+    b4 = b.reshape(n, kk, b.shape[2], -1)  # (n, K', C_out, T)
+    out = {"weight": torch.einsum("nkot,nit->nkoi", b4, u).reshape(n, kk, *m.weight.shape)}
+    if m.bias is not None:
+        out["bias"] = b4.sum(-1)
+    return out
+
+
+def _norm_grads(xhat: Tensor, b: Tensor, m: nn.Module, channel_dim: int | None) -> dict[str, Tensor]:
+    n, kk = b.shape[:2]
+    if channel_dim is not None:  # BatchNorm: sum over every dim but the channel
+        dims = [d for d in range(2, b.dim()) if d != channel_dim + 1]
+        gw = (b * xhat.unsqueeze(1)).sum(dims) if dims else b * xhat.unsqueeze(1)
+        gb = b.sum(dims) if dims else b
+    else:  # LayerNorm: sum over the leading positions, keep the normalized shape
+        shape = m.normalized_shape
+        bw = b.reshape(n, kk, -1, *shape)
+        gw = (bw * xhat.reshape(n, 1, -1, *shape)).sum(2)
+        gb = bw.sum(2)
+    out = {}
+    if m.weight is not None:
+        out["weight"] = gw
+    if m.bias is not None:
+        out["bias"] = gb
+    return out
+
+
+def _batchnorm_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
+    shape = [1, -1] + [1] * (a.dim() - 2)
+    xhat = (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+    return _norm_grads(xhat, b, m, channel_dim=1)
+
+
+def _layernorm_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
+    dims = tuple(range(a.dim() - len(m.normalized_shape), a.dim()))
+    mean = a.mean(dims, keepdim=True)
+    var = a.var(dims, keepdim=True, unbiased=False)
+    return _norm_grads((a - mean) / torch.sqrt(var + m.eps), b, m, channel_dim=None)
+
+
+_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _rule(m: nn.Module) -> Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]] | None:
+    """The per-example gradient rule of a module, or None when it has none (→ vmap)."""
+    if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
+        return _linear_grads
+    if (isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward and m.groups == 1
+            and m.padding_mode == "zeros" and not isinstance(m.padding, str)):
+        return _conv_grads
+    if type(m) in _BN and m.affine and m.track_running_stats and not m.training:
+        return _batchnorm_grads
+    if isinstance(m, nn.LayerNorm) and type(m) is nn.LayerNorm and m.elementwise_affine:
+        return _layernorm_grads
+    return None
+
+
+def _plan_layerwise(s: _Setup, x: Tensor) -> bool:
+    """Choose the modules with rules and check the model on sample `x` (n ≥ 2 when possible).
+
+    Returns False (layerwise impossible) when examples interact in the batched forward or the
+    forward cannot be vmapped.
+    """
+    key_of = {id(p): k for k, p in s.model.named_parameters()}
+    slots: dict[int, int] = defaultdict(int)
+    for mod in s.model.modules():
+        for _, p in mod.named_parameters(recurse=False):
+            slots[id(p)] += 1
+    candidates: dict[str, nn.Module] = {}
+    keys: dict[str, dict[str, str]] = {}
+    for name, mod in s.model.named_modules():
+        own = dict(mod.named_parameters(recurse=False))
+        if not own or _rule(mod) is None or any(slots[id(p)] > 1 for p in own.values()):
+            continue
+        candidates[name] = mod
+        keys[name] = {local: key_of[id(p)] for local, p in own.items()}
+    fired: dict[str, list[tuple[Tensor, int, Tensor, int]]] = defaultdict(list)
+    handles = [mod.register_forward_hook(
+        lambda mod, args, out, name=name: fired[name].append((args[0], args[0]._version, out, out._version)))
+        for name, mod in candidates.items()]
+    try:
+        with torch.no_grad():
+            batched = _call(s, {}, x)
+    finally:
+        for h in handles:
+            h.remove()
+    try:
+        with torch.no_grad():
+            single = _quiet_vmap(vmap(lambda xi: _call(s, {}, xi.unsqueeze(0)).squeeze(0)))(x)
+    except Exception as exc:  # noqa: BLE001 - any vmap failure means: not vmappable
+        logger.warning("layerwise: the forward cannot be vmapped (%s); using the loop", _short(exc))
+        return False
+    scale = float(batched.nan_to_num(0.0, 0.0, 0.0).abs().max()) if batched.numel() else 1.0
+    if not torch.allclose(batched, single.reshape(batched.shape), rtol=1e-3,
+                          atol=1e-5 * max(scale, 1e-12), equal_nan=True):
+        logger.warning("layerwise: the batched forward differs from the per-example forward "
+                       "(examples interact); using vmap")
+        return False
+    s.covered, s.keys = {}, {}
+    for name, mod in candidates.items():
+        calls = fired.get(name, [])
+        if calls and all(a._version == va and o._version == vo for a, va, o, vo in calls):
+            s.covered[name], s.keys[name] = mod, keys[name]
+    owned = {k for d in s.keys.values() for k in d.values()}
+    s.residual = [k for k in s.params if k not in owned]
+    return True
+
+
+def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None) -> Tensor:
+    """Gram (R, R): rules for covered modules from one batched backward, vmap for the rest."""
+    rows = len(x) * s.outputs
+    total = torch.zeros(rows, rows, dtype=torch.float64, device=x.device)
+    calls: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
+    handles = [mod.register_forward_hook(
+        lambda mod, args, out, name=name: calls[name].append((args[0].detach(), out)))
+        for name, mod in s.covered.items()]
+    leaves = {k: v.detach().requires_grad_(True) for k, v in s.params.items()}
+    try:
+        with torch.enable_grad():
+            out = functional_call(s.model, (leaves, s.buffers), (x,))
+    finally:
+        for h in handles:
+            h.remove()
+    outs = [o for name in s.covered for _, o in calls[name]]
+    if outs:
+        with torch.enable_grad():
+            objs = _objectives(s, out, y)
+            per_obj = [torch.autograd.grad(obj, outs, retain_graph=True, allow_unused=True)
+                       for obj in objs]
+            verify = not s.verified and bool(torch.isfinite(sum(objs)))
+            batch = {}
+            if verify:
+                owned = [k for d in s.keys.values() for k in d.values()]
+                g = torch.autograd.grad(sum(objs), [leaves[k] for k in owned], allow_unused=True)
+                batch = dict(zip(owned, g, strict=True))
+        failed = []
+        i = 0
+        for name, mod in s.covered.items():
+            mcalls = calls[name]
+            bs = [torch.stack([torch.zeros_like(o) if g[i + c] is None else g[i + c] for g in per_obj], 1)
+                  for c, (_, o) in enumerate(mcalls)]  # (n, K', *out shape) per call
+            i += len(mcalls)
+            if not mcalls:
+                continue
+            contrib, sums = _module_gram(mod, [a for a, _ in mcalls], bs, rows)
+            total += contrib
+            if verify and not _matches(sums, batch, s.keys[name]):
+                failed.append(name)
+        if failed:
+            logger.warning("layerwise: per-example gradients of %s do not sum to the batch "
+                           "gradient (weights used outside their module?); using vmap for them",
+                           failed)
+            for name in failed:
+                s.residual += list(s.keys.pop(name).values())
+                s.covered.pop(name)
+            s.verified = True
+            return _layerwise_block(s, x, y)
+        s.verified = s.verified or verify
+    if s.residual:
+        total += _vmap_block(s, x, y, s.residual)
+    return total
+
+
+def _module_gram(mod: nn.Module, inputs: list[Tensor], bs: list[Tensor],
+                 rows: int) -> tuple[Tensor, dict[str, Tensor]]:
+    """One module's Gram contribution (R, R) over all its calls, and its summed gradients."""
+    rule = _rule(mod)
+    if rule is _linear_grads and len(inputs) == 1 and inputs[0].dim() == 2:
+        return _linear_gram(mod, inputs[0], bs[0]), _linear_sums(mod, inputs[0], bs[0])
+    grads: dict[str, Tensor] = {}
+    for a, b in zip(inputs, bs, strict=True):  # a shared module: sum its calls per example
+        for local, g in rule(mod, a, b).items():
+            grads[local] = grads[local] + g if local in grads else g
+    total = torch.zeros(rows, rows, dtype=torch.float64, device=bs[0].device)
+    for g in grads.values():
+        flat = g.reshape(rows, -1)
+        total += (flat @ flat.T).double()
+    return total, {local: g.sum((0, 1)) for local, g in grads.items()}
+
+
+def _linear_gram(m: nn.Module, a: Tensor, b: Tensor) -> Tensor:
+    """(A Aᵀ) ⊙ (B Bᵀ) (+ B Bᵀ for the bias): a 2-D Linear's Gram without forming g_i."""
+    n, kk = b.shape[:2]
+    bf = b.reshape(n * kk, -1)
+    gb = bf @ bf.T  # (R, R)
+    ga = (a @ a.T).repeat_interleave(kk, 0).repeat_interleave(kk, 1)
+    return (ga * gb + (gb if m.bias is not None else 0)).double()
+
+
+def _linear_sums(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
+    out = {"weight": torch.einsum("nko,ni->oi", b, a)}
+    if m.bias is not None:
+        out["bias"] = b.sum((0, 1))
+    return out
+
+
+def _matches(ours: dict[str, Tensor], batch: dict[str, Tensor | None], keys: dict[str, str]) -> bool:
+    for local, key in keys.items():
+        ref = batch[key]
+        got = ours.get(local)
+        if ref is None:
+            ref = torch.zeros_like(got) if got is not None else None
+        if got is None:
+            if ref is not None and float(ref.abs().max()) > 0:
+                return False
+            continue
+        tol = 1e-4 if got.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+        if float((got - ref).norm()) > tol * (float(ref.norm()) + float(got.norm())) + 1e-30:
+            return False
+    return True
+
+
+def _quiet_vmap(fn):
+    """`fn` with torch's "no batching rule, performance drop" warnings silenced (they are about
+    speed only, and the fallback is exact)."""
+
+    def wrapped(*args):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            return fn(*args)
+
+    return wrapped
+
+
+def _short(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def _estimate_bytes(s: _Setup, x: Tensor) -> int:
+    """Rough bytes per example of a block under the chosen implementation (documented upper-ish
+    estimate: activations ×4 for values, gradients and temporaries)."""
+    item = x.element_size()
+    act = 0
+    unfold = 0
+    handles = []
+
+    def hook(mod, args, out):
+        nonlocal act, unfold
+        if isinstance(out, Tensor):
+            act += out.numel()
+        if isinstance(mod, nn.Conv2d) and isinstance(out, Tensor):
+            unfold = max(unfold, mod.weight[0].numel() * out[0, 0].numel())
+    for mod in s.model.modules():
+        if not list(mod.children()):
+            handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            _call(s, {}, x[:1])
+    except Exception:  # noqa: BLE001 - an unvmappable odd model still gets an estimate
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    p_all = sum(p.numel() for p in s.params.values())
+    kk = s.outputs
+    if s.impl == "loop":
+        per = kk * p_all + act
+    elif s.impl == "vmap":
+        per = 2 * kk * p_all + 4 * act
+    else:
+        biggest = max([p.numel() for name in s.covered for p in s.covered[name].parameters()] or [0])
+        p_res = sum(s.params[k].numel() for k in s.residual)
+        per = 4 * act * kk + 2 * kk * biggest + unfold + (2 * kk * p_res + 4 * act if p_res else 0)
+    return max(int(per * item), 1)
+
+
+def _setup(model: nn.Module, state: State, of: str, loss, implementation: str,
+           dev: torch.device, sample: Tensor) -> _Setup:
+    check_choice("of", of, OFS)
+    check_choice("implementation", implementation, IMPLEMENTATIONS)
+    params, buffers = split_state(model, state)
+    params = {k: v.detach().to(dev) for k, v in params.items()}
+    buffers = {k: v.to(dev) for k, v in buffers.items()}
+    loss_fn = resolve_loss(loss)
+    s = _Setup(model, params, buffers, of, loss_fn, 1, implementation)
+    with torch.no_grad():
+        out = _call(s, {}, sample[:1])
+    s.outputs = 1 if of == "loss" else out[0].numel()
+    if implementation in ("auto", "layerwise"):
+        s.impl = "layerwise" if _plan_layerwise(s, sample) else "vmap"
+    if s.impl == "vmap" and not _vmappable(s, sample):
+        s.impl = "loop"
+    s.per_example_bytes = _estimate_bytes(s, sample)
+    return s
+
+
+def _vmappable(s: _Setup, x: Tensor) -> bool:
+    try:
+        with torch.no_grad():
+            _quiet_vmap(vmap(lambda xi: _call(s, {}, xi.unsqueeze(0))))(x[:2])
+    except Exception as exc:  # noqa: BLE001 - any vmap failure means: not vmappable
+        logger.warning("vmap: the forward cannot be vmapped (%s); falling back to the per-example "
+                       "loop (correct, slow)", _short(exc))
+        return False
+    return True
+
+
+def _block(s: _Setup, x: Tensor, y: Tensor | None) -> Tensor:
+    """Gram of the rows of block `x`: (n, n) for the loss, (n, n, K, K) for outputs."""
+    if s.impl == "layerwise":
+        g = _layerwise_block(s, x, y)
+    elif s.impl == "vmap":
+        try:
+            g = _vmap_block(s, x, y, list(s.params))
+        except Exception as exc:  # noqa: BLE001 - vmap(grad) can fail where the forward did not
+            logger.warning("vmap(grad) failed (%s); falling back to the per-example loop", _short(exc))
+            s.impl = "loop"
+            return _block(s, x, y)
+    else:
+        g = _loop_block(s, x, y, list(s.params))
+    n, kk = len(x), s.outputs
+    if s.of == "outputs":
+        return g.reshape(n, kk, n, kk).permute(0, 2, 1, 3)
+    return g
+
+
+@dataclass(frozen=True)
+class GramBlock:
+    """One block of a Gram: rows ``rows`` of x1 against columns ``cols`` of x2 (or x1).
+
+    ``matrix`` (len(rows), len(cols)[, K, K]); ``diag_rows`` / ``diag_cols``: the self inner
+    products of the rows' and columns' examples, (len, ) or (len, K, K).
+    """
+
+    rows: slice
+    cols: slice
+    matrix: Tensor
+    diag_rows: Tensor
+    diag_cols: Tensor
+
+
+def _diag(g: Tensor) -> Tensor:
+    idx = torch.arange(g.shape[0], device=g.device)
+    return g[idx, idx]
+
+
+def _as_targets(y: Tensor | None, n: int, of: str, what: str) -> Tensor | None:
+    if of == "outputs":
+        return None
+    if y is None:
+        raise ConfigError(f"of='loss' needs the labels {what} (a tensor of N targets)")
+    if len(y) != n:
+        raise DataError(f"{what} has {len(y)} labels for {n} inputs")
+    return y
+
+
+def gram_blocks(
+    model: nn.Module,
+    state: State,
+    x1: Tensor,
+    x2: Tensor | None = None,
+    *,
+    y1: Tensor | None = None,
+    y2: Tensor | None = None,
+    of: Of = "loss",
+    loss: LossName | LossFn = "cross_entropy",
+    implementation: Implementation = "auto",
+    memory_budget: int | None = None,
+    device: str | torch.device = "auto",
+    info: dict | None = None,
+) -> Iterator[GramBlock]:
+    """Yield the blocks of the Gram of x1 (N1, ...) against x2 (N2, ...) (default: x1 itself).
+
+    For a square Gram (x2 None) the blocks cover the upper triangle (rows ≤ cols); the lower
+    triangle is the transpose. Blocks come on the CPU in float64. `info`, when given, receives
+    ``implementation``, ``block_size`` and ``blocks`` as they become known.
+    Arguments as in :func:`gram`.
+    """
+    dev = resolve_device(device)
+    if len(x1) == 0 or (x2 is not None and len(x2) == 0):
+        raise DataError("the Gram needs at least one example in each set")
+    y1 = _as_targets(y1, len(x1), of, "y1")
+    y2 = _as_targets(y2, len(x2), of, "y2") if x2 is not None else None
+    dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+    x1 = x1.to(dev, dtype)
+    x2 = None if x2 is None else x2.to(dev, dtype)
+    y1 = None if y1 is None else y1.to(dev)
+    y2 = None if y2 is None else y2.to(dev)
+    was_training = model.training
+    model.eval()
+    try:
+        budget = memory_budget if memory_budget is not None else default_memory_budget(dev)
+        if budget <= 0:
+            raise ConfigError(f"memory_budget must be a positive number of bytes, got {budget}")
+        s = _setup(model, state, of, loss, implementation, dev, x1[:4])
+        block = max(2, budget // s.per_example_bytes)
+        info = {} if info is None else info
+        info.update(block_size=int(block), blocks=0, per_example_bytes=s.per_example_bytes)
+        logger.info("grams: %s, %d examples per block (%.1f MB each)", s.impl, block,
+                    s.per_example_bytes / 2**20)
+        yield from _tiles(s, x1, y1, x2, y2, block, info)
+        info["implementation"] = s.impl
+    finally:
+        model.train(was_training)
+
+
+def _take(y: Tensor | None, sl: slice) -> Tensor | None:
+    return None if y is None else y[sl]
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    return None if a is None else torch.cat([a, b])
+
+
+def _tiles(s: _Setup, x1, y1, x2, y2, block: int, info: dict) -> Iterator[GramBlock]:
+    if x2 is None:
+        n = len(x1)
+        if n <= block:
+            g = _block(s, x1, y1).cpu()
+            info["blocks"] += 1
+            d = _diag(g)
+            yield GramBlock(slice(0, n), slice(0, n), g, d, d)
+            return
+        parts = _chunks(n, block // 2)
+        for a in range(len(parts)):
+            for b in range(a + 1, len(parts)):
+                ia, ib = parts[a], parts[b]
+                g = _block(s, torch.cat([x1[ia], x1[ib]]), _cat(_take(y1, ia), _take(y1, ib))).cpu()
+                info["blocks"] += 1
+                na = ia.stop - ia.start
+                d = _diag(g)
+                if b == a + 1:  # each diagonal block once: with its first partner
+                    yield GramBlock(ia, ia, g[:na, :na], d[:na], d[:na])
+                if a == len(parts) - 2 and b == len(parts) - 1:
+                    yield GramBlock(ib, ib, g[na:, na:], d[na:], d[na:])
+                yield GramBlock(ia, ib, g[:na, na:], d[:na], d[na:])
+        return
+    n1, n2 = len(x1), len(x2)
+    size = block if n1 + n2 <= block else max(1, block // 2)
+    rows = [slice(0, n1)] if n1 + n2 <= block else _chunks(n1, size)
+    cols = [slice(0, n2)] if n1 + n2 <= block else _chunks(n2, size)
+    for ia in rows:
+        for ib in cols:
+            g = _block(s, torch.cat([x1[ia], x2[ib]]), _cat(_take(y1, ia), _take(y2, ib))).cpu()
+            info["blocks"] += 1
+            na = ia.stop - ia.start
+            d = _diag(g)
+            yield GramBlock(ia, ib, g[:na, na:], d[:na], d[na:])
+
+
+def gram(
+    model: nn.Module,
+    state: State,
+    x1: Tensor,
+    x2: Tensor | None = None,
+    *,
+    y1: Tensor | None = None,
+    y2: Tensor | None = None,
+    of: Of = "loss",
+    loss: LossName | LossFn = "cross_entropy",
+    trace_outputs: bool = False,
+    implementation: Implementation = "auto",
+    memory_budget: int | None = None,
+    device: str | torch.device = "auto",
+) -> GramResult:
+    """Gram matrix of per-example derivatives of `model` at `state`.
+
+    Args:
+        model: the architecture (kept in eval mode while computing; never modified).
+        state: parameters and buffers (a canonical state, see :mod:`genprobe.params`).
+        x1: inputs (N1, ...). x2: inputs (N2, ...) for a rectangular Gram (default: x1).
+        y1, y2: integer labels (N1,), (N2,) (targets of `loss`); needed for ``of="loss"``.
+        of: ``"loss"`` (per-example loss gradients) or ``"outputs"`` (per-example Jacobians).
+        loss: ``"cross_entropy"`` (default), ``"mse"`` or a per-example callable
+            ``(outputs (B, K), targets (B,)) -> (B,)``.
+        trace_outputs: with ``of="outputs"``, return Σ_k Θ_kk (N1, N2) instead of (N1, N2, K, K).
+        implementation: ``"auto" | "layerwise" | "vmap" | "loop"`` (module docstring).
+        memory_budget: bytes for one block of examples (default :func:`default_memory_budget`).
+        device: ``"auto" | "cpu" | "cuda[:N]"``.
+
+    Returns a :class:`GramResult` (float64, on the CPU). Raises DataError naming the examples
+    when a derivative is not finite (e.g. a NaN loss at this state).
+    """
+    check_choice("of", of, OFS)
+    n1 = len(x1)
+    n2 = n1 if x2 is None else len(x2)
+    info: dict = {}
+    matrix = diag1 = diag2 = None
+    for blk in gram_blocks(model, state, x1, x2, y1=y1, y2=y2, of=of, loss=loss,
+                           implementation=implementation, memory_budget=memory_budget,
+                           device=device, info=info):
+        m, dr, dc = blk.matrix, blk.diag_rows, blk.diag_cols
+        if of == "outputs" and trace_outputs:
+            m, dr, dc = (t.diagonal(dim1=-2, dim2=-1).sum(-1) for t in (m, dr, dc))
+        if matrix is None:
+            matrix = torch.zeros(n1, n2, *m.shape[2:], dtype=torch.float64)
+            diag1 = torch.zeros(n1, *dr.shape[1:], dtype=torch.float64)
+            diag2 = torch.zeros(n2, *dc.shape[1:], dtype=torch.float64)
+        matrix[blk.rows, blk.cols] = m
+        if x2 is None and blk.rows != blk.cols:
+            matrix[blk.cols, blk.rows] = m.transpose(0, 1) if m.dim() == 2 else m.permute(1, 0, 3, 2)
+        diag1[blk.rows] = dr
+        diag2[blk.cols] = dc
+    _check_finite(diag1, "x1")
+    _check_finite(diag2, "x2")
+    return GramResult(matrix, diag1, diag2, info.get("implementation", implementation),
+                      int(info.get("block_size", 0)), int(info.get("blocks", 0)))
+
+
+def _check_finite(diag: Tensor, what: str) -> None:
+    bad = ~torch.isfinite(diag.reshape(len(diag), -1)).all(1)
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten().tolist()
+        shown = ", ".join(map(str, idx[:10])) + (" ..." if len(idx) > 10 else "")
+        raise DataError(f"the derivatives of {len(idx)} example(s) of {what} are not finite (NaN/inf "
+                        f"loss or outputs at this state): positions {shown}")
+
+
+def parameter_count(model: nn.Module) -> int:
+    """P, the number of parameters the Gram differentiates (tied tensors once)."""
+    return sum(p.numel() for _, p in model.named_parameters())
+
+
+__all__ = ["GramBlock", "GramResult", "IMPLEMENTATIONS", "LOSSES", "cosine_from_gram",
+           "default_memory_budget", "gram", "gram_blocks", "parameter_count", "resolve_loss"]

@@ -1,0 +1,259 @@
+"""The grams engine against a plain per-example autograd loop, on models not written for it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from foreign import FOREIGN, make_subject
+from genprobe.engine.grams import IMPLEMENTATIONS, cosine_from_gram, gram, gram_blocks
+from genprobe.errors import ConfigError, DataError
+from genprobe.params import state_of
+
+IMPLS = [i for i in IMPLEMENTATIONS if i != "auto"] + ["auto"]
+
+
+def reference_features(model, state, x, y=None, of="loss"):
+    """Per-example derivatives by the obvious loop: (N, P) for the loss, (N, K, P) for outputs."""
+    names = [k for k, _ in model.named_parameters()]
+    rows = []
+    for i in range(len(x)):
+        params = {k: state[k].clone().requires_grad_(True) for k in names}
+        buffers = {k: v for k, v in state.items() if k not in params}
+        out = functional_call(model, (params, buffers), (x[i:i + 1],))
+        objs = [F.cross_entropy(out, y[i:i + 1])] if of == "loss" else list(out[0])
+        per = []
+        for obj in objs:
+            grads = torch.autograd.grad(obj, list(params.values()), retain_graph=True, allow_unused=True)
+            per.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                  for g, p in zip(grads, params.values(), strict=True)]))
+        rows.append(torch.stack(per))
+    feats = torch.stack(rows)  # (N, K', P)
+    return feats[:, 0] if of == "loss" else feats
+
+
+def reference_gram(model, state, x1, x2=None, y1=None, y2=None, of="loss"):
+    f1 = reference_features(model, state, x1, y1, of)
+    f2 = f1 if x2 is None else reference_features(model, state, x2, y2, of)
+    if of == "loss":
+        return f1 @ f2.T
+    return torch.einsum("akp,blp->abkl", f1, f2)
+
+
+def assert_rel(actual, expected, rtol=1e-5):
+    scale = float(expected.abs().max())
+    err = float((actual - expected).abs().max())
+    assert err <= rtol * scale, f"max error {err:.3g} vs scale {scale:.3g}"
+
+
+@pytest.fixture(scope="module")
+def subjects():
+    return {name: make_subject(name, dtype=torch.float64, n_train=10, n_test=6) for name in FOREIGN}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", sorted(FOREIGN))
+def test_loss_gram_equals_loop(subjects, name, impl):
+    s = subjects[name]
+    x, y = s.train.x, s.train.y
+    expected = reference_gram(s.model, s.final, x, y1=y)
+    r = gram(s.model, s.final, x, y1=y, implementation=impl)
+    assert r.matrix.dtype == torch.float64
+    assert_rel(r.matrix, expected)
+    assert torch.equal(r.matrix, r.matrix.T)
+    assert_rel(r.diag1, expected.diagonal())
+    cos = r.cosine()
+    assert_rel(cos, cosine_from_gram(expected, expected.diagonal(), expected.diagonal()))
+    assert torch.allclose(cos.diagonal(), torch.ones(len(x), dtype=torch.float64), atol=1e-12)
+    assert torch.equal(torch.sign(cos), torch.sign(expected)) or \
+        float((torch.sign(cos) != torch.sign(expected)).float().mean()) == 0
+    if name == "untraceable":
+        assert r.implementation == "loop"
+    elif impl in ("auto", "layerwise"):
+        assert r.implementation == "layerwise"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", sorted(FOREIGN))
+def test_output_ntk_equals_loop(subjects, name, impl):
+    s = subjects[name]
+    x = s.train.x[:5]
+    expected = reference_gram(s.model, s.final, x, of="outputs")  # (N, N, K, K)
+    r = gram(s.model, s.final, x, of="outputs", implementation=impl)
+    assert r.matrix.shape == expected.shape
+    assert_rel(r.matrix, expected)
+    traced = gram(s.model, s.final, x, of="outputs", trace_outputs=True, implementation=impl)
+    assert_rel(traced.matrix, expected.diagonal(dim1=-2, dim2=-1).sum(-1))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["residual_bn", "transformer", "shared", "untraceable"])
+def test_chunked_and_rectangular_agree(subjects, name, impl):
+    s = subjects[name]
+    x1, y1, x2, y2 = s.train.x[:5], s.train.y[:5], s.test.x[:3], s.test.y[:3]
+    whole = gram(s.model, s.final, x1, y1=y1, implementation=impl)
+    tiny = gram(s.model, s.final, x1, y1=y1, implementation=impl, memory_budget=1)
+    assert tiny.blocks > 1 and tiny.block_size == 2
+    assert_rel(tiny.matrix, whole.matrix, 1e-10)
+    expected = reference_gram(s.model, s.final, x1, x2, y1, y2)
+    for budget in (None, 1):
+        rect = gram(s.model, s.final, x1, x2, y1=y1, y2=y2, implementation=impl, memory_budget=budget)
+        assert rect.matrix.shape == (5, 3)
+        assert_rel(rect.matrix, expected)
+        assert_rel(rect.diag1, whole.matrix.diagonal(), 1e-10)
+    outs = gram(s.model, s.final, x1[:2], x2[:3], of="outputs", implementation=impl, memory_budget=1)
+    assert_rel(outs.matrix, reference_gram(s.model, s.final, x1[:2], x2[:3], of="outputs"))
+
+
+def test_implementations_agree_on_zoo_models():
+    from genprobe.zoo.models import create_model
+
+    torch.manual_seed(0)
+    for arch, shape, opts in [("cnn", (1, 6, 6), {"channels": 4, "depth": 2, "batchnorm": True}),
+                              ("resnet", (3, 8, 8), {"width": 4}),
+                              ("transformer", (1, 4, 4), {"d_model": 8, "heads": 2, "layers": 1, "ff": 8}),
+                              ("fcn", (7,), {"width": 6, "depth": 2, "parameterization": "ntk"})]:
+        model = create_model(arch, shape, 3, **opts).double().eval()
+        state = state_of(model)
+        x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
+        results = {impl: gram(model, state, x, y1=y, implementation=impl).matrix for impl in IMPLS}
+        for impl in IMPLS:
+            assert_rel(results[impl], results["loop"])
+
+
+def test_gram_blocks_cover_the_upper_triangle(subjects):
+    s = subjects["nested"]
+    x, y = s.train.x[:7], s.train.y[:7]
+    seen = torch.zeros(7, 7, dtype=torch.int64)
+    info: dict = {}
+    for blk in gram_blocks(s.model, s.final, x, y1=y, memory_budget=1, info=info):
+        assert blk.rows.start <= blk.cols.start
+        seen[blk.rows, blk.cols] += 1
+    assert torch.equal(seen.triu(), torch.ones(7, 7, dtype=torch.int64).triu())
+    assert torch.equal(seen.tril(-1), torch.zeros(7, 7, dtype=torch.int64))
+    assert info["implementation"] == "layerwise" and info["blocks"] == 21  # 7 chunks of 1: C(7, 2)
+
+
+def _linear(d=4, k=3, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Linear(d, k).double().eval()
+    return model, state_of(model)
+
+
+def test_linear_loss_gram_closed_form():
+    model, state = _linear()
+    x, y = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 3, (9,))
+    p = torch.softmax(x @ state["weight"].T + state["bias"], -1)
+    e = p - F.one_hot(y, 3).double()
+    expected = (e @ e.T) * (x @ x.T + 1)
+    for impl in IMPLS:
+        assert_rel(gram(model, state, x, y1=y, implementation=impl).matrix, expected, 1e-10)
+
+
+def test_linear_output_ntk_closed_form():
+    model, state = _linear(d=5, k=4)
+    x1, x2 = torch.randn(6, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    expected = (x1 @ x2.T + 1)[:, :, None, None] * torch.eye(4, dtype=torch.float64)
+    for impl in IMPLS:
+        r = gram(model, state, x1, x2, of="outputs", implementation=impl)
+        assert_rel(r.matrix, expected, 1e-10)
+        assert_rel(r.diag1, ((x1 * x1).sum(1) + 1)[:, None, None] * torch.eye(4, dtype=torch.float64), 1e-10)
+
+
+class WeightUsedTwice(nn.Module):
+    """A Linear's weight also used by hand outside its forward: the layerwise rule alone is wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.linear(torch.tanh(self.fc(x)), self.fc.weight)
+
+
+class InplaceAfter(nn.Module):
+    """A Linear whose output is modified in place afterwards (as ReLU(inplace=True) does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 5)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        h.mul_(2.0)
+        return self.b(torch.tanh(h))
+
+
+@pytest.mark.parametrize("cls", [WeightUsedTwice, InplaceAfter])
+def test_layerwise_guards_keep_it_exact(cls, caplog):
+    torch.manual_seed(0)
+    model = cls().double().eval()
+    state = state_of(model)
+    x = torch.randn(6, 4, dtype=torch.float64)
+    k = model(x).shape[1]
+    y = torch.randint(0, k, (6,))
+    with caplog.at_level(logging.WARNING, logger="genprobe.engine.grams"):
+        r = gram(model, state, x, y1=y, implementation="layerwise")
+    assert_rel(r.matrix, reference_gram(model, state, x, y1=y))
+    if cls is WeightUsedTwice:
+        assert "do not sum to the batch gradient" in caplog.text
+
+
+def test_unvmappable_model_falls_back_with_a_warning(subjects, caplog):
+    s = subjects["untraceable"]
+    with caplog.at_level(logging.WARNING, logger="genprobe.engine.grams"):
+        r = gram(s.model, s.final, s.train.x[:4], y1=s.train.y[:4], implementation="vmap")
+    assert r.implementation == "loop"
+    assert "cannot be vmapped" in caplog.text
+
+
+def test_model_and_state_untouched(subjects):
+    s = subjects["residual_bn"]
+    before = {k: v.clone() for k, v in s.final.items()}
+    model_before = {k: v.clone() for k, v in s.model.state_dict().items()}
+    s.model.train()
+    try:
+        gram(s.model, s.final, s.train.x[:4], y1=s.train.y[:4])
+        assert s.model.training
+    finally:
+        s.model.eval()
+    assert all(torch.equal(before[k], s.final[k]) for k in before)
+    assert all(torch.equal(model_before[k], v) for k, v in s.model.state_dict().items())
+    for mod in s.model.modules():
+        assert not mod._forward_hooks and not mod._forward_pre_hooks
+
+
+def test_zero_gradient_gets_zero_cosine():
+    g = torch.tensor([[4.0, 0.0, 2.0], [0.0, 0.0, 0.0], [2.0, 0.0, 1.0]], dtype=torch.float64)
+    cos = cosine_from_gram(g, g.diagonal(), g.diagonal())
+    assert torch.equal(cos[1], torch.zeros(3, dtype=torch.float64))
+    assert float(cos[0, 2]) == pytest.approx(1.0)
+
+
+def test_nan_loss_names_the_examples(subjects):
+    s = subjects["nested"]
+    x = s.train.x[:5].clone()
+    x[3] = float("nan")
+    with pytest.raises(DataError, match="positions 3"):
+        gram(s.model, s.final, x, y1=s.train.y[:5])
+
+
+def test_bad_options(subjects):
+    s = subjects["nested"]
+    x, y = s.train.x[:3], s.train.y[:3]
+    with pytest.raises(ConfigError, match="implementation"):
+        gram(s.model, s.final, x, y1=y, implementation="fast")
+    with pytest.raises(ConfigError, match="of="):
+        gram(s.model, s.final, x, y1=y, of="hessian")
+    with pytest.raises(ConfigError, match="labels"):
+        gram(s.model, s.final, x)
+    with pytest.raises(DataError, match="labels"):
+        gram(s.model, s.final, x, y1=y[:2])
+    with pytest.raises(ConfigError, match="memory_budget"):
+        gram(s.model, s.final, x, y1=y, memory_budget=0)
