@@ -10,6 +10,7 @@ from .errors import (
 )
 from .evaluate import Metrics, evaluate
 from .params import Unit
+from .probes.criticality import CriticalityResult, criticality
 from .probes.robustness import RobustnessResult, robustness
 from .results import Result, load
 from .subject import Data, Subject
@@ -17,6 +18,7 @@ from .subject import Data, Subject
 __version__ = "0.1.0"
 
 __all__ = [
+    "CriticalityResult", "criticality",
     "ConfigError", "Data", "DataError", "GenprobeError", "Metrics", "ModuleSelectionError",
     "Result", "RobustnessResult", "RunError", "StateError", "Subject", "Unit", "evaluate", "load", "robustness", "__version__",
 ]

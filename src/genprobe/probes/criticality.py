@@ -1,0 +1,690 @@
+"""Module criticality: valleys from θ⁰ to θ^F (Chatterji, Neyshabur & Sedghi 2020).
+
+For a unit (module group) i, the path θ_i^α = (1 − α) θ_i^0 + α θ_i^F keeps every other parameter
+at θ^F, and Gaussian noise u is added to unit i only. Its *valley* is the training loss
+L_S(f(θ_i^α + u, Θ^F_{-i})) over α and the noise scale σ, and its criticality is
+
+    μ_i = min over 0 ≤ α, σ ≤ 1 of α² ‖θ_i^F − θ_i^0‖²_F / σ²
+          subject to E_u[L_S(f(θ_i^α + u, Θ^F_{-i}))] ≤ ε.
+
+Network criticality is μ = Σ_i μ_i; it enters the bound L_D ≤ ε + O(√(μ / m)) for m training
+examples, and ``summary["bound"]`` is that term, √(μ / m), with the constants dropped as the paper
+states it (m = the number of training examples used).
+
+Conventions (ours where the paper left a choice open; all recorded in ``meta``):
+
+- ``loss="error"`` (default, as in the paper): L_S is the 0–1 training error; ``epsilon``
+  defaults to the trained error plus :data:`ERROR_MARGIN` (one percentage point, the robustness
+  probe's threshold: a relative rule degenerates when the trained error is 0).
+  ``loss="cross_entropy"``: L_S is the mean cross-entropy; ``epsilon`` defaults to
+  :data:`CE_RATIO` × the trained loss (1.01, as in the authors' code). An ``epsilon`` below the
+  trained model's own loss is a ConfigError: no valley can meet it at α = 1, σ → 0.
+- ``noise="absolute"``: u ~ N(0, σ² I). ``noise="relative"``: per parameter tensor k the noise has
+  standard deviation σ · ‖θ^α_k‖_F / √numel_k, so that E‖u_k‖² = σ² ‖θ^α_k‖² (the magnitude-aware
+  convention of sharpness measures, and of :func:`genprobe.engine.variants.noise_edit`: the scale
+  follows the tensor being perturbed). The objective α²d²/σ² is the same formula in both modes.
+- Common random numbers: unit i's draws z ~ N(0, I) (``samples`` of them) are fixed under
+  ``seed`` and the unit's name, and u = σ · scale · z. Every (α, σ) point of a unit uses the same
+  draws, so the Monte-Carlo mean is a deterministic function of (α, σ) and a search over σ is
+  stable. ``loss_se`` is the standard error of that mean over the draws.
+- Buffers (BatchNorm running statistics) stay at θ^F ("keep", see :mod:`genprobe.params`).
+
+The search (per unit; see :func:`criticality_search`):
+
+1. Noiseless valley L(α, 0) and the σ grid L(α, σ_j) at every α (the valley table / heatmap).
+   σ = 1 is always part of the grid (the constraint's upper end).
+2. For each α the feasible set in σ is assumed to be a down-set, {σ : L(α, σ) ≤ ε} = (0, σ*(α)]
+   (noise hurts more the larger it is, which holds near a minimum). This is checked on the grid
+   and recorded per α (``monotone``); where it fails, σ*(α) is searched above the *largest*
+   feasible grid σ, which is what the definition asks for (the grid is the fallback).
+   σ*(α) is then bisected geometrically inside its grid bracket until σ_hi / σ_lo ≤ 1 + ``rtol``.
+   The bisection of all α runs in lock-step with branch and bound: an α whose best possible
+   objective α²d²/σ_hi² exceeds the best verified one is dropped.
+3. ``refine`` rounds add α* ± h/2, α* ± h/4, … around the best α (h the α grid step).
+
+Edge cases, explicitly: α = 0 with some σ (the σ → 0 limit included) meeting ε gives μ_i = 0
+(rewinding the module fully keeps the loss under ε: a robust module); θ_i^F = θ_i^0 gives μ_i = 0;
+an α > 0 feasible only in the limit σ → 0 (below σ_grid_min × :data:`FLOOR_RATIO`) is infeasible
+(objective ∞); a unit with no feasible α at all gets μ_i = ∞ (not possible when ε > L(θ^F) and
+the loss is continuous in σ, since α = 1 is then feasible for small σ).
+
+Every evaluation runs through :class:`genprobe.engine.variants.VariantEvaluator`: the points one
+round of the search asks for, for every unit at once, are stacked edits (vmapped over variants;
+only the part of the forward pass downstream of the unit is recomputed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import zlib
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .. import params as P
+from ..engine.variants import Edit, VariantEvaluator
+from ..errors import ConfigError, check_choice
+from ..results import Result
+from ..subject import Data, Subject
+
+logger = logging.getLogger(__name__)
+
+LOSSES = ("error", "cross_entropy")
+NOISES = ("absolute", "relative")
+SPLITS = ("train", "test")
+
+ERROR_MARGIN = 0.01
+"""Default ε for ``loss="error"``: trained error + 0.01 (one percentage point, the robustness
+probe's threshold). Additive, because the trained error is often exactly 0."""
+CE_RATIO = 1.01
+"""Default ε for ``loss="cross_entropy"``: 1.01 × trained loss, the authors' own rule."""
+DEFAULT_ALPHAS = tuple(float(a) for a in np.linspace(0.0, 1.0, 11))
+"""The authors' α grid {0, 0.1, …, 1}."""
+DEFAULT_SIGMAS = tuple(float(s) for s in np.geomspace(1e-3, 1.0, 5))
+"""Valley grid σ ∈ {0.001, 0.0056, 0.032, 0.18, 1}: half-decade steps, because σ* spans orders
+of magnitude across modules (the authors' linear grid 0.1, …, 1 cannot resolve σ* < 0.1). The
+bisection refines inside these brackets; the grid brackets it and draws the heatmap."""
+FLOOR_RATIO = 1e-4
+"""σ below (smallest grid σ) × FLOOR_RATIO counts as σ → 0: an α feasible only there is infeasible."""
+PARAM_BUDGET = 256 << 20
+"""Bytes of stacked edited parameters materialized per evaluation call (large layers × many draws)."""
+
+
+# ----------------------------------------------------------------------------- search
+
+
+@dataclass
+class AlphaState:
+    """Search state of one α: σ bracket [lo, hi] (lo feasible, hi infeasible or None)."""
+
+    alpha: float
+    lo: float = 0.0
+    hi: float | None = None
+    feasible: bool = False        # some σ (the σ → 0 limit included) meets ε
+    verified: bool = True         # lo was evaluated (False: lo is the untested floor)
+    monotone: bool = True         # the grid's feasibility pattern in σ is a down-set
+    pruned: bool = False
+
+    def objective(self, d2: float) -> float:
+        """α² d² / σ*², with 0 at α = 0 when feasible, ∞ when infeasible."""
+        if not self.feasible:
+            return math.inf
+        if self.alpha == 0.0 or d2 == 0.0:
+            return 0.0
+        if not self.verified or self.lo <= 0.0:
+            return math.inf
+        return self.alpha ** 2 * d2 / self.lo ** 2
+
+    def lower_bound(self, d2: float) -> float:
+        if not self.feasible:
+            return math.inf
+        if self.alpha == 0.0 or d2 == 0.0:
+            return 0.0
+        return self.alpha ** 2 * d2 / (self.hi if self.hi is not None else self.lo) ** 2
+
+    def open(self, rtol: float) -> bool:
+        return self.feasible and self.hi is not None and self.hi > self.lo * (1.0 + rtol)
+
+
+@dataclass
+class SearchOutcome:
+    """Result of :func:`criticality_search`: per-α states, the optimum and the points asked."""
+
+    alphas: list[AlphaState]
+    criticality: float
+    alpha_star: float
+    sigma_star: float
+    rounds: int = 0
+    points: list[tuple[float, float, str]] = field(default_factory=list)
+
+
+Request = list[tuple[float, float, str]]
+"""(α, σ, stage) points; σ = 0 is the noiseless point."""
+
+
+def criticality_search(
+    d2: float, epsilon: float, alphas: Sequence[float], sigmas: Sequence[float], *,
+    rtol: float = 0.05, refine: int = 2,
+) -> Generator[Request, list[float], SearchOutcome]:
+    """The search of one unit as a coroutine: yields lists of (α, σ, stage) points, receives
+    their MC mean losses (same order), returns a :class:`SearchOutcome`.
+
+    `d2` = ‖θ_i^F − θ_i^0‖²_F; `sigmas` the sorted grid in (0, 1] (containing 1.0); `alphas`
+    the α grid in [0, 1]. Driving it with an exact loss function gives μ_i within `rtol` (in σ)
+    of the definition restricted to the α candidates, whenever feasibility in σ is a down-set.
+    """
+    states: list[AlphaState] = []
+    asked: list[tuple[float, float, str]] = []
+    rounds = 0
+
+    def best() -> tuple[float, AlphaState | None]:
+        scored = [(s.objective(d2), s) for s in states]
+        scored = [t for t in scored if math.isfinite(t[0])]
+        return min(scored, key=lambda t: (t[0], t[1].alpha)) if scored else (math.inf, None)
+
+    def solve(new: list[float], stage: str):
+        nonlocal rounds
+        fresh = [AlphaState(a) for a in new]
+        request = [(a, 0.0, stage) for a in new] + [(a, s, stage) for a in new for s in sigmas]
+        losses = yield request
+        asked.extend(request)
+        rounds += 1
+        n = len(sigmas)
+        for i, st in enumerate(fresh):
+            ok = [losses[i] <= epsilon] + [losses[len(new) + i * n + j] <= epsilon for j in range(n)]
+            _init_bracket(st, ok, sigmas)
+        states.extend(fresh)
+        if best()[0] == 0.0:
+            return
+        while True:
+            bound = best()[0]
+            active = [s for s in fresh if s.open(rtol) and not s.pruned]
+            for s in active:
+                if s.lower_bound(d2) > bound:
+                    s.pruned = True
+            active = [s for s in active if not s.pruned]
+            if not active:
+                return
+            request = []
+            for s in active:
+                if not s.verified:
+                    request.append((s.alpha, s.lo, "search"))
+                request.append((s.alpha, math.sqrt(s.lo * s.hi), "search"))
+            losses = yield request
+            asked.extend(request)
+            rounds += 1
+            k = 0
+            for s in active:
+                floor_ok = True
+                if not s.verified:
+                    floor_ok = losses[k] <= epsilon
+                    k += 1
+                mid_ok = losses[k] <= epsilon
+                k += 1
+                _update(s, floor_ok, mid_ok)
+
+    alphas = sorted({float(a) for a in alphas})
+    yield from solve(alphas, "grid")
+    step = min(np.diff(alphas)) if len(alphas) > 1 else 1.0
+    for r in range(refine):
+        value, st = best()
+        if st is None or value == 0.0:
+            break
+        h = step / 2 ** (r + 1)
+        have = {s.alpha for s in states}
+        new = [round(a, 12) for a in (st.alpha - h, st.alpha + h)
+               if 0.0 <= a <= 1.0 and round(a, 12) not in have]
+        if new:
+            yield from solve(new, "refine")
+    value, st = best()
+    states.sort(key=lambda s: s.alpha)
+    if st is None:
+        return SearchOutcome(states, math.inf, math.nan, math.nan, rounds, asked)
+    return SearchOutcome(states, value, st.alpha, st.lo, rounds, asked)
+
+
+def _update(s: AlphaState, floor_ok: bool, mid_ok: bool) -> None:
+    """One bisection step of α's bracket, given feasibility at its (untested) floor and midpoint."""
+    mid = math.sqrt(s.lo * s.hi)
+    if not s.verified:
+        s.verified = True
+        if not floor_ok:
+            if not mid_ok:               # infeasible down to the floor: only the σ → 0 limit
+                s.feasible = False
+                return
+            s.monotone = False
+    if mid_ok:
+        s.lo = mid
+    else:
+        s.hi = mid
+
+
+def _init_bracket(st: AlphaState, ok: list[bool], sigmas: Sequence[float]) -> None:
+    """Set α's bracket from its feasibility at σ = 0 (ok[0]) and on the grid (ok[1:])."""
+    first_bad = next((j for j, v in enumerate(ok) if not v), len(ok))
+    st.monotone = not any(ok[first_bad:])
+    feasible = [j for j, v in enumerate(ok) if v]
+    if not feasible:
+        st.feasible = False
+        return
+    st.feasible = True
+    j = feasible[-1]
+    if j == len(ok) - 1:                    # σ = 1 feasible: the constraint's end
+        st.lo, st.hi = sigmas[-1], None
+    elif j == 0:                            # only σ → 0: bisect below the smallest grid σ
+        st.lo, st.hi, st.verified = sigmas[0] * FLOOR_RATIO, sigmas[0], False
+    else:
+        st.lo, st.hi = sigmas[j - 1], sigmas[j]
+
+
+# ----------------------------------------------------------------------------- noise and edits
+
+
+def noise_draws(unit: P.Unit, state: Mapping[str, Tensor], samples: int, seed: int) -> dict[str, Tensor]:
+    """The unit's fixed standard-normal draws z: key → (samples, *shape), in `state`'s dtypes.
+
+    Seeded by `seed` and the unit's name (a unit gets the same draws whatever else is selected).
+    The noise at scale σ is u = σ · scale_k · z (see the module doc).
+    """
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(unit.name.encode())) % (1 << 62))
+    return {k: torch.randn((samples, *state[k].shape), generator=g, dtype=state[k].dtype)
+            for k in unit.params}
+
+
+def noise_scale(center: Tensor, noise: str) -> float:
+    """Per-tensor noise multiplier: 1 (absolute) or ‖center‖_F / √numel (relative)."""
+    if noise == "absolute":
+        return 1.0
+    return float(center.double().norm()) / math.sqrt(max(center.numel(), 1))
+
+
+def point_params(unit: P.Unit, init: Mapping[str, Tensor], final: Mapping[str, Tensor],
+                 z: Mapping[str, Tensor], alpha: float, sigma: float, noise: str) -> dict[str, Tensor]:
+    """Unit i's parameters at (α, σ): key → (B, *shape), B = 1 for σ = 0 else the number of draws."""
+    out = {}
+    for k in unit.params:
+        center = torch.lerp(init[k], final[k], float(alpha))
+        if sigma == 0.0:
+            out[k] = center.unsqueeze(0)
+        else:
+            out[k] = center.unsqueeze(0) + (sigma * noise_scale(center, noise)) * z[k]
+    return out
+
+
+@dataclass
+class _Job:
+    """One unit's search, driven round by round."""
+
+    unit: P.Unit
+    d2: float
+    z: dict[str, Tensor]
+    search: Generator[Request, list[float], SearchOutcome]
+    request: Request | None = None
+    outcome: SearchOutcome | None = None
+    evaluations: int = 0
+
+
+def _evaluate_round(ev: VariantEvaluator, jobs: list[_Job], init, final, noise: str, loss: str,
+                    rows: list[dict], param_budget: int) -> dict[int, list[float]]:
+    """Evaluate every pending point of every job; append table rows; return job → MC means.
+
+    A job's points become one stacked edit (split where the stacked parameters would exceed
+    `param_budget` bytes); edits are evaluated together, in calls of at most that many bytes.
+    """
+    pieces: list[tuple[int, list[tuple[int, int]], Edit]] = []   # job, [(point, size)], edit
+    for j, job in enumerate(jobs):
+        current: list[tuple[int, int, dict[str, Tensor]]] = []
+        used = 0
+        for p, (alpha, sigma, _) in enumerate(job.request):
+            params = point_params(job.unit, init, final, job.z, alpha, sigma, noise)
+            nbytes = sum(v.numel() * v.element_size() for v in params.values())
+            if current and used + nbytes > param_budget:
+                pieces.append(_piece(j, current))
+                current, used = [], 0
+            size = next(iter(params.values())).shape[0]
+            current.append((p, size, params))
+            used += nbytes
+        if current:
+            pieces.append(_piece(j, current))
+    means: dict[int, list[float]] = {j: [math.nan] * len(job.request) for j, job in enumerate(jobs)}
+    batch: list[tuple[int, list[tuple[int, int]], Edit]] = []
+    used = 0
+    for item in pieces + [None]:
+        nbytes = 0 if item is None else sum(v.numel() * v.element_size() for v in item[2].params.values())
+        if batch and (item is None or used + nbytes > param_budget):
+            for (j, points, _), res in zip(batch, ev.evaluate([e for _, _, e in batch]), strict=True):
+                offset = 0
+                for p, size in points:
+                    ce = res.loss[offset:offset + size].double()
+                    err = res.error[offset:offset + size].double()
+                    offset += size
+                    means[j][p] = _record(rows, jobs[j], job_point=jobs[j].request[p], ce=ce,
+                                          err=err, loss=loss)
+            batch, used = [], 0
+        if item is not None:
+            batch.append(item)
+            used += nbytes
+    return means
+
+
+def _piece(j: int, current: list[tuple[int, int, dict[str, Tensor]]]):
+    keys = current[0][2].keys()
+    params = {k: torch.cat([c[2][k] for c in current]) for k in keys}
+    size = sum(c[1] for c in current)
+    return j, [(p, n) for p, n, _ in current], Edit(params=params, size=size)
+
+
+def _record(rows: list[dict], job: _Job, job_point, ce: Tensor, err: Tensor, loss: str) -> float:
+    """Append one (α, σ) point's row; return its MC mean of L_S."""
+    alpha, sigma, stage = job_point
+    value = err if loss == "error" else ce
+    n = value.numel()
+    mean = float(value.mean())
+    se = float(value.std(unbiased=True) / math.sqrt(n)) if n > 1 else 0.0
+    job.evaluations += n
+    rows.append({"module": job.unit.name, "alpha": alpha, "sigma": sigma, "loss_mean": mean,
+                 "loss_se": se, "error_mean": float(err.mean()), "cross_entropy_mean": float(ce.mean()),
+                 "samples": n, "stage": stage})
+    return mean
+
+
+def _drive(ev: VariantEvaluator, jobs: list[_Job], init, final, noise, loss, param_budget) -> list[dict]:
+    """Run every unit's search to completion, all units' points of a round in one pass."""
+    rows: list[dict] = []
+    for job in jobs:
+        job.request = next(job.search)
+    while True:
+        live = [job for job in jobs if job.outcome is None]
+        if not live:
+            return rows
+        means = _evaluate_round(ev, live, init, final, noise, loss, rows, param_budget)
+        for j, job in enumerate(live):
+            try:
+                job.request = job.search.send(means[j])
+            except StopIteration as stop:
+                job.outcome, job.request = stop.value, None
+
+
+# ----------------------------------------------------------------------------- result
+
+
+class CriticalityResult(Result):
+    """Result of :func:`criticality`.
+
+    ``table`` (the valley): one row per evaluated (``module``, ``alpha``, ``sigma``) with
+    ``loss_mean`` (MC mean of L_S under the chosen ``loss``), ``loss_se`` (its standard error over
+    the draws), ``error_mean``, ``cross_entropy_mean``, ``samples`` (draws; 1 at σ = 0),
+    ``stage`` (``"grid"`` valley grid incl. σ = 0, ``"search"`` bisection, ``"refine"`` α
+    refinement) and ``feasible`` (loss_mean ≤ ε).
+    ``modules``: ``module``, ``criticality`` (μ_i), ``alpha_star``, ``sigma_star``, ``distance``
+    (‖θ_i^F − θ_i^0‖_F), ``loss_at_star``, ``monotone`` (feasibility was a down-set in σ at
+    every α), ``evaluations`` (network evaluations on the data).
+    ``alphas``: per (``module``, ``alpha``): ``sigma_star`` (largest feasible σ found, 0 when
+    none), ``sigma_hi`` (smallest infeasible σ above it; NaN when σ = 1 is feasible),
+    ``objective`` (α² d² / σ*²), ``feasible``, ``monotone``, ``pruned`` (dropped by the bound).
+    ``summary``: ``network_criticality`` (Σ μ_i), ``max_module_criticality``, ``bound``
+    (√(μ/m)), ``epsilon``, ``trained_loss``, ``trained_error``, ``n_examples``, ``evaluations``.
+    """
+
+    probe = "criticality"
+
+    @property
+    def modules(self) -> pd.DataFrame:
+        """One row per module: criticality μ_i and where it is attained."""
+        return self.tables["modules"]
+
+    @property
+    def alphas(self) -> pd.DataFrame:
+        """One row per (module, α): σ*(α) and the objective."""
+        return self.tables["alphas"]
+
+    def plot(self):
+        """Per module, the valley (loss over α (x) and σ (y), ε contour, σ*(α) dots), and μ_i bars."""
+        from matplotlib.figure import Figure
+
+        mods = list(self.modules["module"])
+        n = len(mods)
+        cols = min(4, max(n, 1))
+        rows = math.ceil(n / cols) + 1
+        fig = Figure(figsize=(3.2 * cols, 2.6 * rows), layout="constrained")
+        gs = fig.add_gridspec(rows, cols)
+        eps = self.summary["epsilon"]
+        grid = self.table[self.table["stage"] == "grid"]
+        vmax = max(float(grid["loss_mean"].max()) if len(grid) else 1.0, eps, 1e-12)
+        im = None
+        for i, name in enumerate(mods):
+            ax = fig.add_subplot(gs[i // cols, i % cols])
+            im = _valley_panel(ax, grid[grid["module"] == name], self.alphas, name, eps, vmax)
+        if im is not None:
+            label = f"train {self.meta.get('options', {}).get('loss', 'loss')}"
+            fig.colorbar(im, ax=fig.axes, shrink=0.6, label=label)
+        bx = fig.add_subplot(gs[rows - 1, :])
+        mu = self.modules["criticality"].to_numpy(dtype=float)
+        finite = np.where(np.isfinite(mu), mu, np.nan)
+        top = np.nanmax(finite) if np.isfinite(finite).any() else 1.0
+        bx.bar(range(n), np.where(np.isfinite(mu), mu, top * 1.1), color=np.where(
+            np.isfinite(mu), "tab:blue", "tab:red"))
+        bx.set_xticks(range(n), mods, rotation=45, ha="right", fontsize=7)
+        bx.set_ylabel("μ_i")
+        bx.set_title(f"module criticality (network μ = {self.summary['network_criticality']:.4g}; "
+                     "red = ∞)")
+        return fig
+
+
+def _valley_panel(ax, grid: pd.DataFrame, alphas: pd.DataFrame, name: str, eps: float, vmax: float):
+    m = grid.pivot_table(index="sigma", columns="alpha", values="loss_mean", aggfunc="mean")
+    m = m.sort_index()
+    values = m.to_numpy(dtype=float)
+    im = ax.imshow(values, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
+    if values.shape[0] > 1 and values.shape[1] > 1 and np.nanmin(values) <= eps <= np.nanmax(values):
+        ax.contour(values, levels=[eps], colors="white", linewidths=1.2)
+    a_vals, s_vals = list(m.columns), list(m.index)
+    ax.set_xticks(range(len(a_vals))[::2], [f"{a:.1f}" for a in a_vals][::2], fontsize=7)
+    ax.set_yticks(range(len(s_vals)), ["0" if s == 0 else f"{s:.2g}" for s in s_vals], fontsize=7)
+    star = alphas[(alphas["module"] == name) & alphas["feasible"] & (alphas["sigma_star"] > 0)]
+    if len(star) and len(a_vals) > 1 and len(s_vals) > 1:
+        ax.plot(np.interp(star["alpha"], a_vals, range(len(a_vals))),
+                np.interp(np.log10(star["sigma_star"]), np.log10(np.maximum(s_vals, 1e-30)),
+                          range(len(s_vals))), "r.", markersize=4)
+    ax.set_title(name, fontsize=8)
+    ax.set_xlabel("α", fontsize=7)
+    ax.set_ylabel("σ", fontsize=7)
+    return im
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+def criticality(
+    subject: Subject,
+    *,
+    modules: str | Sequence[str] | Mapping[str, str | Sequence[str]] | None = None,
+    epsilon: float | None = None,
+    loss: Literal["error", "cross_entropy"] = "error",
+    alphas: Sequence[float] | None = None,
+    sigmas: Sequence[float] | None = None,
+    samples: int = 8,
+    noise: Literal["absolute", "relative"] = "absolute",
+    split: Literal["train", "test"] = "train",
+    max_examples: int | None = None,
+    rtol: float = 0.05,
+    refine: int = 2,
+    seed: int = 0,
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+    device: str = "auto",
+) -> CriticalityResult:
+    """Module criticality μ_i of every selected unit, network criticality Σ μ_i, and the valleys.
+
+    Args:
+        subject: the network (needs ``init``, θ⁰).
+        modules: a selection (see :func:`genprobe.params.select_units`); default every module
+            owning parameters.
+        epsilon: the loss level ε; default: trained error + 0.01 (``loss="error"``) or
+            1.01 × trained cross-entropy. Must be ≥ the trained model's own loss.
+        loss: L_S, the training 0–1 ``"error"`` (paper) or ``"cross_entropy"``.
+        alphas: α candidates in [0, 1] (default 0, 0.1, …, 1). sigmas: valley grid σ in (0, 1]
+            (default :data:`DEFAULT_SIGMAS`; 1 is always added).
+        samples: noise draws per (α, σ) point. noise: ``"absolute"`` or ``"relative"`` σ.
+        split: data for L_S (the paper: ``"train"``). max_examples: a seeded subset of that size.
+        rtol: bisection stops when σ_hi / σ_lo ≤ 1 + rtol. refine: α refinement rounds.
+        seed: noise draws and the subset. batch_size, memory_budget, device: see
+            :class:`~genprobe.engine.variants.VariantEvaluator`.
+    """
+    check_choice("loss", loss, LOSSES)
+    check_choice("noise", noise, NOISES)
+    check_choice("split", split, SPLITS)
+    alphas = _check_grid("alphas", DEFAULT_ALPHAS if alphas is None else alphas, 0.0, True)
+    sigmas = _check_grid("sigmas", DEFAULT_SIGMAS if sigmas is None else sigmas, 0.0, False)
+    if sigmas[-1] != 1.0:
+        sigmas = sigmas + [1.0]
+    _check_int("samples", samples, 1)
+    _check_int("refine", refine, 0)
+    _check_int("seed", seed, 0)
+    if max_examples is not None:
+        _check_int("max_examples", max_examples, 1)
+    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol > 0):
+        raise ConfigError(f"rtol must be a positive number, got {rtol!r}")
+    init = subject.require_init("criticality")
+    final = subject.final
+    units = subject.units(modules)
+    data = _subset(subject.data(split), max_examples, seed)
+    ev = VariantEvaluator(subject.model, final, data, batch_size=batch_size, device=device,
+                          memory_budget=memory_budget)
+    base = ev.evaluate([Edit(label="trained")])[0]
+    trained = float(base.error if loss == "error" else base.loss)
+    epsilon, rule = _epsilon(epsilon, loss, trained, split)
+
+    jobs = []
+    for unit in units:
+        d2 = P.distance(final, init, unit.params) ** 2
+        search = criticality_search(d2, epsilon, alphas, sigmas, rtol=rtol, refine=refine)
+        jobs.append(_Job(unit, d2, noise_draws(unit, final, samples, seed), search))
+    rows = _drive(ev, jobs, init, final, noise, loss, PARAM_BUDGET)
+    table = pd.DataFrame(rows, columns=["module", "alpha", "sigma", "loss_mean", "loss_se",
+                                        "error_mean", "cross_entropy_mean", "samples", "stage"])
+    table["feasible"] = table["loss_mean"] <= epsilon
+    table["samples"] = table["samples"].astype("int64")
+    per_module, per_alpha = _module_tables(jobs, table)
+    mu = per_module["criticality"].to_numpy(dtype=float)
+    total = float(mu.sum()) if len(mu) else 0.0
+    summary = {"network_criticality": total,
+               "max_module_criticality": float(mu.max()) if len(mu) else 0.0,
+               "bound": math.sqrt(total / len(data)),
+               "epsilon": epsilon, "trained_loss": trained, "trained_error": float(base.error),
+               "n_examples": len(data), "evaluations": int(sum(j.evaluations for j in jobs))}
+    meta = {"options": {"modules": modules if not isinstance(modules, Mapping) else dict(modules),
+                        "epsilon": epsilon, "loss": loss, "alphas": alphas, "sigmas": sigmas,
+                        "samples": samples, "noise": noise, "split": split,
+                        "max_examples": max_examples, "rtol": rtol, "refine": refine,
+                        "batch_size": batch_size, "device": str(ev.device)},
+            "seed": seed, "epsilon_rule": rule, "noise_convention": _NOISE_DOC[noise],
+            "buffers": "keep", "bound_formula": "sqrt(network_criticality / n_examples)",
+            "engine": ev.mode, "fallback_reason": ev.fallback_reason,
+            "genprobe_version": _version()}
+    return CriticalityResult(table=table, summary=summary, meta=meta,
+                             tables={"modules": per_module, "alphas": per_alpha})
+
+
+_NOISE_DOC = {
+    "absolute": "u ~ N(0, sigma^2 I) on the module's parameters",
+    "relative": "per tensor k: std sigma * ||theta^alpha_k||_F / sqrt(numel_k)",
+}
+
+
+def _module_tables(jobs: list[_Job], table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    mods, alphas = [], []
+    for job in jobs:
+        out = job.outcome
+        name = job.unit.name
+        for s in out.alphas:
+            ok = s.feasible and s.verified
+            alphas.append({"module": name, "alpha": s.alpha,
+                           "sigma_star": s.lo if ok else 0.0,
+                           "sigma_hi": math.nan if s.hi is None else s.hi,
+                           "objective": s.objective(job.d2), "feasible": bool(s.feasible),
+                           "monotone": bool(s.monotone), "pruned": bool(s.pruned)})
+        at = table[(table["module"] == name) & (table["alpha"] == out.alpha_star)
+                   & (table["sigma"] == out.sigma_star)]
+        mods.append({"module": name, "criticality": out.criticality, "alpha_star": out.alpha_star,
+                     "sigma_star": out.sigma_star, "distance": math.sqrt(job.d2),
+                     "loss_at_star": float(at["loss_mean"].iloc[0]) if len(at) else math.nan,
+                     "monotone": all(s.monotone for s in out.alphas),
+                     "evaluations": job.evaluations})
+    return pd.DataFrame(mods), pd.DataFrame(alphas)
+
+
+def _epsilon(epsilon: float | None, loss: str, trained: float, split: str) -> tuple[float, str]:
+    if epsilon is None:
+        if loss == "error":
+            return trained + ERROR_MARGIN, f"default: trained error + {ERROR_MARGIN}"
+        return CE_RATIO * trained, f"default: {CE_RATIO} x trained cross-entropy"
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon):
+        raise ConfigError(f"epsilon must be a finite number (a {loss} level), got {epsilon!r}")
+    if epsilon < trained - 1e-12:
+        raise ConfigError(
+            f"epsilon={epsilon:.6g} is below the trained model's own {split} {loss} "
+            f"({trained:.6g}): no point of any valley can meet it (at α = 1, σ → 0 the loss is "
+            f"the trained loss); pass epsilon >= {trained:.6g}, or None for the default")
+    return float(epsilon), "given"
+
+
+def _check_grid(name: str, values, low: float, closed: bool) -> list[float]:
+    try:
+        grid = sorted({float(v) for v in np.asarray(values, dtype=float).ravel()})
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a sequence of numbers, got {values!r}") from None
+    if not grid:
+        raise ConfigError(f"{name} must not be empty")
+    bad = [v for v in grid if not (math.isfinite(v) and (v >= low if closed else v > low) and v <= 1.0)]
+    if bad:
+        interval = "[0, 1]" if closed else "(0, 1]"
+        raise ConfigError(f"{name} must lie in {interval}; got {bad[0]!r}")
+    return grid
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _subset(data: Data, max_examples: int | None, seed: int) -> Data:
+    if max_examples is None or max_examples >= len(data):
+        return data
+    g = torch.Generator().manual_seed(int(seed))
+    index = torch.randperm(len(data), generator=g)[:max_examples].sort().values
+    return data.subset(index)
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def cli(app) -> None:
+    """Register ``genprobe probe criticality``."""
+    import typer
+
+    from ..cli import DATA_DIR_HELP, DEVICE_HELP, load_run, write_probe_output
+
+    @app.command("criticality")
+    def criticality_cmd(
+        run: Path = typer.Argument(..., help="Run directory written by `genprobe train`."),
+        modules: list[str] = typer.Option(None, "--modules", "-m",
+                                          help="fnmatch pattern(s) of modules (repeatable); default: all."),
+        epsilon: float = typer.Option(None, help="Loss level ε [trained error + 0.01, or 1.01 × trained CE]."),
+        loss: str = typer.Option("error", help="L_S: error (0-1, the paper) or cross_entropy."),
+        samples: int = typer.Option(8, help="Noise draws per (α, σ) point."),
+        noise: str = typer.Option("absolute", help="absolute σ, or relative to each tensor's RMS."),
+        split: str = typer.Option("train", help="Split L_S is measured on: train or test."),
+        max_examples: int = typer.Option(None, help="Use a seeded subset of this many examples."),
+        seed: int = typer.Option(0, help="Seed of the noise draws and the subset."),
+        out: Path = typer.Option(None, help="Result directory (default RUN/probes/criticality)."),
+        device: str = typer.Option("auto", help=DEVICE_HELP),
+        data_dir: Path = typer.Option(None, help=DATA_DIR_HELP),
+    ) -> None:
+        """Module criticality (Chatterji et al. 2020): valleys from θ⁰ to θ^F under noise."""
+        subject = load_run(run, data_dir)
+        result = criticality(subject, modules=modules or None, epsilon=epsilon, loss=loss,
+                             samples=samples, noise=noise, split=split, max_examples=max_examples,
+                             seed=seed, device=device)
+        out_dir = write_probe_output(result, run, "criticality", out,
+                                     columns=["module", "alpha", "sigma", "loss_mean", "loss_se",
+                                              "samples", "stage"])
+        typer.echo(result.modules.to_string(index=False))
+        typer.echo(f"(result in {out_dir})")
+
+
+__all__ = ["CriticalityResult", "criticality", "criticality_search", "noise_draws",
+           "point_params"]
