@@ -185,6 +185,21 @@ def _subset(x: np.ndarray, y: np.ndarray, n: int | None, rng: np.random.Generato
     return x[index], y[index]
 
 
+def _mean_std(x: np.ndarray, chunk: int = 1 << 22) -> tuple[float, float]:
+    """Scalar mean and (population) std of all entries of `x`, accumulated in float64 in
+    chunks (two passes), so a 47M-entry dataset needs no 376 MB float64 temporary."""
+    flat = np.asarray(x).reshape(-1)
+    if flat.size == 0:
+        return 0.0, 1.0
+    mean = sum(float(flat[i:i + chunk].sum(dtype=np.float64)) for i in range(0, flat.size, chunk))
+    mean /= flat.size
+    sq = 0.0
+    for i in range(0, flat.size, chunk):
+        centered = flat[i:i + chunk].astype(np.float64) - mean
+        sq += float(np.dot(centered, centered))
+    return mean, (sq / flat.size) ** 0.5
+
+
 def _to_float32(x: np.ndarray, mean: float, std: float) -> torch.Tensor:
     """(x - mean) / std as a new contiguous float32 tensor (never a view of a cached array)."""
     out = np.asarray(x, dtype=np.float32) - np.float32(mean)
@@ -248,8 +263,7 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | Path | None = None
     x_train, y_train = _subset(raw.x_train, raw.y_train, n_train, rng)
     x_test, y_test = _subset(raw.x_test, raw.y_test, n_test, rng)
 
-    mean = float(np.mean(x_train, dtype=np.float64))
-    std = float(np.std(x_train, dtype=np.float64))
+    mean, std = _mean_std(x_train)
     std = std if std > 0 else 1.0
     y_clean = torch.tensor(y_train, dtype=torch.int64)
     y_noisy, corrupted = corrupt_labels(y_clean, label_noise, seed, raw.num_classes)
