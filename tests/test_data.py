@@ -407,6 +407,24 @@ def test_idx_dataset_from_a_folder(tmp_path, compress):
     assert s.meta["data_dir"] == str(tmp_path)
 
 
+def test_idx_dataset_rereads_rewritten_files(tmp_path):
+    write_idx_folder(tmp_path, compress=False, k=3)
+    assert load_dataset("idx", data_dir=tmp_path).num_classes == 3
+    arrays = write_idx_folder(tmp_path, n_train=20, compress=False, k=5, seed=9)
+    s = load_dataset("idx", data_dir=tmp_path)
+    assert s.num_classes == 5 and len(s.train) == 20
+    assert torch.equal(s.train.y, torch.as_tensor(arrays["train-labels-idx1-ubyte"], dtype=torch.long))
+
+
+def test_mean_std_matches_numpy():
+    from genprobe.data.core import _mean_std
+
+    x = np.random.default_rng(0).standard_normal((37, 3, 5)).astype(np.float32) * 4 + 100
+    mean, std = _mean_std(x, chunk=64)
+    assert mean == pytest.approx(np.mean(x, dtype=np.float64), rel=1e-12)
+    assert std == pytest.approx(np.std(x, dtype=np.float64), rel=1e-10)
+
+
 def test_idx_dataset_with_a_corrupt_file_names_it(tmp_path):
     write_idx_folder(tmp_path, compress=False, seed=1)
     bad = tmp_path / "t10k-images-idx3-ubyte"

@@ -158,8 +158,16 @@ def mnist_5k(*, seed: int, data_dir: Path | None) -> RawSplits:
 # -- IDX folders: fashion-mnist and idx ---------------------------------------------------------
 
 
+def _idx_arrays(folder: Path) -> tuple[np.ndarray, ...]:
+    """The folder's IDX arrays, cached under the files' sizes and modification times so that
+    rewritten files are read again."""
+    files = find_idx_files(folder) or {}
+    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files.values())
+    return _idx_arrays_cached(str(folder), stamp)
+
+
 @functools.lru_cache(maxsize=2)
-def _idx_arrays(folder: str) -> tuple[np.ndarray, ...]:
+def _idx_arrays_cached(folder: str, stamp: tuple) -> tuple[np.ndarray, ...]:
     x_tr, y_tr, x_te, y_te = read_idx_folder(folder)
     if x_tr.shape[1:] != x_te.shape[1:]:
         raise DataError(f"{folder}: train images are {x_tr.shape[1:]} but test images {x_te.shape[1:]}")
@@ -181,7 +189,7 @@ def fashion_mnist(*, seed: int, data_dir: Path | None) -> RawSplits:
     if find_idx_files(folder) is None:
         raise DataError("dataset 'fashion-mnist' needs Debian's dataset-fashion-mnist: "
                         f"apt-get install dataset-fashion-mnist (no IDX files in {folder})")
-    x_tr, y_tr, x_te, y_te = _idx_arrays(str(folder))
+    x_tr, y_tr, x_te, y_te = _idx_arrays(folder)
     return RawSplits(x_tr, y_tr, x_te, y_te, 10, str(folder),
                      "official 60,000 train / 10,000 test split (IDX files)",
                      {"pixel_scale": "x/255"})
@@ -198,7 +206,7 @@ def idx(*, seed: int, data_dir: Path | None) -> RawSplits:
     if find_idx_files(folder) is None:
         raise DataError(f"dataset 'idx' reads --data-dir, but {folder} lacks some IDX files: "
                         f"pass {IDX_HINT}")
-    x_tr, y_tr, x_te, y_te = _idx_arrays(str(folder.resolve()))
+    x_tr, y_tr, x_te, y_te = _idx_arrays(folder.resolve())
     return RawSplits(x_tr, y_tr, x_te, y_te, _num_classes(folder, y_tr, y_te), str(folder),
                      "train-* / t10k-* files as given", {"pixel_scale": "x/255 for uint8 images"})
 
