@@ -12,6 +12,7 @@ from .evaluate import Metrics, evaluate
 from .params import Unit
 from .probes.criticality import CriticalityResult, criticality
 from .probes.robustness import RobustnessResult, robustness
+from .probes.stiffness import StiffnessResult, stiffness
 from .results import Result, load
 from .subject import Data, Subject
 
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CriticalityResult", "criticality",
+    "StiffnessResult", "stiffness",
     "ConfigError", "Data", "DataError", "GenprobeError", "Metrics", "ModuleSelectionError",
     "Result", "RobustnessResult", "RunError", "StateError", "Subject", "Unit", "evaluate", "load", "robustness", "__version__",
 ]

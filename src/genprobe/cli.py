@@ -26,7 +26,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 probe_app = typer.Typer(no_args_is_help=True, help="Run a probe on one or more run directories.")
 app.add_typer(probe_app, name="probe")
 
-PROBE_MODULES: list[str] = ["genprobe.probes.robustness", "genprobe.probes.criticality"]
+PROBE_MODULES: list[str] = ["genprobe.probes.robustness", "genprobe.probes.criticality",
+                            "genprobe.probes.stiffness"]
 """Modules whose ``cli(app)`` registers a ``genprobe probe`` subcommand."""
 
 DEVICE_HELP = "Where to compute: auto (CUDA if available), cpu, cuda or cuda:N."

@@ -1,0 +1,495 @@
+"""Stiffness: alignment of per-example loss gradients (Fort, Nowak, Jastrzebski & Narayanan 2019).
+
+For examples x_1, x_2 with loss gradients g = ∇_θ L(x, y) at a state, the *cosine stiffness* is
+cos(g_1, g_2) and the *sign stiffness* sign(g_1 · g_2): positive when a gradient step on x_1
+also lowers the loss on x_2. ``gp.stiffness(subject)`` picks a class-balanced, seeded sample and
+computes the N × N matrices with the grams engine (:mod:`genprobe.engine.grams`), then
+
+- the *class stiffness matrix* C(a, b): mean stiffness over pairs with x_1 in class a and x_2 in
+  class b, excluding i = j; *within-class* stiffness = mean of its diagonal, *between-class* =
+  mean of its off-diagonal entries;
+- stiffness against the input-space distance of the pair (``distance="cosine"``: 1 − cos(x_1,
+  x_2) of the flattened inputs; ``"euclidean"``: ‖x_1 − x_2‖), in ``bins`` equal-width bins over
+  the observed range; the *critical length* ξ is the first distance at which the mean cosine
+  stiffness crosses from positive to ≤ 0, linearly interpolated between bin centres (NaN when
+  it never does);
+- the same at each requested checkpoint (θ^τ), to follow stiffness over training.
+
+Pairs: ``"train-train"`` and ``"test-test"`` use one sample (rows = columns; i = j pairs are
+excluded everywhere, and the distance curve uses each unordered pair once).
+``"train-test"``: rows are a train sample, columns a test sample (drawn with the same
+``per_class``); every (row, column) pair counts, since a train and a test example are never the
+same example. Examples whose gradient is exactly zero get stiffness 0 with everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from ..engine.grams import Implementation, cosine_from_gram, gram
+from ..errors import ConfigError, DataError, StateError, check_choice
+from ..evaluate import logits, per_example
+from ..results import Result
+from ..subject import Data, Subject
+
+logger = logging.getLogger(__name__)
+
+PAIRS = ("train-train", "train-test", "test-test")
+DISTANCES = ("cosine", "euclidean")
+DEFAULT_PER_CLASS = 20
+"""Examples per class when neither ``per_class`` nor ``n`` is given (200 for 10 classes: a
+40,000-pair matrix, enough for stable class means at a few seconds' cost on small models)."""
+FINAL = "final"
+
+Pairs = Literal["train-train", "train-test", "test-test"]
+Distance = Literal["cosine", "euclidean"]
+
+
+class StiffnessResult(Result):
+    """Result of :func:`stiffness`.
+
+    ``table``: the class stiffness matrix in long form, one row per (state, class pair):
+    ``checkpoint`` (``"final"`` or the epoch as a string), ``class_a`` (row class),
+    ``class_b`` (column class), ``cosine`` and ``sign`` (mean stiffness over the pairs),
+    ``pairs`` (number of pairs, i = j excluded).
+    ``summary`` (final state): ``within_class``, ``between_class`` (cosine), ``within_class_sign``,
+    ``between_class_sign``, ``mean_stiffness`` (all pairs), ``critical_length`` (distance units
+    of ``distance``), ``n_rows``, ``n_cols``.
+    Tensors: ``cosine``, ``sign`` (N1 × N2, final state), ``indices`` / ``labels`` (rows: positions
+    in their split and classes), ``col_indices`` / ``col_labels`` (columns), and with checkpoints
+    ``cosine_over_training`` (S × N1 × N2, states in ``meta["states"]`` order).
+    """
+
+    probe = "stiffness"
+
+    @property
+    def cosine(self) -> Tensor:
+        """Cosine stiffness cos(g_i, g_j) (N1, N2), final state."""
+        return self.tensors["cosine"]
+
+    @property
+    def sign(self) -> Tensor:
+        """Sign stiffness sign(g_i · g_j) (N1, N2), final state."""
+        return self.tensors["sign"]
+
+    @property
+    def indices(self) -> Tensor:
+        """Positions of the row examples in their split, in matrix order (N1,)."""
+        return self.tensors["indices"]
+
+    @property
+    def labels(self) -> Tensor:
+        """Classes of the row examples (N1,)."""
+        return self.tensors["labels"]
+
+    @property
+    def col_indices(self) -> Tensor:
+        """Positions of the column examples in their split (N2,) (= ``indices`` for same-split pairs)."""
+        return self.tensors["col_indices"]
+
+    @property
+    def col_labels(self) -> Tensor:
+        """Classes of the column examples (N2,)."""
+        return self.tensors["col_labels"]
+
+    @property
+    def distance_curve(self) -> pd.DataFrame:
+        """``checkpoint``, ``bin_low``, ``bin_high``, ``cosine``, ``sign``, ``pairs`` per distance bin."""
+        return self.tables["distance"]
+
+    @property
+    def over_training(self) -> pd.DataFrame:
+        """Per state: ``checkpoint``, ``epoch`` (NaN for final), ``within_class``, ``between_class``,
+        ``within_class_sign``, ``between_class_sign``, ``mean_stiffness``, ``critical_length``."""
+        return self.tables["states"]
+
+    def class_matrix(self, checkpoint: str = FINAL, value: str = "cosine") -> pd.DataFrame:
+        """The class stiffness matrix C(a, b) (rows class_a, columns class_b) at one state."""
+        t = self.table[self.table["checkpoint"] == str(checkpoint)]
+        if t.empty:
+            raise StateError(f"no state {checkpoint!r} in this result; states: {self.meta.get('states')}")
+        return t.pivot(index="class_a", columns="class_b", values=value)
+
+    def plot(self):
+        """Class stiffness heatmap, stiffness vs input distance, and within/between-class
+        stiffness over training (when checkpoints were computed)."""
+        from matplotlib.figure import Figure
+
+        states = self.over_training
+        trained = len(states) > 1
+        fig = Figure(figsize=(5.0 * (3 if trained else 2), 4.2), layout="constrained")
+        axes = fig.subplots(1, 3 if trained else 2)
+        c = self.class_matrix(FINAL)
+        values = c.to_numpy(dtype=float)
+        lim = max(float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0, 1e-6)
+        im = axes[0].imshow(values, cmap="RdBu_r", vmin=-lim, vmax=lim)
+        axes[0].set_xticks(range(len(c.columns)), [str(v) for v in c.columns])
+        axes[0].set_yticks(range(len(c.index)), [str(v) for v in c.index])
+        pairs = self.meta.get("options", {}).get("pairs", "")
+        axes[0].set_xlabel("class of x₂" + (" (test)" if pairs == "train-test" else ""))
+        axes[0].set_ylabel("class of x₁")
+        axes[0].set_title(f"class stiffness (cosine), {pairs}")
+        fig.colorbar(im, ax=axes[0], shrink=0.8)
+        curve = self.distance_curve
+        ax = axes[1]
+        for label, part in curve.groupby("checkpoint", sort=False):
+            if label != FINAL and trained and len(states) > 4 and label not in (
+                    states["checkpoint"].iloc[0], states["checkpoint"].iloc[-2]):
+                continue
+            mid = 0.5 * (part["bin_low"] + part["bin_high"])
+            ax.plot(mid, part["cosine"], marker="o", ms=3,
+                    label="final" if label == FINAL else f"epoch {label}")
+        final = curve[curve["checkpoint"] == FINAL]
+        ax.plot(0.5 * (final["bin_low"] + final["bin_high"]), final["sign"], ls="--", color="gray",
+                label="sign (final)")
+        ax.axhline(0.0, color="black", lw=0.8)
+        xi = self.summary.get("critical_length", math.nan)
+        if math.isfinite(xi):
+            ax.axvline(xi, color="tab:red", lw=0.8, ls=":", label=f"ξ = {xi:.3g}")
+        ax.set_xlabel(f"input distance ({self.meta.get('options', {}).get('distance', '')})")
+        ax.set_ylabel("mean stiffness")
+        ax.set_title("stiffness vs distance")
+        ax.legend(fontsize=7)
+        if trained:
+            ax = axes[2]
+            seq = states[states["checkpoint"] != FINAL]
+            ax.plot(seq["epoch"], seq["within_class"], marker="o", label="within class")
+            ax.plot(seq["epoch"], seq["between_class"], marker="o", label="between classes")
+            ax.axhline(0.0, color="black", lw=0.8)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("cosine stiffness")
+            ax.set_title("stiffness over training")
+            ax.legend(fontsize=7)
+        return fig
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _balanced(data: Data, split: str, num_classes: int, per_class: int | None, n: int | None,
+              gen: torch.Generator) -> Tensor:
+    """Positions of a class-balanced sample, grouped by class (ascending), sorted within class."""
+    counts = torch.bincount(data.y, minlength=num_classes)[:num_classes]
+    empty = [c for c in range(num_classes) if int(counts[c]) == 0]
+    if empty:
+        raise DataError(f"class(es) {empty} have no examples in the {split} split: stiffness needs "
+                        "every class; pass a subject whose split covers all classes")
+    if n is not None:
+        if n > len(data):
+            raise DataError(f"n={n} is larger than the {split} split ({len(data)} examples)")
+        if n < num_classes:
+            raise ConfigError(f"n={n} is smaller than the number of classes ({num_classes}); "
+                              "a class-balanced sample needs at least one example per class")
+        wanted = [n // num_classes + (1 if c < n % num_classes else 0) for c in range(num_classes)]
+    elif per_class is not None:
+        wanted = [per_class] * num_classes
+    else:
+        wanted = [min(DEFAULT_PER_CLASS, int(counts.min()))] * num_classes
+    out = []
+    for c in range(num_classes):
+        pos = (data.y == c).nonzero().flatten()
+        if wanted[c] > len(pos):
+            raise DataError(f"class {c} has only {len(pos)} examples in the {split} split, "
+                            f"{wanted[c]} requested; lower per_class / n")
+        out.append(pos[torch.randperm(len(pos), generator=gen)[:wanted[c]]].sort().values)
+    return torch.cat(out)
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                              or value < minimum):
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _states(subject: Subject, checkpoints) -> list[tuple[str, float, dict]]:
+    """(label, epoch, state) for each requested checkpoint (ascending), then the final state."""
+    if checkpoints is None:
+        epochs: list[int] = []
+    elif isinstance(checkpoints, str):
+        if checkpoints != "all":
+            raise ConfigError(f"checkpoints={checkpoints!r}: use 'all', a list of epochs, or None")
+        epochs = sorted(subject.checkpoints)
+    else:
+        if isinstance(checkpoints, (int, np.integer)):
+            checkpoints = [checkpoints]
+        epochs = []
+        for c in checkpoints:
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or int(c) not in subject.checkpoints:
+                raise StateError(f"no checkpoint for epoch {c!r}; recorded epochs: {sorted(subject.checkpoints)}")
+            epochs.append(int(c))
+        epochs = sorted(set(epochs))
+    out = [(str(e), float(e), subject.checkpoints[e]) for e in epochs]
+    out.append((FINAL, math.nan, subject.final))
+    return out
+
+
+# ----------------------------------------------------------------------------- measures
+
+
+def _check_losses(subject: Subject, state: dict, data: Data, positions: Tensor, split: str,
+                  label: str, device) -> None:
+    out = logits(subject.model, state, data.x, device=device)
+    loss, _ = per_example(out, data.y)
+    bad = (~torch.isfinite(loss)).nonzero().flatten()
+    if len(bad):
+        shown = ", ".join(str(int(positions[i])) for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        raise DataError(f"the loss is not finite at state {label!r} for {len(bad)} {split} "
+                        f"example(s), positions {shown}: stiffness is undefined there")
+
+
+def _pair_distance(x1: Tensor, x2: Tensor, kind: str) -> Tensor:
+    a, b = x1.reshape(len(x1), -1).double(), x2.reshape(len(x2), -1).double()
+    if kind == "euclidean":
+        return torch.cdist(a, b)
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    denom = (na[:, None] * nb[None, :]).clamp_min(1e-300)
+    cos = torch.where((na[:, None] > 0) & (nb[None, :] > 0), (a @ b.T) / denom, torch.zeros(()).double())
+    return (1.0 - cos).clamp(0.0, 2.0)
+
+
+def _class_rows(label: str, cos: Tensor, sign: Tensor, rl: Tensor, cl: Tensor, same: bool,
+                num_classes: int) -> list[dict]:
+    rows = []
+    for a in range(num_classes):
+        ra = rl == a
+        for b in range(num_classes):
+            cb = cl == b
+            block_c, block_s = cos[ra][:, cb], sign[ra][:, cb]
+            count = block_c.numel()
+            sc, ss = float(block_c.sum()), float(block_s.sum())
+            if same and a == b:
+                count -= int(ra.sum())
+                sc -= float(block_c.diagonal().sum())
+                ss -= float(block_s.diagonal().sum())
+            rows.append({"checkpoint": label, "class_a": a, "class_b": b,
+                         "cosine": sc / count if count else math.nan,
+                         "sign": ss / count if count else math.nan, "pairs": count})
+    return rows
+
+
+def _distance_rows(label: str, cos: Tensor, sign: Tensor, dist: Tensor, mask: Tensor,
+                   edges: Tensor) -> list[dict]:
+    d, c, s = dist[mask], cos[mask], sign[mask]
+    nb = len(edges) - 1
+    which = torch.bucketize(d, edges[1:-1], right=True).clamp(0, nb - 1)
+    counts = torch.bincount(which, minlength=nb)
+    sum_c = torch.zeros(nb, dtype=torch.float64).index_add_(0, which, c)
+    sum_s = torch.zeros(nb, dtype=torch.float64).index_add_(0, which, s)
+    rows = []
+    for k in range(nb):
+        n = int(counts[k])
+        rows.append({"checkpoint": label, "bin_low": float(edges[k]), "bin_high": float(edges[k + 1]),
+                     "cosine": float(sum_c[k]) / n if n else math.nan,
+                     "sign": float(sum_s[k]) / n if n else math.nan, "pairs": n})
+    return rows
+
+
+def critical_length(curve: pd.DataFrame, value: str = "cosine") -> float:
+    """First distance where the binned mean stiffness crosses from > 0 to ≤ 0 (interpolated
+    linearly between bin centres, skipping empty bins); NaN if it never does."""
+    part = curve[curve["pairs"] > 0]
+    mid = (0.5 * (part["bin_low"] + part["bin_high"])).to_numpy(dtype=float)
+    val = part[value].to_numpy(dtype=float)
+    for k in range(1, len(val)):
+        if val[k - 1] > 0 >= val[k]:
+            return float(mid[k - 1] + (mid[k] - mid[k - 1]) * val[k - 1] / (val[k - 1] - val[k]))
+    return math.nan
+
+
+def _state_summary(label: str, epoch: float, classes: pd.DataFrame, curve: pd.DataFrame,
+                   cos: Tensor, sign: Tensor, mask: Tensor) -> dict:
+    diag = classes["class_a"] == classes["class_b"]
+    return {"checkpoint": label, "epoch": epoch,
+            "within_class": float(classes.loc[diag, "cosine"].mean()),
+            "between_class": float(classes.loc[~diag, "cosine"].mean()),
+            "within_class_sign": float(classes.loc[diag, "sign"].mean()),
+            "between_class_sign": float(classes.loc[~diag, "sign"].mean()),
+            "mean_stiffness": float(cos[mask].mean()) if bool(mask.any()) else math.nan,
+            "critical_length": critical_length(curve)}
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+def stiffness(
+    subject: Subject,
+    *,
+    per_class: int | None = None,
+    n: int | None = None,
+    pairs: Pairs = "train-train",
+    checkpoints: Sequence[int] | Literal["all"] | None = None,
+    distance: Distance = "cosine",
+    bins: int = 20,
+    seed: int = 0,
+    device: str = "auto",
+    memory_budget: int | None = None,
+    implementation: Implementation = "auto",
+) -> StiffnessResult:
+    """Gradient-alignment stiffness of a class-balanced sample (see the module docstring).
+
+    Args:
+        subject: the network and its data (checkpoints needed only with ``checkpoints``).
+        per_class: examples per class (default :data:`DEFAULT_PER_CLASS`, capped by the
+            smallest class). n: total examples instead, spread evenly over the classes.
+        pairs: ``"train-train"``, ``"train-test"`` (rows train, columns test), ``"test-test"``.
+        checkpoints: epochs to compute the same at (``"all"``: every recorded one); the final
+            state is always computed and is the one ``summary`` describes.
+        distance: input-space distance for the distance curve: ``"cosine"`` or ``"euclidean"``.
+        bins: number of equal-width distance bins. seed: seeds the sample.
+        device, memory_budget, implementation: see :func:`genprobe.engine.grams.gram`.
+    """
+    check_choice("pairs", pairs, PAIRS)
+    check_choice("distance", distance, DISTANCES)
+    _check_int("per_class", per_class, 1)
+    _check_int("n", n, 1)
+    _check_int("bins", bins, 1)
+    _check_int("seed", seed, 0)
+    if per_class is not None and n is not None:
+        raise ConfigError("give per_class or n, not both")
+    if subject.num_classes is None:
+        raise DataError("stiffness needs labelled data: pass train=(X, y) / test=(X, y) to Subject")
+    k = int(subject.num_classes)
+    row_split, col_split = pairs.split("-")
+    same = row_split == col_split
+    gen = torch.Generator().manual_seed(int(seed))
+    row_data = subject.data(row_split)
+    rows = _balanced(row_data, row_split, k, per_class, n, gen)
+    col_data = row_data if same else subject.data(col_split)
+    cols = rows if same else _balanced(col_data, col_split, k, per_class, n, gen)
+    rd, cd = row_data.subset(rows), col_data.subset(cols)
+    dist = _pair_distance(rd.x, cd.x, distance)
+    mask = torch.ones(len(rows), len(cols), dtype=torch.bool)
+    if same:
+        mask = torch.ones_like(mask).triu(1)
+    edges = _edges(dist[mask], bins)
+    states = _states(subject, checkpoints)
+    class_rows, dist_rows, summaries, cos_all = [], [], [], []
+    done: list[tuple[dict, Tensor]] = []
+    used = None
+    for label, epoch, state in states:
+        cos = next((c for st, c in done if _same_state(st, state)), None)
+        if cos is None:
+            _check_losses(subject, state, rd, rows, row_split, label, device)
+            if not same:
+                _check_losses(subject, state, cd, cols, col_split, label, device)
+            g = gram(subject.model, state, rd.x, None if same else cd.x, y1=rd.y,
+                     y2=None if same else cd.y, implementation=implementation,
+                     memory_budget=memory_budget, device=device)
+            used = g.implementation
+            cos = cosine_from_gram(g.matrix, g.diag1, g.diag2)
+            done.append((state, cos))
+        sign = torch.sign(cos)
+        cr = _class_rows(label, cos, sign, rd.y, cd.y, same, k)
+        dr = _distance_rows(label, cos, sign, dist, mask, edges)
+        class_rows += cr
+        dist_rows += dr
+        summaries.append(_state_summary(label, epoch, pd.DataFrame(cr), pd.DataFrame(dr), cos, sign, mask))
+        cos_all.append(cos)
+        logger.info("stiffness at %s: within %.3f, between %.3f", label, summaries[-1]["within_class"],
+                    summaries[-1]["between_class"])
+    table = pd.DataFrame(class_rows, columns=["checkpoint", "class_a", "class_b", "cosine", "sign", "pairs"])
+    curve = pd.DataFrame(dist_rows, columns=["checkpoint", "bin_low", "bin_high", "cosine", "sign", "pairs"])
+    over = pd.DataFrame(summaries)
+    final = summaries[-1]
+    summary = {key: final[key] for key in ("within_class", "between_class", "critical_length",
+                                           "within_class_sign", "between_class_sign", "mean_stiffness")}
+    summary.update(n_rows=len(rows), n_cols=len(cols))
+    tensors = {"cosine": cos_all[-1], "sign": torch.sign(cos_all[-1]), "indices": rows.clone(),
+               "labels": rd.y.clone(), "col_indices": cols.clone(), "col_labels": cd.y.clone()}
+    if len(states) > 1:
+        tensors["cosine_over_training"] = torch.stack(cos_all)
+    meta = {"options": {"per_class": per_class, "n": n, "pairs": pairs,
+                        "checkpoints": _options_checkpoints(checkpoints),
+                        "distance": distance, "bins": bins, "device": device,
+                        "memory_budget": memory_budget, "implementation": implementation},
+            "seed": seed, "states": [s[0] for s in states], "engine": used,
+            "genprobe_version": _version(), "loss": "cross_entropy"}
+    return StiffnessResult(table=table, summary=summary, meta=meta,
+                           tables={"distance": curve, "states": over}, tensors=tensors)
+
+
+def _edges(d: Tensor, bins: int) -> Tensor:
+    if d.numel() == 0:
+        return torch.linspace(0.0, 1.0, bins + 1, dtype=torch.float64)
+    lo, hi = float(d.min()), float(d.max())
+    if hi <= lo:
+        hi = lo + 1e-12
+    return torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    """Whether two states hold equal values (a final state equal to the last checkpoint is
+    computed once)."""
+    return a is b or (a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a))
+
+
+def _options_checkpoints(checkpoints):
+    if checkpoints is None or isinstance(checkpoints, str):
+        return checkpoints
+    if isinstance(checkpoints, (int, np.integer)):
+        return [int(checkpoints)]
+    return [int(c) for c in checkpoints]
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def cli(app) -> None:
+    """Register ``genprobe probe stiffness``."""
+    import typer
+
+    from ..cli import DATA_DIR_HELP, DEVICE_HELP, load_run, write_probe_output
+
+    @app.command("stiffness")
+    def stiffness_cmd(
+        run: Path = typer.Argument(..., help="Run directory written by `genprobe train`."),
+        per_class: int = typer.Option(None, help=f"Examples per class (default {DEFAULT_PER_CLASS})."),
+        n: int = typer.Option(None, "--n", help="Total examples instead of --per-class."),
+        pairs: str = typer.Option("train-train", help="train-train, train-test or test-test."),
+        checkpoints: str = typer.Option(None, "--checkpoints", "-c",
+                                        help="Epochs to follow over training: 'all' or e.g. '0,1,5'."),
+        distance: str = typer.Option("cosine", help="Input distance: cosine or euclidean."),
+        bins: int = typer.Option(20, help="Distance bins."),
+        seed: int = typer.Option(0, help="Seed of the class-balanced sample."),
+        memory_budget_mb: float = typer.Option(None, "--memory-budget-mb",
+                                               help="Memory for one block of examples (MiB)."),
+        out: Path = typer.Option(None, help="Result directory (default RUN/probes/stiffness)."),
+        device: str = typer.Option("auto", help=DEVICE_HELP),
+        data_dir: Path = typer.Option(None, help=DATA_DIR_HELP),
+    ) -> None:
+        """Stiffness (Fort et al. 2019): alignment of per-example loss gradients."""
+        subject = load_run(run, data_dir)
+        result = stiffness(subject, per_class=per_class, n=n, pairs=pairs,
+                           checkpoints=_parse_checkpoints(checkpoints), distance=distance, bins=bins,
+                           seed=seed, device=device,
+                           memory_budget=None if memory_budget_mb is None else int(memory_budget_mb * 2**20))
+        write_probe_output(result, run, "stiffness", out)
+
+
+def _parse_checkpoints(text: str | None):
+    if text is None or text.strip() == "":
+        return None
+    if text.strip() == "all":
+        return "all"
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--checkpoints={text!r}: use 'all' or comma-separated epochs, e.g. 0,1,5") from None
+
+
+__all__ = ["StiffnessResult", "critical_length", "stiffness"]
