@@ -348,3 +348,25 @@ def test_bad_input(nested64):
                 dict(epsilon=float("nan")), dict(rtol=0), dict(refine=-1), dict(max_examples=0)]:
         with pytest.raises(ConfigError):
             gp.criticality(nested64, **bad)
+
+
+def test_cli(tmp_path, capsys):
+    from genprobe.cli import main
+    from genprobe.zoo.train import TrainConfig, train_run
+
+    run = tmp_path / "run"
+    train_run(TrainConfig(arch="fcn", dataset="digits", epochs=2, n_train=120, n_test=60,
+                          arch_options={"width": 16, "depth": 2}, device="cpu"), run)
+    out = tmp_path / "crit"
+    main(["probe", "criticality", str(run), "--modules", "layers.3", "--samples", "2",
+          "--loss", "cross_entropy", "--max-examples", "100", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert "network_criticality=" in text and "layers.3" in text
+    r = gp.load(out)
+    assert list(r.modules["module"]) == ["layers.3"] and r.summary["n_examples"] == 100
+    assert out.with_suffix(".png").is_file()
+    with pytest.raises(SystemExit) as exc:
+        main(["probe", "criticality", str(run), "--loss", "cross_entropy", "--epsilon", "0",
+              "--out", str(out)])
+    assert exc.value.code == 2
+    assert "below the trained model's own" in capsys.readouterr().err
