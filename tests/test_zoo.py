@@ -67,6 +67,14 @@ def test_standard_parameterization_with_sigma_has_the_right_variance():
     assert b.var().item() == pytest.approx(0.25, rel=0.15)
 
 
+def test_cnn_downsampling():
+    assert create_model("cnn", (1, 28, 28), 10).head.in_features == 32 * 7 * 7
+    assert create_model("cnn", (1, 28, 28), 10, downsample=0).head.in_features == 32 * 28 * 28
+    assert create_model("cnn", (1, 28, 28), 10, readout="gap").head.in_features == 32
+    with pytest.raises(ConfigError, match="downsample"):
+        create_model("cnn", (1, 28, 28), 10, depth=2, downsample=2)
+
+
 def test_resnet18_configuration_has_11m_parameters():
     model = create_model("resnet", (3, 32, 32), 10, width=64, blocks="2,2,2,2")
     assert 11.0e6 < sum(p.numel() for p in model.parameters()) < 11.3e6

@@ -97,15 +97,16 @@ class NTKLinear(nn.Module):
 
 
 class NTKConv2d(nn.Module):
-    """Stride-1, same-padding conv in the NTK parameterization (fan_in = C_in · k²)."""
+    """Same-padding conv in the NTK parameterization (fan_in = C_in · k²)."""
 
-    def __init__(self, c_in: int, c_out: int, kernel_size: int, sigma_w: float, sigma_b: float):
+    def __init__(self, c_in: int, c_out: int, kernel_size: int, sigma_w: float, sigma_b: float,
+                 stride: int = 1):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(c_out, c_in, kernel_size, kernel_size))
         self.bias = nn.Parameter(torch.empty(c_out))
         self.w_scale = sigma_w / math.sqrt(c_in * kernel_size**2)
         self.b_scale = sigma_b
-        self.padding = kernel_size // 2
+        self.padding, self.stride = kernel_size // 2, stride
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -113,7 +114,8 @@ class NTKConv2d(nn.Module):
         nn.init.normal_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight * self.w_scale, self.bias * self.b_scale, padding=self.padding)
+        return F.conv2d(x, self.weight * self.w_scale, self.bias * self.b_scale, stride=self.stride,
+                        padding=self.padding)
 
 
 class ZooModel(nn.Module):
@@ -144,10 +146,10 @@ def _dense(fan_in, fan_out, parameterization, sigma_w, sigma_b):
     return nn.Linear(fan_in, fan_out)
 
 
-def _conv(c_in, c_out, k, parameterization, sigma_w, sigma_b):
+def _conv(c_in, c_out, k, parameterization, sigma_w, sigma_b, stride=1):
     if parameterization == "ntk":
-        return NTKConv2d(c_in, c_out, k, 1.0 if sigma_w is None else sigma_w, sigma_b)
-    return nn.Conv2d(c_in, c_out, k, padding=k // 2)
+        return NTKConv2d(c_in, c_out, k, 1.0 if sigma_w is None else sigma_w, sigma_b, stride)
+    return nn.Conv2d(c_in, c_out, k, stride=stride, padding=k // 2)
 
 
 def _positive(name: str, value, minimum: int = 1) -> None:
@@ -191,12 +193,16 @@ class FCN(ZooModel):
 
 @register_model("cnn")
 class CNN(ZooModel):
-    """Stride-1 same-padding convolutions (`depth` layers of `channels`), then a readout:
-    ``flatten`` (a dense layer over all positions) or ``gap`` (global average pooling, then dense).
-    This is the CNN family of Xiao et al. (no pooling inside, so infinite-width kernels apply)."""
+    """Same-padding convolutions (`depth` layers of `channels`), then a readout: ``flatten`` (a
+    dense layer over all positions) or ``gap`` (global average pooling, then dense).
+
+    ``downsample``: how many layers, from the second on, have stride 2 (default 2: 28×28 → 7×7,
+    which keeps the flatten readout small and training fast). ``downsample=0`` is the stride-1
+    CNN family of Xiao et al., for which the infinite-width kernels hold."""
 
     def __init__(self, input_shape, num_classes, depth: int = 3, channels: int = 32,
                  kernel_size: int = 3, readout: Literal["flatten", "gap"] = "flatten",
+                 downsample: int = 2,
                  activation: Literal["relu", "tanh", "erf"] = "relu", dropout: float = 0.0,
                  batchnorm: bool = False, sigma_w: float | None = None, sigma_b: float = 0.0,
                  parameterization: Literal["standard", "ntk"] = "standard"):
@@ -208,10 +214,14 @@ class CNN(ZooModel):
         if len(input_shape) != 3:
             raise ConfigError(f"arch 'cnn' needs image inputs (C, H, W), got input shape {input_shape}")
         self.sigma_w, self.sigma_b = sigma_w, sigma_b
+        if not isinstance(downsample, int) or not 0 <= downsample < depth:
+            raise ConfigError(f"cnn downsample={downsample!r} must be an integer in 0..depth-1 ({depth - 1})")
         c, h, w = input_shape
         layers: list[nn.Module] = []
-        for _ in range(depth):
-            layers.append(_conv(c, channels, kernel_size, parameterization, sigma_w, sigma_b))
+        for i in range(depth):
+            stride = 2 if 1 <= i <= downsample else 1
+            layers.append(_conv(c, channels, kernel_size, parameterization, sigma_w, sigma_b, stride))
+            h, w = (h + stride - 1) // stride, (w + stride - 1) // stride
             if batchnorm:
                 layers.append(nn.BatchNorm2d(channels))
             layers.append(globals()["activation"](activation))
