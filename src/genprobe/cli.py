@@ -44,17 +44,8 @@ def load_run(run: Path, data_dir: Path | None = None):
 def write_probe_output(result, run: Path, name: str, out: Path | None = None, columns: list[str] | None = None) -> Path:
     """Save `result` to `out` (default ``RUN/probes/NAME``), its figure beside it as ``.png``,
     and print a compact text table (the `columns` given, else all). Returns the result directory."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = out or (Path(run) / "probes" / name)
-    result.save(out)
-    fig = result.plot()
-    figure = out.with_suffix(".png")
-    fig.savefig(figure, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    figure = _save_with_figure(result, out)
     table = result.table[columns] if columns else result.table
     with __import__("pandas").option_context("display.max_rows", 60, "display.width", 160,
                                              "display.float_format", "{:.4g}".format):
@@ -62,6 +53,21 @@ def write_probe_output(result, run: Path, name: str, out: Path | None = None, co
     typer.echo(" ".join(f"{k}={v:.4g}" for k, v in result.summary.items()))
     typer.echo(f"wrote {out}/ and {figure}")
     return out
+
+
+def _save_with_figure(result, out: Path) -> Path:
+    """Save `result` to directory `out` and its figure to ``out.png``; return the figure's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result.save(out)
+    fig = result.plot()
+    figure = out.with_suffix(".png")
+    fig.savefig(figure, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return figure
 
 
 def _register_probes() -> None:
@@ -176,6 +182,14 @@ def archs() -> None:
         typer.echo(f"{name:12s} {options}")
 
 
+DEMO_PROBES = {
+    "robustness": {},
+    "criticality": {"samples": 4, "max_examples": 500},
+    "stiffness": {"per_class": 10, "checkpoints": "all"},
+}
+"""The probes the demo runs, with options that keep the whole tour under a minute or two on a CPU."""
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where to write the demo run and its probe results."),
@@ -183,13 +197,22 @@ def demo(
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """The one-command tour: train a small FCN on the built-in digits, then probe it."""
+    import genprobe as gp
+
     from .zoo.train import TrainConfig, read_metrics, train_run
 
     cfg = TrainConfig(arch="fcn", dataset="digits", arch_options={"width": 256, "depth": 3},
-                      epochs=epochs, device=device)
+                      epochs=epochs, checkpoints="every", device=device)
     run = out / "fcn-digits"
-    typer.echo(f"training {cfg.arch} on {cfg.dataset} for {epochs} epochs -> {run}")
+    typer.echo(f"training {cfg.arch} (3 hidden layers of 256) on {cfg.dataset} for {epochs} epochs -> {run}")
     train_run(cfg, run, overwrite=True, progress=True)
     metrics = read_metrics(run)
     typer.echo(metrics[["epoch", "train_loss", "train_error", "test_loss", "test_error"]]
                .to_string(index=False, float_format="{:.4f}".format))
+    subject = gp.Subject.load(run)
+    for name, options in DEMO_PROBES.items():
+        typer.echo(f"\n== {name}")
+        result = getattr(gp, name)(subject, device=device, **options)
+        _save_with_figure(result, run / "probes" / name)
+        typer.echo("  " + "  ".join(f"{k}={v:.4g}" for k, v in result.summary.items()))
+    typer.echo(f"\nresults and figures in {run / 'probes'}/")
