@@ -18,6 +18,15 @@ from genprobe.params import state_of
 IMPLS = [i for i in IMPLEMENTATIONS if i != "auto"] + ["auto"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add synchronization (and stall badly on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reference_features(model, state, x, y=None, of="loss"):
     """Per-example derivatives by the obvious loop: (N, P) for the loss, (N, K, P) for outputs."""
     names = [k for k, _ in model.named_parameters()]
@@ -56,12 +65,27 @@ def subjects():
     return {name: make_subject(name, dtype=torch.float64, n_train=10, n_test=6) for name in FOREIGN}
 
 
+@pytest.fixture(scope="module")
+def references(subjects):
+    """Reference Grams per model, computed once: loss (train, 10 examples), outputs (first 5)."""
+    cache: dict = {}
+
+    def get(name, of):
+        if (name, of) not in cache:
+            s = subjects[name]
+            cache[name, of] = (reference_gram(s.model, s.final, s.train.x, y1=s.train.y) if of == "loss"
+                               else reference_gram(s.model, s.final, s.train.x[:5], of="outputs"))
+        return cache[name, of]
+
+    return get
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", sorted(FOREIGN))
-def test_loss_gram_equals_loop(subjects, name, impl):
+def test_loss_gram_equals_loop(subjects, references, name, impl):
     s = subjects[name]
     x, y = s.train.x, s.train.y
-    expected = reference_gram(s.model, s.final, x, y1=y)
+    expected = references(name, "loss")
     r = gram(s.model, s.final, x, y1=y, implementation=impl)
     assert r.matrix.dtype == torch.float64
     assert_rel(r.matrix, expected)
@@ -80,10 +104,10 @@ def test_loss_gram_equals_loop(subjects, name, impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", sorted(FOREIGN))
-def test_output_ntk_equals_loop(subjects, name, impl):
+def test_output_ntk_equals_loop(subjects, references, name, impl):
     s = subjects[name]
     x = s.train.x[:5]
-    expected = reference_gram(s.model, s.final, x, of="outputs")  # (N, N, K, K)
+    expected = references(name, "outputs")  # (N, N, K, K)
     r = gram(s.model, s.final, x, of="outputs", implementation=impl)
     assert r.matrix.shape == expected.shape
     assert_rel(r.matrix, expected)
@@ -91,8 +115,8 @@ def test_output_ntk_equals_loop(subjects, name, impl):
     assert_rel(traced.matrix, expected.diagonal(dim1=-2, dim2=-1).sum(-1))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", ["residual_bn", "transformer", "shared", "untraceable"])
+@pytest.mark.parametrize("impl", ["layerwise", "vmap", "loop"])
+@pytest.mark.parametrize("name", ["residual_bn", "transformer", "shared"])
 def test_chunked_and_rectangular_agree(subjects, name, impl):
     s = subjects[name]
     x1, y1, x2, y2 = s.train.x[:5], s.train.y[:5], s.test.x[:3], s.test.y[:3]
@@ -114,16 +138,23 @@ def test_implementations_agree_on_zoo_models():
     from genprobe.zoo.models import create_model
 
     torch.manual_seed(0)
-    for arch, shape, opts in [("cnn", (1, 6, 6), {"channels": 4, "depth": 2, "batchnorm": True}),
+    for arch, shape, opts in [("cnn", (1, 6, 6), {"channels": 4, "depth": 3, "batchnorm": True}),
                               ("resnet", (3, 8, 8), {"width": 4}),
                               ("transformer", (1, 4, 4), {"d_model": 8, "heads": 2, "layers": 1, "ff": 8}),
-                              ("fcn", (7,), {"width": 6, "depth": 2, "parameterization": "ntk"})]:
+                              ("fcn", (7,), {"width": 6, "depth": 2, "parameterization": "ntk",
+                                             "sigma_w": 1.3, "sigma_b": 0.2}),
+                              ("cnn", (1, 5, 5), {"channels": 3, "depth": 3, "parameterization": "ntk",
+                                                  "sigma_w": 1.5, "sigma_b": 0.3})]:
         model = create_model(arch, shape, 3, **opts).double().eval()
         state = state_of(model)
         x, y = torch.randn(6, *shape, dtype=torch.float64), torch.randint(0, 3, (6,))
-        results = {impl: gram(model, state, x, y1=y, implementation=impl).matrix for impl in IMPLS}
+        results = {impl: gram(model, state, x, y1=y, implementation=impl) for impl in IMPLS}
         for impl in IMPLS:
-            assert_rel(results[impl], results["loop"])
+            assert_rel(results[impl].matrix, results["loop"].matrix)
+        # only attention projections and the root's positions lack an exact rule
+        assert all(k == "position" or ".self_attn." in k for k in results["layerwise"].vmap_params)
+        if arch != "transformer":
+            assert results["layerwise"].vmap_params == ()
 
 
 def test_gram_blocks_cover_the_upper_triangle(subjects):
@@ -203,6 +234,9 @@ def test_layerwise_guards_keep_it_exact(cls, caplog):
     assert_rel(r.matrix, reference_gram(model, state, x, y1=y))
     if cls is WeightUsedTwice:
         assert "do not sum to the batch gradient" in caplog.text
+        assert r.vmap_params == ("fc.weight", "fc.bias")
+    else:
+        assert r.vmap_params == ("a.weight", "a.bias")
 
 
 def test_unvmappable_model_falls_back_with_a_warning(subjects, caplog):
@@ -257,3 +291,47 @@ def test_bad_options(subjects):
         gram(s.model, s.final, x, y1=y[:2])
     with pytest.raises(ConfigError, match="memory_budget"):
         gram(s.model, s.final, x, y1=y, memory_budget=0)
+
+
+@pytest.mark.parametrize("force", [True, False])
+@pytest.mark.parametrize("name", ["residual_bn", "transformer", "nested"])
+def test_contraction_and_per_example_routes_agree(subjects, references, name, force, monkeypatch):
+    """Layerwise computes a conv / sequence-Linear Gram either by contraction over positions or
+    from per-example gradients (chosen by cost); both must equal the loop."""
+    import genprobe.engine.grams as grams
+
+    monkeypatch.setattr(grams, "_FORCE_CONTRACTION", force)
+    s = subjects[name]
+    r = gram(s.model, s.final, s.train.x, y1=s.train.y, implementation="layerwise")
+    assert_rel(r.matrix, references(name, "loss"))
+    o = gram(s.model, s.final, s.train.x[:5], of="outputs", implementation="layerwise")
+    assert_rel(o.matrix, references(name, "outputs"))
+
+
+class OddConvs(nn.Module):
+    """Strided, dilated, non-square and bias-free convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(2, 3, 3, stride=2, dilation=2, padding=2)
+        self.b = nn.Conv2d(3, 4, (2, 3), padding=(1, 0), bias=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.b(torch.tanh(self.a(x)))).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("force", [True, False, None])
+def test_odd_convolutions(force, monkeypatch):
+    import genprobe.engine.grams as grams
+
+    monkeypatch.setattr(grams, "_FORCE_CONTRACTION", force)
+    torch.manual_seed(0)
+    model = OddConvs().double().eval()
+    state = state_of(model)
+    x, y = torch.randn(5, 2, 9, 7, dtype=torch.float64), torch.randint(0, 3, (5,))
+    r = gram(model, state, x, y1=y, implementation="layerwise")
+    assert r.implementation == "layerwise" and r.vmap_params == ()
+    assert_rel(r.matrix, reference_gram(model, state, x, y1=y))
+    o = gram(model, state, x[:3], of="outputs", implementation="layerwise")
+    assert_rel(o.matrix, reference_gram(model, state, x[:3], of="outputs"))

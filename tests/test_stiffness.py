@@ -15,6 +15,15 @@ from genprobe.probes.stiffness import critical_length
 from test_grams import reference_features
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: intra-op threads only add synchronization (and stall badly on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def ref_cosine(subject, state, rows_split, rows, cols_split=None, cols=None):
     d1 = subject.data(rows_split).subset(rows)
     f1 = reference_features(subject.model, state, d1.x, d1.y)

@@ -135,7 +135,8 @@ class GramResult:
     - ``diag1``, ``diag2``: the same quantity of each example with itself, (N) or (N, K, K)
       (squared gradient norms for the loss). For a square Gram they equal the diagonal.
     - ``implementation``: the route that actually ran (after any fallback); ``block_size``:
-      examples per block; ``blocks``: number of blocks computed.
+      examples per block; ``blocks``: number of blocks computed; ``vmap_params``: with
+      ``"layerwise"``, the parameters that had no exact rule and went through ``vmap(grad)``.
     """
 
     matrix: Tensor
@@ -144,6 +145,7 @@ class GramResult:
     implementation: str
     block_size: int
     blocks: int
+    vmap_params: tuple[str, ...] = ()
 
     def cosine(self) -> Tensor:
         """Normalized Gram G_ij / √(G_ii G_jj) (scalar Grams only); 0 where a norm is 0."""
@@ -254,24 +256,107 @@ def _vmap_block(s: _Setup, x: Tensor, y: Tensor | None, keys: list[str]) -> Tens
 # (n, K', ...) and returns per-example gradients {local name: (n, K', *param shape)}.
 
 
+def _is_ntk(m: nn.Module) -> bool:
+    """genprobe's zoo layers in the NTK parameterization: y = w_scale·W x + b_scale·b."""
+    return type(m).__module__ == "genprobe.zoo.models" and type(m).__name__ in ("NTKLinear", "NTKConv2d")
+
+
+def _scales(m: nn.Module) -> tuple[float, float]:
+    """(weight, bias) multipliers between the parameters and the effective linear map."""
+    return (float(m.w_scale), float(m.b_scale)) if _is_ntk(m) else (1.0, 1.0)
+
+
+def _geometry(m: nn.Module) -> tuple[tuple, tuple, tuple, tuple]:
+    """(kernel_size, stride, padding, dilation) of a convolution."""
+    if isinstance(m, nn.Conv2d):
+        return m.kernel_size, m.stride, m.padding, m.dilation
+    pair = (lambda v: tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v)))  # noqa: E731
+    return (tuple(m.weight.shape[2:]), pair(getattr(m, "stride", 1)), pair(getattr(m, "padding", 0)),
+            pair(getattr(m, "dilation", 1)))  # NTKConv2d (checked against autograd at setup)
+
+
 def _linear_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
     n, kk = b.shape[:2]
     a3 = a.reshape(n, -1, a.shape[-1])  # (n, T, in)
     b4 = b.reshape(n, kk, -1, b.shape[-1])  # (n, K', T, out)
-    out = {"weight": torch.einsum("nkto,nti->nkoi", b4, a3)}
+    ws, bs = _scales(m)
+    out = {"weight": torch.einsum("nkto,nti->nkoi", b4, a3) * ws}
     if m.bias is not None:
-        out["bias"] = b4.sum(2)
+        out["bias"] = b4.sum(2) * bs
     return out
 
 
 def _conv_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
+    """Per-example weight gradients as one grouped convolution backward (groups = examples):
+    the same arithmetic as the batch weight gradient, without unfolding the input."""
     n, kk = b.shape[:2]
-    u = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-    b4 = b.reshape(n, kk, b.shape[2], -1)  # (n, K', C_out, T)
-    out = {"weight": torch.einsum("nkot,nit->nkoi", b4, u).reshape(n, kk, *m.weight.shape)}
+    c_out = m.weight.shape[0]
+    _, stride, padding, dilation = _geometry(m)
+    a_g = a.reshape(1, n * a.shape[1], *a.shape[2:])
+    shape = torch.empty(n * c_out, *m.weight.shape[1:], dtype=a.dtype, device=a.device)
+    per_k = []
+    for k in range(kk):  # an output Jacobian: one grouped backward per output
+        b_g = b[:, k].reshape(1, n * c_out, *b.shape[3:])
+        _, gw, _ = torch.ops.aten.convolution_backward(
+            b_g, a_g, shape, None, list(stride), list(padding), list(dilation), False,
+            [0, 0], n, [False, True, False])
+        per_k.append(gw.reshape(n, *m.weight.shape))
+    ws, bs = _scales(m)
+    out = {"weight": torch.stack(per_k, 1) * ws}
     if m.bias is not None:
-        out["bias"] = b4.sum(-1)
+        out["bias"] = b.flatten(3).sum(-1) * bs
     return out
+
+
+def _unfold(m: nn.Module, a: Tensor) -> Tensor:
+    """The inputs a linear map sees at each position: (n, T, features)."""
+    if _rule(m) is _conv_grads:
+        kernel, stride, padding, dilation = _geometry(m)
+        u = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
+        return u.transpose(1, 2)
+    return a.reshape(a.shape[0], -1, a.shape[-1])
+
+
+def _contracted_gram(m: nn.Module, a: Tensor, b: Tensor) -> Tensor:
+    """Gram of a weight-shared linear map (conv, or Linear over positions) without per-example
+    gradients: G_(ik),(jl) = Σ_{t,s} (u_it · u_js)(b_ikt · b_jls), (+ bias term)."""
+    n, kk = b.shape[:2]
+    u = _unfold(m, a)  # (n, T, F)
+    t = u.shape[1]
+    if _rule(m) is _conv_grads:
+        bt = b.flatten(3).transpose(2, 3)  # (n, K', T, C_out)
+    else:
+        bt = b.reshape(n, kk, t, -1)
+    uu = (u.reshape(n * t, -1) @ u.reshape(n * t, -1).T).reshape(n, 1, t, n, 1, t)
+    bf = bt.reshape(n * kk * t, -1)
+    bb = (bf @ bf.T).reshape(n, kk, t, n, kk, t)
+    ws, bscale = _scales(m)
+    g = (uu * bb).sum((2, 5)) * ws**2  # (n, K', n, K')
+    if m.bias is not None:
+        bs = bt.sum(2).reshape(n * kk, -1)
+        g = g + (bs @ bs.T).reshape(n, kk, n, kk) * bscale**2
+    return g.reshape(n * kk, n * kk).double()
+
+
+def _contract_is_cheaper(m: nn.Module, a: Tensor, b: Tensor) -> bool:
+    """Compare the work of the contraction, ~(n K' T)² (F + C_out), with per-example gradients,
+    ~n K' P_l (T + n K'); the contraction wins when T² is small against C_out (late conv
+    stages, short sequences)."""
+    if _FORCE_CONTRACTION is not None:
+        return _FORCE_CONTRACTION
+    n, kk = b.shape[:2]
+    p = m.weight.numel()
+    features = p // m.weight.shape[0]
+    t = b[0, 0].numel() // m.weight.shape[0]
+    if t == 1:
+        return True
+    contract = (n * kk * t) ** 2 * (features + m.weight.shape[0])
+    materialize = n * kk * p * (t + n * kk)
+    return contract < materialize
+
+
+_FORCE_CONTRACTION: bool | None = None
+"""Tests set this to force (True) or forbid (False) the contraction route; None: by cost."""
 
 
 def _norm_grads(xhat: Tensor, b: Tensor, m: nn.Module, channel_dim: int | None) -> dict[str, Tensor]:
@@ -316,6 +401,8 @@ def _rule(m: nn.Module) -> Callable[[nn.Module, Tensor, Tensor], dict[str, Tenso
     if (isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward and m.groups == 1
             and m.padding_mode == "zeros" and not isinstance(m.padding, str)):
         return _conv_grads
+    if _is_ntk(m):
+        return _linear_grads if type(m).__name__ == "NTKLinear" else _conv_grads
     if type(m) in _BN and m.affine and m.track_running_stats and not m.training:
         return _batchnorm_grads
     if isinstance(m, nn.LayerNorm) and type(m) is nn.LayerNorm and m.elementwise_affine:
@@ -374,8 +461,9 @@ def _plan_layerwise(s: _Setup, x: Tensor) -> bool:
     return True
 
 
-def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None) -> Tensor:
-    """Gram (R, R): rules for covered modules from one batched backward, vmap for the rest."""
+def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None, residual: bool = True) -> Tensor:
+    """Gram (R, R): rules for covered modules from one batched backward, vmap for the rest
+    (unless `residual` is False). The first call checks the rules against autograd."""
     rows = len(x) * s.outputs
     total = torch.zeros(rows, rows, dtype=torch.float64, device=x.device)
     calls: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
@@ -406,11 +494,13 @@ def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None) -> Tensor:
         for name, mod in s.covered.items():
             mcalls = calls[name]
             bs = [torch.stack([torch.zeros_like(o) if g[i + c] is None else g[i + c] for g in per_obj], 1)
+                  if len(per_obj) > 1 else
+                  (torch.zeros_like(o) if per_obj[0][i + c] is None else per_obj[0][i + c]).unsqueeze(1)
                   for c, (_, o) in enumerate(mcalls)]  # (n, K', *out shape) per call
             i += len(mcalls)
             if not mcalls:
                 continue
-            contrib, sums = _module_gram(mod, [a for a, _ in mcalls], bs, rows)
+            contrib, sums = _module_gram(mod, [a for a, _ in mcalls], bs, rows, verify)
             total += contrib
             if verify and not _matches(sums, batch, s.keys[name]):
                 failed.append(name)
@@ -422,20 +512,25 @@ def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None) -> Tensor:
                 s.residual += list(s.keys.pop(name).values())
                 s.covered.pop(name)
             s.verified = True
-            return _layerwise_block(s, x, y)
+            return _layerwise_block(s, x, y, residual)
         s.verified = s.verified or verify
-    if s.residual:
+    if s.residual and residual:
         total += _vmap_block(s, x, y, s.residual)
     return total
 
 
-def _module_gram(mod: nn.Module, inputs: list[Tensor], bs: list[Tensor],
-                 rows: int) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
-    """One module's Gram contribution (R, R) over all its calls, and per parameter the sum of
-    its per-row gradients with the sum of their magnitudes (the scale of rounding errors)."""
+def _module_gram(mod: nn.Module, inputs: list[Tensor], bs: list[Tensor], rows: int,
+                 verify: bool) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+    """One module's Gram contribution (R, R) over all its calls; when verifying, also per
+    parameter the sum of its per-row gradients and the sum of their magnitudes (the scale of
+    rounding errors in that sum). Verification always takes the per-example route."""
     rule = _rule(mod)
-    if rule is _linear_grads and len(inputs) == 1 and inputs[0].dim() == 2:
-        return _linear_gram(mod, inputs[0], bs[0]), _linear_sums(mod, inputs[0], bs[0])
+    if not verify and len(inputs) == 1 and rule in (_linear_grads, _conv_grads):
+        a, b = inputs[0], bs[0]
+        if rule is _linear_grads and a.dim() == 2:
+            return _linear_gram(mod, a, b), {}
+        if _contract_is_cheaper(mod, a, b):
+            return _contracted_gram(mod, a, b), {}
     grads: dict[str, Tensor] = {}
     for a, b in zip(inputs, bs, strict=True):  # a shared module: sum its calls per example
         for local, g in rule(mod, a, b).items():
@@ -444,6 +539,8 @@ def _module_gram(mod: nn.Module, inputs: list[Tensor], bs: list[Tensor],
     for g in grads.values():
         flat = g.reshape(rows, -1)
         total += (flat @ flat.T).double()
+    if not verify:
+        return total, {}
     return total, {local: (g.sum((0, 1)), g.abs().sum((0, 1))) for local, g in grads.items()}
 
 
@@ -453,14 +550,8 @@ def _linear_gram(m: nn.Module, a: Tensor, b: Tensor) -> Tensor:
     bf = b.reshape(n * kk, -1)
     gb = bf @ bf.T  # (R, R)
     ga = (a @ a.T).repeat_interleave(kk, 0).repeat_interleave(kk, 1)
-    return (ga * gb + (gb if m.bias is not None else 0)).double()
-
-
-def _linear_sums(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    out = {"weight": (torch.einsum("nko,ni->oi", b, a), torch.einsum("nko,ni->oi", b.abs(), a.abs()))}
-    if m.bias is not None:
-        out["bias"] = (b.sum((0, 1)), b.abs().sum((0, 1)))
-    return out
+    ws, bs = _scales(m)
+    return (ga * gb * ws**2 + (gb * bs**2 if m.bias is not None else 0)).double()
 
 
 def _matches(ours: dict[str, tuple[Tensor, Tensor]], batch: dict[str, Tensor | None],
@@ -540,7 +631,9 @@ def _estimate_bytes(s: _Setup, x: Tensor) -> int:
 
 
 def _setup(model: nn.Module, state: State, of: str, loss, implementation: str,
-           dev: torch.device, sample: Tensor) -> _Setup:
+           dev: torch.device, sample: Tensor, sample_y: Tensor | None) -> _Setup:
+    """Resolve the implementation on a small `sample` of the inputs (vmap gate, layerwise plan
+    and its gradient check) and estimate the memory per example."""
     check_choice("of", of, OFS)
     check_choice("implementation", implementation, IMPLEMENTATIONS)
     params, buffers = split_state(model, state)
@@ -553,6 +646,8 @@ def _setup(model: nn.Module, state: State, of: str, loss, implementation: str,
     s.outputs = 1 if of == "loss" else out[0].numel()
     if implementation in ("auto", "layerwise"):
         s.impl = "layerwise" if _plan_layerwise(s, sample) else "vmap"
+        if s.impl == "layerwise":
+            _layerwise_block(s, sample, sample_y, residual=False)  # checks the rules once
     if s.impl == "vmap" and not _vmappable(s, sample):
         s.impl = "loop"
     s.per_example_bytes = _estimate_bytes(s, sample)
@@ -657,12 +752,13 @@ def gram_blocks(
         budget = memory_budget if memory_budget is not None else default_memory_budget(dev)
         if budget <= 0:
             raise ConfigError(f"memory_budget must be a positive number of bytes, got {budget}")
-        s = _setup(model, state, of, loss, implementation, dev, x1[:4])
+        s = _setup(model, state, of, loss, implementation, dev, x1[:4], _take(y1, slice(0, 4)))
         block = max(2, budget // s.per_example_bytes)
         info = {} if info is None else info
         info.update(block_size=int(block), blocks=0, per_example_bytes=s.per_example_bytes)
         logger.info("grams: %s, %d examples per block (%.1f MB each)", s.impl, block,
                     s.per_example_bytes / 2**20)
+        info["vmap_params"] = tuple(s.residual) if s.impl == "layerwise" else ()
         yield from _tiles(s, x1, y1, x2, y2, block, info)
         info["implementation"] = s.impl
     finally:
@@ -773,7 +869,8 @@ def gram(
     _check_finite(diag1, "x1")
     _check_finite(diag2, "x2")
     return GramResult(matrix, diag1, diag2, info.get("implementation", implementation),
-                      int(info.get("block_size", 0)), int(info.get("blocks", 0)))
+                      int(info.get("block_size", 0)), int(info.get("blocks", 0)),
+                      tuple(info.get("vmap_params", ())))
 
 
 def _check_finite(diag: Tensor, what: str) -> None:
