@@ -271,3 +271,75 @@ def test_context_has_indices():
     VariantEvaluator(s.model, s.final, s.test, batch_size=4).evaluate(
         [Edit(activations={"blocks.1.out": fn})])
     assert torch.equal(torch.cat(seen), torch.arange(10))
+
+
+def test_repeated_variants_computed_once_and_filled():
+    s = make_subject("residual_bn")
+    u = s.units("conv")[0]
+    e = stack_edits([replace_edit(u, s.init), replace_edit(u, s.final), replace_edit(u, s.init),
+                     interpolate_edit(u, s.init, s.final, [0.5])])
+    ev = VariantEvaluator(s.model, s.final, s.test)
+    r = ev.evaluate([e, Edit()], per_example=True)[0]
+    assert torch.equal(r.losses[0], r.losses[2])
+    assert abs(float(r.loss[1]) - float(ev.evaluate([Edit()])[0].loss)) == 0
+    assert_matches(r, naive_logits(s, P.interpolate(s.init, s.final, 0.5, u.params)), s.test.y, 3)
+    assert_matches(r, naive_logits(s, P.replace(s.final, s.init, u.params)), s.test.y, 2)
+
+
+class ConvView(torch.nn.Module):
+    """A conv net whose forward `.view`s a conv output: fine contiguous, fails channels-last."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.fc = torch.nn.Linear(3 * 6 * 6, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.fc(h.view(h.size(0), -1))
+
+
+def test_fast_path_equals_plain_path():
+    from genprobe.zoo import create_model
+
+    torch.manual_seed(0)
+    model = create_model("resnet", input_shape=(3, 8, 8), num_classes=4, depth=8, width=4).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):   # non-trivial running statistics
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    init = P.state_of(model)
+    final = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in init.items()}
+    model.load_state_dict(final)
+    s = gp_subject(model, init, (3, 8, 8), 4)
+    fast = VariantEvaluator(s.model, s.final, s.test, batch_size=16)
+    plain = VariantEvaluator(s.model, s.final, s.test, batch_size=16, fast=False)
+    assert fast.channels_last and not plain.channels_last
+    units = s.units()
+    edits = [replace_edit(u, s.init) for u in units] + [mask_edit("stages.1.0.bn1", torch.arange(8) < 3)]
+    assert fast._plan(edits[0], fast._program(frozenset())).fused      # BN folded downstream
+    a = fast.evaluate(edits, logits=True)
+    b = plain.evaluate(edits, logits=True)
+    for u, x, y in zip(units + ["mask"], a, b, strict=True):
+        torch.testing.assert_close(x.logits, y.logits, atol=1e-5, rtol=1e-5, msg=str(u))
+    for u, x in zip(units, a, strict=False):
+        assert_matches(x, naive_logits(s, P.replace(s.final, s.init, u.params)), s.test.y)
+
+
+def gp_subject(model, init, shape, k, n=40):
+    import genprobe as gp
+
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, *shape, generator=g), torch.randint(0, k, (n,), generator=g)
+    return gp.Subject(model, init=init, test=(x, y), train=(x, y))
+
+
+def test_channels_last_rejected_when_forward_needs_contiguous():
+    torch.manual_seed(0)
+    model = ConvView().eval()
+    s = gp_subject(model, P.state_of(model), (1, 6, 6), 3)
+    ev = VariantEvaluator(s.model, s.final, s.test)
+    assert not ev.channels_last and ev.mode == "fx"
+    r = ev.evaluate([replace_edit(s.units("conv")[0], s.init)], logits=True)[0]
+    assert_matches(r, naive_logits(s, P.replace(s.final, s.init, s.units("conv")[0].params)), s.test.y)

@@ -45,7 +45,8 @@ Helpers build the common edits from :class:`genprobe.params.Unit`\\ s and states
 :func:`replace_edit`, :func:`interpolate_edit`, :func:`noise_edit`, :func:`mask_edit`,
 :func:`activation_noise_edit`; :func:`stack_edits` concatenates edits of the same keys into one
 stack. The engine skips variants whose parameters equal the base bit for bit (re-init to θ^F, a
-module with θ^F = θ⁰) and returns the base result for them.
+module with θ^F = θ⁰) and returns the base result for them, and computes variants of a stack
+that are bit-identical to each other once (a BatchNorm re-randomized to its θ⁰ of ones/zeros).
 
 How it is fast
 --------------
@@ -306,6 +307,37 @@ class _Program:
             elif n.op == "get_attr":
                 self.reads[n] = {alias[n.target]} if n.target in alias else set()
         self.modules = modules
+        self.pairs = {n: next(iter(n.users)) for n in self.nodes if self._foldable(n)}
+        self._folded: dict[fx.Node, tuple[Tensor, Tensor]] = {}
+
+    def _foldable(self, n: fx.Node) -> bool:
+        """A Conv2d call whose only user is an eval-mode BatchNorm2d call on its output alone."""
+        if n.op != "call_module" or type(self.modules[n.target]) is not nn.Conv2d or len(n.users) != 1:
+            return False
+        bn_node = next(iter(n.users))
+        if bn_node.op != "call_module" or bn_node.args != (n,) or bn_node.kwargs:
+            return False
+        bn = self.modules[bn_node.target]
+        return (type(bn) is nn.BatchNorm2d and not bn.training and bn.running_mean is not None
+                and bn.running_var is not None and bn.affine)
+
+    def folded(self, conv_node: fx.Node) -> tuple[Tensor, Tensor]:
+        """(weight, bias) of the conv with the following BatchNorm folded in (base state)."""
+        if conv_node not in self._folded:
+            conv = self.modules[conv_node.target]
+            bn = self.modules[self.pairs[conv_node].target]
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)            # (C_out,)
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            self._folded[conv_node] = (conv.weight * scale.view(-1, 1, 1, 1),
+                                       (bias - bn.running_mean) * scale + bn.bias)
+        return self._folded[conv_node]
+
+    def fusable(self, nodes: list[fx.Node], keys: set[str], acts: set[str]) -> set[fx.Node]:
+        """Conv nodes of `nodes` whose conv→BN pair is recomputed but not edited: folded there."""
+        todo = set(nodes)
+        return {c for c, b in self.pairs.items()
+                if c in todo and b in todo and not (self.reads[c] | self.reads[b]) & keys
+                and c.target not in acts}
 
     def affected(self, keys: set[str], act_modules: set[str]) -> list[fx.Node]:
         """Nodes to recompute for an edit, in graph (topological) order."""
@@ -363,14 +395,26 @@ class _Program:
                 env[n] = self.run_node(n, env.__getitem__, {}, {}, empty)
         return env
 
-    def run_suffix(self, env, nodes: list[fx.Node], override, acts, ctx) -> Any:
+    def run_suffix(self, env, nodes: list[fx.Node], override, acts, ctx,
+                   fused: set[fx.Node] = frozenset()) -> Any:
+        """Recompute `nodes` (the rest from `env`); conv nodes in `fused` run with their BN
+        folded in, and the BN node then passes that value on."""
         local: dict[fx.Node, Any] = {}
+        folded_bn = {self.pairs[c]: c for c in fused}
 
         def get(m):
             return local[m] if m in local else env[m]
 
         for n in nodes:
-            local[n] = self.run_node(n, get, override, acts, ctx)
+            if n in fused:
+                w, b = self.folded(n)
+                local[n] = self.modules[n.target]._conv_forward(get(n.args[0]), w, b)
+            elif n in folded_bn:
+                out = local[folded_bn[n]]
+                fn = acts.get(n.target)
+                local[n] = out if fn is None else fn(out, ctx)
+            else:
+                local[n] = self.run_node(n, get, override, acts, ctx)
         return get(self.output)
 
 
@@ -380,8 +424,10 @@ class _Program:
 @dataclass
 class _Plan:
     edit: Edit
-    keep: list[int]                   # variant indices computed (the others equal the base)
+    keep: list[int]                   # variant indices computed (the others repeat one of them)
     nodes: list[fx.Node] | None = None  # nodes to recompute; None: a full forward
+    same: dict[int, int] = field(default_factory=dict)  # variant → the kept variant it equals
+    fused: set = field(default_factory=set)  # conv nodes run with their BatchNorm folded in
 
 
 class VariantEvaluator:
@@ -397,11 +443,15 @@ class VariantEvaluator:
         device: ``"auto"|"cpu"|"cuda"|"cuda:N"``.
         memory_budget: bytes of cached activations to stay within (default 1 GiB).
         use_fx: ``False`` forces the full-forward path (for testing and comparison).
+        fast: use the CPU/GPU-friendly execution: channels-last memory layout for conv nets
+            (kept only if the model's forward accepts it and agrees), and each recomputed
+            Conv2d→BatchNorm2d pair that an edit does not touch run as one conv with the
+            BatchNorm folded in. Exact up to float rounding; ``False`` runs the modules as they are.
     """
 
     def __init__(self, model: nn.Module, base_state: Mapping[str, Tensor], data: Data, *,
                  batch_size: int | None = None, device: str | torch.device = "auto",
-                 memory_budget: int | None = None, use_fx: bool = True):
+                 memory_budget: int | None = None, use_fx: bool = True, fast: bool = True):
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if memory_budget is not None and memory_budget < 1:
@@ -421,6 +471,8 @@ class VariantEvaluator:
                              "(Subject.final or genprobe.params.canonical_state)")
         self.model.load_state_dict({k: base_state[k].detach() for k in keys}, strict=False)
         self.model.to(self.device)
+        self.fast = fast
+        self.channels_last = fast and self._try_channels_last()
         own = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
         self.base: dict[str, Tensor] = {k: own[k].detach() for k in keys}
         self.module_names = {n for n, _ in self.model.named_modules()}
@@ -429,6 +481,28 @@ class VariantEvaluator:
         self._programs: dict[frozenset[str], _Program | None] = {}
         self._bytes_per_example: float | None = None
         self._vmap_ok = True
+
+    def _try_channels_last(self) -> bool:
+        """Switch the private model to channels-last when it is a conv net on images and its
+        forward gives the same outputs that way (a ``.view`` on a conv output would not)."""
+        if self.data.x.dim() != 4 or not any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
+            return False
+        x = self.data.x[: min(4, len(self.data))].to(self.device)
+        with torch.no_grad():
+            reference = self.model(x)
+            self.model.to(memory_format=torch.channels_last)
+            try:
+                out = self.model(x.contiguous(memory_format=torch.channels_last))
+                if torch.allclose(out, reference, rtol=1e-4, atol=1e-5):
+                    return True
+            except Exception:  # any failure: keep the default layout
+                pass
+            self.model.to(memory_format=torch.contiguous_format)
+        return False
+
+    def _input(self, index: Tensor) -> Tensor:
+        x = self.data.x[index].to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     # -- public ----------------------------------------------------------------
 
@@ -461,7 +535,7 @@ class VariantEvaluator:
         accs = [_Acc(p.edit.size) for p in plans]
         for start in range(0, n_total, chunk):
             index = torch.arange(start, min(start + chunk, n_total))
-            x = self.data.x[index].to(self.device)
+            x = self._input(index)
             y = self.data.y[index].to(self.device)
             env = program.run_base(x) if program is not None else None
             base_out = _check_logits(env[program.output] if env is not None else self.model(x))
@@ -492,12 +566,28 @@ class VariantEvaluator:
                 raise ConfigError(f"Edit.args[{k!r}] must have leading dim size={e.size}")
 
     def _plan(self, e: Edit, program: _Program | None) -> _Plan:
-        keep = list(range(e.variants))
-        if not e.activations:
+        keep, same = list(range(e.variants)), {}
+        if not e.activations:  # skip variants equal to the base, compute repeated ones once
             keep = [b for b in keep if not self._equals_base(e, b)]
-        if program is None or not all(program.has_call_site(m) for m in e.activations):
-            return _Plan(e, keep, None)
-        return _Plan(e, keep, program.affected(set(e.params), set(e.activations)))
+            if e.size is not None and not e.args:
+                distinct: list[int] = []
+                for b in keep:
+                    twin = next((a for a in distinct if self._equal_variants(e, a, b)), None)
+                    if twin is None:
+                        distinct.append(b)
+                    else:
+                        same[b] = twin
+                keep = distinct
+        nodes, fused = None, set()
+        if program is not None and all(program.has_call_site(m) for m in e.activations):
+            nodes = program.affected(set(e.params), set(e.activations))
+            if self.fast:
+                fused = program.fusable(nodes, set(e.params), set(e.activations))
+        return _Plan(e, keep, nodes, same, fused)
+
+    @staticmethod
+    def _equal_variants(e: Edit, a: int, b: int) -> bool:
+        return all(torch.equal(v[a], v[b]) for v in e.params.values())
 
     def _equals_base(self, e: Edit, b: int) -> bool:
         for k, v in e.params.items():
@@ -518,7 +608,7 @@ class VariantEvaluator:
         """Bytes of every cached node value per example (the base run on a few examples)."""
         if self._bytes_per_example is None:
             k = min(4, len(self.data))
-            x = self.data.x[:k].to(self.device)
+            x = self._input(torch.arange(k))
             values = program.run_base(x).values() if program is not None else [self.model(x)]
             total = sum(v.numel() * v.element_size() for v in values if isinstance(v, Tensor))
             self._bytes_per_example = max(total / max(k, 1), 1.0)
@@ -543,7 +633,7 @@ class VariantEvaluator:
 
     @torch.no_grad()
     def _verify(self, program: _Program) -> None:
-        x = self.data.x[: min(4, len(self.data))].to(self.device)
+        x = self._input(torch.arange(min(4, len(self.data))))
         ours = program.run_base(x)[program.output]
         theirs = self.model(x)
         if not (isinstance(ours, Tensor) and ours.shape == theirs.shape
@@ -566,21 +656,23 @@ class VariantEvaluator:
             args = {k: v[sel.to(v.device)] for k, v in e.args.items()}
             out[sel.to(out.device)] = self._run_stack(plan, program, env, x, index, params, args,
                                                       len(sel))
+        for b, a in plan.same.items():
+            out[b] = out[a]
         return out
 
     def _run_one(self, plan, program, env, x, index, params, args) -> Tensor:
         ctx = ActivationContext(index, args)
-        override = {k: v.to(self.device) for k, v in params.items()}
+        override = {k: self._layout(v.to(self.device)) for k, v in params.items()}
         if plan.nodes is not None:
             return _check_logits(program.run_suffix(env, plan.nodes, override,
-                                                    plan.edit.activations, ctx))
+                                                    plan.edit.activations, ctx, plan.fused))
         return self._full_forward(override, x, plan.edit.activations, ctx)
 
     def _run_stack(self, plan, program, env, x, index, params, args, size) -> Tensor:
         if plan.nodes is not None and self._vmap_ok:
             def one(p, a):
                 return program.run_suffix(env, plan.nodes, p, plan.edit.activations,
-                                          ActivationContext(index, a))
+                                          ActivationContext(index, a), plan.fused)
             try:
                 return _check_logits(vmap(one)(params, args))
             except Exception as exc:  # a module without a batching rule: loop instead
@@ -592,6 +684,11 @@ class VariantEvaluator:
                                           {k: v[b] for k, v in params.items()},
                                           {k: v[b] for k, v in args.items()})
                             for b in range(size)])
+
+    def _layout(self, v: Tensor) -> Tensor:
+        if self.channels_last and v.dim() == 4:
+            return v.contiguous(memory_format=torch.channels_last)
+        return v
 
     def _full_forward(self, override, x, acts, ctx) -> Tensor:
         modules = dict(self.model.named_modules())
