@@ -280,10 +280,14 @@ def _linear_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
     a3 = a.reshape(n, -1, a.shape[-1])  # (n, T, in)
     b4 = b.reshape(n, kk, -1, b.shape[-1])  # (n, K', T, out)
     ws, bs = _scales(m)
-    out = {"weight": torch.einsum("nkto,nti->nkoi", b4, a3) * ws}
+    out = {"weight": _scaled(torch.einsum("nkto,nti->nkoi", b4, a3), ws)}
     if m.bias is not None:
-        out["bias"] = b4.sum(2) * bs
+        out["bias"] = _scaled(b4.sum(2), bs)
     return out
+
+
+def _scaled(t: Tensor, scale: float) -> Tensor:
+    return t if scale == 1.0 else t * scale
 
 
 def _conv_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
@@ -302,9 +306,9 @@ def _conv_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
             [0, 0], n, [False, True, False])
         per_k.append(gw.reshape(n, *m.weight.shape))
     ws, bs = _scales(m)
-    out = {"weight": torch.stack(per_k, 1) * ws}
+    out = {"weight": _scaled(per_k[0].unsqueeze(1) if kk == 1 else torch.stack(per_k, 1), ws)}
     if m.bias is not None:
-        out["bias"] = b.flatten(3).sum(-1) * bs
+        out["bias"] = _scaled(b.flatten(3).sum(-1), bs)
     return out
 
 
@@ -647,7 +651,7 @@ def _setup(model: nn.Module, state: State, of: str, loss, implementation: str,
     if implementation in ("auto", "layerwise"):
         s.impl = "layerwise" if _plan_layerwise(s, sample) else "vmap"
         if s.impl == "layerwise":
-            _layerwise_block(s, sample, sample_y, residual=False)  # checks the rules once
+            _layerwise_block(s, sample[:1], _take(sample_y, slice(0, 1)), residual=False)  # checks the rules
     if s.impl == "vmap" and not _vmappable(s, sample):
         s.impl = "loop"
     s.per_example_bytes = _estimate_bytes(s, sample)
