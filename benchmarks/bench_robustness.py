@@ -80,6 +80,8 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=1000, help="plain loop's forward batch")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the engine with fast=False (prefix reuse and stacking only)")
     args = ap.parse_args()
 
     subject = make_subject(args.input, args.n, args.epochs, args.depth, args.width)
@@ -89,6 +91,19 @@ def main() -> None:
     t0 = time.perf_counter()
     result = gp.robustness(subject, seeds=1, device=args.device)
     t_ours = time.perf_counter() - t0
+
+    t_slow = None
+    if args.breakdown:
+        import functools
+
+        import genprobe.probes.robustness as R
+        from genprobe.engine.variants import VariantEvaluator
+
+        R.VariantEvaluator = functools.partial(VariantEvaluator, fast=False)
+        t0 = time.perf_counter()
+        gp.robustness(subject, seeds=1, device=args.device)
+        t_slow = time.perf_counter() - t0
+        R.VariantEvaluator = VariantEvaluator
 
     t0 = time.perf_counter()
     plain = naive_map(subject, args.batch_size)
@@ -109,6 +124,9 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     print(f"| plain loop (deepcopy + load_state_dict + full forward) | {t_plain:.2f} | "
           f"{1000 * t_plain / n_cells:.1f} | 1.0x |")
+    if t_slow is not None:
+        print(f"| engine, fast=False (prefix reuse, stacks, repeats once) | {t_slow:.2f} | "
+              f"{1000 * t_slow / n_cells:.1f} | {t_plain / t_slow:.1f}x |")
     print(f"| gp.robustness (variants engine) | {t_ours:.2f} | {1000 * t_ours / n_cells:.1f} | "
           f"{t_plain / t_ours:.1f}x |")
     print(f"\nmax |difference| over all cells (error, loss): {worst:.2e}")

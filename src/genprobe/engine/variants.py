@@ -64,7 +64,27 @@ How it is fast
 - Loop order: data chunk outer, edits inner; a chunk holds every cached node value, so the chunk
   size is chosen to keep the cache plus the largest stack of variants within ``memory_budget``
   bytes (stacks are split when needed).
+- ``fast=True`` (default): conv nets run in channels-last layout (when the model's forward
+  agrees), and every recomputed Conv2d→BatchNorm2d pair that an edit leaves untouched runs as one
+  conv with the BatchNorm folded in. Both change results only by float rounding.
 - BatchNorm runs in eval mode (running statistics are buffers of the state).
+
+API summary (for probe authors)
+-------------------------------
+``VariantEvaluator(model, base_state, data, *, batch_size=None, device="auto",
+memory_budget=None, use_fx=True, fast=True)``;
+``.evaluate(edits, *, per_example=False, logits=False) -> list[EditResult]``;
+``.mode`` (``"fx"``/``"full"``), ``.fallback_reason``, ``.recomputed(edit)`` (node names).
+``EditResult(loss, error, losses, errors, logits, label)``.
+``Edit(params={}, activations={}, args={}, size=None, label=None)``;
+``ActivationContext(index, args)``;
+``replace_edit(unit, source, *, buffers="keep", label=None)``;
+``interpolate_edit(unit, start, end, alphas, *, buffers="keep", label=None)`` (stack);
+``noise_edit(unit, center, sigma, draws, *, seed=None, generator=None, scale="absolute",
+label=None)`` (stack);
+``mask_edit(module, mask, value=0.0, *, dim=1, label=None)`` (stack when mask is (B, C));
+``activation_noise_edit(module, std, *, seed=0, dim=1, label=None)``;
+``stack_edits(edits, label=None)``.
 """
 
 from __future__ import annotations
