@@ -19,16 +19,20 @@ Implementations (one switch, cross-checked against each other in tests/test_gram
   per-parameter gradients multiplied into the Gram matrix. Works on any model whose forward can
   be vmapped (no data-dependent Python control flow); falls back to ``"loop"`` with a warning.
 - ``"layerwise"``: one batched forward and backward per block. For ``nn.Linear``,
-  ``nn.Conv2d`` (groups=1), eval-mode ``BatchNorm`` and ``nn.LayerNorm`` the per-example
-  gradients follow exactly from each call's input and output gradient (the BackPACK / Opacus
-  route: per-example weight gradient of a linear map = Σ over positions of b ⊗ a), and for a
-  2-D ``nn.Linear`` the Gram contribution is contracted directly as (A Aᵀ) ⊙ (B Bᵀ) without
-  forming g_i. Every other parameter (attention projections, embeddings, parameters owned by
-  the root, tied weights, layers whose output is later modified in place) goes through
-  ``vmap(grad)`` restricted to those parameters. Guards, checked on the first block: the
-  batched forward must equal the vmapped per-example forward (examples must not interact),
-  and the summed per-example gradients of every rule must equal autograd's batch gradient;
-  a module failing the second check moves to the ``vmap`` set with a warning.
+  ``nn.Conv2d`` (groups=1), eval-mode ``BatchNorm``, ``nn.LayerNorm`` and the zoo's
+  NTK-parameterized layers the per-example gradients follow exactly from each call's input and
+  output gradient (the BackPACK / Opacus route: a linear map's per-example weight gradient is
+  Σ over positions of b ⊗ a; for a convolution, one grouped convolution backward with the
+  examples as groups). Each layer's Gram contribution is then the cheaper of (i) the product
+  of those per-example gradients and (ii) a contraction that never forms them:
+  (A Aᵀ) ⊙ (B Bᵀ) for a 2-D ``nn.Linear``, Σ_{t,s} (u_it·u_js)(b_it·b_js) over positions for
+  late conv stages and short sequences. Every other parameter (attention projections,
+  embeddings, parameters owned by the root, tied weights, layers whose output is later modified
+  in place) goes through ``vmap(grad)`` restricted to those parameters. Guards, checked once at
+  setup: the batched forward must equal the vmapped per-example forward on a few examples
+  (examples must not interact), and on one example the per-example gradients of every rule must
+  equal autograd's; a module failing that moves to the ``vmap`` set with a warning
+  (:attr:`GramResult.vmap_params` lists them).
 - ``"auto"`` (default): ``"layerwise"``, which degrades by itself to ``"vmap"`` and ``"loop"``
   where the model needs it. ``"vmap"`` is the simplest reliable fast path.
 
@@ -447,7 +451,7 @@ def _plan_layerwise(s: _Setup, x: Tensor) -> bool:
         with torch.no_grad():
             single = _quiet_vmap(vmap(lambda xi: _call(s, {}, xi.unsqueeze(0)).squeeze(0)))(x)
     except Exception as exc:  # noqa: BLE001 - any vmap failure means: not vmappable
-        logger.warning("layerwise: the forward cannot be vmapped (%s); using the loop", _short(exc))
+        logger.info("layerwise: the forward cannot be vmapped (%s)", _short(exc))
         return False
     scale = float(batched.nan_to_num(0.0, 0.0, 0.0).abs().max()) if batched.numel() else 1.0
     if not torch.allclose(batched, single.reshape(batched.shape), rtol=1e-3,
