@@ -161,13 +161,16 @@ def test_module_with_final_equal_init_has_zero_criticality(nested64):
     assert row["criticality"] == 0.0
 
 
-def test_alpha_zero_feasible_means_robust_module():
+@pytest.mark.parametrize("valley", ["full", "search"])
+def test_alpha_zero_feasible_means_robust_module(valley):
     """ε above the loss of the fully rewound module: μ_i = 0 at α* = 0 for every module."""
     s = make_subject("nested", dtype=torch.float64, steps=40)
     worst = max(gp.evaluate(s.model, gp.params.replace(s.final, s.init, u.params), s.train).loss
                 for u in s.units())
-    r = gp.criticality(s, loss="cross_entropy", epsilon=worst + 1e-9, **SMALL)
+    r = gp.criticality(s, loss="cross_entropy", epsilon=worst + 1e-9, valley=valley, **SMALL)
     assert (r.modules["criticality"] == 0.0).all()
+    if valley == "search":  # the noiseless valley alone decided it
+        assert (r.table.sigma == 0.0).all()
     assert (r.modules["alpha_star"] == 0.0).all()
     assert r.summary["network_criticality"] == 0.0 and r.summary["bound"] == 0.0
 
@@ -188,6 +191,17 @@ def test_refinement_never_increases_mu(nested64):
     refined = gp.criticality(nested64, loss="cross_entropy", samples=4, refine=2)
     assert np.all(refined.modules["criticality"].to_numpy() <= base.modules["criticality"].to_numpy() * (1 + 1e-12))
     assert set(base.table.stage) <= {"grid", "search"} and "refine" in set(refined.table.stage)
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "error"])
+def test_valley_search_gives_the_same_mu_with_fewer_evaluations(nested64, loss):
+    eps = 0.02 if loss == "cross_entropy" else 0.05
+    full = gp.criticality(nested64, loss=loss, epsilon=eps, samples=4)
+    search = gp.criticality(nested64, loss=loss, epsilon=eps, samples=4, valley="search")
+    assert all(full.alphas.monotone)  # the assumption "search" makes, checked by "full"
+    assert np.allclose(search.modules.criticality, full.modules.criticality, rtol=1e-12)
+    assert search.summary["evaluations"] < full.summary["evaluations"]
+    assert len(search.plot().axes) >= len(nested64.units()) + 1
 
 
 def test_summary_network_criticality_and_bound(nested64):

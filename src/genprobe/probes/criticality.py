@@ -79,6 +79,7 @@ logger = logging.getLogger(__name__)
 LOSSES = ("error", "cross_entropy")
 NOISES = ("absolute", "relative")
 SPLITS = ("train", "test")
+VALLEYS = ("full", "search")
 
 ERROR_MARGIN = 0.01
 """Default ε for ``loss="error"``: trained error + 0.01 (one percentage point, the robustness
@@ -151,13 +152,15 @@ Request = list[tuple[float, float, str]]
 
 def criticality_search(
     d2: float, epsilon: float, alphas: Sequence[float], sigmas: Sequence[float], *,
-    rtol: float = 0.05, refine: int = 2,
+    rtol: float = 0.05, refine: int = 2, full_grid: bool = True,
 ) -> Generator[Request, list[float], SearchOutcome]:
     """The search of one unit as a coroutine: yields lists of (α, σ, stage) points, receives
     their MC mean losses (same order), returns a :class:`SearchOutcome`.
 
     `d2` = ‖θ_i^F − θ_i^0‖²_F; `sigmas` the sorted grid in (0, 1] (containing 1.0); `alphas`
-    the α grid in [0, 1]. Driving it with an exact loss function gives μ_i within `rtol` (in σ)
+    the α grid in [0, 1]. `full_grid`: evaluate the σ grid at every α (the valley heatmap);
+    otherwise only at the α whose noiseless loss meets ε, and stop at μ = 0 as soon as α = 0
+    does (valley="search"). Driving it with an exact loss function gives μ_i within `rtol` (in σ)
     of the definition restricted to the α candidates, whenever feasibility in σ is a down-set.
     """
     states: list[AlphaState] = []
@@ -172,14 +175,34 @@ def criticality_search(
     def solve(new: list[float], stage: str):
         nonlocal rounds
         fresh = [AlphaState(a) for a in new]
-        request = [(a, 0.0, stage) for a in new] + [(a, s, stage) for a in new for s in sigmas]
-        losses = yield request
+        n = len(sigmas)
+        if full_grid:
+            request = [(a, 0.0, stage) for a in new] + [(a, s, stage) for a in new for s in sigmas]
+            losses = yield request
+            zero, grid = losses[:len(new)], losses[len(new):]
+            on_grid = fresh
+        else:  # noiseless first; the σ grid only where σ → 0 meets ε
+            request = [(a, 0.0, stage) for a in new]
+            zero = yield request
+            asked.extend(request)
+            rounds += 1
+            if any(a == 0.0 and z <= epsilon for a, z in zip(new, zero, strict=True)):
+                for st, z in zip(fresh, zero, strict=True):
+                    st.feasible = bool(z <= epsilon)
+                states.extend(fresh)
+                return
+            on_grid = [st for st, z in zip(fresh, zero, strict=True) if z <= epsilon]
+            request = [(st.alpha, s, stage) for st in on_grid for s in sigmas]
+            grid = (yield request) if request else []
         asked.extend(request)
         rounds += 1
-        n = len(sigmas)
-        for i, st in enumerate(fresh):
-            ok = [losses[i] <= epsilon] + [losses[len(new) + i * n + j] <= epsilon for j in range(n)]
-            _init_bracket(st, ok, sigmas)
+        row = {id(st): i for i, st in enumerate(on_grid)}
+        for st, z in zip(fresh, zero, strict=True):
+            if id(st) not in row:
+                st.feasible = False  # infeasible at σ → 0; larger σ assumed no better
+                continue
+            i = row[id(st)]
+            _init_bracket(st, [z <= epsilon] + [grid[i * n + j] <= epsilon for j in range(n)], sigmas)
         states.extend(fresh)
         if best()[0] == 0.0:
             return
@@ -461,9 +484,9 @@ class CriticalityResult(Result):
 def _valley_panel(ax, grid: pd.DataFrame, alphas: pd.DataFrame, name: str, eps: float, vmax: float):
     m = grid.pivot_table(index="sigma", columns="alpha", values="loss_mean", aggfunc="mean")
     m = m.sort_index()
-    values = m.to_numpy(dtype=float)
+    values = np.ma.masked_invalid(m.to_numpy(dtype=float))  # valley="search" leaves holes
     im = ax.imshow(values, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
-    if values.shape[0] > 1 and values.shape[1] > 1 and np.nanmin(values) <= eps <= np.nanmax(values):
+    if values.shape[0] > 1 and values.shape[1] > 1 and values.count() and values.min() <= eps <= values.max():
         ax.contour(values, levels=[eps], colors="white", linewidths=1.2)
     a_vals, s_vals = list(m.columns), list(m.index)
     ax.set_xticks(range(len(a_vals))[::2], [f"{a:.1f}" for a in a_vals][::2], fontsize=7)
@@ -496,6 +519,7 @@ def criticality(
     max_examples: int | None = None,
     rtol: float = 0.05,
     refine: int = 2,
+    valley: Literal["full", "search"] = "full",
     seed: int = 0,
     batch_size: int | None = None,
     memory_budget: int | None = None,
@@ -515,12 +539,17 @@ def criticality(
         samples: noise draws per (α, σ) point. noise: ``"absolute"`` or ``"relative"`` σ.
         split: data for L_S (the paper: ``"train"``). max_examples: a seeded subset of that size.
         rtol: bisection stops when σ_hi / σ_lo ≤ 1 + rtol. refine: α refinement rounds.
+        valley: ``"full"`` evaluates the whole α × σ grid (the valley figure); ``"search"``
+            only what μ needs: the noiseless valley, then the σ grid at the α whose noiseless
+            loss meets ε (larger σ is assumed no better elsewhere), and nothing more once α = 0
+            meets ε (μ_i = 0). Same μ under the down-set assumption, far fewer evaluations.
         seed: noise draws and the subset. batch_size, memory_budget, device: see
             :class:`~genprobe.engine.variants.VariantEvaluator`.
     """
     check_choice("loss", loss, LOSSES)
     check_choice("noise", noise, NOISES)
     check_choice("split", split, SPLITS)
+    check_choice("valley", valley, VALLEYS)
     alphas = _check_grid("alphas", DEFAULT_ALPHAS if alphas is None else alphas, 0.0, True)
     sigmas = _check_grid("sigmas", DEFAULT_SIGMAS if sigmas is None else sigmas, 0.0, False)
     if sigmas[-1] != 1.0:
@@ -545,7 +574,8 @@ def criticality(
     jobs = []
     for unit in units:
         d2 = P.distance(final, init, unit.params) ** 2
-        search = criticality_search(d2, epsilon, alphas, sigmas, rtol=rtol, refine=refine)
+        search = criticality_search(d2, epsilon, alphas, sigmas, rtol=rtol, refine=refine,
+                                    full_grid=valley == "full")
         jobs.append(_Job(unit, d2, noise_draws(unit, final, samples, seed), search))
     rows = _drive(ev, jobs, init, final, noise, loss, PARAM_BUDGET)
     table = pd.DataFrame(rows, columns=["module", "alpha", "sigma", "loss_mean", "loss_se",
@@ -564,6 +594,7 @@ def criticality(
                         "epsilon": epsilon, "loss": loss, "alphas": alphas, "sigmas": sigmas,
                         "samples": samples, "noise": noise, "split": split,
                         "max_examples": max_examples, "rtol": rtol, "refine": refine,
+                        "valley": valley,
                         "batch_size": batch_size, "device": str(ev.device)},
             "seed": seed, "epsilon_rule": rule, "noise_convention": _NOISE_DOC[noise],
             "buffers": "keep", "bound_formula": "sqrt(network_criticality / n_examples)",
@@ -669,6 +700,7 @@ def cli(app) -> None:
         noise: str = typer.Option("absolute", help="absolute σ, or relative to each tensor's RMS."),
         split: str = typer.Option("train", help="Split L_S is measured on: train or test."),
         max_examples: int = typer.Option(None, help="Use a seeded subset of this many examples."),
+        valley: str = typer.Option("full", help="full: the whole α × σ grid (figure); search: only what μ needs."),
         seed: int = typer.Option(0, help="Seed of the noise draws and the subset."),
         out: Path = typer.Option(None, help="Result directory (default RUN/probes/criticality)."),
         device: str = typer.Option("auto", help=DEVICE_HELP),
@@ -678,7 +710,7 @@ def cli(app) -> None:
         subject = load_run(run, data_dir)
         result = criticality(subject, modules=modules or None, epsilon=epsilon, loss=loss,
                              samples=samples, noise=noise, split=split, max_examples=max_examples,
-                             seed=seed, device=device)
+                             valley=valley, seed=seed, device=device)
         out_dir = write_probe_output(result, run, "criticality", out,
                                      columns=["module", "alpha", "sigma", "loss_mean", "loss_se",
                                               "samples", "stage"])
