@@ -335,3 +335,15 @@ def test_odd_convolutions(force, monkeypatch):
     assert_rel(r.matrix, reference_gram(model, state, x, y1=y))
     o = gram(model, state, x[:3], of="outputs", implementation="layerwise")
     assert_rel(o.matrix, reference_gram(model, state, x[:3], of="outputs"))
+
+
+def test_state_other_than_the_models_own(subjects, caplog):
+    """BatchNorm statistics come from the state being evaluated, not from the model object."""
+    s = subjects["residual_bn"]
+    state = s.init  # θ⁰: running statistics differ from the model's own (θ^F) buffers
+    assert not torch.equal(state["bn1.running_mean"], s.model.bn1.running_mean)
+    x, y = s.train.x[:6], s.train.y[:6]
+    with caplog.at_level(logging.WARNING, logger="genprobe.engine.grams"):
+        r = gram(s.model, state, x, y1=y, implementation="layerwise")
+    assert r.vmap_params == () and "do not sum" not in caplog.text
+    assert_rel(r.matrix, reference_gram(s.model, state, x, y1=y))

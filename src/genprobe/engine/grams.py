@@ -279,7 +279,7 @@ def _geometry(m: nn.Module) -> tuple[tuple, tuple, tuple, tuple]:
             pair(getattr(m, "dilation", 1)))  # NTKConv2d (checked against autograd at setup)
 
 
-def _linear_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
+def _linear_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:  # bilinear in (a, b)
     n, kk = b.shape[:2]
     a3 = a.reshape(n, -1, a.shape[-1])  # (n, T, in)
     b4 = b.reshape(n, kk, -1, b.shape[-1])  # (n, K', T, out)
@@ -386,17 +386,43 @@ def _norm_grads(xhat: Tensor, b: Tensor, m: nn.Module, channel_dim: int | None) 
     return out
 
 
-def _batchnorm_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
+def _batchnorm_xhat(m: nn.Module, a: Tensor) -> Tensor:
     shape = [1, -1] + [1] * (a.dim() - 2)
-    xhat = (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
-    return _norm_grads(xhat, b, m, channel_dim=1)
+    return (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
 
 
-def _layernorm_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
+def _layernorm_xhat(m: nn.Module, a: Tensor) -> Tensor:
     dims = tuple(range(a.dim() - len(m.normalized_shape), a.dim()))
     mean = a.mean(dims, keepdim=True)
     var = a.var(dims, keepdim=True, unbiased=False)
-    return _norm_grads((a - mean) / torch.sqrt(var + m.eps), b, m, channel_dim=None)
+    return (a - mean) / torch.sqrt(var + m.eps)
+
+
+def _batchnorm_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
+    """`a` is the normalized input x̂ (see :func:`_rule_input`)."""
+    return _norm_grads(a, b, m, channel_dim=1)
+
+
+def _layernorm_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
+    return _norm_grads(_layernorm_xhat(m, a), b, m, channel_dim=None)
+
+
+def _rule_input(m: nn.Module, a: Tensor) -> Tensor:
+    """What a rule needs from a call's input, taken while the call runs: BatchNorm's x̂ uses the
+    running statistics of the state being evaluated, which are only swapped in during the call."""
+    a = a.detach()
+    return _batchnorm_xhat(m, a) if _rule(m) is _batchnorm_grads else a
+
+
+def _magnitudes(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
+    """Per-example gradients with every product term replaced by its magnitude (|b|·|a| for a
+    linear map, |b|·|x̂| for a norm layer): the scale of the rounding error of the gradients."""
+    rule = _rule(m)
+    if rule is _batchnorm_grads:
+        return _norm_grads(a.abs(), b.abs(), m, channel_dim=1)
+    if rule is _layernorm_grads:
+        return _norm_grads(_layernorm_xhat(m, a).abs(), b.abs(), m, channel_dim=None)
+    return {k: g.abs() for k, g in rule(m, a.abs(), b.abs()).items()}
 
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -476,7 +502,7 @@ def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None, residual: bool = Tr
     total = torch.zeros(rows, rows, dtype=torch.float64, device=x.device)
     calls: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
     handles = [mod.register_forward_hook(
-        lambda mod, args, out, name=name: calls[name].append((args[0].detach(), out)))
+        lambda mod, args, out, name=name: calls[name].append((_rule_input(mod, args[0]), out)))
         for name, mod in s.covered.items()]
     leaves = {k: v.detach().requires_grad_(True) for k, v in s.params.items()}
     try:
@@ -530,8 +556,8 @@ def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None, residual: bool = Tr
 def _module_gram(mod: nn.Module, inputs: list[Tensor], bs: list[Tensor], rows: int,
                  verify: bool) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
     """One module's Gram contribution (R, R) over all its calls; when verifying, also per
-    parameter the sum of its per-row gradients and the sum of their magnitudes (the scale of
-    rounding errors in that sum). Verification always takes the per-example route."""
+    parameter the sum of its per-row gradients and the sum of the magnitudes of every term that
+    went into it (the scale of rounding errors). Verification takes the per-example route."""
     rule = _rule(mod)
     if not verify and len(inputs) == 1 and rule in (_linear_grads, _conv_grads):
         a, b = inputs[0], bs[0]
@@ -549,7 +575,12 @@ def _module_gram(mod: nn.Module, inputs: list[Tensor], bs: list[Tensor], rows: i
         total += (flat @ flat.T).double()
     if not verify:
         return total, {}
-    return total, {local: (g.sum((0, 1)), g.abs().sum((0, 1))) for local, g in grads.items()}
+    scale: dict[str, Tensor] = {}
+    for a, b in zip(inputs, bs, strict=True):
+        for local, g in _magnitudes(mod, a, b).items():
+            g = g.sum((0, 1))
+            scale[local] = scale[local] + g if local in scale else g
+    return total, {local: (g.sum((0, 1)), scale[local]) for local, g in grads.items()}
 
 
 def _linear_gram(m: nn.Module, a: Tensor, b: Tensor) -> Tensor:
@@ -565,7 +596,8 @@ def _linear_gram(m: nn.Module, a: Tensor, b: Tensor) -> Tensor:
 def _matches(ours: dict[str, tuple[Tensor, Tensor]], batch: dict[str, Tensor | None],
              keys: dict[str, str]) -> bool:
     """Whether the summed per-row gradients equal autograd's batch gradient, parameter by
-    parameter, up to rounding (relative to Σ|g_r|, which bounds cancellation in the sum)."""
+    parameter, up to rounding (relative to the summed magnitudes of the terms, which bounds
+    cancellation)."""
     for local, key in keys.items():
         ref = batch[key]
         if local not in ours:
