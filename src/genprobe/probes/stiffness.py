@@ -141,9 +141,10 @@ class StiffnessResult(Result):
         fig.colorbar(im, ax=axes[0], shrink=0.8)
         curve = self.distance_curve
         ax = axes[1]
+        labels = list(states["checkpoint"])
+        shown = {labels[0], labels[(len(labels) - 1) // 2], FINAL}  # first, middle, final
         for label, part in curve.groupby("checkpoint", sort=False):
-            if label != FINAL and trained and len(states) > 4 and label not in (
-                    states["checkpoint"].iloc[0], states["checkpoint"].iloc[-2]):
+            if label not in shown:
                 continue
             mid = 0.5 * (part["bin_low"] + part["bin_high"])
             ax.plot(mid, part["cosine"], marker="o", ms=3,
