@@ -384,3 +384,14 @@ def test_cli(tmp_path, capsys):
               "--out", str(out)])
     assert exc.value.code == 2
     assert "below the trained model's own" in capsys.readouterr().err
+
+
+def test_infinite_criticality_round_trips(nested64, tmp_path):
+    """μ_i = ∞ (no feasible α) is a legitimate value: it saves, loads and plots."""
+    r = gp.criticality(nested64, loss="cross_entropy", **SMALL)
+    r.tables["modules"].loc[0, "criticality"] = math.inf
+    r.summary["network_criticality"] = r.summary["max_module_criticality"] = math.inf
+    again = gp.load(r.save(tmp_path / "inf"))
+    assert math.isinf(again.summary["network_criticality"]) and again.summary["epsilon"] > 0
+    assert math.isinf(again.modules["criticality"].iloc[0])
+    assert again.plot() is not None

@@ -85,8 +85,9 @@ class Result:
             if self.tensors:
                 save_file({k: v.detach().cpu().contiguous() for k, v in self.tensors.items()},
                           str(tmp / "tensors.safetensors"))
-            meta = {"summary": {k: (None if math.isnan(v) else v) for k, v in self.summary.items()},
+            meta = {"summary": {k: (v if math.isfinite(v) else None) for k, v in self.summary.items()},
                     "nan_keys": [k for k, v in self.summary.items() if math.isnan(v)],
+                    "inf_keys": {k: math.copysign(1.0, v) for k, v in self.summary.items() if math.isinf(v)},
                     "meta": _jsonable(self.meta), "tables": sorted(self.tables)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
             if path.exists():
@@ -110,7 +111,9 @@ class Result:
         except (OSError, KeyError, ValueError) as exc:
             raise RunError(f"{path} is not a readable genprobe result ({exc}); "
                            "write one with result.save(path)") from exc
-        summary = {k: (math.nan if k in meta["nan_keys"] else v) for k, v in meta["summary"].items()}
+        infs = meta.get("inf_keys", {})
+        summary = {k: (math.nan if k in meta["nan_keys"] else math.copysign(math.inf, infs[k]) if k in infs
+                       else v) for k, v in meta["summary"].items()}
         kind = _REGISTRY.get(meta["meta"].get("probe"), Result)
         if cls is not Result and not issubclass(kind, cls):
             raise RunError(f"{path} holds a {meta['meta'].get('probe')!r} result, not {cls.probe!r}")
