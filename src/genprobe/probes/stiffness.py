@@ -141,8 +141,11 @@ class StiffnessResult(Result):
         fig.colorbar(im, ax=axes[0], shrink=0.8)
         curve = self.distance_curve
         ax = axes[1]
-        labels = list(states["checkpoint"])
-        shown = {labels[0], labels[(len(labels) - 1) // 2], FINAL}  # first, middle, final
+        final_curve = curve.loc[curve["checkpoint"] == FINAL, "cosine"].to_numpy()
+        epochs = [c for c in dict.fromkeys(curve["checkpoint"]) if c != FINAL]
+        shown = {FINAL} | {c for c in (epochs[:1] + epochs[len(epochs) // 2:][:1])  # first, middle
+                           if not np.array_equal(curve.loc[curve["checkpoint"] == c, "cosine"].to_numpy(),
+                                                 final_curve)}
         for label, part in curve.groupby("checkpoint", sort=False):
             if label not in shown:
                 continue
