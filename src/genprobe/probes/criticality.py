@@ -40,7 +40,15 @@ The search (per unit; see :func:`criticality_search`):
    σ*(α) is then bisected geometrically inside its grid bracket until σ_hi / σ_lo ≤ 1 + ``rtol``.
    The bisection of all α runs in lock-step with branch and bound: an α whose best possible
    objective α²d²/σ_hi² exceeds the best verified one is dropped.
-3. ``refine`` rounds add α* ± h/2, α* ± h/4, … around the best α (h the α grid step).
+3. ``refine`` rounds add α* ± h/2, α* ± h/4, … around the best α (h the α grid step). They
+   only add candidates, so they never raise μ_i; they can make μ_i(ε) non-monotone in ε by up
+   to the refinement's own gain (without refinement, larger ε never gives larger μ_i under the
+   down-set assumption, with the same draws).
+
+``valley="search"`` skips what μ does not need: the σ grid at α whose noiseless loss exceeds ε
+(under the down-set assumption no σ > 0 can help there), and everything after the noiseless
+valley once α = 0 meets ε. It gives the same μ when the assumption holds, and a valley table
+with holes (the heatmap shows them blank).
 
 Edge cases, explicitly: α = 0 with some σ (the σ → 0 limit included) meeting ε gives μ_i = 0
 (rewinding the module fully keeps the loss under ε: a robust module); θ_i^F = θ_i^0 gives μ_i = 0;
@@ -250,7 +258,9 @@ def criticality_search(
     states.sort(key=lambda s: s.alpha)
     if st is None:
         return SearchOutcome(states, math.inf, math.nan, math.nan, rounds, asked)
-    return SearchOutcome(states, value, st.alpha, st.lo, rounds, asked)
+    # at α* = 0 any σ works; report the largest one evaluated feasible (0: only σ → 0)
+    sigma = st.lo if (st.verified and st.lo in sigmas or st.alpha > 0) else 0.0
+    return SearchOutcome(states, value, st.alpha, sigma, rounds, asked)
 
 
 def _update(s: AlphaState, floor_ok: bool, mid_ok: bool) -> None:
@@ -426,7 +436,8 @@ class CriticalityResult(Result):
     the draws), ``error_mean``, ``cross_entropy_mean``, ``samples`` (draws; 1 at σ = 0),
     ``stage`` (``"grid"`` valley grid incl. σ = 0, ``"search"`` bisection, ``"refine"`` α
     refinement) and ``feasible`` (loss_mean ≤ ε).
-    ``modules``: ``module``, ``criticality`` (μ_i), ``alpha_star``, ``sigma_star``, ``distance``
+    ``modules``: ``module``, ``criticality`` (μ_i), ``alpha_star``, ``sigma_star`` (at α* = 0, where
+    any σ attains μ_i = 0: the largest feasible grid σ evaluated, 0 if none was), ``distance``
     (‖θ_i^F − θ_i^0‖_F), ``loss_at_star``, ``monotone`` (feasibility was a down-set in σ at
     every α), ``evaluations`` (network evaluations on the data).
     ``alphas``: per (``module``, ``alpha``): ``sigma_star`` (largest feasible σ found, 0 when
