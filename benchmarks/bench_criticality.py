@@ -26,7 +26,12 @@ value one grid step away in both α and σ (α_{a−1}² d² / σ_{j+1}² at a f
 are 0. Different noise draws (genprobe's common random numbers vs the grid's own) can move a
 boundary point across ε, so a disagreement is reported, not hidden.
 
-Run: ``python benchmarks/bench_criticality.py [--epochs E] [--plain-evals N] [--valley full|search]``.
+genprobe's settings here: ``valley="search"``, ``refine=0`` (the plain protocol's own α grid, no
+refinement), ``rtol=0.1`` (σ* to 10%, far finer than the plain grid's 0.1 steps); the library
+defaults (``refine=2``, ``rtol=0.05``) are selectable with ``--refine 2 --rtol 0.05``.
+
+Run: ``python benchmarks/bench_criticality.py [--epochs E] [--plain-evals N] [--valley full|search]
+[--refine R] [--rtol T]``.
 """
 
 from __future__ import annotations
@@ -132,6 +137,8 @@ def main() -> None:
     parser.add_argument("--check", nargs="*", default=["stages.2.0.conv2", "stages.2.0.bn2", "head"],
                         help="modules whose plain-protocol μ is computed and compared")
     parser.add_argument("--valley", default="search", choices=["full", "search"])
+    parser.add_argument("--refine", type=int, default=0, help="α refinement rounds (genprobe default 2)")
+    parser.add_argument("--rtol", type=float, default=0.1, help="σ bisection tolerance (default 0.05)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
@@ -145,7 +152,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     ours = gp.criticality(subject, loss="error", samples=DRAWS, seed=0, valley=args.valley,
-                          device=args.device)
+                          refine=args.refine, rtol=args.rtol, device=args.device)
     t_ours = time.perf_counter() - t0
     mods = ours.modules.set_index("module")
     assert abs(ours.summary["epsilon"] - epsilon) < 1e-9
@@ -180,7 +187,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"threads {torch.get_num_threads()}, device {args.device}; trained error "
           f"{trained.error:.4f}, ε = {epsilon:.4f}, {len(units)} modules, engine {ours.meta['engine']}, "
-          f"valley={args.valley}")
+          f"valley={args.valley}, refine={args.refine}, rtol={args.rtol}")
     print(f"literal plain loop vs engine on the timed fraction: max |Δ error| = {max_diff:.2e}")
     print()
     print("| module | plain μ | plain α*, σ* | plain lower (1 grid step) | genprobe μ | genprobe α*, σ* | agree |")
@@ -194,7 +201,8 @@ def main() -> None:
     print(f"| plain grid (deepcopy + full forward) | {len(points)} timed of "
           f"{1210 * len(units)} | {t_fraction:.1f} | {t_plain:.0f} (extrapolated: "
           f"{per_eval:.3f} s × 1,210 × {len(units)}) |")
-    print(f"| genprobe criticality (samples=10, valley={args.valley}) | "
+    print(f"| genprobe criticality (samples=10, valley={args.valley}, refine={args.refine}, "
+          f"rtol={args.rtol}) | "
           f"{int(ours.summary['evaluations'])} | {t_ours:.1f} | {t_ours:.1f} |")
     print()
     print(f"speed-up: {t_plain / t_ours:.1f}x; agreement within grid resolution: "
