@@ -75,10 +75,11 @@ def test_replace_every_unit(foreign_subject):
         assert_matches(r, naive_logits(s, P.replace(s.final, s.init, u.params)), s.test.y)
 
 
-def test_interpolate_and_noise_stacks(foreign_subject):
+@pytest.mark.parametrize("stack", ["vmap", "loop"])
+def test_interpolate_and_noise_stacks(foreign_subject, stack):
     s = foreign_subject
     chunk = None if name_of(s) == "untraceable" else 7   # several chunks (see below)
-    ev = VariantEvaluator(s.model, s.final, s.test, batch_size=chunk)
+    ev = VariantEvaluator(s.model, s.final, s.test, batch_size=chunk, stack=stack)
     alphas = [0.0, 0.3, 1.0]
     for u in s.units()[::2]:
         inter = interpolate_edit(u, s.init, s.final, alphas)
@@ -112,12 +113,13 @@ def test_noise_draws_reproducible_and_scaled():
         noise_edit(u, s.final, 0.1, 2, scale="weird")
 
 
-def test_activation_masks_and_noise(foreign_subject):
+@pytest.mark.parametrize("stack", ["vmap", "loop"])
+def test_activation_masks_and_noise(foreign_subject, stack):
     s = foreign_subject
     module, dim, c = ACT[name_of(s)]
     # Untraceable branches on a whole-batch sum: only the one-chunk evaluation equals the naive one
     chunk = None if name_of(s) == "untraceable" else 10
-    ev = VariantEvaluator(s.model, s.final, s.test, batch_size=chunk)
+    ev = VariantEvaluator(s.model, s.final, s.test, batch_size=chunk, stack=stack)
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(c, generator=g) < 0.5
     means = torch.randn(c, generator=g)
@@ -343,3 +345,11 @@ def test_channels_last_rejected_when_forward_needs_contiguous():
     assert not ev.channels_last and ev.mode == "fx"
     r = ev.evaluate([replace_edit(s.units("conv")[0], s.init)], logits=True)[0]
     assert_matches(r, naive_logits(s, P.replace(s.final, s.init, s.units("conv")[0].params)), s.test.y)
+
+
+def test_stack_mode_auto_loops_on_the_cpu_and_is_validated():
+    s = make_subject("nested")
+    assert VariantEvaluator(s.model, s.final, s.test, device="cpu").stack == "loop"
+    assert VariantEvaluator(s.model, s.final, s.test, device="cpu", stack="vmap").stack == "vmap"
+    with pytest.raises(ConfigError, match="stack"):
+        VariantEvaluator(s.model, s.final, s.test, stack="threads")

@@ -94,7 +94,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,7 @@ from torch import Tensor, fx, nn
 from torch.func import functional_call, vmap
 
 from ..device import resolve_device
-from ..errors import ConfigError, ModuleSelectionError, StateError
+from ..errors import ConfigError, ModuleSelectionError, StateError, check_choice
 from ..evaluate import DEFAULT_BATCH_SIZE
 from ..params import BufferPolicy, Unit
 from ..subject import Data
@@ -450,6 +450,14 @@ class _Plan:
     fused: set = field(default_factory=set)  # conv nodes run with their BatchNorm folded in
 
 
+STACK_MODES = ("auto", "vmap", "loop")
+"""How a stack of variants is run: ``vmap`` over the variant dim, or a ``loop`` over variants.
+``auto`` (the default) loops on the CPU and uses vmap elsewhere: on a 2-core CPU, vmap over a
+stack of 10 conv-weight variants of a ResNet stem took 2.3× as long as looping (0.50 s vs
+0.22 s on 2,000 images) and was never faster for other modules, while on a GPU one batched
+kernel launch beats many small ones."""
+
+
 class VariantEvaluator:
     """Evaluates edits of `model` under `base_state` on `data` (see the module docstring).
 
@@ -471,7 +479,9 @@ class VariantEvaluator:
 
     def __init__(self, model: nn.Module, base_state: Mapping[str, Tensor], data: Data, *,
                  batch_size: int | None = None, device: str | torch.device = "auto",
-                 memory_budget: int | None = None, use_fx: bool = True, fast: bool = True):
+                 memory_budget: int | None = None, use_fx: bool = True, fast: bool = True,
+                 stack: Literal["auto", "vmap", "loop"] = "auto"):
+        check_choice("stack", stack, STACK_MODES)
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if memory_budget is not None and memory_budget < 1:
@@ -500,7 +510,8 @@ class VariantEvaluator:
         self.fallback_reason: str | None = None if use_fx else "use_fx=False"
         self._programs: dict[frozenset[str], _Program | None] = {}
         self._bytes_per_example: float | None = None
-        self._vmap_ok = True
+        self.stack = stack if stack != "auto" else ("loop" if self.device.type == "cpu" else "vmap")
+        self._vmap_ok = self.stack == "vmap"
 
     def _try_channels_last(self) -> bool:
         """Switch the private model to channels-last when it is a conv net on images and its
