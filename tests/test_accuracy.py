@@ -2,8 +2,6 @@
 
 Targets from the foundation issue: an fcn with 3 hidden layers under 3% test error on MNIST,
 a cnn under 12% on Fashion-MNIST, a resnet under 5% on the digits. README states the times.
-The two full-dataset runs take minutes each on a 2-core CPU: they are also marked ``heavy``,
-which CI's bounded slow step leaves out (run them with ``pytest -m heavy``).
 """
 
 import pytest
@@ -16,8 +14,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.mark.parametrize("arch, dataset, target", [
     ("resnet", "digits", 0.05),
-    pytest.param("fcn", "mnist", 0.03, marks=pytest.mark.heavy),
-    pytest.param("cnn", "fashion-mnist", 0.12, marks=pytest.mark.heavy),
+    ("fcn", "mnist", 0.03),
+    ("cnn", "fashion-mnist", 0.12),
 ])
 def test_default_training_reaches_target(arch, dataset, target):
     final = read_metrics(trained_run(arch, dataset)).iloc[-1]
