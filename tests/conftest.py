@@ -19,3 +19,14 @@ def _seeded():
 def foreign_subject(request):
     """A float32 Subject of every foreign model in turn (see tests/foreign.py)."""
     return make_subject(request.param)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests: extra threads only add
+    synchronization, and stall badly on a shared CPU. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

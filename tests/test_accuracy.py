@@ -5,9 +5,9 @@ a cnn under 12% on Fashion-MNIST, a resnet under 5% on the digits. README states
 """
 
 import pytest
-from runs import trained_run
 
 from genprobe.zoo.train import read_metrics
+from runs import trained_run
 
 pytestmark = pytest.mark.slow
 

@@ -15,16 +15,10 @@ from genprobe.engine.grams import IMPLEMENTATIONS, cosine_from_gram, gram, gram_
 from genprobe.errors import ConfigError, DataError
 from genprobe.params import state_of
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IMPLS = [i for i in IMPLEMENTATIONS if i != "auto"] + ["auto"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronization (and stall badly on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def reference_features(model, state, x, y=None, of="loss"):

@@ -14,14 +14,8 @@ from genprobe.errors import ConfigError, DataError, StateError
 from genprobe.probes.stiffness import critical_length
 from test_grams import reference_features
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronization (and stall badly on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def ref_cosine(subject, state, rows_split, rows, cols_split=None, cols=None):

@@ -16,13 +16,12 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import spearmanr
 
 import genprobe as gp
 from runs import trained_run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 log = logging.getLogger(__name__)
 
 LRS = (0.01, 0.05, 0.2)
@@ -37,14 +36,6 @@ def _stiffness(lr: float, checkpoints=None) -> gp.StiffnessResult:
                 r.over_training.round(4).to_string())
     return r
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models on a shared 2-core CPU: one intra-op thread avoids stalls between threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
