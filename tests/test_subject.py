@@ -80,6 +80,7 @@ def test_result_round_trip_is_exact(tmp_path):
     assert back.summary["x"] == 1.5 and math.isnan(back.summary["y"])
     assert torch.equal(back.tensors["m"], r.tensors["m"])
     assert back.meta["seed"] == 3 and back.meta["probe"] == "result"
+    assert back.meta["genprobe_version"] == gp.__version__  # provenance, recorded by the base class
     r.save(tmp_path / "r")  # overwriting an existing result works and leaves no temp dirs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
     with pytest.raises(gp.RunError, match="not a readable genprobe result"):

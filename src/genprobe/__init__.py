@@ -1,5 +1,6 @@
 """genprobe: which parts of a trained PyTorch network matter, and what that says about generalization."""
 
+from ._version import __version__
 from .errors import (
     ConfigError,
     DataError,
@@ -15,8 +16,6 @@ from .probes.robustness import RobustnessResult, robustness
 from .probes.stiffness import StiffnessResult, stiffness
 from .results import Result, load
 from .subject import Data, Subject
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CriticalityResult", "criticality",

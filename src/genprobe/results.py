@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from ._version import __version__
 from .errors import RunError
 
 _REGISTRY: dict[str, type[Result]] = {}
@@ -61,7 +62,7 @@ class Result:
 
     def __post_init__(self) -> None:
         self.summary = {k: float(v) for k, v in self.summary.items()}
-        self.meta = {"probe": self.probe, **self.meta}
+        self.meta = {"probe": self.probe, "genprobe_version": __version__, **self.meta}
 
     def plot(self):
         """A matplotlib Figure like the paper's figure for this probe."""

@@ -609,8 +609,7 @@ def criticality(
                         "batch_size": batch_size, "device": str(ev.device)},
             "seed": seed, "epsilon_rule": rule, "noise_convention": _NOISE_DOC[noise],
             "buffers": "keep", "bound_formula": "sqrt(network_criticality / n_examples)",
-            "engine": ev.mode, "fallback_reason": ev.fallback_reason,
-            "genprobe_version": _version()}
+            "engine": ev.mode, "fallback_reason": ev.fallback_reason}
     return CriticalityResult(table=table, summary=summary, meta=meta,
                              tables={"modules": per_module, "alphas": per_alpha})
 
@@ -684,11 +683,6 @@ def _subset(data: Data, max_examples: int | None, seed: int) -> Data:
     index = torch.randperm(len(data), generator=g)[:max_examples].sort().values
     return data.subset(index)
 
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -170,7 +170,7 @@ def robustness(
                         "batch_size": batch_size, "device": str(ev.device)},
             "seed": list(range(seeds)) if rerandomize else [],
             "engine": ev.mode, "fallback_reason": ev.fallback_reason,
-            "not_rerandomized": failed, "genprobe_version": _version(),
+            "not_rerandomized": failed,
             "n_examples": len(data)}
     return RobustnessResult(table=table, summary=summary, meta=meta,
                             tables={"modules": per_module})
@@ -232,11 +232,6 @@ def _summary(table: pd.DataFrame, per_module: pd.DataFrame, base, rerandomize: b
             "mean_delta_error_rerandomize": float(rr.mean()) if rerandomize and rr.notna().any() else math.nan,
             "base_error": float(base.error), "base_loss": float(base.loss)}
 
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -415,8 +415,7 @@ def stiffness(
                         "checkpoints": _options_checkpoints(checkpoints),
                         "distance": distance, "bins": bins, "device": device,
                         "memory_budget": memory_budget, "implementation": implementation},
-            "seed": seed, "states": [s[0] for s in states], "engine": used,
-            "genprobe_version": _version(), "loss": "cross_entropy"}
+            "seed": seed, "states": [s[0] for s in states], "engine": used, "loss": "cross_entropy"}
     return StiffnessResult(table=table, summary=summary, meta=meta,
                            tables={"distance": curve, "states": over}, tensors=tensors)
 
@@ -443,11 +442,6 @@ def _options_checkpoints(checkpoints):
         return [int(checkpoints)]
     return [int(c) for c in checkpoints]
 
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
 
 
 # ----------------------------------------------------------------------------- CLI

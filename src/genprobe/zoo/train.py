@@ -26,7 +26,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import __version__, store
+from .. import store
+from .._version import __version__
 from ..device import resolve_device
 from ..errors import ConfigError, RunError, check_choice
 from ..evaluate import evaluate
