@@ -30,3 +30,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A finished run directory of a small fcn (2 hidden layers of 16) trained 2 epochs on 120
+    digits, for the probes' CLI tests (which must not write into it: pass --out)."""
+    from genprobe.zoo.train import TrainConfig, train_run
+
+    return train_run(TrainConfig(arch="fcn", dataset="digits", epochs=2, n_train=120, n_test=60,
+                                 arch_options={"width": 16, "depth": 2}, device="cpu"),
+                     tmp_path_factory.mktemp("tiny") / "run")

@@ -364,13 +364,10 @@ def test_bad_input(nested64):
             gp.criticality(nested64, **bad)
 
 
-def test_cli(tmp_path, capsys):
+def test_cli(tiny_run, tmp_path, capsys):
     from genprobe.cli import main
-    from genprobe.zoo.train import TrainConfig, train_run
 
-    run = tmp_path / "run"
-    train_run(TrainConfig(arch="fcn", dataset="digits", epochs=2, n_train=120, n_test=60,
-                          arch_options={"width": 16, "depth": 2}, device="cpu"), run)
+    run = tiny_run
     out = tmp_path / "crit"
     main(["probe", "criticality", str(run), "--modules", "layers.3", "--samples", "2",
           "--loss", "cross_entropy", "--max-examples", "100", "--out", str(out)])

@@ -162,13 +162,10 @@ def test_save_load_plot(tmp_path):
     assert "Int64" in str(r.table["seed"].dtype)
 
 
-def test_cli(tmp_path, capsys):
+def test_cli(tiny_run, tmp_path, capsys):
     from genprobe.cli import main
-    from genprobe.zoo.train import TrainConfig, train_run
 
-    run = tmp_path / "run"
-    train_run(TrainConfig(arch="fcn", dataset="digits", epochs=2, n_train=120, n_test=60,
-                          arch_options={"width": 16, "depth": 2}, device="cpu"), run)
+    run = tiny_run
     out = tmp_path / "rob"
     main(["probe", "robustness", str(run), "--modules", "layers.1", "--modules", "layers.3",
           "--checkpoints", "0", "--checkpoints", "2", "--seeds", "2", "--out", str(out)])

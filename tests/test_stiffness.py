@@ -179,13 +179,10 @@ def test_nan_loss_names_examples():
         gp.stiffness(bad, per_class=4)
 
 
-def test_cli(tmp_path, capsys):
+def test_cli(tiny_run, tmp_path, capsys):
     from genprobe.cli import main
-    from genprobe.zoo.train import TrainConfig, train_run
 
-    run = tmp_path / "run"
-    train_run(TrainConfig(arch="fcn", dataset="digits", epochs=2, n_train=120, n_test=60,
-                          arch_options={"width": 16, "depth": 1}, device="cpu"), run)
+    run = tiny_run
     out = tmp_path / "st"
     main(["probe", "stiffness", str(run), "--per-class", "2", "--checkpoints", "all",
           "--bins", "5", "--out", str(out)])
