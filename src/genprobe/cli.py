@@ -47,7 +47,9 @@ def write_probe_output(result, run: Path, name: str, out: Path | None = None, co
     out = out or (Path(run) / "probes" / name)
     figure = _save_with_figure(result, out)
     table = result.table[columns] if columns else result.table
-    with __import__("pandas").option_context("display.max_rows", 60, "display.width", 160,
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", 60, "display.width", 160,
                                              "display.float_format", "{:.4g}".format):
         typer.echo(table.to_string(index=False))
     typer.echo(" ".join(f"{k}={v:.4g}" for k, v in result.summary.items()))

@@ -97,13 +97,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.func import functional_call, vmap
 
 from ..device import resolve_device
 from ..errors import ConfigError, ModuleSelectionError, StateError, check_choice
 from ..evaluate import DEFAULT_BATCH_SIZE
+from ..evaluate import per_example as loss_and_error
 from ..params import BufferPolicy, Unit
 from ..subject import Data
 
@@ -749,9 +749,8 @@ class _Acc:
     def add(self, out: Tensor, y: Tensor, per_example: bool, keep_logits: bool) -> None:
         out = out.unsqueeze(0) if self.size is None else out            # (B, n, K)
         b, n, k = out.shape
-        loss = F.cross_entropy(out.reshape(b * n, k).double(), y.repeat(b), reduction="none")
-        loss = loss.view(b, n)
-        wrong = (out.argmax(dim=-1) != y).double()
+        loss, wrong = loss_and_error(out.reshape(b * n, k), y.repeat(b))
+        loss, wrong = loss.view(b, n), wrong.view(b, n)
         self.loss += loss.sum(dim=1).cpu()
         self.wrong += wrong.sum(dim=1).cpu()
         if per_example:
