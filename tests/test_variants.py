@@ -320,7 +320,9 @@ def test_fast_path_equals_plain_path():
     assert fast.channels_last and not plain.channels_last
     units = s.units()[::4]
     edits = [replace_edit(u, s.init) for u in units] + [mask_edit("stages.1.0.bn1", torch.arange(8) < 3)]
-    assert fast._plan(edits[0], fast._program(frozenset())).fused      # BN folded downstream
+    fused = {n.target for n in fast._plan(edits[0], fast._program(frozenset())).fused}
+    assert units[0].name == "stem.0" and "stem.0" in fused       # the edited conv, BN folded
+    assert len(fused) > 1                                           # and convs downstream
     a = fast.evaluate(edits, logits=True)
     b = plain.evaluate(edits, logits=True)
     for u, x, y in zip(units + ["mask"], a, b, strict=True):
@@ -353,3 +355,63 @@ def test_stack_mode_auto_loops_on_the_cpu_and_is_validated():
     assert VariantEvaluator(s.model, s.final, s.test, device="cpu", stack="vmap").stack == "vmap"
     with pytest.raises(ConfigError, match="stack"):
         VariantEvaluator(s.model, s.final, s.test, stack="threads")
+
+
+class AliasTraps(torch.nn.Module):
+    """Every way an in-place ReLU or addition could clobber a value something else still reads:
+    a conv output used twice, an identity that returns its input, a view, a broadcasting sum
+    whose first operand is the smaller one, an in-place ReLU module of the model's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(4)
+        self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.same = torch.nn.Identity()
+        self.act = torch.nn.ReLU(inplace=True)
+        self.gate = torch.nn.Linear(4, 1)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.bn1(self.conv1(x))            # fresh, but used by relu and by the sum below
+        a = torch.relu(h)
+        b = self.conv2(a)
+        b = b + h                              # first operand fresh and used once
+        c = torch.relu(self.same(b))           # identity: relu's operand is b itself
+        p = c.mean(dim=(2, 3))
+        g = self.gate(p)                       # (n, 1)
+        s = g + p                              # broadcasts: cannot overwrite g
+        s = self.act(s)                        # the model's own in-place ReLU
+        flat = s.view(s.size(0), -1)
+        return self.fc(torch.relu(flat) + flat)
+
+
+def test_in_place_elementwise_never_clobbers_a_value_in_use():
+    torch.manual_seed(0)
+    model = AliasTraps().eval()
+    model.bn1.running_mean.uniform_(-0.5, 0.5)
+    model.bn1.running_var.uniform_(0.5, 2.0)
+    init = P.state_of(model)
+    final = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v for k, v in init.items()}
+    model.load_state_dict(final)
+    s = gp_subject(model, init, (2, 5, 5), 3, n=24)
+    fast = VariantEvaluator(s.model, s.final, s.test, batch_size=8)
+    plain = VariantEvaluator(s.model, s.final, s.test, batch_size=8, fast=False)
+    assert fast.mode == "fx" and fast._program(frozenset()).elementwise   # the in-place path runs
+    edits = [replace_edit(u, s.init) for u in s.units()]
+    for _ in range(2):   # a second pass would see any cached base value that was overwritten
+        a, b = fast.evaluate(edits, logits=True), plain.evaluate(edits, logits=True)
+        for u, x, y in zip(s.units(), a, b, strict=True):
+            torch.testing.assert_close(x.logits, y.logits, atol=1e-5, rtol=1e-5, msg=u.name)
+            assert_matches(x, naive_logits(s, P.replace(s.final, s.init, u.params)), s.test.y)
+
+
+def test_cpu_chunks_keep_the_largest_activation_small():
+    from genprobe.engine import variants as V
+
+    s = make_subject("residual_bn", n_test=40)
+    ev = VariantEvaluator(s.model, s.final, s.test, device="cpu")
+    total, largest = ev._estimate_bytes(ev._program(frozenset()))
+    assert 0 < largest <= total
+    chunk, _ = ev._chunking(ev._program(frozenset()))
+    assert chunk == min(40, V.DEFAULT_BATCH_SIZE, max(V.MIN_CPU_CHUNK, int(V.CPU_CHUNK_BYTES // largest)))
