@@ -63,10 +63,14 @@ How it is fast
   logs a warning naming the reason; ``ev.mode`` says which path is used (``"fx"``/``"full"``).
 - Loop order: data chunk outer, edits inner; a chunk holds every cached node value, so the chunk
   size is chosen to keep the cache plus the largest stack of variants within ``memory_budget``
-  bytes (stacks are split when needed).
+  bytes (stacks are split when needed). On the CPU it is also capped so that the largest single
+  activation stays within :data:`CPU_CHUNK_BYTES` (cache-sized work, recycled memory).
 - ``fast=True`` (default): conv nets run in channels-last layout (when the model's forward
-  agrees), and every recomputed Conv2d→BatchNorm2d pair that an edit leaves untouched runs as one
-  conv with the BatchNorm folded in. Both change results only by float rounding.
+  agrees); every recomputed Conv2d→BatchNorm2d pair whose BatchNorm the edit leaves untouched
+  runs as one conv with the BatchNorm folded in (the conv's weights may be edited); and a
+  recomputed ReLU or addition whose first operand is a freshly computed tensor with no other
+  user overwrites it instead of allocating (not under vmap). All of these change results only
+  by float rounding.
 - BatchNorm runs in eval mode (running statistics are buffers of the state).
 
 API summary (for probe authors)
