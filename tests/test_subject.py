@@ -66,6 +66,21 @@ def test_evaluate_matches_a_hand_loop(foreign_subject):
     loss = nn.functional.cross_entropy(out, s.test.y).item()
     error = (out.argmax(1) != s.test.y).float().mean().item()
     assert got.loss == pytest.approx(loss, rel=1e-5) and got.error == pytest.approx(error)
+    default = gp.evaluate(s.model, s.final, s.test)   # the CPU-sized default batch
+    assert default.loss == pytest.approx(loss, rel=1e-5) and default.error == pytest.approx(error)
+
+
+def test_cpu_batch_follows_the_largest_activation():
+    import importlib
+
+    E = importlib.import_module("genprobe.evaluate")   # the module (gp.evaluate is the function)
+
+    conv = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 32 * 32, 10))
+    x = torch.randn(3, 3, 32, 32)
+    assert E.largest_activation_bytes(conv, x) == 16 * 32 * 32 * 4     # the conv output, per example
+    assert E.cpu_chunk(16 * 32 * 32 * 4) == 128                          # 8 MiB of it
+    assert E.cpu_chunk(1e9) == E.MIN_CPU_CHUNK and E.cpu_chunk(1.0) == E.DEFAULT_BATCH_SIZE
+    assert E.cpu_chunk(4096, limit=100) == 100
 
 
 def test_result_round_trip_is_exact(tmp_path):

@@ -407,11 +407,11 @@ def test_in_place_elementwise_never_clobbers_a_value_in_use():
 
 
 def test_cpu_chunks_keep_the_largest_activation_small():
-    from genprobe.engine import variants as V
+    from genprobe.evaluate import CPU_CHUNK_BYTES, DEFAULT_BATCH_SIZE, MIN_CPU_CHUNK
 
     s = make_subject("residual_bn", n_test=40)
     ev = VariantEvaluator(s.model, s.final, s.test, device="cpu")
     total, largest = ev._estimate_bytes(ev._program(frozenset()))
     assert 0 < largest <= total
     chunk, _ = ev._chunking(ev._program(frozenset()))
-    assert chunk == min(40, V.DEFAULT_BATCH_SIZE, max(V.MIN_CPU_CHUNK, int(V.CPU_CHUNK_BYTES // largest)))
+    assert chunk == min(40, DEFAULT_BATCH_SIZE, max(MIN_CPU_CHUNK, int(CPU_CHUNK_BYTES // largest)))

@@ -14,8 +14,17 @@ from .params import State
 from .subject import Data
 
 DEFAULT_BATCH_SIZE = 1024
-"""Examples per forward pass in evaluation: large enough to keep a CPU busy, small enough for a
+"""Examples per forward pass in evaluation: large enough to keep a GPU busy, small enough for a
 CIFAR-sized ResNet's activations to fit comfortably in a few GB."""
+
+CPU_CHUNK_BYTES = 8 << 20
+"""On the CPU a batch is also kept small enough that the network's largest activation fits in
+8 MiB (at least :data:`MIN_CPU_CHUNK` examples): work then stays in cache and freed memory is
+reused instead of being faulted in afresh. For a ResNet-8 (16×32×32 activations) that is 128
+examples; 2,000 images took 0.27–0.29 s per forward that way and 0.60–0.70 s in batches of
+1,000 (2-core Xeon, 2 threads)."""
+
+MIN_CPU_CHUNK = 16
 
 
 @dataclass(frozen=True)
@@ -35,13 +44,45 @@ def per_example(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
+def largest_activation_bytes(model: nn.Module, x: Tensor, state: State | None = None) -> float:
+    """Bytes per example of the largest tensor the input or any submodule's output takes, from
+    one forward pass of the first (up to) two examples of `x` (under `state` when given)."""
+    sample = x[:2]
+    sizes = [sample.numel() * sample.element_size()]
+
+    def record(module, args, out):
+        if isinstance(out, Tensor):
+            sizes.append(out.numel() * out.element_size())
+
+    handles = [m.register_forward_hook(record) for m in model.modules()]
+    try:
+        functional_call(model, state, (sample,)) if state is not None else model(sample)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(sizes) / max(len(sample), 1)
+
+
+def cpu_chunk(largest_bytes: float, limit: int = DEFAULT_BATCH_SIZE) -> int:
+    """Examples per CPU batch for a network whose largest activation takes `largest_bytes` per
+    example: see :data:`CPU_CHUNK_BYTES`; never more than `limit`."""
+    return min(limit, max(MIN_CPU_CHUNK, int(CPU_CHUNK_BYTES // max(largest_bytes, 1.0))))
+
+
+@torch.no_grad()
 def logits(model: nn.Module, state: State, x: Tensor, *, batch_size: int | None = None,
            device: str | torch.device = "auto") -> Tensor:
-    """Model outputs (N, K) for inputs `x` under `state`, on the CPU. The model must be in eval mode."""
+    """Model outputs (N, K) for inputs `x` under `state`, on the CPU. The model must be in eval mode.
+
+    `batch_size` defaults to :data:`DEFAULT_BATCH_SIZE`, lowered on the CPU by :func:`cpu_chunk`.
+    """
     dev = resolve_device(device)
-    batch_size = batch_size or DEFAULT_BATCH_SIZE
     state_dev = {k: v.to(dev) for k, v in state.items()}
     model = model.to(dev)
+    if batch_size is None:
+        batch_size = DEFAULT_BATCH_SIZE
+        if dev.type == "cpu" and len(x):
+            batch_size = cpu_chunk(largest_activation_bytes(model, x[:2].to(dev), state_dev))
     out = [functional_call(model, state_dev, (x[i:i + batch_size].to(dev),)).float().cpu()
            for i in range(0, len(x), batch_size)]
     return torch.cat(out)

@@ -64,7 +64,7 @@ How it is fast
 - Loop order: data chunk outer, edits inner; a chunk holds every cached node value, so the chunk
   size is chosen to keep the cache plus the largest stack of variants within ``memory_budget``
   bytes (stacks are split when needed). On the CPU it is also capped so that the largest single
-  activation stays within :data:`CPU_CHUNK_BYTES` (cache-sized work, recycled memory).
+  activation stays within ``evaluate.CPU_CHUNK_BYTES`` (cache-sized work, recycled memory).
 - ``fast=True`` (default): conv nets run in channels-last layout (when the model's forward
   agrees); every recomputed Conv2d→BatchNorm2d pair whose BatchNorm the edit leaves untouched
   runs as one conv with the BatchNorm folded in (the conv's weights may be edited); and a
@@ -107,7 +107,7 @@ from torch.func import functional_call, vmap
 
 from ..device import resolve_device
 from ..errors import ConfigError, ModuleSelectionError, StateError, check_choice
-from ..evaluate import DEFAULT_BATCH_SIZE
+from ..evaluate import DEFAULT_BATCH_SIZE, cpu_chunk, largest_activation_bytes
 from ..evaluate import per_example as loss_and_error
 from ..params import BufferPolicy, Unit
 from ..subject import Data
@@ -119,14 +119,6 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 recomputed suffix) the evaluator aims to stay within: 1 GiB keeps a CIFAR ResNet's 1,024-image
 chunk cached on a laptop while leaving room for the model and the data."""
 
-CPU_CHUNK_BYTES = 8 << 20
-"""On the CPU, a data chunk is also kept small enough that the largest single activation of the
-network fits in 8 MiB (at least ``MIN_CPU_CHUNK`` examples): elementwise ops and convolutions
-then work out of cache and reuse freed memory instead of faulting in fresh pages. A ResNet-8
-(16×32×32 activations, 64 KiB per example) gets 128-example chunks; its robustness map on 2,000
-images took 12.7 s that way and 21.3 s with 1,024-example chunks (2-core Xeon, 2 threads)."""
-
-MIN_CPU_CHUNK = 16
 
 NOISE_SCALES = ("absolute", "relative")
 
@@ -701,7 +693,7 @@ class VariantEvaluator:
         n = min(self.batch_size, max(len(self.data), 1),
                 max(1, int(self.memory_budget // (2 * total))))
         if self.device.type == "cpu":
-            n = min(n, max(MIN_CPU_CHUNK, int(CPU_CHUNK_BYTES // largest)))
+            n = cpu_chunk(largest, limit=n)
         return n, max(1, int(self.memory_budget // (n * total)) - 1)
 
     def _estimate_bytes(self, program: _Program | None) -> tuple[float, float]:
@@ -710,9 +702,13 @@ class VariantEvaluator:
         if self._bytes_per_example is None:
             k = max(min(4, len(self.data)), 1)
             x = self._input(torch.arange(min(4, len(self.data))))
-            values = program.run_base(x).values() if program is not None else [self.model(x)]
-            sizes = [v.numel() * v.element_size() / k for v in values if isinstance(v, Tensor)]
-            self._bytes_per_example = (max(sum(sizes), 1.0), max(sizes, default=1.0) or 1.0)
+            if program is not None:
+                values = [v for v in program.run_base(x).values() if isinstance(v, Tensor)]
+                sizes = [v.numel() * v.element_size() / k for v in values]
+                total, largest = sum(sizes), max(sizes, default=1.0)
+            else:
+                total = largest = largest_activation_bytes(self.model, x)
+            self._bytes_per_example = (max(total, 1.0), max(largest, 1.0))
         return self._bytes_per_example
 
     def _program(self, acts: frozenset[str]) -> _Program | None:
