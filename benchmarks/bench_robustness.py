@@ -3,9 +3,11 @@
 The map is every module (default units: each module owning parameters) × every recorded
 checkpoint (epochs 0..E) + one re-randomization column, on N test images. The plain loop is
 what a user would write: per cell, deep-copy the model, load the edited state dict, run the
-whole test set through the whole network. genprobe's `gp.robustness` evaluates the same cells on
-the variants engine (prefix reuse, stacked variants, repeated cells once). Both run here, in the
-same process, one after the other; every cell is checked to agree to 1e-5.
+whole test set through the whole network. It is timed at each of `--batch-sizes` (default 1,000,
+the usual choice, and 128, its fastest on a 2-core CPU, where big batches fault in fresh memory
+for every op). genprobe's `gp.robustness` evaluates the same cells on the variants engine
+(prefix reuse, stacked variants, repeated cells once, cache-sized chunks, folded BatchNorms).
+All run here, in the same process, one after the other; every cell is checked to agree to 1e-5.
 
 Checkpoints are synthetic (θ^τ = θ⁰ + τ/E · Δ with a random Δ, BatchNorm statistics moved too)
 and data random: the compute of the map does not depend on what the numbers are.
