@@ -307,14 +307,7 @@ def test_fast_path_equals_plain_path():
 
     torch.manual_seed(0)
     model = create_model("resnet", input_shape=(3, 8, 8), num_classes=4, depth=8, width=4).eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):   # non-trivial running statistics
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-    init = P.state_of(model)
-    final = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in init.items()}
-    model.load_state_dict(final)
-    s = gp_subject(model, init, (3, 8, 8), 4, n=16)
+    s = moved_subject(model, (3, 8, 8), 4, n=16, step=0.05)
     fast = VariantEvaluator(s.model, s.final, s.test, batch_size=8)
     plain = VariantEvaluator(s.model, s.final, s.test, batch_size=8, fast=False)
     assert fast.channels_last and not plain.channels_last
@@ -329,6 +322,19 @@ def test_fast_path_equals_plain_path():
         torch.testing.assert_close(x.logits, y.logits, atol=1e-5, rtol=1e-5, msg=str(u))
     for u, x in zip(units, a, strict=False):
         assert_matches(x, naive_logits(s, P.replace(s.final, s.init, u.params)), s.test.y)
+
+
+def moved_subject(model, shape, k, n, step):
+    """A Subject of `model` with non-trivial BatchNorm running statistics, θ⁰ its current state
+    and θ^F = θ⁰ + step · N(0, 1) noise."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    init = P.state_of(model)
+    final = {key: v + step * torch.randn_like(v) if v.is_floating_point() else v for key, v in init.items()}
+    model.load_state_dict(final)
+    return gp_subject(model, init, shape, k, n=n)
 
 
 def gp_subject(model, init, shape, k, n=40):
@@ -388,13 +394,7 @@ class AliasTraps(torch.nn.Module):
 
 def test_in_place_elementwise_never_clobbers_a_value_in_use():
     torch.manual_seed(0)
-    model = AliasTraps().eval()
-    model.bn1.running_mean.uniform_(-0.5, 0.5)
-    model.bn1.running_var.uniform_(0.5, 2.0)
-    init = P.state_of(model)
-    final = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v for k, v in init.items()}
-    model.load_state_dict(final)
-    s = gp_subject(model, init, (2, 5, 5), 3, n=24)
+    s = moved_subject(AliasTraps().eval(), (2, 5, 5), 3, n=24, step=0.1)
     fast = VariantEvaluator(s.model, s.final, s.test, batch_size=8)
     plain = VariantEvaluator(s.model, s.final, s.test, batch_size=8, fast=False)
     assert fast.mode == "fx" and fast._program(frozenset()).elementwise   # the in-place path runs
