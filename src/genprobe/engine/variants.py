@@ -119,7 +119,6 @@ DEFAULT_MEMORY_BUDGET = 1 << 30
 recomputed suffix) the evaluator aims to stay within: 1 GiB keeps a CIFAR ResNet's 1,024-image
 chunk cached on a laptop while leaving room for the model and the data."""
 
-
 NOISE_SCALES = ("absolute", "relative")
 
 
