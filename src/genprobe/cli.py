@@ -31,6 +31,8 @@ PROBE_MODULES: list[str] = ["genprobe.probes.robustness", "genprobe.probes.criti
 """Modules whose ``cli(app)`` registers a ``genprobe probe`` subcommand."""
 
 DEVICE_HELP = "Where to compute: auto (CUDA if available), cpu, cuda or cuda:N."
+RUN_HELP = "Run directory written by `genprobe train`."
+MODULES_HELP = "fnmatch pattern(s) of modules (repeatable); default: all."
 DATA_DIR_HELP = "Folder holding local data files (IDX files, CIFAR-10 batches) for datasets that read them."
 
 

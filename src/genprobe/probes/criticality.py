@@ -692,13 +692,20 @@ def cli(app) -> None:
     """Register ``genprobe probe criticality``."""
     import typer
 
-    from ..cli import DATA_DIR_HELP, DEVICE_HELP, load_run, write_probe_output
+    from ..cli import (
+        DATA_DIR_HELP,
+        DEVICE_HELP,
+        MODULES_HELP,
+        RUN_HELP,
+        load_run,
+        write_probe_output,
+    )
 
     @app.command("criticality")
     def criticality_cmd(
-        run: Path = typer.Argument(..., help="Run directory written by `genprobe train`."),
+        run: Path = typer.Argument(..., help=RUN_HELP),
         modules: list[str] = typer.Option(None, "--modules", "-m",
-                                          help="fnmatch pattern(s) of modules (repeatable); default: all."),
+                                          help=MODULES_HELP),
         epsilon: float = typer.Option(None, help="Loss level ε [trained error + 0.01, or 1.01 × trained CE]."),
         loss: str = typer.Option("error", help="L_S: error (0-1, the paper) or cross_entropy."),
         samples: int = typer.Option(8, help="Noise draws per (α, σ) point."),

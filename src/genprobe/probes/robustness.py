@@ -241,13 +241,20 @@ def cli(app) -> None:
     """Register ``genprobe probe robustness``."""
     import typer
 
-    from ..cli import DATA_DIR_HELP, DEVICE_HELP, load_run, write_probe_output
+    from ..cli import (
+        DATA_DIR_HELP,
+        DEVICE_HELP,
+        MODULES_HELP,
+        RUN_HELP,
+        load_run,
+        write_probe_output,
+    )
 
     @app.command("robustness")
     def robustness_cmd(
-        run: Path = typer.Argument(..., help="Run directory written by `genprobe train`."),
+        run: Path = typer.Argument(..., help=RUN_HELP),
         modules: list[str] = typer.Option(None, "--modules", "-m",
-                                          help="fnmatch pattern(s) of modules (repeatable); default: all."),
+                                          help=MODULES_HELP),
         checkpoints: list[int] = typer.Option(None, "--checkpoints", "-c",
                                               help="Epoch(s) to re-initialize to (repeatable); default: all recorded."),
         rerandomize: bool = typer.Option(True, "--rerandomize/--no-rerandomize",

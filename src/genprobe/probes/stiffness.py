@@ -451,11 +451,11 @@ def cli(app) -> None:
     """Register ``genprobe probe stiffness``."""
     import typer
 
-    from ..cli import DATA_DIR_HELP, DEVICE_HELP, load_run, write_probe_output
+    from ..cli import DATA_DIR_HELP, DEVICE_HELP, RUN_HELP, load_run, write_probe_output
 
     @app.command("stiffness")
     def stiffness_cmd(
-        run: Path = typer.Argument(..., help="Run directory written by `genprobe train`."),
+        run: Path = typer.Argument(..., help=RUN_HELP),
         per_class: int = typer.Option(None, help=f"Examples per class (default {DEFAULT_PER_CLASS})."),
         n: int = typer.Option(None, "--n", help="Total examples instead of --per-class."),
         pairs: str = typer.Option("train-train", help="train-train, train-test or test-test."),

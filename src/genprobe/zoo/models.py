@@ -78,6 +78,12 @@ def activation(name: str) -> nn.Module:
     return {"relu": nn.ReLU, "tanh": nn.Tanh, "erf": Erf}[name]()
 
 
+def _after_layer(norm: nn.Module | None, nonlinearity: str, dropout: float) -> list[nn.Module]:
+    """What follows each hidden layer of the fcn and the cnn: [norm], activation, [dropout]."""
+    return ([norm] if norm is not None else []) + [activation(nonlinearity)] + \
+        ([nn.Dropout(dropout)] if dropout else [])
+
+
 class NTKLinear(nn.Module):
     """Linear layer in the NTK parameterization: y = σ_w/√fan_in · W x + σ_b · b, W, b ~ N(0, 1)."""
 
@@ -177,11 +183,7 @@ class FCN(ZooModel):
         fan_in = math.prod(input_shape)
         for _ in range(depth):
             layers.append(_dense(fan_in, width, parameterization, sigma_w, sigma_b))
-            if batchnorm:
-                layers.append(nn.BatchNorm1d(width))
-            layers.append(globals()["activation"](activation))
-            if dropout:
-                layers.append(nn.Dropout(dropout))
+            layers += _after_layer(nn.BatchNorm1d(width) if batchnorm else None, activation, dropout)
             fan_in = width
         layers.append(_dense(fan_in, num_classes, parameterization, sigma_w, sigma_b))
         self.layers = nn.Sequential(*layers)
@@ -222,11 +224,7 @@ class CNN(ZooModel):
             stride = 2 if 1 <= i <= downsample else 1
             layers.append(_conv(c, channels, kernel_size, parameterization, sigma_w, sigma_b, stride))
             h, w = (h + stride - 1) // stride, (w + stride - 1) // stride
-            if batchnorm:
-                layers.append(nn.BatchNorm2d(channels))
-            layers.append(globals()["activation"](activation))
-            if dropout:
-                layers.append(nn.Dropout(dropout))
+            layers += _after_layer(nn.BatchNorm2d(channels) if batchnorm else None, activation, dropout)
             c = channels
         self.features = nn.Sequential(*layers)
         self.readout = readout
