@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from .device import resolve_device
 from .params import State
-from .subject import Data
+from .values import Data
 
 DEFAULT_BATCH_SIZE = 1024
 """Examples per forward pass in evaluation: large enough to keep a GPU busy, small enough for a

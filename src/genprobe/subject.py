@@ -8,62 +8,16 @@ device by the code that evaluates them.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from . import params as P
 from .errors import DataError, StateError
-
-
-class Data(NamedTuple):
-    """Inputs ``x`` (N, ...) float and integer labels ``y`` (N,)."""
-
-    x: Tensor
-    y: Tensor
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def subset(self, index: Tensor | Sequence[int]) -> Data:
-        index = torch.as_tensor(index, dtype=torch.long)
-        return Data(self.x[index], self.y[index])
-
-
-def as_data(data: Data | tuple | Dataset | None, what: str) -> Data | None:
-    """Convert `(X, y)` tensors or a map-style Dataset of `(input, label)` to Data, once."""
-    if data is None:
-        return None
-    if isinstance(data, Data):  # a NamedTuple whose len() is the number of examples
-        x, y = data.x, data.y
-    elif isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
-        x, y = data
-    elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):
-        try:
-            items = [data[i] for i in range(len(data))]
-        except Exception as exc:
-            raise DataError(f"{what}: could not read items from the dataset ({exc})") from exc
-        if not items:
-            raise DataError(f"{what} is empty")
-        x = torch.stack([torch.as_tensor(i[0]) for i in items])
-        y = torch.as_tensor([int(i[1]) for i in items])
-    else:
-        raise DataError(f"{what} must be (X, y) tensors or a map-style Dataset of (input, label), "
-                        f"got {type(data).__name__}")
-    x, y = torch.as_tensor(x), torch.as_tensor(y)
-    if len(x) != len(y):
-        raise DataError(f"{what}: {len(x)} inputs but {len(y)} labels")
-    if y.is_floating_point() or y.dim() != 1:
-        raise DataError(f"{what}: labels must be a 1-D integer tensor of class indices, "
-                        f"got dtype {y.dtype} shape {tuple(y.shape)}")
-    if not x.is_floating_point():
-        x = x.float()
-    return Data(x, y.long())
+from .values import Data, as_data
 
 
 @dataclass

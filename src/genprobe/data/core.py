@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from ..subject import Data
+from ..values import Data
 
 log = logging.getLogger(__name__)
 

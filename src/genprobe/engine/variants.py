@@ -110,7 +110,7 @@ from ..errors import ConfigError, ModuleSelectionError, StateError, check_choice
 from ..evaluate import DEFAULT_BATCH_SIZE, cpu_chunk, largest_activation_bytes
 from ..evaluate import per_example as loss_and_error
 from ..params import BufferPolicy, Unit
-from ..subject import Data
+from ..values import Data
 
 logger = logging.getLogger(__name__)
 

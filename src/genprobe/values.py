@@ -1,0 +1,61 @@
+"""Value types shared by every layer: labelled data.
+
+Nothing here imports another genprobe module but :mod:`genprobe.errors`, so that every layer
+(data, engines, probes, runs) can use these types without import cycles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .errors import DataError
+
+
+class Data(NamedTuple):
+    """Inputs ``x`` (N, ...) float and integer labels ``y`` (N,)."""
+
+    x: Tensor
+    y: Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, index: Tensor | Sequence[int]) -> Data:
+        index = torch.as_tensor(index, dtype=torch.long)
+        return Data(self.x[index], self.y[index])
+
+
+def as_data(data: Data | tuple | Dataset | None, what: str) -> Data | None:
+    """Convert `(X, y)` tensors or a map-style Dataset of `(input, label)` to Data, once."""
+    if data is None:
+        return None
+    if isinstance(data, Data):  # a NamedTuple whose len() is the number of examples
+        x, y = data.x, data.y
+    elif isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
+        x, y = data
+    elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):
+        try:
+            items = [data[i] for i in range(len(data))]
+        except Exception as exc:
+            raise DataError(f"{what}: could not read items from the dataset ({exc})") from exc
+        if not items:
+            raise DataError(f"{what} is empty")
+        x = torch.stack([torch.as_tensor(i[0]) for i in items])
+        y = torch.as_tensor([int(i[1]) for i in items])
+    else:
+        raise DataError(f"{what} must be (X, y) tensors or a map-style Dataset of (input, label), "
+                        f"got {type(data).__name__}")
+    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    if len(x) != len(y):
+        raise DataError(f"{what}: {len(x)} inputs but {len(y)} labels")
+    if y.is_floating_point() or y.dim() != 1:
+        raise DataError(f"{what}: labels must be a 1-D integer tensor of class indices, "
+                        f"got dtype {y.dtype} shape {tuple(y.shape)}")
+    if not x.is_floating_point():
+        x = x.float()
+    return Data(x, y.long())
