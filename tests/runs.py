@@ -1,10 +1,11 @@
 """Trained runs for the slow paper-finding tests, trained once and shared.
 
 ``trained_run("fcn", "mnist", epochs=5, n_train=10000)`` trains (or reuses) a run directory and
-returns its path. Runs are deterministic under their config, so they are cached under
-``$GENPROBE_TEST_RUNS`` (default: a folder in the system temp dir) keyed by the config and by
-the source of the code that makes them: a change to the zoo, the training loop or the data
-retrains.
+returns its path. Runs are deterministic under their config and torch's CPU thread count (the
+order of floating-point reductions depends on it), so they are cached under
+``$GENPROBE_TEST_RUNS`` (default: a folder in the system temp dir) keyed by the config, by
+``torch.get_num_threads()`` and by the source of the code that makes them: a change to the
+zoo, the training loop or the data, or a different thread count, retrains.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import json
 import os
 import tempfile
 from pathlib import Path
+
+import torch
 
 import genprobe
 from genprobe.zoo.train import TrainConfig, train_run
@@ -34,7 +37,7 @@ def _code_digest() -> str:
 def trained_run(arch: str, dataset: str, **options) -> Path:
     """A finished run of `arch` on `dataset` with TrainConfig `options` (plus arch_options=...)."""
     config = TrainConfig(arch=arch, dataset=dataset, device="cpu", **options)
-    key = json.dumps(config.to_dict(), sort_keys=True) + _code_digest()
+    key = json.dumps(config.to_dict(), sort_keys=True) + f"threads={torch.get_num_threads()}" + _code_digest()
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = Path(os.environ.get("GENPROBE_TEST_RUNS", Path(tempfile.gettempdir()) / "genprobe-test-runs"))
     path = root / f"{arch}-{dataset}-{digest}"

@@ -82,9 +82,11 @@ def test_network_criticality_strictly_ordered_by_corruption():
     assert mus == sorted(mus)
 
 
+@pytest.mark.xfail(strict=True, reason="measured network criticality: ResNet 289 < FCN 3,983 < "
+                   "VGG 54,082 (the paper has ResNet < VGG < FCN); 300-example subset, 4 draws")
 def test_architecture_ordering_is_reported():
-    """fcn, vgg and resnet on the same data: the ordering of network criticality is reported
-    (the paper: ResNets below VGG below FCNs), whatever it is."""
+    """fcn, vgg and resnet on the same data: network criticality is ordered as in the paper
+    (ResNets below VGG below FCNs); every module's criticality is finite."""
     found = {}
     for arch, options in [("fcn", {"width": 256, "depth": 3}), ("vgg", {}), ("resnet", {})]:
         path = trained_run(arch, "digits", epochs=15, n_train=600, arch_options=options)
@@ -96,4 +98,4 @@ def test_architecture_ordering_is_reported():
     order = sorted(found, key=lambda a: found[a][0])
     log.info("architectures (network μ, bound, gap, modules): %s; ascending μ: %s", found,
              " < ".join(order))
-    assert set(order) == {"fcn", "vgg", "resnet"}
+    assert order == ["resnet", "vgg", "fcn"]

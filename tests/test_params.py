@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from foreign import make_subject
-from genprobe import ModuleSelectionError, StateError
+from foreign import TransformerClassifier, make_subject
+from genprobe import ConfigError, ModuleSelectionError, StateError
 from genprobe import params as P
 
 
@@ -33,6 +33,84 @@ def test_forward_order_differs_from_registration_order():
 
     order = P.forward_order(Backwards(), torch.randn(1, 3))
     assert [u.name for u in P.default_units(Backwards(), order)] == ["first", "last"]
+
+
+def test_forward_order_places_modules_used_by_their_parent_at_first_use():
+    """MultiheadAttention never calls out_proj (F.multi_head_attention_forward takes its weight):
+    out_proj still comes right after self_attn, before the layer's norm and feed-forward."""
+    torch.manual_seed(0)
+    model = TransformerClassifier()
+    order = P.forward_order(model, torch.randn(1, 4, 8))
+    assert [u.name for u in P.default_units(model, order)] == [
+        "(root)", "embed", "block.self_attn", "block.self_attn.out_proj", "block.norm1",
+        "block.linear1", "block.linear2", "block.norm2", "head"]
+    assert order.index("block.self_attn.out_proj") == order.index("block.self_attn") + 1
+
+
+def test_forward_order_counts_a_parameter_used_before_its_module_is_called():
+    class Peek(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.late = nn.Linear(4, 1)
+            self.early = nn.Linear(3, 4)
+            self.mid = nn.Linear(4, 4)
+
+        def forward(self, x):
+            h = self.early(x)
+            gate = torch.sigmoid(self.late.bias)  # used here, called last
+            return self.late(self.mid(h) * gate)
+
+    order = P.forward_order(Peek(), torch.randn(1, 3))
+    assert [u.name for u in P.default_units(Peek(), order)] == ["early", "late", "mid"]
+
+
+def _no_hooks(model):
+    return all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_forward_order_restores_flags_and_removes_hooks_and_mode_even_when_forward_raises():
+    class Fails(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.Linear(3, 3)
+            self.a = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+
+        def forward(self, x):
+            self.b(self.a(x))
+            raise RuntimeError("odd model")
+
+    model = Fails()
+    model.train()
+    model.a[1].eval()  # mixed flags: a frozen BatchNorm inside a training model
+    flags = [m.training for m in model.modules()]
+    assert P.forward_order(model, torch.randn(1, 3)) == ["", "b", "a", "a.0", "a.1"]  # registration order
+    assert [m.training for m in model.modules()] == flags
+    assert _no_hooks(model)
+    assert not torch.overrides.has_torch_function((torch.zeros(1),))  # no mode left active
+
+    ok = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)).train()
+    before = P.state_of(ok)
+    P.forward_order(ok, torch.randn(1, 3))
+    assert ok.training and ok[1].training and _no_hooks(ok)
+    assert not torch.overrides.has_torch_function((torch.zeros(1),))
+    assert all(torch.equal(before[k], v) for k, v in P.state_of(ok).items())  # no BatchNorm update
+
+
+def test_forward_order_of_a_model_that_refuses_a_function_mode_uses_calls_alone():
+    class NoModes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.last = nn.Linear(4, 2)
+            self.first = nn.Linear(3, 4)
+
+        def forward(self, x):
+            if torch.overrides.has_torch_function((x,)):
+                raise RuntimeError("no torch function modes here")
+            return self.last(self.first(x))
+
+    model = NoModes()
+    assert P.forward_order(model, torch.randn(1, 3)) == ["", "first", "last"]
+    assert _no_hooks(model)
 
 
 def test_patterns_and_groups():
@@ -137,3 +215,59 @@ def test_module_without_reset_cannot_be_rerandomized():
     unit = P.default_units(m)[0]
     with pytest.raises(StateError, match="init_module"):
         P.rerandomize(m, P.state_of(m), unit, seed=0)
+
+
+def test_rerandomize_never_replays_the_init_stream():
+    """A model built right after torch.manual_seed(0): re-randomizing its first module with seed 0
+    must not reproduce θ⁰ (it would if the draw were seeded with the user's seed itself)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    init = P.state_of(model)
+    first = P.default_units(model)[0]
+    fresh = P.rerandomize(model, init, first, seed=0)  # draw 0, the default
+    for k in first.params:
+        assert not torch.equal(fresh[k], init[k]), k
+    s = make_subject("nested")  # also built right after torch.manual_seed(0)
+    unit = s.units()[0]
+    fresh = P.rerandomize(s.model, s.init, unit, seed=0)
+    for k in unit.params:
+        assert not torch.equal(fresh[k], s.init[k]), k
+
+
+def test_rerandomize_draws_depend_on_seed_unit_and_draw():
+    s = make_subject("nested")
+    u0, u1 = s.units("blocks.0.ff.0")[0], s.units("blocks.1.ff.0")[0]  # same shapes
+    k0, k1 = "blocks.0.ff.0.weight", "blocks.1.ff.0.weight"
+    assert s.final[k0].shape == s.final[k1].shape
+
+    def draw(unit, key, seed, d):
+        return P.rerandomize(s.model, s.final, unit, seed, draw=d)[key]
+
+    assert torch.equal(draw(u0, k0, 3, 2), draw(u0, k0, 3, 2))
+    assert not torch.equal(draw(u0, k0, 3, 0), draw(u0, k0, 3, 1))
+    assert not torch.equal(draw(u0, k0, 3, 0), draw(u0, k0, 4, 0))
+    assert not torch.equal(draw(u0, k0, 3, 0), draw(u1, k1, 3, 0))
+    # the documented derivation: the unit's modules reset under torch.manual_seed(rerandomize_seed(...))
+    reference = nn.Linear(6, 8)
+    torch.manual_seed(P.rerandomize_seed(3, "blocks.0.ff.0", 2))
+    reference.reset_parameters()
+    torch.testing.assert_close(draw(u0, k0, 3, 2), reference.weight.detach(), rtol=0, atol=0)
+
+
+def test_rerandomize_leaves_global_rng_state_and_model_unchanged():
+    s = make_subject("residual_bn")
+    model_before = {k: v.clone() for k, v in s.model.state_dict().items()}
+    base_before = {k: v.clone() for k, v in s.final.items()}
+    rng = torch.get_rng_state()
+    for unit in s.units():
+        P.rerandomize(s.model, s.final, unit, seed=7, buffers="follow", draw=3)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(model_before[k], v) for k, v in s.model.state_dict().items())
+    assert all(torch.equal(base_before[k], v) for k, v in s.final.items())
+
+
+@pytest.mark.parametrize("options", [{"seed": -1}, {"seed": 1.5}, {"seed": 0, "draw": -2}, {"seed": True}])
+def test_rerandomize_rejects_bad_seeds(options):
+    s = make_subject("shared")
+    with pytest.raises(ConfigError, match="must be an int >= 0"):
+        P.rerandomize(s.model, s.final, s.units("mid")[0], **options)

@@ -18,16 +18,21 @@ or reset on re-randomization). Integer buffers (``num_batches_tracked``) always 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
+import itertools
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
-from .errors import ModuleSelectionError, StateError, check_choice
+from .errors import ConfigError, ModuleSelectionError, StateError, check_choice
 
 State = dict[str, Tensor]
 BufferPolicy = Literal["keep", "follow"]
@@ -109,33 +114,87 @@ def split_state(model: nn.Module, state: State) -> tuple[State, State]:
 
 
 def forward_order(model: nn.Module, example: Tensor | None) -> list[str]:
-    """Module names in the order their forward is first called on `example` (one input, batch 1).
+    """Module names in forward order on `example` (one input, batch 1).
 
-    Modules never called keep their registration order, after the called ones. Without an
-    example, registration order (which is forward order for most models).
+    A module's position is the earlier of its first call (a forward pre-hook) and the first use
+    of a parameter it owns directly as an argument of any torch function (a
+    ``TorchFunctionMode``), on one shared clock. The second catches modules whose parameters
+    their parent uses without calling them: ``nn.MultiheadAttention`` passes ``out_proj.weight``
+    straight to ``F.multi_head_attention_forward``, so ``out_proj`` comes right after the
+    attention, not after the model's head. A tied parameter belongs to its first owner (as in
+    the state). Modules neither called nor used keep their registration order, after the others.
+
+    Without an example, registration order (which is forward order for most models). A model
+    whose forward fails under the mode is traced again with the pre-hooks alone, and one whose
+    forward fails outright gets registration order. The model is run in eval mode under
+    ``torch.no_grad()``; every module's training flag is restored and the hooks and the mode
+    are removed, also when the forward raises.
     """
     names = [n for n, _ in model.named_modules()]
     if example is None:
         return names
-    seen: list[str] = []
-    hooks = []
-    for name, module in model.named_modules():
-        def hook(mod, args, name=name):
-            if name not in seen:
-                seen.append(name)
-        hooks.append(module.register_forward_pre_hook(hook))
-    was_training = model.training
+    owner = {id(p): k.rpartition(".")[0] for k, p in model.named_parameters()}
+    for watch_parameters in (True, False):
+        first = _trace_first_uses(model, example, owner if watch_parameters else {})
+        if first is not None:
+            return sorted(first, key=first.__getitem__) + [n for n in names if n not in first]
+    return names
+
+
+class _ParameterUses(TorchFunctionMode):
+    """Calls ``saw(owner[id(t)])`` for every watched tensor ``t`` among a torch function's arguments."""
+
+    def __init__(self, owner: Mapping[int, str], saw) -> None:
+        super().__init__()
+        self.owner = owner
+        self.saw = saw
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for t in _tensors((args, kwargs)):
+            name = self.owner.get(id(t))
+            if name is not None:
+                self.saw(name)
+        return func(*args, **kwargs)
+
+
+def _tensors(obj):
+    """The tensors in nested tuples, lists and dicts (a torch function's arguments), in order."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+def _trace_first_uses(model: nn.Module, example: Tensor, owner: Mapping[int, str]) -> dict[str, int] | None:
+    """{module name: clock at its first call or first use of a parameter in `owner`}; None if
+    the forward raises. Watches no parameters (pre-hooks only) when `owner` is empty."""
+    clock = itertools.count()
+    first: dict[str, int] = {}
+
+    def saw(name: str) -> None:
+        if name not in first:
+            first[name] = next(clock)
+
+    hooks = [module.register_forward_pre_hook(lambda mod, args, name=name: saw(name))
+             for name, module in model.named_modules()]
+    flags = [(module, module.training) for module in model.modules()]
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), (_ParameterUses(owner, saw) if owner else contextlib.nullcontext()):
             model(example)
-    except Exception:  # an odd model: fall back to registration order rather than fail
-        return names
+    except Exception:  # an odd model: let the caller fall back rather than fail
+        return None
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
-    return seen + [n for n in names if n not in seen]
+        for module, training in flags:
+            module.training = training
+    return first
 
 
 def _direct_keys(model: nn.Module, prefix: str, module: nn.Module, canonical: set[str]):
@@ -270,22 +329,42 @@ def reset_module(module: nn.Module) -> None:
     raise StateError(f"{type(module).__name__} has no reset_parameters()")
 
 
+def rerandomize_seed(seed: int, unit: str, draw: int = 0) -> int:
+    """The torch seed of re-randomization draw `draw` of the unit named `unit` under `seed`.
+
+    ``numpy.random.SeedSequence([seed, zlib.crc32(unit.encode()), draw])`` hashed to 64 bits:
+    every (seed, unit, draw) gets a stream of its own, so re-randomizing never replays the stream
+    a model was built under after ``torch.manual_seed(seed)`` (which would reproduce θ⁰), and two
+    units of the same shape never get the same draw. ConfigError unless `seed` and `draw` are
+    ints ≥ 0.
+    """
+    for what, value in (("seed", seed), ("draw", draw)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ConfigError(f"re-randomization {what} must be an int >= 0, got {value!r}")
+    entropy = [int(seed), zlib.crc32(unit.encode()), int(draw)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+
+
 def rerandomize(model: nn.Module, base: State, unit: Unit, seed: int,
-                buffers: BufferPolicy = "keep") -> State:
+                buffers: BufferPolicy = "keep", *, draw: int = 0) -> State:
     """`base` with `unit`'s parameters replaced by a fresh draw from their init distribution.
 
     The draw uses the model's own initializer: ``model.init_module(module)`` when the model
     defines it (every genprobe zoo model does, so σ_w / NTK-parameterization inits are honoured),
-    otherwise each module's ``reset_parameters()`` (``_reset_parameters()`` for attention). The draw is made on copies of the unit's
-    modules under a forked RNG seeded with `seed`: the caller's model and global RNG are untouched.
+    otherwise each module's ``reset_parameters()`` (``_reset_parameters()`` for attention). The
+    draw is made on copies of the unit's modules under a forked RNG seeded with
+    :func:`rerandomize_seed` of (`seed`, the unit's name, `draw`): the same three give the same
+    draw, and the caller's model and global RNG are untouched. Draws ``0, 1, ...`` of one seed
+    are independent samples.
     """
     check_choice("buffers", buffers, BUFFER_POLICIES)
     modules = dict(model.named_modules())
     init_module = getattr(model, "init_module", None)
     out = dict(base)
     owned = set(unit.keys(buffers))
+    torch_seed = rerandomize_seed(seed, unit.name, draw)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(torch_seed)
         for name in unit.modules:
             for sub, mod in modules[name].named_modules(prefix=name):
                 join = (lambda n, s=sub: f"{s}.{n}") if sub else (lambda n: n)
