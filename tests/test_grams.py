@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 from torch.func import functional_call
 
 from foreign import FOREIGN, make_subject
+from genprobe.engine import rules
 from genprobe.engine.grams import IMPLEMENTATIONS, cosine_from_gram, gram, gram_blocks
 from genprobe.errors import ConfigError, DataError
 from genprobe.params import state_of
@@ -48,10 +50,17 @@ def reference_gram(model, state, x1, x2=None, y1=None, y2=None, of="loss"):
     return torch.einsum("akp,blp->abkl", f1, f2)
 
 
-def assert_rel(actual, expected, rtol=1e-5):
+def assert_rel(actual, expected, rtol=1e-10):
+    """Max error within `rtol` of the largest entry. Every model here is float64, where the
+    routes agree with the loop to ~1e-15; 1e-10 leaves room for summation order only."""
     scale = float(expected.abs().max())
     err = float((actual - expected).abs().max())
     assert err <= rtol * scale, f"max error {err:.3g} vs scale {scale:.3g}"
+
+
+def assert_symmetric(m):
+    """Exactly (bitwise) symmetric: G == Gᵀ, or Θ[i, j, k, l] == Θ[j, i, l, k]."""
+    assert torch.equal(m, m.T if m.dim() == 2 else m.permute(1, 0, 3, 2))
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +92,8 @@ def test_loss_gram_equals_loop(subjects, references, name, impl):
     r = gram(s.model, s.final, x, y1=y, implementation=impl)
     assert r.matrix.dtype == torch.float64
     assert_rel(r.matrix, expected)
-    assert torch.equal(r.matrix, r.matrix.T)
+    assert_symmetric(r.matrix)
+    assert torch.equal(r.diag1, r.matrix.diagonal()) and torch.equal(r.diag2, r.diag1)
     assert_rel(r.diag1, expected.diagonal())
     cos = r.cosine()
     assert_rel(cos, cosine_from_gram(expected, expected.diagonal(), expected.diagonal()))
@@ -105,8 +115,11 @@ def test_output_ntk_equals_loop(subjects, references, name, impl):
     r = gram(s.model, s.final, x, of="outputs", implementation=impl)
     assert r.matrix.shape == expected.shape
     assert_rel(r.matrix, expected)
+    assert_symmetric(r.matrix)
+    assert torch.equal(r.diag1, r.matrix[range(5), range(5)])
     traced = gram(s.model, s.final, x, of="outputs", trace_outputs=True, implementation=impl)
     assert_rel(traced.matrix, expected.diagonal(dim1=-2, dim2=-1).sum(-1))
+    assert_symmetric(traced.matrix)
 
 
 @pytest.mark.parametrize("impl", ["layerwise", "vmap", "loop"])
@@ -117,15 +130,21 @@ def test_chunked_and_rectangular_agree(subjects, name, impl):
     whole = gram(s.model, s.final, x1, y1=y1, implementation=impl)
     tiny = gram(s.model, s.final, x1, y1=y1, implementation=impl, memory_budget=1)
     assert tiny.blocks > 1 and tiny.block_size == 2
-    assert_rel(tiny.matrix, whole.matrix, 1e-10)
+    assert_rel(tiny.matrix, whole.matrix)
+    assert_symmetric(tiny.matrix)
+    assert torch.equal(tiny.diag1, tiny.matrix.diagonal())
     expected = reference_gram(s.model, s.final, x1, x2, y1, y2)
     for budget in (None, 1):
         rect = gram(s.model, s.final, x1, x2, y1=y1, y2=y2, implementation=impl, memory_budget=budget)
         assert rect.matrix.shape == (5, 3)
         assert_rel(rect.matrix, expected)
-        assert_rel(rect.diag1, whole.matrix.diagonal(), 1e-10)
+        assert_rel(rect.diag1, whole.matrix.diagonal())
     outs = gram(s.model, s.final, x1[:2], x2[:3], of="outputs", implementation=impl, memory_budget=1)
     assert_rel(outs.matrix, reference_gram(s.model, s.final, x1[:2], x2[:3], of="outputs"))
+    square = gram(s.model, s.final, x1[:3], of="outputs", implementation=impl, memory_budget=1)
+    assert square.blocks == 3
+    assert_rel(square.matrix, reference_gram(s.model, s.final, x1[:3], of="outputs"))
+    assert_symmetric(square.matrix)
 
 
 def test_implementations_agree_on_zoo_models():
@@ -162,6 +181,24 @@ def test_gram_blocks_cover_the_upper_triangle(subjects):
     assert torch.equal(seen.triu(), torch.ones(7, 7, dtype=torch.int64).triu())
     assert torch.equal(seen.tril(-1), torch.zeros(7, 7, dtype=torch.int64))
     assert info["implementation"] == "layerwise" and info["blocks"] == 21  # 7 chunks of 1: C(7, 2)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_diagonal_blocks_are_exactly_symmetric(subjects, impl):
+    s = subjects["residual_bn"]
+    x = s.train.x[:7]
+    info: dict = {}
+    next(gram_blocks(s.model, s.final, x, of="outputs", implementation=impl, info=info))
+    budget = 6 * info["per_example_bytes"]  # blocks of 6: chunks of 3, 3 and 1
+    blocks = list(gram_blocks(s.model, s.final, x, of="outputs", implementation=impl, memory_budget=budget))
+    diagonal = [blk for blk in blocks if blk.rows == blk.cols]
+    assert [(b.rows.start, b.rows.stop) for b in diagonal] == [(0, 3), (3, 6), (6, 7)]
+    for blk in diagonal:
+        assert_symmetric(blk.matrix)
+    r = gram(s.model, s.final, x, of="outputs", implementation=impl, memory_budget=budget)
+    assert r.blocks == 3
+    assert_symmetric(r.matrix)
+    assert_rel(r.matrix, reference_gram(s.model, s.final, x, of="outputs"))
 
 
 def _linear(d=4, k=3, seed=0):
@@ -241,20 +278,58 @@ def test_unvmappable_model_falls_back_with_a_warning(subjects, caplog):
     assert "cannot be vmapped" in caplog.text
 
 
-def test_model_and_state_untouched(subjects):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_callers_model_untouched(impl, device):
+    """The engine works on its own copy: the caller's model keeps its tensors, mode, device,
+    dtype, flags and hooks, and no random number is drawn (a train-mode forward would update
+    BatchNorm's statistics and draw dropout masks)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 3))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1.0, 1.0)
+        model[1].running_var.uniform_(0.5, 2.0)
+    model[0].weight.requires_grad_(False)
+    model.train()
+    model[1].eval()  # a frozen BatchNorm in a model in train mode: modes are per module
+    # the model stays float32 on the CPU; the state evaluated is float64
+    state = {k: v.double() if v.is_floating_point() else v for k, v in state_of(model).items()}
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    tensors = {k: (v.clone(), v.dtype, v.device) for k, v in
+               [*model.named_parameters(), *model.named_buffers()]}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+    hooks = {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks)) for name, m in model.named_modules()}
+    modes = {name: m.training for name, m in model.named_modules()}
+    rng = torch.get_rng_state()
+    blocks = gram_blocks(model, state, x, y1=y, implementation=impl, device=device, memory_budget=1)
+    next(blocks)
+    assert {name: m.training for name, m in model.named_modules()} == modes  # while it runs, too
+    blocks.close()
+    r = gram(model, state, x, y1=y, implementation=impl, device=device)
+    o = gram(model, state, x[:3], of="outputs", implementation=impl, device=device)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    for k, v in [*model.named_parameters(), *model.named_buffers()]:
+        value, dtype, dev = tensors[k]
+        assert torch.equal(v, value) and v.dtype == dtype and v.device == dev
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert {name: (dict(m._forward_hooks), dict(m._forward_pre_hooks))
+            for name, m in model.named_modules()} == hooks
+    reference = copy.deepcopy(model).eval()  # the quantity the engine defines: eval mode
+    assert_rel(r.matrix, reference_gram(reference, state, x, y1=y))
+    assert_rel(o.matrix, reference_gram(reference, state, x[:3], of="outputs"))
+
+
+def test_state_untouched(subjects):
     s = subjects["residual_bn"]
     before = {k: v.clone() for k, v in s.final.items()}
-    model_before = {k: v.clone() for k, v in s.model.state_dict().items()}
-    s.model.train()
-    try:
-        gram(s.model, s.final, s.train.x[:4], y1=s.train.y[:4])
-        assert s.model.training
-    finally:
-        s.model.eval()
+    for impl in IMPLS:
+        gram(s.model, s.final, s.train.x[:4], y1=s.train.y[:4], implementation=impl)
     assert all(torch.equal(before[k], s.final[k]) for k in before)
-    assert all(torch.equal(model_before[k], v) for k, v in s.model.state_dict().items())
-    for mod in s.model.modules():
-        assert not mod._forward_hooks and not mod._forward_pre_hooks
 
 
 def test_zero_gradient_gets_zero_cosine():
@@ -292,9 +367,7 @@ def test_bad_options(subjects):
 def test_contraction_and_per_example_routes_agree(subjects, references, name, force, monkeypatch):
     """Layerwise computes a conv / sequence-Linear Gram either by contraction over positions or
     from per-example gradients (chosen by cost); both must equal the loop."""
-    import genprobe.engine.grams as grams
-
-    monkeypatch.setattr(grams, "_FORCE_CONTRACTION", force)
+    monkeypatch.setattr(rules, "_FORCE_CONTRACTION", force)
     s = subjects[name]
     r = gram(s.model, s.final, s.train.x, y1=s.train.y, implementation="layerwise")
     assert_rel(r.matrix, references(name, "loss"))
@@ -317,9 +390,7 @@ class OddConvs(nn.Module):
 
 @pytest.mark.parametrize("force", [True, False, None])
 def test_odd_convolutions(force, monkeypatch):
-    import genprobe.engine.grams as grams
-
-    monkeypatch.setattr(grams, "_FORCE_CONTRACTION", force)
+    monkeypatch.setattr(rules, "_FORCE_CONTRACTION", force)
     torch.manual_seed(0)
     model = OddConvs().double().eval()
     state = state_of(model)
@@ -341,3 +412,115 @@ def test_state_other_than_the_models_own(subjects, caplog):
         r = gram(s.model, state, x, y1=y, implementation="layerwise")
     assert r.vmap_params == () and "do not sum" not in caplog.text
     assert_rel(r.matrix, reference_gram(s.model, state, x, y1=y))
+
+
+class ScaledLinear(nn.Module):
+    """A user's own NTK-style layer (not the zoo's), declaring the ScaledLinearMap protocol."""
+
+    linear_map = "linear"
+
+    def __init__(self, d_in, d_out, w_scale, b_scale, bias=True, forward_scale=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in))
+        self.bias = nn.Parameter(torch.randn(d_out)) if bias else None
+        self.w_scale, self.b_scale = w_scale, b_scale
+        self.forward_scale = w_scale if forward_scale is None else forward_scale  # what it really does
+
+    def forward(self, x):
+        b = None if self.bias is None else self.bias * self.b_scale
+        return F.linear(x, self.weight * self.forward_scale, b)
+
+
+class ScaledConv(nn.Module):
+    """A user's own scaled convolution with stride, padding and dilation, same protocol."""
+
+    linear_map = "conv2d"
+
+    def __init__(self, c_in, c_out, k, w_scale, b_scale):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, k, k))
+        self.bias = nn.Parameter(torch.randn(c_out))
+        self.w_scale, self.b_scale = w_scale, b_scale
+        self.stride, self.padding, self.dilation = (2, 1), (1, 0), 2
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.w_scale, self.bias * self.b_scale, self.stride,
+                        self.padding, self.dilation)
+
+
+class ScaledNet(nn.Module):
+    """Scaled conv → scaled bias-free Linear over positions → scaled 2-D Linear head."""
+
+    def __init__(self, forward_scale=None):
+        super().__init__()
+        self.conv = ScaledConv(2, 3, 3, w_scale=0.4, b_scale=0.3)
+        self.seq = ScaledLinear(3, 5, w_scale=0.6, b_scale=1.0, bias=False)
+        self.head = ScaledLinear(5, 3, w_scale=0.45, b_scale=0.2, forward_scale=forward_scale)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).flatten(2).transpose(1, 2)  # (B, T, 3)
+        return self.head(torch.tanh(self.seq(h)).mean(1))
+
+
+@pytest.mark.parametrize("force", [True, False, None])
+def test_scaled_layers_by_protocol(force, monkeypatch):
+    """Layers declaring the ScaledLinearMap protocol get the exact layerwise rules, whatever
+    their class or module (no vmap fallback), by either contraction route."""
+    monkeypatch.setattr(rules, "_FORCE_CONTRACTION", force)
+    torch.manual_seed(0)
+    model = ScaledNet().double().eval()
+    assert type(model.head).__module__ != "genprobe.zoo.models"
+    state = state_of(model)
+    x, y = torch.randn(5, 2, 9, 7, dtype=torch.float64), torch.randint(0, 3, (5,))
+    r = gram(model, state, x, y1=y, implementation="layerwise")
+    assert r.implementation == "layerwise" and r.vmap_params == ()
+    assert_rel(r.matrix, reference_gram(model, state, x, y1=y))
+    o = gram(model, state, x[:3], of="outputs", implementation="layerwise")
+    assert o.vmap_params == ()
+    assert_rel(o.matrix, reference_gram(model, state, x[:3], of="outputs"))
+
+
+def test_wrongly_declared_protocol_stays_exact(caplog):
+    """A layer whose declared w_scale is not the one its forward uses fails the setup check
+    against autograd and goes through vmap, so the Gram is still exact."""
+    torch.manual_seed(0)
+    model = ScaledNet(forward_scale=0.7).double().eval()
+    state = state_of(model)
+    x, y = torch.randn(5, 2, 9, 7, dtype=torch.float64), torch.randint(0, 3, (5,))
+    with caplog.at_level(logging.WARNING, logger="genprobe.engine.grams"):
+        r = gram(model, state, x, y1=y, implementation="layerwise")
+    assert "do not sum to the batch gradient" in caplog.text
+    assert r.vmap_params == ("head.weight", "head.bias")
+    assert_rel(r.matrix, reference_gram(model, state, x, y1=y))
+
+
+class TokenClassifier(nn.Module):
+    """Token ids (B, T) → embedding → mean over tokens → Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.emb(x).mean(1))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_integer_inputs(impl):
+    """Token ids stay integer (only floating inputs take the state's dtype)."""
+    torch.manual_seed(0)
+    model = TokenClassifier().double().eval()
+    state = state_of(model)
+    x, y = torch.randint(0, 20, (7, 5)), torch.randint(0, 3, (7,))
+    r = gram(model, state, x, y1=y, implementation=impl)
+    assert_rel(r.matrix, reference_gram(model, state, x, y1=y))
+    assert_symmetric(r.matrix)
+    assert r.implementation == ("layerwise" if impl == "auto" else impl)
+    if r.implementation == "layerwise":
+        assert r.vmap_params == ("emb.weight",)
+    o = gram(model, state, x[:4], of="outputs", implementation=impl)
+    assert_rel(o.matrix, reference_gram(model, state, x[:4], of="outputs"))
+    rect = gram(model, state, x[:4], x[4:], y1=y[:4], y2=y[4:], implementation=impl, memory_budget=1)
+    assert rect.blocks > 1
+    assert_rel(rect.matrix, reference_gram(model, state, x[:4], x[4:], y[:4], y[4:]))

@@ -9,7 +9,10 @@ per-example derivatives with respect to all parameters θ (P numbers):
   ``trace_outputs=True``.
 
 Every computation is done at a given state with BatchNorm in eval mode (per-example gradients are
-undefined when BatchNorm normalizes with batch statistics) and never mutates the model.
+undefined when BatchNorm normalizes with batch statistics), on the engine's own copy of the model
+(taken once, in eval mode, on the device): the caller's model is never mutated, moved or cast,
+and no hook is ever registered on it. Floating inputs are cast to the state's dtype; integer
+inputs (token ids for an ``nn.Embedding``) stay integer.
 
 Implementations (one switch, cross-checked against each other in tests/test_grams.py):
 
@@ -18,35 +21,43 @@ Implementations (one switch, cross-checked against each other in tests/test_gram
 - ``"vmap"``: ``torch.func.vmap(grad(...))`` (``jacrev`` for outputs) over a block of examples,
   per-parameter gradients multiplied into the Gram matrix. Works on any model whose forward can
   be vmapped (no data-dependent Python control flow); falls back to ``"loop"`` with a warning.
-- ``"layerwise"``: one batched forward and backward per block. For ``nn.Linear``,
-  ``nn.Conv2d`` (groups=1), eval-mode ``BatchNorm``, ``nn.LayerNorm`` and the zoo's
-  NTK-parameterized layers the per-example gradients follow exactly from each call's input and
-  output gradient (the BackPACK / Opacus route: a linear map's per-example weight gradient is
-  Σ over positions of b ⊗ a; for a convolution, one grouped convolution backward with the
-  examples as groups). Each layer's Gram contribution is then the cheaper of (i) the product
-  of those per-example gradients and (ii) a contraction that never forms them:
-  (A Aᵀ) ⊙ (B Bᵀ) for a 2-D ``nn.Linear``, Σ_{t,s} (u_it·u_js)(b_it·b_js) over positions for
-  late conv stages and short sequences. Every other parameter (attention projections,
-  embeddings, parameters owned by the root, tied weights, layers whose output is later modified
-  in place) goes through ``vmap(grad)`` restricted to those parameters. Guards, checked once at
-  setup: the batched forward must equal the vmapped per-example forward on a few examples
-  (examples must not interact), and on one example the per-example gradients of every rule must
-  equal autograd's; a module failing that moves to the ``vmap`` set with a warning
+- ``"layerwise"``: one batched forward and backward per block. For the modules that have a
+  per-example gradient rule (:mod:`genprobe.engine.rules`: ``nn.Linear``, ``nn.Conv2d``
+  (groups=1), eval-mode ``BatchNorm``, ``nn.LayerNorm``, and any layer declaring the
+  :class:`~genprobe.engine.rules.ScaledLinearMap` protocol, as NTK-parameterized layers do)
+  the per-example gradients follow exactly from each call's input and output gradient (the
+  BackPACK / Opacus route: a linear map's per-example weight gradient is Σ over positions of
+  b ⊗ a; for a convolution, one grouped convolution backward with the examples as groups).
+  Each layer's Gram contribution is then the cheaper of (i) the product of those per-example
+  gradients and (ii) a contraction that never forms them: (A Aᵀ) ⊙ (B Bᵀ) for a 2-D linear
+  map, Σ_{t,s} (u_it·u_js)(b_it·b_js) over positions for late conv stages and short sequences.
+  Every other parameter (attention projections, embeddings, parameters owned by the root, tied
+  weights, layers whose output is later modified in place) goes through ``vmap(grad)``
+  restricted to those parameters. Guards, checked once at setup: the batched forward must equal
+  the vmapped per-example forward on a few examples (examples must not interact), and on one
+  example the per-example gradients of every rule must equal autograd's; a module failing that
+  (e.g. one declaring the protocol wrongly) moves to the ``vmap`` set with a warning
   (:attr:`GramResult.vmap_params` lists them).
 - ``"auto"`` (default): ``"layerwise"``, which degrades by itself to ``"vmap"`` and ``"loop"``
   where the model needs it. ``"vmap"`` is the simplest reliable fast path.
 
-Memory: examples are processed in blocks whose size comes from a memory budget (bytes), so the
-N × P matrix of per-example gradients never needs to exist. A square Gram of N examples with
-block size B > N is one block; otherwise the examples are cut into chunks of B/2 and every pair
-of chunks (I, J) is one block on the union I ∪ J, so each example's gradient is recomputed about
-2N/B times: cost O(N²/B) per-example gradients, memory O(B). Rectangular Grams (x1 vs x2,
-train–test) stream the same way over (chunk of x1, chunk of x2) pairs; :func:`gram_blocks` yields
-the blocks one by one for callers that want to reduce them without holding the whole matrix.
+Symmetry: every block's Gram is symmetrized, (G + Gᵀ)/2, since BLAS's f fᵀ need not be bitwise
+symmetric; a square Gram, its diagonal blocks and the (N, N, K, K) layout
+(Θ[i, j, k, l] == Θ[j, i, l, k]) are therefore exactly symmetric.
+
+Memory: examples are processed in blocks whose size comes from a memory budget (bytes, see
+:mod:`genprobe.memory`), so the N × P matrix of per-example gradients never needs to exist. A
+square Gram of N examples with block size B > N is one block; otherwise the examples are cut
+into chunks of B/2 and every pair of chunks (I, J) is one block on the union I ∪ J, so each
+example's gradient is recomputed about 2N/B times: cost O(N²/B) per-example gradients, memory
+O(B). Rectangular Grams (x1 vs x2, train–test) stream the same way over (chunk of x1, chunk of
+x2) pairs; :func:`gram_blocks` yields the blocks one by one for callers that want to reduce them
+without holding the whole matrix.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections import defaultdict
@@ -61,7 +72,9 @@ from torch.func import functional_call, grad, jacrev, vmap
 
 from ..device import resolve_device
 from ..errors import ConfigError, DataError, check_choice
+from ..memory import resolve_memory_budget
 from ..params import State, split_state
+from .rules import module_gram, rule, rule_input, rules_match
 
 logger = logging.getLogger(__name__)
 
@@ -73,14 +86,6 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 OFS = ("loss", "outputs")
 IMPLEMENTATIONS = ("auto", "layerwise", "vmap", "loop")
-
-DEFAULT_MEMORY_FRACTION = 0.25
-"""Default budget: this fraction of the memory available on the device (CPU: MemAvailable;
-CUDA: free memory), so that the engine leaves room for the model, the data and other work."""
-DEFAULT_MEMORY_CAP = 8 * 2**30
-"""Upper bound of the default budget (bytes): beyond a few GiB bigger blocks stop paying off."""
-FALLBACK_MEMORY_BUDGET = 2**30
-"""Budget when the available memory cannot be read (1 GiB)."""
 
 
 # ----------------------------------------------------------------------------- losses
@@ -104,28 +109,6 @@ def resolve_loss(loss: LossName | LossFn) -> LossFn:
         return loss
     check_choice("loss", loss, tuple(LOSSES))
     return LOSSES[loss]
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-def default_memory_budget(device: torch.device) -> int:
-    """Bytes the engine may use by default: see :data:`DEFAULT_MEMORY_FRACTION`."""
-    available = None
-    try:
-        if device.type == "cuda":
-            available = torch.cuda.mem_get_info(device)[0]
-        else:
-            with open("/proc/meminfo") as fh:
-                for line in fh:
-                    if line.startswith("MemAvailable:"):
-                        available = int(line.split()[1]) * 1024
-                        break
-    except (OSError, RuntimeError, ValueError):
-        available = None
-    if not available:
-        return FALLBACK_MEMORY_BUDGET
-    return int(min(DEFAULT_MEMORY_CAP, DEFAULT_MEMORY_FRACTION * available))
 
 
 # ----------------------------------------------------------------------------- results
@@ -182,7 +165,7 @@ def cosine_from_gram(matrix: Tensor, diag1: Tensor, diag2: Tensor) -> Tensor:
 class _Setup:
     """Everything fixed across blocks: the model, state on the device, objective, plan."""
 
-    model: nn.Module
+    model: nn.Module  # the engine's own copy (eval mode, on the device): hooks go on it
     params: dict[str, Tensor]
     buffers: dict[str, Tensor]
     of: str
@@ -254,194 +237,7 @@ def _vmap_block(s: _Setup, x: Tensor, y: Tensor | None, keys: list[str]) -> Tens
     return total
 
 
-# ----------------------------------------------------------------------------- layerwise rules
-
-# Each rule takes the module, the calls' inputs `a` (n, ...) and output gradients `b`
-# (n, K', ...) and returns per-example gradients {local name: (n, K', *param shape)}.
-
-
-def _is_ntk(m: nn.Module) -> bool:
-    """genprobe's zoo layers in the NTK parameterization: y = w_scale·W x + b_scale·b."""
-    return type(m).__module__ == "genprobe.zoo.models" and type(m).__name__ in ("NTKLinear", "NTKConv2d")
-
-
-def _scales(m: nn.Module) -> tuple[float, float]:
-    """(weight, bias) multipliers between the parameters and the effective linear map."""
-    return (float(m.w_scale), float(m.b_scale)) if _is_ntk(m) else (1.0, 1.0)
-
-
-def _geometry(m: nn.Module) -> tuple[tuple, tuple, tuple, tuple]:
-    """(kernel_size, stride, padding, dilation) of a convolution."""
-    if isinstance(m, nn.Conv2d):
-        return m.kernel_size, m.stride, m.padding, m.dilation
-    pair = (lambda v: tuple(v) if isinstance(v, (tuple, list)) else (int(v), int(v)))  # noqa: E731
-    return (tuple(m.weight.shape[2:]), pair(getattr(m, "stride", 1)), pair(getattr(m, "padding", 0)),
-            pair(getattr(m, "dilation", 1)))  # NTKConv2d (checked against autograd at setup)
-
-
-def _linear_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:  # bilinear in (a, b)
-    n, kk = b.shape[:2]
-    a3 = a.reshape(n, -1, a.shape[-1])  # (n, T, in)
-    b4 = b.reshape(n, kk, -1, b.shape[-1])  # (n, K', T, out)
-    ws, bs = _scales(m)
-    out = {"weight": _scaled(torch.einsum("nkto,nti->nkoi", b4, a3), ws)}
-    if m.bias is not None:
-        out["bias"] = _scaled(b4.sum(2), bs)
-    return out
-
-
-def _scaled(t: Tensor, scale: float) -> Tensor:
-    return t if scale == 1.0 else t * scale
-
-
-def _conv_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
-    """Per-example weight gradients as one grouped convolution backward (groups = examples):
-    the same arithmetic as the batch weight gradient, without unfolding the input."""
-    n, kk = b.shape[:2]
-    c_out = m.weight.shape[0]
-    _, stride, padding, dilation = _geometry(m)
-    a_g = a.reshape(1, n * a.shape[1], *a.shape[2:])
-    shape = torch.empty(n * c_out, *m.weight.shape[1:], dtype=a.dtype, device=a.device)
-    per_k = []
-    for k in range(kk):  # an output Jacobian: one grouped backward per output
-        b_g = b[:, k].reshape(1, n * c_out, *b.shape[3:])
-        _, gw, _ = torch.ops.aten.convolution_backward(
-            b_g, a_g, shape, None, list(stride), list(padding), list(dilation), False,
-            [0, 0], n, [False, True, False])
-        per_k.append(gw.reshape(n, *m.weight.shape))
-    ws, bs = _scales(m)
-    out = {"weight": _scaled(per_k[0].unsqueeze(1) if kk == 1 else torch.stack(per_k, 1), ws)}
-    if m.bias is not None:
-        out["bias"] = _scaled(b.flatten(3).sum(-1), bs)
-    return out
-
-
-def _unfold(m: nn.Module, a: Tensor) -> Tensor:
-    """The inputs a linear map sees at each position: (n, T, features)."""
-    if _rule(m) is _conv_grads:
-        kernel, stride, padding, dilation = _geometry(m)
-        u = F.unfold(a, kernel, dilation=dilation, padding=padding, stride=stride)
-        return u.transpose(1, 2)
-    return a.reshape(a.shape[0], -1, a.shape[-1])
-
-
-def _contracted_gram(m: nn.Module, a: Tensor, b: Tensor) -> Tensor:
-    """Gram of a weight-shared linear map (conv, or Linear over positions) without per-example
-    gradients: G_(ik),(jl) = Σ_{t,s} (u_it · u_js)(b_ikt · b_jls), (+ bias term)."""
-    n, kk = b.shape[:2]
-    u = _unfold(m, a)  # (n, T, F)
-    t = u.shape[1]
-    if _rule(m) is _conv_grads:
-        bt = b.flatten(3).transpose(2, 3)  # (n, K', T, C_out)
-    else:
-        bt = b.reshape(n, kk, t, -1)
-    uu = (u.reshape(n * t, -1) @ u.reshape(n * t, -1).T).reshape(n, 1, t, n, 1, t)
-    bf = bt.reshape(n * kk * t, -1)
-    bb = (bf @ bf.T).reshape(n, kk, t, n, kk, t)
-    ws, bscale = _scales(m)
-    g = (uu * bb).sum((2, 5)) * ws**2  # (n, K', n, K')
-    if m.bias is not None:
-        bs = bt.sum(2).reshape(n * kk, -1)
-        g = g + (bs @ bs.T).reshape(n, kk, n, kk) * bscale**2
-    return g.reshape(n * kk, n * kk).double()
-
-
-def _contract_is_cheaper(m: nn.Module, a: Tensor, b: Tensor) -> bool:
-    """Compare the work of the contraction, ~(n K' T)² (F + C_out), with per-example gradients,
-    ~n K' P_l (T + n K'); the contraction wins when T² is small against C_out (late conv
-    stages, short sequences)."""
-    if _FORCE_CONTRACTION is not None:
-        return _FORCE_CONTRACTION
-    n, kk = b.shape[:2]
-    p = m.weight.numel()
-    features = p // m.weight.shape[0]
-    t = b[0, 0].numel() // m.weight.shape[0]
-    if t == 1:
-        return True
-    contract = (n * kk * t) ** 2 * (features + m.weight.shape[0])
-    materialize = n * kk * p * (t + n * kk)
-    return contract < materialize
-
-
-_FORCE_CONTRACTION: bool | None = None
-"""Tests set this to force (True) or forbid (False) the contraction route; None: by cost."""
-
-
-def _norm_grads(xhat: Tensor, b: Tensor, m: nn.Module, channel_dim: int | None) -> dict[str, Tensor]:
-    n, kk = b.shape[:2]
-    if channel_dim is not None:  # BatchNorm: sum over every dim but the channel
-        dims = [d for d in range(2, b.dim()) if d != channel_dim + 1]
-        gw = (b * xhat.unsqueeze(1)).sum(dims) if dims else b * xhat.unsqueeze(1)
-        gb = b.sum(dims) if dims else b
-    else:  # LayerNorm: sum over the leading positions, keep the normalized shape
-        shape = m.normalized_shape
-        bw = b.reshape(n, kk, -1, *shape)
-        gw = (bw * xhat.reshape(n, 1, -1, *shape)).sum(2)
-        gb = bw.sum(2)
-    out = {}
-    if m.weight is not None:
-        out["weight"] = gw
-    if m.bias is not None:
-        out["bias"] = gb
-    return out
-
-
-def _batchnorm_xhat(m: nn.Module, a: Tensor) -> Tensor:
-    shape = [1, -1] + [1] * (a.dim() - 2)
-    return (a - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
-
-
-def _layernorm_xhat(m: nn.Module, a: Tensor) -> Tensor:
-    dims = tuple(range(a.dim() - len(m.normalized_shape), a.dim()))
-    mean = a.mean(dims, keepdim=True)
-    var = a.var(dims, keepdim=True, unbiased=False)
-    return (a - mean) / torch.sqrt(var + m.eps)
-
-
-def _batchnorm_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
-    """`a` is the normalized input x̂ (see :func:`_rule_input`)."""
-    return _norm_grads(a, b, m, channel_dim=1)
-
-
-def _layernorm_grads(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
-    return _norm_grads(_layernorm_xhat(m, a), b, m, channel_dim=None)
-
-
-def _rule_input(m: nn.Module, a: Tensor) -> Tensor:
-    """What a rule needs from a call's input, taken while the call runs: BatchNorm's x̂ uses the
-    running statistics of the state being evaluated, which are only swapped in during the call."""
-    a = a.detach()
-    return _batchnorm_xhat(m, a) if _rule(m) is _batchnorm_grads else a
-
-
-def _magnitudes(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
-    """Per-example gradients with every product term replaced by its magnitude (|b|·|a| for a
-    linear map, |b|·|x̂| for a norm layer): the scale of the rounding error of the gradients."""
-    rule = _rule(m)
-    if rule is _batchnorm_grads:
-        return _norm_grads(a.abs(), b.abs(), m, channel_dim=1)
-    if rule is _layernorm_grads:
-        return _norm_grads(_layernorm_xhat(m, a).abs(), b.abs(), m, channel_dim=None)
-    return {k: g.abs() for k, g in rule(m, a.abs(), b.abs()).items()}
-
-
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-
-def _rule(m: nn.Module) -> Callable[[nn.Module, Tensor, Tensor], dict[str, Tensor]] | None:
-    """The per-example gradient rule of a module, or None when it has none (→ vmap)."""
-    if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward:
-        return _linear_grads
-    if (isinstance(m, nn.Conv2d) and type(m).forward is nn.Conv2d.forward and m.groups == 1
-            and m.padding_mode == "zeros" and not isinstance(m.padding, str)):
-        return _conv_grads
-    if _is_ntk(m):
-        return _linear_grads if type(m).__name__ == "NTKLinear" else _conv_grads
-    if type(m) in _BN and m.affine and m.track_running_stats and not m.training:
-        return _batchnorm_grads
-    if isinstance(m, nn.LayerNorm) and type(m) is nn.LayerNorm and m.elementwise_affine:
-        return _layernorm_grads
-    return None
+# ----------------------------------------------------------------------------- layerwise
 
 
 def _plan_layerwise(s: _Setup, x: Tensor) -> bool:
@@ -459,7 +255,7 @@ def _plan_layerwise(s: _Setup, x: Tensor) -> bool:
     keys: dict[str, dict[str, str]] = {}
     for name, mod in s.model.named_modules():
         own = dict(mod.named_parameters(recurse=False))
-        if not own or _rule(mod) is None or any(slots[id(p)] > 1 for p in own.values()):
+        if not own or rule(mod) is None or any(slots[id(p)] > 1 for p in own.values()):
             continue
         candidates[name] = mod
         keys[name] = {local: key_of[id(p)] for local, p in own.items()}
@@ -502,7 +298,7 @@ def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None, residual: bool = Tr
     total = torch.zeros(rows, rows, dtype=torch.float64, device=x.device)
     calls: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
     handles = [mod.register_forward_hook(
-        lambda mod, args, out, name=name: calls[name].append((_rule_input(mod, args[0]), out)))
+        lambda mod, args, out, name=name: calls[name].append((rule_input(mod, args[0]), out)))
         for name, mod in s.covered.items()]
     leaves = {k: v.detach().requires_grad_(True) for k, v in s.params.items()}
     try:
@@ -534,9 +330,9 @@ def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None, residual: bool = Tr
             i += len(mcalls)
             if not mcalls:
                 continue
-            contrib, sums = _module_gram(mod, [a for a, _ in mcalls], bs, rows, verify)
+            contrib, sums = module_gram(mod, [a for a, _ in mcalls], bs, rows, verify)
             total += contrib
-            if verify and not _matches(sums, batch, s.keys[name]):
+            if verify and not rules_match(sums, batch, s.keys[name]):
                 failed.append(name)
         if failed:
             logger.warning("layerwise: per-example gradients of %s do not sum to the batch "
@@ -551,66 +347,6 @@ def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None, residual: bool = Tr
     if s.residual and residual:
         total += _vmap_block(s, x, y, s.residual)
     return total
-
-
-def _module_gram(mod: nn.Module, inputs: list[Tensor], bs: list[Tensor], rows: int,
-                 verify: bool) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
-    """One module's Gram contribution (R, R) over all its calls; when verifying, also per
-    parameter the sum of its per-row gradients and the sum of the magnitudes of every term that
-    went into it (the scale of rounding errors). Verification takes the per-example route."""
-    rule = _rule(mod)
-    if not verify and len(inputs) == 1 and rule in (_linear_grads, _conv_grads):
-        a, b = inputs[0], bs[0]
-        if rule is _linear_grads and a.dim() == 2:
-            return _linear_gram(mod, a, b), {}
-        if _contract_is_cheaper(mod, a, b):
-            return _contracted_gram(mod, a, b), {}
-    grads: dict[str, Tensor] = {}
-    for a, b in zip(inputs, bs, strict=True):  # a shared module: sum its calls per example
-        for local, g in rule(mod, a, b).items():
-            grads[local] = grads[local] + g if local in grads else g
-    total = torch.zeros(rows, rows, dtype=torch.float64, device=bs[0].device)
-    for g in grads.values():
-        flat = g.reshape(rows, -1)
-        total += (flat @ flat.T).double()
-    if not verify:
-        return total, {}
-    scale: dict[str, Tensor] = {}
-    for a, b in zip(inputs, bs, strict=True):
-        for local, g in _magnitudes(mod, a, b).items():
-            g = g.sum((0, 1))
-            scale[local] = scale[local] + g if local in scale else g
-    return total, {local: (g.sum((0, 1)), scale[local]) for local, g in grads.items()}
-
-
-def _linear_gram(m: nn.Module, a: Tensor, b: Tensor) -> Tensor:
-    """(A Aᵀ) ⊙ (B Bᵀ) (+ B Bᵀ for the bias): a 2-D Linear's Gram without forming g_i."""
-    n, kk = b.shape[:2]
-    bf = b.reshape(n * kk, -1)
-    gb = bf @ bf.T  # (R, R)
-    ga = (a @ a.T).repeat_interleave(kk, 0).repeat_interleave(kk, 1)
-    ws, bs = _scales(m)
-    return (ga * gb * ws**2 + (gb * bs**2 if m.bias is not None else 0)).double()
-
-
-def _matches(ours: dict[str, tuple[Tensor, Tensor]], batch: dict[str, Tensor | None],
-             keys: dict[str, str]) -> bool:
-    """Whether the summed per-row gradients equal autograd's batch gradient, parameter by
-    parameter, up to rounding (relative to the summed magnitudes of the terms, which bounds
-    cancellation)."""
-    for local, key in keys.items():
-        ref = batch[key]
-        if local not in ours:
-            if ref is not None and float(ref.abs().max()) > 0:
-                return False
-            continue
-        got, scale = ours[local]
-        if ref is None:
-            ref = torch.zeros_like(got)
-        tol = 1e-9 if got.dtype == torch.float64 else 1e-4
-        if float((got - ref).norm()) > tol * float(scale.norm()) + 1e-30:
-            return False
-    return True
 
 
 def _quiet_vmap(fn):
@@ -635,7 +371,7 @@ def _short(exc: BaseException) -> str:
 def _estimate_bytes(s: _Setup, x: Tensor) -> int:
     """Rough bytes per example of a block under the chosen implementation (documented upper-ish
     estimate: activations ×4 for values, gradients and temporaries)."""
-    item = x.element_size()
+    item = max((v.element_size() for v in s.params.values() if v.is_floating_point()), default=4)
     act = 0
     unfold = 0
     handles = []
@@ -644,8 +380,9 @@ def _estimate_bytes(s: _Setup, x: Tensor) -> int:
         nonlocal act, unfold
         if isinstance(out, Tensor):
             act += out.numel()
-        if isinstance(mod, nn.Conv2d) and isinstance(out, Tensor):
-            unfold = max(unfold, mod.weight[0].numel() * out[0, 0].numel())
+        weight = getattr(mod, "weight", None)
+        if isinstance(weight, Tensor) and weight.dim() == 4 and isinstance(out, Tensor) and out.dim() == 4:
+            unfold = max(unfold, weight[0].numel() * out[0, 0].numel())  # a convolution's unfold
     for mod in s.model.modules():
         if not list(mod.children()):
             handles.append(mod.register_forward_hook(hook))
@@ -706,7 +443,8 @@ def _vmappable(s: _Setup, x: Tensor) -> bool:
 
 
 def _block(s: _Setup, x: Tensor, y: Tensor | None) -> Tensor:
-    """Gram of the rows of block `x`: (n, n) for the loss, (n, n, K, K) for outputs."""
+    """Gram of the rows of block `x`: (n, n) for the loss, (n, n, K, K) for outputs; exactly
+    symmetric (G_ij == G_ji; Θ[i, j, k, l] == Θ[j, i, l, k])."""
     if s.impl == "layerwise":
         g = _layerwise_block(s, x, y)
     elif s.impl == "vmap":
@@ -718,6 +456,7 @@ def _block(s: _Setup, x: Tensor, y: Tensor | None) -> Tensor:
             return _block(s, x, y)
     else:
         g = _loop_block(s, x, y, list(s.params))
+    g = (g + g.T) / 2  # exactly symmetric by construction: BLAS's f @ f.T need not be
     n, kk = len(x), s.outputs
     if s.of == "outputs":
         return g.reshape(n, kk, n, kk).permute(0, 2, 1, 3)
@@ -781,28 +520,34 @@ def gram_blocks(
         raise DataError("the Gram needs at least one example in each set")
     y1 = _as_targets(y1, len(x1), of, "y1")
     y2 = _as_targets(y2, len(x2), of, "y2") if x2 is not None else None
+    budget = resolve_memory_budget(memory_budget, dev)
     dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
-    x1 = x1.to(dev, dtype)
-    x2 = None if x2 is None else x2.to(dev, dtype)
+    x1 = _inputs(x1, dev, dtype)
+    x2 = None if x2 is None else _inputs(x2, dev, dtype)
     y1 = None if y1 is None else y1.to(dev)
     y2 = None if y2 is None else y2.to(dev)
-    was_training = model.training
-    model.eval()
-    try:
-        budget = memory_budget if memory_budget is not None else default_memory_budget(dev)
-        if budget <= 0:
-            raise ConfigError(f"memory_budget must be a positive number of bytes, got {budget}")
-        s = _setup(model, state, of, loss, implementation, dev, x1[:4], _take(y1, slice(0, 4)))
-        block = max(2, budget // s.per_example_bytes)
-        info = {} if info is None else info
-        info.update(block_size=int(block), blocks=0, per_example_bytes=s.per_example_bytes)
-        logger.info("grams: %s, %d examples per block (%.1f MB each)", s.impl, block,
-                    s.per_example_bytes / 2**20)
-        info["vmap_params"] = tuple(s.residual) if s.impl == "layerwise" else ()
-        yield from _tiles(s, x1, y1, x2, y2, block, info)
-        info["implementation"] = s.impl
-    finally:
-        model.train(was_training)
+    s = _setup(_working_copy(model, dev), state, of, loss, implementation, dev, x1[:4],
+               _take(y1, slice(0, 4)))
+    block = max(2, budget // s.per_example_bytes)
+    info = {} if info is None else info
+    info.update(block_size=int(block), blocks=0, per_example_bytes=s.per_example_bytes)
+    logger.info("grams: %s, %d examples per block (%.1f MB each)", s.impl, block,
+                s.per_example_bytes / 2**20)
+    info["vmap_params"] = tuple(s.residual) if s.impl == "layerwise" else ()
+    yield from _tiles(s, x1, y1, x2, y2, block, info)
+    info["implementation"] = s.impl
+
+
+def _working_copy(model: nn.Module, dev: torch.device) -> nn.Module:
+    """The engine's own copy of `model`, in eval mode on `dev`: hooks are registered on it and
+    its mode set, so the caller's model is never mutated, moved or cast. (Its tensors are never
+    read where the state provides them: every call swaps the state in.)"""
+    return copy.deepcopy(model).eval().to(dev)
+
+
+def _inputs(x: Tensor, dev: torch.device, dtype: torch.dtype) -> Tensor:
+    """Floating inputs on `dev` in the state's dtype; integer inputs (token ids) stay integer."""
+    return x.to(dev, dtype) if x.is_floating_point() else x.to(dev)
 
 
 def _take(y: Tensor | None, sl: slice) -> Tensor | None:
@@ -871,19 +616,23 @@ def gram(
     """Gram matrix of per-example derivatives of `model` at `state`.
 
     Args:
-        model: the architecture (kept in eval mode while computing; never modified).
+        model: the architecture. The engine works on its own copy in eval mode: the caller's
+            model is never mutated, moved or cast (see the module docstring).
         state: parameters and buffers (a canonical state, see :mod:`genprobe.params`).
         x1: inputs (N1, ...). x2: inputs (N2, ...) for a rectangular Gram (default: x1).
+            Floating inputs are cast to the state's dtype; integer inputs (token ids) are not.
         y1, y2: integer labels (N1,), (N2,) (targets of `loss`); needed for ``of="loss"``.
         of: ``"loss"`` (per-example loss gradients) or ``"outputs"`` (per-example Jacobians).
         loss: ``"cross_entropy"`` (default), ``"mse"`` or a per-example callable
             ``(outputs (B, K), targets (B,)) -> (B,)``.
         trace_outputs: with ``of="outputs"``, return Σ_k Θ_kk (N1, N2) instead of (N1, N2, K, K).
         implementation: ``"auto" | "layerwise" | "vmap" | "loop"`` (module docstring).
-        memory_budget: bytes for one block of examples (default :func:`default_memory_budget`).
+        memory_budget: bytes for one block of examples (see :mod:`genprobe.memory`; None: its
+            default budget).
         device: ``"auto" | "cpu" | "cuda[:N]"``.
 
-    Returns a :class:`GramResult` (float64, on the CPU). Raises DataError naming the examples
+    Returns a :class:`GramResult` (float64, on the CPU); a square Gram is exactly symmetric.
+    Raises DataError naming the examples
     when a derivative is not finite (e.g. a NaN loss at this state).
     """
     check_choice("of", of, OFS)
@@ -906,6 +655,8 @@ def gram(
             matrix[blk.cols, blk.rows] = m.transpose(0, 1) if m.dim() == 2 else m.permute(1, 0, 3, 2)
         diag1[blk.rows] = dr
         diag2[blk.cols] = dc
+    if x2 is None:  # the diagonal itself, bit for bit (blocks recompute the self products)
+        diag1, diag2 = _diag(matrix), _diag(matrix)
     _check_finite(diag1, "x1")
     _check_finite(diag2, "x2")
     return GramResult(matrix, diag1, diag2, info.get("implementation", implementation),
@@ -927,5 +678,5 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for _, p in model.named_parameters())
 
 
-__all__ = ["GramBlock", "GramResult", "IMPLEMENTATIONS", "LOSSES", "cosine_from_gram",
-           "default_memory_budget", "gram", "gram_blocks", "parameter_count", "resolve_loss"]
+__all__ = ["GramBlock", "GramResult", "IMPLEMENTATIONS", "LOSSES", "cosine_from_gram", "gram",
+           "gram_blocks", "parameter_count", "resolve_loss"]

@@ -85,7 +85,13 @@ def _after_layer(norm: nn.Module | None, nonlinearity: str, dropout: float) -> l
 
 
 class NTKLinear(nn.Module):
-    """Linear layer in the NTK parameterization: y = σ_w/√fan_in · W x + σ_b · b, W, b ~ N(0, 1)."""
+    """Linear layer in the NTK parameterization: y = σ_w/√fan_in · W x + σ_b · b, W, b ~ N(0, 1).
+
+    Follows the engine's ``ScaledLinearMap`` protocol (:mod:`genprobe.engine.rules`): ``weight``,
+    ``bias``, ``w_scale``, ``b_scale`` and ``linear_map``.
+    """
+
+    linear_map = "linear"
 
     def __init__(self, fan_in: int, fan_out: int, sigma_w: float, sigma_b: float):
         super().__init__()
@@ -103,7 +109,13 @@ class NTKLinear(nn.Module):
 
 
 class NTKConv2d(nn.Module):
-    """Same-padding conv in the NTK parameterization (fan_in = C_in · k²)."""
+    """Same-padding conv in the NTK parameterization (fan_in = C_in · k²).
+
+    Follows the engine's ``ScaledLinearMap`` protocol (:mod:`genprobe.engine.rules`), with
+    ``stride`` and ``padding`` (dilation 1).
+    """
+
+    linear_map = "conv2d"
 
     def __init__(self, c_in: int, c_out: int, kernel_size: int, sigma_w: float, sigma_b: float,
                  stride: int = 1):
