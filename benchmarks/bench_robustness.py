@@ -96,7 +96,7 @@ def main() -> None:
     n_cells = len(units) * (len(subject.checkpoints) + 1)
 
     t0, c0 = time.perf_counter(), time.process_time()
-    result = gp.robustness(subject, seeds=1, device=args.device)
+    result = gp.robustness(subject, draws=1, device=args.device)
     t_ours, c_ours = time.perf_counter() - t0, time.process_time() - c0
 
     t_slow = None
@@ -108,7 +108,7 @@ def main() -> None:
 
         R.VariantEvaluator = functools.partial(VariantEvaluator, fast=False)
         t0, c0 = time.perf_counter(), time.process_time()
-        gp.robustness(subject, seeds=1, device=args.device)
+        gp.robustness(subject, draws=1, device=args.device)
         t_slow, c_slow = time.perf_counter() - t0, time.process_time() - c0
         R.VariantEvaluator = VariantEvaluator
 

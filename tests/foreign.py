@@ -94,6 +94,22 @@ class Untraceable(nn.Module):
         return self.b(h)
 
 
+class TokenClassifier(nn.Module):
+    """A text classifier over integer token ids (B, T): nn.Embedding, mean over tokens, MLP head."""
+
+    def __init__(self, vocab=20, d=8, k=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.fc = nn.Linear(d, 12)
+        self.head = nn.Linear(12, k)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.fc(self.embed(ids).mean(dim=1))))
+
+
+TOKENS = {"tokens": (TokenClassifier, ("ids", 5, 20), 3)}
+"""Models taking integer token ids: input shape ("ids", T, vocab)."""
+
 FOREIGN = {
     "nested": (Nested, (6,), 3),
     "residual_bn": (Residual, (1, 6, 6), 3),
@@ -105,15 +121,21 @@ FOREIGN = {
 
 def make_subject(name: str, *, n_train: int = 32, n_test: int = 24, seed: int = 0, steps: int = 3,
                  dtype: torch.dtype = torch.float32, checkpoints: int = 1) -> gp.Subject:
-    """A Subject of foreign model `name`: θ⁰, a few SGD steps to θ^F (a checkpoint after each of
+    """A Subject of foreign model `name` (of FOREIGN or TOKENS): θ⁰, a few SGD steps to θ^F (a checkpoint after each of
     `checkpoints` "epochs"), random data. BatchNorm statistics are updated by the steps."""
-    factory, shape, k = FOREIGN[name]
+    factory, shape, k = (FOREIGN | TOKENS)[name]
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = factory().to(dtype)
-    x_train = torch.randn(n_train, *shape, generator=g, dtype=dtype)
+    if shape[0] == "ids":
+        x_train = torch.randint(0, shape[2], (n_train, shape[1]), generator=g)
+    else:
+        x_train = torch.randn(n_train, *shape, generator=g, dtype=dtype)
     y_train = torch.randint(0, k, (n_train,), generator=g)
-    x_test = torch.randn(n_test, *shape, generator=g, dtype=dtype)
+    if shape[0] == "ids":
+        x_test = torch.randint(0, shape[2], (n_test, shape[1]), generator=g)
+    else:
+        x_test = torch.randn(n_test, *shape, generator=g, dtype=dtype)
     y_test = torch.randint(0, k, (n_test,), generator=g)
     init = {k_: v.clone() for k_, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

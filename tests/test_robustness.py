@@ -26,31 +26,31 @@ def naive(subject, state, split="test"):
     return float((out.argmax(-1) != data.y).double().mean()), float(F.cross_entropy(out.double(), data.y))
 
 
-def naive_table(subject, seeds, split="test"):
-    """{(module, target, seed): (error, loss)}, literally per the paper."""
+def naive_table(subject, draws, split="test", seed=0):
+    """{(module, target, draw): (error, loss)}, literally per the paper."""
     cells = {}
     for u in subject.units():
         for epoch, state in subject.checkpoints.items():
             cells[u.name, str(epoch), None] = naive(subject, P.replace(subject.final, state, u.params), split)
-        for s in range(seeds):
+        for d in range(draws):
             try:
-                fresh = P.rerandomize(subject.model, subject.final, u, s)
+                fresh = P.rerandomize(subject.model, subject.final, u, seed, draw=d)
             except StateError:
-                cells[u.name, "rerandomize", s] = (math.nan, math.nan)
+                cells[u.name, "rerandomize", d] = (math.nan, math.nan)
                 continue
-            cells[u.name, "rerandomize", s] = naive(subject, P.replace(subject.final, fresh, u.params), split)
+            cells[u.name, "rerandomize", d] = naive(subject, P.replace(subject.final, fresh, u.params), split)
     return cells
 
 
 def test_every_cell_equals_naive(foreign_subject):
     s = foreign_subject
-    r = robustness(s, seeds=2)
+    r = robustness(s, draws=2)
     ref = naive_table(s, 2)
     base_error, base_loss = naive(s, s.final)
     assert len(r.table) == len(ref)
     for row in r.table.itertuples():
-        seed = None if row.target != "rerandomize" else int(row.seed)
-        error, loss = ref[row.module, row.target, seed]
+        draw = None if row.target != "rerandomize" else int(row.draw)
+        error, loss = ref[row.module, row.target, draw]
         if math.isnan(error):
             assert math.isnan(row.error) and row.module in r.meta["not_rerandomized"]
             continue
@@ -63,8 +63,8 @@ def test_every_cell_equals_naive(foreign_subject):
 
 def test_columns_summary_and_moved():
     s = make_subject("residual_bn", checkpoints=3)
-    r = robustness(s, seeds=2, threshold=0.05)
-    for col in ("module", "target", "seed", "split", "error", "loss", "delta_error", "robust", "moved"):
+    r = robustness(s, draws=2, threshold=0.05)
+    for col in ("module", "target", "draw", "split", "error", "loss", "delta_error", "robust", "moved"):
         assert col in r.table.columns
     assert list(dict.fromkeys(r.table["module"])) == [u.name for u in s.units()]
     assert list(dict.fromkeys(r.table["target"])) == ["0", "1", "2", "3", "rerandomize"]
@@ -101,12 +101,26 @@ def test_self_checks():
 
 def test_rerandomize_reproducible_and_seed_dependent():
     s = make_subject("nested")
-    a = robustness(s, seeds=3, checkpoints=[0])
-    b = robustness(s, seeds=3, checkpoints=[0])
+    a = robustness(s, draws=3, checkpoints=[0])
+    b = robustness(s, draws=3, checkpoints=[0])
     assert a.table.equals(b.table)
     rr = a.table[a.table["target"] == "rerandomize"]
     for _, rows in rr.groupby("module"):
         assert rows["loss"].nunique() == 3
+    c = robustness(s, draws=3, checkpoints=[0], seed=1)
+    assert not c.table["loss"].equals(a.table["loss"])
+
+
+def test_rerandomization_never_repeats_theta0():
+    """A model built right after torch.manual_seed(0) with the default single draw: the
+    re-randomized column must differ from re-initialization to θ⁰ (it used to be identical)."""
+    torch.manual_seed(0)
+    s = make_subject("nested")
+    r = robustness(s, checkpoints=[0])
+    for _, rows in r.table.groupby("module"):
+        reinit = rows[rows["target"] == "0"]["loss"].iloc[0]
+        rerand = rows[rows["target"] == "rerandomize"]["loss"].iloc[0]
+        assert reinit != rerand
 
 
 def test_selection_groups_checkpoints_and_split():
@@ -128,7 +142,7 @@ def test_does_not_mutate(foreign_subject):
     s = foreign_subject
     model_state = {k: v.clone() for k, v in s.model.state_dict().items()}
     final = {k: v.clone() for k, v in s.final.items()}
-    robustness(s, seeds=1)
+    robustness(s, draws=1)
     assert all(torch.equal(v, model_state[k]) for k, v in s.model.state_dict().items())
     assert all(torch.equal(v, final[k]) for k, v in s.final.items())
 
@@ -144,22 +158,24 @@ def test_bad_input():
         robustness(no_init)
     with pytest.raises(ConfigError, match="split"):
         robustness(s, split="val")
-    with pytest.raises(ConfigError, match="seeds"):
-        robustness(s, seeds=0)
+    with pytest.raises(ConfigError, match="draws"):
+        robustness(s, draws=0)
+    with pytest.raises(ConfigError, match="seed"):
+        robustness(s, seed=-1)
     with pytest.raises(ConfigError, match="threshold"):
         robustness(s, threshold=-1)
 
 
 def test_save_load_plot(tmp_path):
     s = make_subject("residual_bn", checkpoints=2)
-    r = robustness(s, seeds=2)
+    r = robustness(s, draws=2)
     back = gp.load(r.save(tmp_path / "rob"))
     assert isinstance(back, RobustnessResult)
     assert back.table.equals(r.table) and back.summary == r.summary
     assert back.modules.equals(r.modules)
     fig = r.plot()
     assert len(fig.axes) == 3
-    assert "Int64" in str(r.table["seed"].dtype)
+    assert "Int64" in str(r.table["draw"].dtype)
 
 
 def test_cli(tiny_run, tmp_path, capsys):
@@ -168,12 +184,13 @@ def test_cli(tiny_run, tmp_path, capsys):
     run = tiny_run
     out = tmp_path / "rob"
     main(["probe", "robustness", str(run), "--modules", "layers.1", "--modules", "layers.3",
-          "--checkpoints", "0", "--checkpoints", "2", "--seeds", "2", "--out", str(out)])
+          "--checkpoints", "0,2", "--draws", "2", "--out", str(out)])
     text = capsys.readouterr().out
     assert "layers.1" in text and "rerandomize" in text and "critical_modules=" in text
+    assert "tau=0" in text and len(text.splitlines()) < 10  # the per-module map, not raw rows
     r = gp.load(out)
     assert list(dict.fromkeys(r.table["target"])) == ["0", "2", "rerandomize"]
-    assert out.with_suffix(".png").is_file()
+    assert (out / "figure.png").is_file()
     with pytest.raises(SystemExit) as exc:
         main(["probe", "robustness", str(run), "--checkpoints", "9", "--out", str(out)])
     assert exc.value.code == 2

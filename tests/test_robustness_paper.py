@@ -28,7 +28,7 @@ BLOCKS = {f"stage{i}.block{j}": f"stages.{i}.{j}" for i in range(3) for j in ran
 
 def _probe(arch, options, modules=None):
     subject = gp.Subject.load(trained_run(arch, **options))
-    r = gp.robustness(subject, modules=modules, seeds=2)
+    r = gp.robustness(subject, modules=modules, draws=2)
     log.warning("%s robustness map (test error):\n%s\n%s\n%s", arch, r.map.round(4).to_string(),
                 r.modules.round(4).to_string(), r.summary)
     return r

@@ -174,7 +174,13 @@ def test_nan_loss_names_examples():
     x = s.train.x.clone()
     x[5] = float("nan")
     y = torch.arange(12) % 3
-    bad = gp.Subject(s.model, train=(x, y), test=(s.test.x, s.test.y), num_classes=3)
+    with pytest.raises(DataError, match="position 5"):  # NaN inputs never reach a probe
+        gp.Subject(s.model, train=(x, y), test=(s.test.x, s.test.y), num_classes=3)
+    linear = torch.nn.Linear(6, 3)
+    with torch.no_grad():
+        linear.weight.fill_(1.0)
+    x[5] = 3e38  # finite, but the logits overflow to inf: the loss is not finite
+    bad = gp.Subject(linear, train=(x, y), test=(s.test.x, s.test.y), num_classes=3)
     with pytest.raises(DataError, match="positions 5"):
         gp.stiffness(bad, per_class=4)
 
@@ -190,7 +196,7 @@ def test_cli(tiny_run, tmp_path, capsys):
     assert "within_class=" in text and "critical_length=" in text
     r = gp.load(out)
     assert r.cosine.shape == (20, 20) and r.meta["states"][-1] == "final"
-    assert out.with_suffix(".png").is_file()
+    assert (out / "figure.png").is_file()
     with pytest.raises(SystemExit) as exc:
         main(["probe", "stiffness", str(run), "--pairs", "val-val", "--out", str(out)])
     assert exc.value.code == 2

@@ -28,7 +28,7 @@ def test_validation_names_the_bad_key_and_shape():
     with pytest.raises(StateError, match="needs the initial state"):
         gp.Subject(m).require_init("robustness")
     with pytest.raises(StateError, match="recorded epochs"):
-        gp.Subject(m, init=state).state(7)
+        gp.Subject(m, init={k: v + 1 for k, v in state.items()}).state(7)
 
 
 def test_data_forms_are_converted_once():
@@ -47,7 +47,7 @@ def test_data_forms_are_converted_once():
 
 def test_subject_copies_the_model_and_init_is_checkpoint_zero():
     m = _model().train()
-    init = {k: v.clone() for k, v in m.state_dict().items()}
+    init = {k: v.clone() + 0.5 for k, v in m.state_dict().items()}
     s = gp.Subject(m, init=init)
     assert m.training and not s.model.training  # the caller's model keeps its mode
     assert s.checkpoints[0] is s.init
@@ -100,3 +100,55 @@ def test_result_round_trip_is_exact(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
     with pytest.raises(gp.RunError, match="not a readable genprobe result"):
         gp.load(tmp_path / "missing")
+
+
+def test_broken_states_are_errors_naming_the_tensor():
+    m = _model()
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    state["2.weight"][0, 1] = float("nan")
+    with pytest.raises(StateError, match=r"final\['2.weight'\] holds 1 NaN"):
+        gp.Subject(m, final=state)
+    state["2.weight"][0, 1] = float("inf")
+    with pytest.raises(StateError, match=r"checkpoints\[4\]\['2.weight'\]"):
+        gp.Subject(m, checkpoints={4: state})
+    with pytest.raises(StateError, match="init is identical to final"):
+        gp.Subject(m, init=m.state_dict())  # the live state dict, not a copy made before training
+
+
+def test_bad_data_is_an_error():
+    m = _model()
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(DataError, match="train is empty"):
+        gp.Subject(m, train=(x[:0], y[:0]))
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(DataError, match="position 3"):
+        gp.Subject(m, test=(bad, y))
+    with pytest.raises(DataError, match="label 2 is out of range for num_classes=2"):
+        gp.Subject(m, train=(x, y), num_classes=2)
+    with pytest.raises(DataError, match=">= 0"):
+        gp.Subject(m, train=(x, y - 1))
+
+
+def test_inputs_take_the_model_dtype_and_token_ids_stay_integer():
+    m = _model().double()
+    s = gp.Subject(m, train=(torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])))
+    assert s.train.x.dtype == torch.float64
+    emb = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+    ids = torch.randint(0, 10, (5, 3))
+    s = gp.Subject(emb, train=(ids, torch.tensor([0, 1, 2, 0, 1])))
+    assert s.train.x.dtype == torch.int64 and torch.equal(s.train.x, ids)
+
+
+def test_repr_is_a_short_summary():
+    x, y = torch.randn(600, 4), torch.randint(0, 3, (600,))
+    text = repr(gp.Subject(_model(), init={k: v + 1 for k, v in _model().state_dict().items()},
+                           train=(x, y), test=(x, y)))
+    assert len(text) < 300 and "Sequential" in text and "train 600" in text
+
+
+def test_loading_a_run_leaves_the_global_rng_alone(tiny_run):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    gp.Subject.load(tiny_run)
+    assert torch.equal(torch.get_rng_state(), before)

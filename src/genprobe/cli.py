@@ -2,97 +2,73 @@
 
 Every user error (a :class:`~genprobe.errors.GenprobeError`, or a bad option caught by the
 parser) prints one line, ``genprobe: error: <what is wrong and what to do>``, and exits 2.
+Ctrl-C prints one line saying what was kept and how to resume, and exits 130.
 
-Probes plug in through :data:`PROBE_MODULES`: each module named there defines
-``cli(app: typer.Typer)``, which registers its ``genprobe probe <name>`` command; the shared
-helpers :func:`load_run` and :func:`write_probe_output` keep those commands short.
+``genprobe probe NAME`` commands are built from the probe registry
+(:mod:`genprobe.probes.registry`): the shared options a probe's function accepts
+(:data:`genprobe.probes.common.SHARED_HELP`), then its own registered options.
 """
 
 from __future__ import annotations
 
-import importlib
+import inspect
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from .errors import GenprobeError
+from ._version import __version__
+from .errors import ConfigError, GenprobeError
 
-console = Console(stderr=True)
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="genprobe: which parts of a trained network matter, and what that says about generalization.")
-probe_app = typer.Typer(no_args_is_help=True, help="Run a probe on one or more run directories.")
+probe_app = typer.Typer(no_args_is_help=True, help="Run a probe on one or more run directories "
+                        "(list them with `genprobe probes`).")
 app.add_typer(probe_app, name="probe")
 
-PROBE_MODULES: list[str] = ["genprobe.probes.robustness", "genprobe.probes.criticality",
-                            "genprobe.probes.stiffness"]
-"""Modules whose ``cli(app)`` registers a ``genprobe probe`` subcommand."""
-
 DEVICE_HELP = "Where to compute: auto (CUDA if available), cpu, cuda or cuda:N."
-RUN_HELP = "Run directory written by `genprobe train`."
-MODULES_HELP = "fnmatch pattern(s) of modules (repeatable); default: all."
 DATA_DIR_HELP = "Folder holding local data files (IDX files, CIFAR-10 batches) for datasets that read them."
 
-
-def load_run(run: Path, data_dir: Path | None = None):
-    """The Subject of a run directory (errors become one line, exit 2)."""
-    from .subject import Subject
-
-    return Subject.load(run, data_dir=data_dir)
+_on_interrupt: Callable[[], str] | None = None
+"""What the running command kept, for the one line printed on Ctrl-C (set by long commands)."""
 
 
-def write_probe_output(result, run: Path, name: str, out: Path | None = None, columns: list[str] | None = None) -> Path:
-    """Save `result` to `out` (default ``RUN/probes/NAME``), its figure beside it as ``.png``,
-    and print a compact text table (the `columns` given, else all). Returns the result directory."""
-    out = out or (Path(run) / "probes" / name)
-    figure = _save_with_figure(result, out)
-    table = result.table[columns] if columns else result.table
-    import pandas as pd
-
-    with pd.option_context("display.max_rows", 60, "display.width", 160,
-                                             "display.float_format", "{:.4g}".format):
-        typer.echo(table.to_string(index=False))
-    typer.echo(" ".join(f"{k}={v:.4g}" for k, v in result.summary.items()))
-    typer.echo(f"wrote {out}/ and {figure}")
-    return out
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"genprobe {__version__}")
+        raise typer.Exit()
 
 
-def _save_with_figure(result, out: Path) -> Path:
-    """Save `result` to directory `out` and its figure to ``out.png``; return the figure's path."""
-    import matplotlib
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    from .progress import set_quiet
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    result.save(out)
-    fig = result.plot()
-    figure = out.with_suffix(".png")
-    fig.savefig(figure, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return figure
-
-
-def _register_probes() -> None:
-    for name in PROBE_MODULES:
-        importlib.import_module(name).cli(probe_app)
+    set_quiet(quiet)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``genprobe`` console script and ``python -m genprobe``."""
+    global _on_interrupt
     logging.basicConfig(level=logging.WARNING, format="genprobe: %(levelname)s: %(message)s")
     _register_probes()
+    _on_interrupt = None
     try:
         app(args=argv, standalone_mode=False)
     except GenprobeError as exc:
-        print(f"genprobe: error: {exc}", file=sys.stderr)
+        print(f"genprobe: error: {' '.join(str(exc).split())}", file=sys.stderr)
         sys.exit(2)
+    except (KeyboardInterrupt, typer.Abort):
+        kept = _on_interrupt() if _on_interrupt is not None else "nothing was written"
+        print(f"genprobe: interrupted; {kept}", file=sys.stderr)
+        sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        print("genprobe: aborted", file=sys.stderr)
-        sys.exit(130)
     except typer.exceptions.TyperException as exc:  # the parser's errors (typer >= 0.29 vendors click)
         if type(exc).__name__ == "NoArgsIsHelpError":  # `genprobe` or `genprobe probe` alone
             print(exc.format_message())
@@ -100,6 +76,127 @@ def main(argv: list[str] | None = None) -> None:
         message = " ".join(exc.format_message().split())
         print(f"genprobe: error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- probes
+
+_SHARED_ORDER = ("modules", "checkpoints", "split", "n", "per_class", "seed", "batch_size",
+                 "memory_budget", "device")
+
+
+def _option(name: str, annotation, default, help: str, *decls: str) -> inspect.Parameter:
+    flag = "--" + name.replace("_", "-")
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, *(decls or (flag,)), help=help))
+
+
+def _probe_command(spec) -> Callable:
+    """A typer command for registered probe `spec` (see the module docstring)."""
+    from .probes.common import SHARED_HELP
+
+    accepted = spec.parameters()
+    params = [inspect.Parameter("runs", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[Path],
+                                default=typer.Argument(..., help="Run directories written by `genprobe train`."))]
+    for name in _SHARED_ORDER:
+        if name not in accepted:
+            continue
+        default = accepted[name].default
+        if name == "modules":
+            params.append(_option(name, list[str] | None, None, SHARED_HELP[name], "--modules", "-m"))
+        elif name == "checkpoints":
+            shown = default if isinstance(default, str) else ("none" if default is None else
+                                                              ",".join(map(str, default)))
+            params.append(_option(name, str, shown, SHARED_HELP[name], "--checkpoints", "-c"))
+        elif name == "memory_budget":
+            params.append(_option(name, float | None, None, SHARED_HELP[name], "--memory-budget-mb"))
+        elif name == "device":
+            params.append(_option(name, str, default, SHARED_HELP[name]))
+        else:
+            kind = {"split": str, "seed": int}.get(name, int | None)
+            params.append(_option(name, kind, default, SHARED_HELP[name]))
+    for opt in spec.options:
+        default = accepted[opt.name].default
+        if opt.multiple:
+            params.append(_option(opt.name, list[opt.type] | None, None, opt.help))
+        elif opt.type is bool:
+            flag = opt.name.replace("_", "-")
+            params.append(_option(opt.name, bool, default, opt.help, f"--{flag}/--no-{flag}"))
+        else:
+            params.append(_option(opt.name, opt.type | None if default is None else opt.type,
+                                  default, opt.help))
+    params.append(_option("out", Path | None, None,
+                          f"Result directory (default RUN/probes/{spec.name}); one run only."))
+    params.append(_option("data_dir", Path | None, None, DATA_DIR_HELP))
+
+    def command(**kwargs) -> None:
+        runs, out, data_dir = kwargs.pop("runs"), kwargs.pop("out"), kwargs.pop("data_dir")
+        if out is not None and len(runs) > 1:
+            raise ConfigError(f"--out names one result directory but {len(runs)} runs were given; "
+                              "drop --out to write each into RUN/probes/" + spec.name)
+        options = _probe_options(kwargs)
+        for run in runs:
+            _run_probe(spec, run, out, data_dir, options)
+
+    command.__signature__ = inspect.Signature(params)
+    command.__doc__ = f"{spec.summary} ({spec.paper})."
+    return command
+
+
+def _probe_options(kwargs: dict) -> dict:
+    from .probes.common import parse_checkpoints
+
+    options = {}
+    for name, value in kwargs.items():
+        if name == "checkpoints":
+            value = parse_checkpoints(value)
+        elif name == "memory_budget" and value is not None:
+            if not value > 0:
+                raise ConfigError(f"--memory-budget-mb must be positive, got {value!r}")
+            value = int(value * 2**20)
+        elif isinstance(value, list):
+            value = value or None
+        options[name] = value
+    return options
+
+
+def _run_probe(spec, run: Path, out: Path | None, data_dir: Path | None, options: dict) -> None:
+    import pandas as pd
+
+    from . import outputs
+    from .results import result_file
+    from .subject import Subject
+
+    out = Path(out) if out is not None else Path(run) / "probes" / spec.name
+    outputs.check_replaceable(out, "result", result_file, "result directory")  # before the work
+    subject = Subject.load(run, data_dir=data_dir)
+    global _on_interrupt
+    _on_interrupt = lambda: f"nothing of this {spec.name} run was written ({out} is unchanged)"  # noqa: E731
+    result = spec.function(subject, **options)
+    result.save(out, figure=True)
+    with pd.option_context("display.max_rows", 60, "display.width", 160,
+                           "display.float_format", "{:.4g}".format):
+        typer.echo(result.brief().to_string(index=False))
+    typer.echo(" ".join(f"{k}={v:.4g}" for k, v in result.summary.items()))
+    typer.echo(f"wrote {out}/ (figure: {out / 'figure.png'})")
+
+
+def _register_probes() -> None:
+    from .probes.registry import get_probe, list_probes
+
+    registered = {c.name for c in probe_app.registered_commands}
+    for name in list_probes():
+        if name not in registered:
+            probe_app.command(name)(_probe_command(get_probe(name)))
+
+
+@app.command()
+def probes() -> None:
+    """List the registered probes."""
+    from .probes.registry import get_probe, list_probes
+
+    for name in list_probes():
+        spec = get_probe(name)
+        typer.echo(f"{name:12s} {spec.summary} ({spec.paper})")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -148,23 +245,62 @@ def train(
     """Train an architecture on a dataset, writing a run directory with checkpoints and metrics."""
     from .zoo.train import TrainConfig, read_metrics, train_run
 
+    flags = dict(arch=arch, dataset=dataset, epochs=epochs, lr=lr, batch_size=batch_size,
+                 optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
+                 label_noise=label_noise, checkpoints=checkpoints, n_train=n_train, n_test=n_test,
+                 seed=seed, device=device, data_dir=str(data_dir) if data_dir else None)
     if resume is not None:
+        _check_resume_flags(resume, config, out, overwrite, flags, opt, data_opt)
+        _interrupt_note(resume)
         path = train_run(TrainConfig(), resume, resume=True, progress=True)
     else:
         base = TrainConfig.from_yaml(config).to_dict() if config else {}
-        flags = dict(arch=arch, dataset=dataset, epochs=epochs, lr=lr, batch_size=batch_size,
-                     optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
-                     label_noise=label_noise, checkpoints=checkpoints, n_train=n_train, n_test=n_test,
-                     seed=seed, device=device, data_dir=str(data_dir) if data_dir else None)
         merged = base | {k: v for k, v in flags.items() if v is not None}
         merged["arch_options"] = base.get("arch_options", {}) | _parse_options(opt, "--opt")
         merged["dataset_options"] = base.get("dataset_options", {}) | _parse_options(data_opt, "--data-opt")
         cfg = TrainConfig.from_dict(merged)
         out = out or Path("runs") / f"{cfg.arch}-{cfg.dataset}"
+        _interrupt_note(out)
         path = train_run(cfg, out, overwrite=overwrite, progress=True)
     last = read_metrics(path).iloc[-1]
     typer.echo(f"{path}: epoch {int(last.epoch)} train error {last.train_error:.4f} "
                f"test error {last.test_error:.4f} test loss {last.test_loss:.4f}")
+
+
+def _check_resume_flags(run: Path, config, out, overwrite, flags: dict, opt, data_opt) -> None:
+    """--resume continues a run as it was configured: a flag that disagrees is an error."""
+    from . import store
+
+    if config is not None or out is not None or overwrite:
+        raise ConfigError("--resume RUN continues that run in place: drop the CONFIG argument, "
+                          "--out and --overwrite")
+    saved = store.read_config(run)
+    for key, value in flags.items():
+        if value is not None and saved.get(key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"{flag} {value} disagrees with the run's {key}={saved.get(key)!r}; "
+                              f"--resume continues {run} as it was configured: drop {flag}")
+    for pairs, key, flag in ((opt, "arch_options", "--opt"), (data_opt, "dataset_options", "--data-opt")):
+        for name, value in _parse_options(pairs, flag).items():
+            if saved.get(key, {}).get(name) != value:
+                raise ConfigError(f"{flag} {name}={value} disagrees with the run's {key} "
+                                  f"{saved.get(key, {})}; --resume continues {run} as configured")
+
+
+def _interrupt_note(run: Path) -> None:
+    """On Ctrl-C during training: which epochs the run keeps and the command that resumes it."""
+    global _on_interrupt
+
+    def note() -> str:
+        from . import store
+
+        epochs = sorted(store.list_checkpoints(run)) if Path(run).is_dir() else []
+        if not epochs or not (Path(run) / store.RESUME).is_file():
+            return f"the run {run} was not started; nothing to resume"
+        return (f"{run} keeps its completed epochs (last checkpoint: epoch {epochs[-1]}); "
+                f"resume with: genprobe train --resume {run}")
+
+    _on_interrupt = note
 
 
 @app.command()
@@ -186,37 +322,32 @@ def archs() -> None:
         typer.echo(f"{name:12s} {options}")
 
 
-DEMO_PROBES = {
-    "robustness": {},
-    "criticality": {"samples": 4, "max_examples": 500},
-    "stiffness": {"per_class": 10, "checkpoints": "all"},
-}
-"""The probes the demo runs, with options that keep the whole tour under a minute or two on a CPU."""
-
-
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Where to write the demo run and its probe results."),
     epochs: int = typer.Option(10, help="Training epochs of the demo model."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
-    """The one-command tour: train a small FCN on the built-in digits, then probe it."""
-    import genprobe as gp
-
+    """The one-command tour: train a small FCN on the built-in digits, then run every probe."""
+    from .probes.registry import get_probe, list_probes
+    from .subject import Subject
     from .zoo.train import TrainConfig, read_metrics, train_run
 
     cfg = TrainConfig(arch="fcn", dataset="digits", arch_options={"width": 256, "depth": 3},
                       epochs=epochs, checkpoints="every", device=device)
     run = out / "fcn-digits"
     typer.echo(f"training {cfg.arch} (3 hidden layers of 256) on {cfg.dataset} for {epochs} epochs -> {run}")
+    _interrupt_note(run)
     train_run(cfg, run, overwrite=True, progress=True)
     metrics = read_metrics(run)
     typer.echo(metrics[["epoch", "train_loss", "train_error", "test_loss", "test_error"]]
                .to_string(index=False, float_format="{:.4f}".format))
-    subject = gp.Subject.load(run)
-    for name, options in DEMO_PROBES.items():
-        typer.echo(f"\n== {name}")
-        result = getattr(gp, name)(subject, device=device, **options)
-        _save_with_figure(result, run / "probes" / name)
+    subject = Subject.load(run)
+    for name in list_probes():
+        spec = get_probe(name)
+        typer.echo(f"\n== {name}: {spec.summary}")
+        options = {"device": device} if "device" in spec.parameters() else {}
+        result = spec.function(subject, **options, **spec.demo)
+        result.save(run / "probes" / name, figure=True)
         typer.echo("  " + "  ".join(f"{k}={v:.4g}" for k, v in result.summary.items()))
     typer.echo(f"\nresults and figures in {run / 'probes'}/")

@@ -34,3 +34,8 @@ def check_choice(name: str, value: object, allowed: tuple | list) -> None:
     """Raise ConfigError naming `name`, the bad `value` and the allowed ones."""
     if value not in allowed:
         raise ConfigError(f"unknown {name}={value!r}; choose one of {', '.join(map(repr, allowed))}")
+
+
+class OutputError(GenprobeError):
+    """An output path cannot be written, or holds something genprobe did not write (genprobe
+    replaces only directories it can prove it wrote)."""

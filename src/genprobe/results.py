@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,8 +22,17 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import outputs
 from ._version import __version__
 from .errors import RunError
+
+FILES = ("table.parquet", "tensors.safetensors", "meta.json", "figure.png", "figure.svg")
+"""What :meth:`Result.save` writes in a result directory (plus ``table-NAME.parquet`` files)."""
+
+
+def result_file(name: str) -> bool:
+    """Whether `name` is a file that :meth:`Result.save` writes."""
+    return name in FILES or (name.startswith("table-") and name.endswith(".parquet"))
 
 _REGISTRY: dict[str, type[Result]] = {}
 
@@ -62,7 +69,18 @@ class Result:
 
     def __post_init__(self) -> None:
         self.summary = {k: float(v) for k, v in self.summary.items()}
-        self.meta = {"probe": self.probe, "genprobe_version": __version__, **self.meta}
+        meta = {"probe": self.probe, "genprobe_version": __version__, **self.meta}
+        self.meta = json.loads(json.dumps(_jsonable(meta)))  # exactly what save() writes
+
+    def brief(self) -> pd.DataFrame:
+        """The compact table the command line prints (the full ``table`` is in the saved result)."""
+        return self.table
+
+    @property
+    def self_check(self) -> dict[str, Any]:
+        """The result's own consistency check (``meta["self_check"]``): ``what`` it checks,
+        ``value`` (the discrepancy found), ``tolerance`` and ``passed``."""
+        return self.meta.get("self_check", {})
 
     def plot(self):
         """A matplotlib Figure like the paper's figure for this probe."""
@@ -74,12 +92,12 @@ class Result:
 
     # -- persistence -------------------------------------------------------------
 
-    def save(self, path: str | Path) -> Path:
-        """Write the result to directory `path` (replaced atomically if it exists)."""
+    def save(self, path: str | Path, *, figure: bool = False) -> Path:
+        """Write the result to directory `path`, atomically; with `figure`, also its plot as
+        ``figure.png``. An existing `path` is replaced only if it is an empty directory or a
+        result genprobe wrote (:mod:`genprobe.outputs`); otherwise OutputError."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with outputs.staged_directory(path, "result", result_file, "result directory") as tmp:
             self.table.to_parquet(tmp / "table.parquet", index=False)
             for name, df in self.tables.items():
                 df.to_parquet(tmp / f"table-{name}.parquet", index=False)
@@ -91,12 +109,8 @@ class Result:
                     "inf_keys": {k: math.copysign(1.0, v) for k, v in self.summary.items() if math.isinf(v)},
                     "meta": _jsonable(self.meta), "tables": sorted(self.tables)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            if figure:  # plot() builds a matplotlib Figure without pyplot: nothing to close
+                self.plot().savefig(tmp / "figure.png", dpi=120, bbox_inches="tight")
         return path
 
     @classmethod

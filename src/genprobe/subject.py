@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from . import params as P
@@ -62,12 +63,35 @@ class Subject:
         elif 0 in checkpoints:
             self.init = checkpoints[0]
         self.checkpoints = dict(sorted(checkpoints.items()))
-        self.train = as_data(self.train, "train")
-        self.test = as_data(self.test, "test")
+        _check_finite("final", self.final)
+        for epoch, state in self.checkpoints.items():
+            _check_finite("init" if epoch == 0 and state is self.init else f"checkpoints[{epoch}]", state)
+        if self.init is not None:
+            _check_not_final(model, self.init, self.final)
+        dtype = next((v.dtype for v in self.final.values() if v.is_floating_point()), torch.float32)
+        self.train = _as_model_data(self.train, "train", dtype)
+        self.test = _as_model_data(self.test, "test", dtype)
+        labels = [d.y for d in (self.train, self.test) if d is not None]
         if self.num_classes is None:
-            labels = [d.y for d in (self.train, self.test) if d is not None]
             self.num_classes = int(max(int(y.max()) for y in labels)) + 1 if labels else None
+        elif isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise DataError(f"num_classes must be a positive int, got {self.num_classes!r}")
+        for name, d in (("train", self.train), ("test", self.test)):
+            if d is not None and int(d.y.max()) >= self.num_classes:
+                raise DataError(f"{name}: label {int(d.y.max())} is out of range for num_classes="
+                                f"{self.num_classes}; labels must be 0..{self.num_classes - 1}")
         self._order: list[str] | None = None
+
+    def __repr__(self) -> str:
+        params = sum(v.numel() for k, v in self.final.items() if k in dict(self.model.named_parameters()))
+        epochs = sorted(self.checkpoints)
+        states = ["final"] + (["init"] if self.init is not None else [])
+        if epochs:
+            states.append(f"{len(epochs)} checkpoints (epochs {epochs[0]}..{epochs[-1]})")
+        data = [f"{name} {len(d)}×{tuple(d.x.shape[1:])}" for name, d in (("train", self.train), ("test", self.test))
+                if d is not None]
+        return (f"Subject({type(self.model).__name__}, {params:,} parameters; {', '.join(states)}; "
+                f"{', '.join(data) or 'no data'}; {self.num_classes} classes)")
 
     # -- states ----------------------------------------------------------------
 
@@ -120,6 +144,32 @@ class Subject:
     @classmethod
     def load(cls, run_dir: str | Path, *, data_dir: str | Path | None = None) -> Subject:
         """Load a run directory written by ``genprobe train`` (model, every checkpoint, same data split)."""
-        from .store import load_subject
+        from .runs import read_run
 
-        return load_subject(run_dir, data_dir=data_dir)
+        return cls(**read_run(run_dir, data_dir=data_dir))
+
+
+def _check_finite(what: str, state: P.State) -> None:
+    """StateError naming the first tensor with NaN or infinite values: a broken model gives no
+    meaningful probe result, and must never give a clean-looking one."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise StateError(f"{what}[{key!r}] holds {bad} NaN or infinite value(s): the model is "
+                             "broken there; check the checkpoint or the training run that wrote it")
+
+
+def _check_not_final(model: nn.Module, init: P.State, final: P.State) -> None:
+    params = [k for k, _ in model.named_parameters()]
+    if params and all(init[k] is final[k] or torch.equal(init[k], final[k]) for k in params):
+        raise StateError("init is identical to final (every parameter is equal): was the initial "
+                         "state_dict passed without copying? Save θ⁰ before training as "
+                         "{k: v.clone() for k, v in model.state_dict().items()}")
+
+
+def _as_model_data(data, what: str, dtype: torch.dtype) -> Data | None:
+    """Data with floating inputs in the model's dtype (integer inputs, token ids, stay integer)."""
+    data = as_data(data, what)
+    if data is None or not data.x.is_floating_point() or data.x.dtype == dtype:
+        return data
+    return Data(data.x.to(dtype), data.y)

@@ -17,7 +17,7 @@ from .errors import DataError
 
 
 class Data(NamedTuple):
-    """Inputs ``x`` (N, ...) float and integer labels ``y`` (N,)."""
+    """Inputs ``x`` (N, ...) — floating point, or integer (token ids) — and integer labels ``y`` (N,)."""
 
     x: Tensor
     y: Tensor
@@ -53,9 +53,18 @@ def as_data(data: Data | tuple | Dataset | None, what: str) -> Data | None:
     x, y = torch.as_tensor(x), torch.as_tensor(y)
     if len(x) != len(y):
         raise DataError(f"{what}: {len(x)} inputs but {len(y)} labels")
-    if y.is_floating_point() or y.dim() != 1:
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:
         raise DataError(f"{what}: labels must be a 1-D integer tensor of class indices, "
                         f"got dtype {y.dtype} shape {tuple(y.shape)}")
-    if not x.is_floating_point():
-        x = x.float()
+    if len(y) == 0:
+        raise DataError(f"{what} is empty: pass at least one example, or None for no {what} data")
+    if x.is_complex() or x.dtype == torch.bool:
+        raise DataError(f"{what}: inputs must be real numbers or integer token ids, got dtype {x.dtype}")
+    if x.is_floating_point():
+        bad = (~torch.isfinite(x.reshape(len(x), -1))).any(1).nonzero().flatten()
+        if len(bad):
+            raise DataError(f"{what}: {len(bad)} input(s) hold NaN or infinite values (first at "
+                            f"position {int(bad[0])}); clean or drop them")
+    if int(y.min()) < 0:
+        raise DataError(f"{what}: labels must be class indices >= 0, got {int(y.min())}")
     return Data(x, y.long())

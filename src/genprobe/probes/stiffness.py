@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -35,11 +33,16 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from ..engine.grams import Implementation, cosine_from_gram, gram
-from ..errors import ConfigError, DataError, StateError, check_choice
+from .. import progress
+from ..engine.grams import IMPLEMENTATIONS, Implementation, cosine_from_gram, gram, resolve_loss
+from ..errors import DataError, StateError, check_choice
 from ..evaluate import logits, per_example
+from ..params import split_state
 from ..results import Result
-from ..subject import Data, Subject
+from ..subject import Subject
+from ..values import Data
+from .common import Checkpoints, check_int, sample, select_checkpoints
+from .registry import Option, register_probe
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ DEFAULT_PER_CLASS = 20
 """Examples per class when neither ``per_class`` nor ``n`` is given (200 for 10 classes: a
 40,000-pair matrix, enough for stable class means at a few seconds' cost on small models)."""
 FINAL = "final"
+MIN_BIN_PAIRS = 30
+"""Distance bins holding fewer pairs are drawn hollow and unconnected: their mean is uncertain."""
 
 Pairs = Literal["train-train", "train-test", "test-test"]
 Distance = Literal["cosine", "euclidean"]
@@ -67,6 +72,8 @@ class StiffnessResult(Result):
     Tensors: ``cosine``, ``sign`` (N1 × N2, final state), ``indices`` / ``labels`` (rows: positions
     in their split and classes), ``col_indices`` / ``col_labels`` (columns), and with checkpoints
     ``cosine_over_training`` (S × N1 × N2, states in ``meta["states"]`` order).
+    ``meta["self_check"]``: the engine's squared gradient norm of the first row example against
+    a plain autograd gradient, and (same split) the cosine matrix's unit diagonal.
     """
 
     probe = "stiffness"
@@ -112,6 +119,12 @@ class StiffnessResult(Result):
         ``within_class_sign``, ``between_class_sign``, ``mean_stiffness``, ``critical_length``."""
         return self.tables["states"]
 
+    def brief(self) -> pd.DataFrame:
+        """The class stiffness matrix (cosine) at the final state: rows class of x₁, columns x₂."""
+        m = self.class_matrix(FINAL).round(3)
+        m.columns = [f"class {c}" for c in m.columns]
+        return m.reset_index().rename(columns={"class_a": "class"})
+
     def class_matrix(self, checkpoint: str = FINAL, value: str = "cosine") -> pd.DataFrame:
         """The class stiffness matrix C(a, b) (rows class_a, columns class_b) at one state."""
         t = self.table[self.table["checkpoint"] == str(checkpoint)]
@@ -149,12 +162,21 @@ class StiffnessResult(Result):
         for label, part in curve.groupby("checkpoint", sort=False):
             if label not in shown:
                 continue
-            mid = 0.5 * (part["bin_low"] + part["bin_high"])
-            ax.plot(mid, part["cosine"], marker="o", ms=3,
-                    label="final" if label == FINAL else f"epoch {label}")
+            mid = (0.5 * (part["bin_low"] + part["bin_high"])).to_numpy()
+            values = part["cosine"].to_numpy(dtype=float)
+            sure = part["pairs"].to_numpy() >= MIN_BIN_PAIRS
+            line = ax.plot(mid, np.where(sure, values, np.nan), marker="o", ms=3,
+                           label="final" if label == FINAL else f"epoch {label}")[0]
+            ax.plot(mid[~sure], values[~sure], ls="none", marker="o", ms=4, mfc="none",
+                    color=line.get_color())
         final = curve[curve["checkpoint"] == FINAL]
-        ax.plot(0.5 * (final["bin_low"] + final["bin_high"]), final["sign"], ls="--", color="gray",
+        sure = (final["pairs"] >= MIN_BIN_PAIRS).to_numpy()
+        ax.plot((0.5 * (final["bin_low"] + final["bin_high"])).to_numpy(),
+                np.where(sure, final["sign"].to_numpy(dtype=float), np.nan), ls="--", color="gray",
                 label="sign (final)")
+        if not sure.all():
+            ax.plot([], [], ls="none", marker="o", mfc="none", color="gray",
+                    label=f"hollow: bin of < {MIN_BIN_PAIRS} pairs")
         ax.axhline(0.0, color="black", lw=0.8)
         xi = self.summary.get("critical_length", math.nan)
         if math.isfinite(xi):
@@ -179,61 +201,41 @@ class StiffnessResult(Result):
 # ----------------------------------------------------------------------------- sampling
 
 
-def _balanced(data: Data, split: str, num_classes: int, per_class: int | None, n: int | None,
-              gen: torch.Generator) -> Tensor:
-    """Positions of a class-balanced sample, grouped by class (ascending), sorted within class."""
+def _states(subject: Subject, checkpoints: Checkpoints) -> list[tuple[str, float, dict]]:
+    """(label, epoch, state) for each requested checkpoint (ascending), then the final state."""
+    out = [(str(e), float(e), subject.checkpoints[e]) for e in select_checkpoints(subject, checkpoints)]
+    out.append((FINAL, math.nan, subject.final))
+    return out
+
+
+def _sample(data: Data, split: str, num_classes: int, per_class, n, seed: int) -> Tensor:
     counts = torch.bincount(data.y, minlength=num_classes)[:num_classes]
     empty = [c for c in range(num_classes) if int(counts[c]) == 0]
     if empty:
         raise DataError(f"class(es) {empty} have no examples in the {split} split: stiffness needs "
                         "every class; pass a subject whose split covers all classes")
-    if n is not None:
-        if n > len(data):
-            raise DataError(f"n={n} is larger than the {split} split ({len(data)} examples)")
-        if n < num_classes:
-            raise ConfigError(f"n={n} is smaller than the number of classes ({num_classes}); "
-                              "a class-balanced sample needs at least one example per class")
-        wanted = [n // num_classes + (1 if c < n % num_classes else 0) for c in range(num_classes)]
-    elif per_class is not None:
-        wanted = [per_class] * num_classes
-    else:
-        wanted = [min(DEFAULT_PER_CLASS, int(counts.min()))] * num_classes
-    out = []
-    for c in range(num_classes):
-        pos = (data.y == c).nonzero().flatten()
-        if wanted[c] > len(pos):
-            raise DataError(f"class {c} has only {len(pos)} examples in the {split} split, "
-                            f"{wanted[c]} requested; lower per_class / n")
-        out.append(pos[torch.randperm(len(pos), generator=gen)[:wanted[c]]].sort().values)
-    return torch.cat(out)
+    if per_class is None and n is None:
+        per_class = min(DEFAULT_PER_CLASS, int(counts.min()))
+    return sample(data, num_classes=num_classes, n=n, per_class=per_class, seed=seed, split=split)
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-                              or value < minimum):
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _states(subject: Subject, checkpoints) -> list[tuple[str, float, dict]]:
-    """(label, epoch, state) for each requested checkpoint (ascending), then the final state."""
-    if checkpoints is None:
-        epochs: list[int] = []
-    elif isinstance(checkpoints, str):
-        if checkpoints != "all":
-            raise ConfigError(f"checkpoints={checkpoints!r}: use 'all', a list of epochs, or None")
-        epochs = sorted(subject.checkpoints)
-    else:
-        if isinstance(checkpoints, (int, np.integer)):
-            checkpoints = [checkpoints]
-        epochs = []
-        for c in checkpoints:
-            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or int(c) not in subject.checkpoints:
-                raise StateError(f"no checkpoint for epoch {c!r}; recorded epochs: {sorted(subject.checkpoints)}")
-            epochs.append(int(c))
-        epochs = sorted(set(epochs))
-    out = [(str(e), float(e), subject.checkpoints[e]) for e in epochs]
-    out.append((FINAL, math.nan, subject.final))
-    return out
+def _self_check(subject: Subject, state: dict, data: Data, diag: Tensor, cos: Tensor | None) -> dict:
+    """The engine's ‖g_0‖² against one plain autograd gradient; the cosine's unit diagonal."""
+    model = subject.model
+    params, buffers = split_state(model, state)
+    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    with torch.enable_grad():
+        out = torch.func.functional_call(model, (leaves, buffers), (data.x[:1],))
+        loss = resolve_loss("cross_entropy")(out, data.y[:1]).sum()
+        grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    plain = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
+    value = abs(plain - float(diag[0])) / max(plain, 1e-30)
+    if cos is not None:
+        nonzero = diag > 0
+        value = max(value, float((cos.diagonal()[nonzero] - 1).abs().max()) if bool(nonzero.any()) else 0.0)
+    tol = 1e-9 if next(iter(params.values())).dtype == torch.float64 else 1e-4
+    return {"what": "squared gradient norm of row 0 against autograd; unit cosine diagonal",
+            "value": value, "tolerance": tol, "passed": bool(value <= tol)}
 
 
 # ----------------------------------------------------------------------------- measures
@@ -324,13 +326,21 @@ def _state_summary(label: str, epoch: float, classes: pd.DataFrame, curve: pd.Da
 # ----------------------------------------------------------------------------- probe
 
 
+@register_probe(
+    "stiffness", StiffnessResult, paper="Fort, Nowak, Jastrzebski & Narayanan 2019",
+    summary="alignment of per-example loss gradients: class stiffness, stiffness vs distance",
+    options=(Option("pairs", str, "train-train, train-test or test-test."),
+             Option("distance", str, "Input distance: cosine or euclidean."),
+             Option("bins", int, "Distance bins."),
+             Option("implementation", str, "Gram route: auto, layerwise, vmap or loop.")),
+    demo={"per_class": 10, "checkpoints": "all"}, tiny={"per_class": 3, "checkpoints": "all"})
 def stiffness(
     subject: Subject,
     *,
     per_class: int | None = None,
     n: int | None = None,
     pairs: Pairs = "train-train",
-    checkpoints: Sequence[int] | Literal["all"] | None = None,
+    checkpoints: Checkpoints = None,
     distance: Distance = "cosine",
     bins: int = 20,
     seed: int = 0,
@@ -340,35 +350,30 @@ def stiffness(
 ) -> StiffnessResult:
     """Gradient-alignment stiffness of a class-balanced sample (see the module docstring).
 
-    Args:
-        subject: the network and its data (checkpoints needed only with ``checkpoints``).
-        per_class: examples per class (default :data:`DEFAULT_PER_CLASS`, capped by the
-            smallest class). n: total examples instead, spread evenly over the classes.
+    Args (the shared ones — subject, per_class, n, checkpoints, seed, device, memory_budget —
+    mean what :mod:`genprobe.probes.common` says):
+        per_class: default :data:`DEFAULT_PER_CLASS`, capped by the smallest class.
         pairs: ``"train-train"``, ``"train-test"`` (rows train, columns test), ``"test-test"``.
-        checkpoints: epochs to compute the same at (``"all"``: every recorded one); the final
-            state is always computed and is the one ``summary`` describes.
+        checkpoints: states to follow over training besides θ^F (default None: θ^F only); the
+            summary describes θ^F.
         distance: input-space distance for the distance curve: ``"cosine"`` or ``"euclidean"``.
-        bins: number of equal-width distance bins. seed: seeds the sample.
-        device, memory_budget, implementation: see :func:`genprobe.engine.grams.gram`.
+        bins: number of equal-width distance bins.
+        implementation: the grams engine's route (:func:`genprobe.engine.grams.gram`).
     """
     check_choice("pairs", pairs, PAIRS)
     check_choice("distance", distance, DISTANCES)
-    _check_int("per_class", per_class, 1)
-    _check_int("n", n, 1)
-    _check_int("bins", bins, 1)
-    _check_int("seed", seed, 0)
-    if per_class is not None and n is not None:
-        raise ConfigError("give per_class or n, not both")
+    check_choice("implementation", implementation, IMPLEMENTATIONS)
+    check_int("bins", bins, 1)
+    seed = check_int("seed", seed, 0)
     if subject.num_classes is None:
         raise DataError("stiffness needs labelled data: pass train=(X, y) / test=(X, y) to Subject")
     k = int(subject.num_classes)
     row_split, col_split = pairs.split("-")
     same = row_split == col_split
-    gen = torch.Generator().manual_seed(int(seed))
     row_data = subject.data(row_split)
-    rows = _balanced(row_data, row_split, k, per_class, n, gen)
+    rows = _sample(row_data, row_split, k, per_class, n, seed)
     col_data = row_data if same else subject.data(col_split)
-    cols = rows if same else _balanced(col_data, col_split, k, per_class, n, gen)
+    cols = rows if same else _sample(col_data, col_split, k, per_class, n, seed)
     rd, cd = row_data.subset(rows), col_data.subset(cols)
     dist = _pair_distance(rd.x, cd.x, distance)
     mask = torch.ones(len(rows), len(cols), dtype=torch.bool)
@@ -379,27 +384,33 @@ def stiffness(
     class_rows, dist_rows, summaries, cos_all = [], [], [], []
     done: list[tuple[dict, Tensor]] = []
     used = None
-    for label, epoch, state in states:
-        cos = next((c for st, c in done if _same_state(st, state)), None)
-        if cos is None:
-            _check_losses(subject, state, rd, rows, row_split, label, device)
-            if not same:
-                _check_losses(subject, state, cd, cols, col_split, label, device)
-            g = gram(subject.model, state, rd.x, None if same else cd.x, y1=rd.y,
-                     y2=None if same else cd.y, implementation=implementation,
-                     memory_budget=memory_budget, device=device)
-            used = g.implementation
-            cos = cosine_from_gram(g.matrix, g.diag1, g.diag2)
-            done.append((state, cos))
-        sign = torch.sign(cos)
-        cr = _class_rows(label, cos, sign, rd.y, cd.y, same, k)
-        dr = _distance_rows(label, cos, sign, dist, mask, edges)
-        class_rows += cr
-        dist_rows += dr
-        summaries.append(_state_summary(label, epoch, pd.DataFrame(cr), pd.DataFrame(dr), cos, sign, mask))
-        cos_all.append(cos)
-        logger.info("stiffness at %s: within %.3f, between %.3f", label, summaries[-1]["within_class"],
-                    summaries[-1]["between_class"])
+    check = None
+    with progress.task("stiffness", total=len(states)) as bar:
+        for label, epoch, state in states:
+            cos = next((c for st, c in done if _same_state(st, state)), None)
+            if cos is None:
+                _check_losses(subject, state, rd, rows, row_split, label, device)
+                if not same:
+                    _check_losses(subject, state, cd, cols, col_split, label, device)
+                g = gram(subject.model, state, rd.x, None if same else cd.x, y1=rd.y,
+                         y2=None if same else cd.y, implementation=implementation,
+                         memory_budget=memory_budget, device=device)
+                used = g.implementation
+                cos = cosine_from_gram(g.matrix, g.diag1, g.diag2)
+                done.append((state, cos))
+                if check is None:  # on the first state computed
+                    check = _self_check(subject, state, rd, g.diag1, cos if same else None)
+                    check["state"] = label
+            sign = torch.sign(cos)
+            cr = _class_rows(label, cos, sign, rd.y, cd.y, same, k)
+            dr = _distance_rows(label, cos, sign, dist, mask, edges)
+            class_rows += cr
+            dist_rows += dr
+            summaries.append(_state_summary(label, epoch, pd.DataFrame(cr), pd.DataFrame(dr), cos, sign, mask))
+            cos_all.append(cos)
+            logger.info("stiffness at %s: within %.3f, between %.3f", label, summaries[-1]["within_class"],
+                        summaries[-1]["between_class"])
+            bar.advance()
     table = pd.DataFrame(class_rows, columns=["checkpoint", "class_a", "class_b", "cosine", "sign", "pairs"])
     curve = pd.DataFrame(dist_rows, columns=["checkpoint", "bin_low", "bin_high", "cosine", "sign", "pairs"])
     over = pd.DataFrame(summaries)
@@ -412,10 +423,11 @@ def stiffness(
     if len(states) > 1:
         tensors["cosine_over_training"] = torch.stack(cos_all)
     meta = {"options": {"per_class": per_class, "n": n, "pairs": pairs,
-                        "checkpoints": _options_checkpoints(checkpoints),
+                        "checkpoints": [s[0] for s in states[:-1]],
                         "distance": distance, "bins": bins, "device": device,
                         "memory_budget": memory_budget, "implementation": implementation},
-            "seed": seed, "states": [s[0] for s in states], "engine": used, "loss": "cross_entropy"}
+            "seed": seed, "states": [s[0] for s in states], "engine": used, "loss": "cross_entropy",
+            "self_check": check}
     return StiffnessResult(table=table, summary=summary, meta=meta,
                            tables={"distance": curve, "states": over}, tensors=tensors)
 
@@ -433,61 +445,6 @@ def _same_state(a: dict, b: dict) -> bool:
     """Whether two states hold equal values (a final state equal to the last checkpoint is
     computed once)."""
     return a is b or (a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a))
-
-
-def _options_checkpoints(checkpoints):
-    if checkpoints is None or isinstance(checkpoints, str):
-        return checkpoints
-    if isinstance(checkpoints, (int, np.integer)):
-        return [int(checkpoints)]
-    return [int(c) for c in checkpoints]
-
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def cli(app) -> None:
-    """Register ``genprobe probe stiffness``."""
-    import typer
-
-    from ..cli import DATA_DIR_HELP, DEVICE_HELP, RUN_HELP, load_run, write_probe_output
-
-    @app.command("stiffness")
-    def stiffness_cmd(
-        run: Path = typer.Argument(..., help=RUN_HELP),
-        per_class: int = typer.Option(None, help=f"Examples per class (default {DEFAULT_PER_CLASS})."),
-        n: int = typer.Option(None, "--n", help="Total examples instead of --per-class."),
-        pairs: str = typer.Option("train-train", help="train-train, train-test or test-test."),
-        checkpoints: str = typer.Option(None, "--checkpoints", "-c",
-                                        help="Epochs to follow over training: 'all' or e.g. '0,1,5'."),
-        distance: str = typer.Option("cosine", help="Input distance: cosine or euclidean."),
-        bins: int = typer.Option(20, help="Distance bins."),
-        seed: int = typer.Option(0, help="Seed of the class-balanced sample."),
-        memory_budget_mb: float = typer.Option(None, "--memory-budget-mb",
-                                               help="Memory for one block of examples (MiB)."),
-        out: Path = typer.Option(None, help="Result directory (default RUN/probes/stiffness)."),
-        device: str = typer.Option("auto", help=DEVICE_HELP),
-        data_dir: Path = typer.Option(None, help=DATA_DIR_HELP),
-    ) -> None:
-        """Stiffness (Fort et al. 2019): alignment of per-example loss gradients."""
-        subject = load_run(run, data_dir)
-        result = stiffness(subject, per_class=per_class, n=n, pairs=pairs,
-                           checkpoints=_parse_checkpoints(checkpoints), distance=distance, bins=bins,
-                           seed=seed, device=device,
-                           memory_budget=None if memory_budget_mb is None else int(memory_budget_mb * 2**20))
-        write_probe_output(result, run, "stiffness", out)
-
-
-def _parse_checkpoints(text: str | None):
-    if text is None or text.strip() == "":
-        return None
-    if text.strip() == "all":
-        return "all"
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise ConfigError(f"--checkpoints={text!r}: use 'all' or comma-separated epochs, e.g. 0,1,5") from None
 
 
 __all__ = ["StiffnessResult", "critical_length", "stiffness"]

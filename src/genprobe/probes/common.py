@@ -1,0 +1,175 @@
+"""Options every probe shares, with one meaning each, and the helpers that implement them.
+
+=================  ===========================================================================
+``subject``        the network and its data (:class:`genprobe.subject.Subject`).
+``modules``        which units to probe: an ``fnmatch`` pattern, a list of patterns, or a mapping
+                   ``{unit name: pattern(s)}`` grouping modules into one unit; default every module
+                   owning parameters, in forward order (:func:`genprobe.params.select_units`).
+``checkpoints``    recorded states θ^τ to use besides θ^F: ``"all"`` (every recorded epoch, 0 = θ⁰
+                   included), a list of epochs, or ``None`` (none). Each probe's default is in its
+                   signature (:func:`select_checkpoints`).
+``split``          ``"train"`` or ``"test"``: the data the probe measures on.
+``n``              a seeded, class-balanced subset of ``n`` examples of the split, spread evenly over
+                   the classes (:func:`sample`); ``None``: the whole split (or the probe's default).
+``per_class``      a seeded, class-balanced subset of ``per_class`` examples of every class.
+``seed``           an int ≥ 0 seeding everything the probe samples (subsets, noise, re-randomized
+                   weights); the same seed gives the same result. Never the global RNG.
+``device``         ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+``memory_budget``  bytes of working memory the engine may use (:mod:`genprobe.memory`).
+``batch_size``     the largest data chunk per forward pass (default: chosen for the device).
+=================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import ConfigError, DataError, StateError
+from ..values import Data
+
+SPLITS = ("train", "test")
+Split = Literal["train", "test"]
+Checkpoints = Literal["all"] | Sequence[int] | None
+
+SHARED_HELP = {
+    "modules": "fnmatch pattern(s) of modules (repeatable); default: every module owning parameters.",
+    "checkpoints": "Recorded epochs to use: 'all', 'none' or a list like 0,1,5.",
+    "split": "Data to measure on: train or test.",
+    "n": "A seeded class-balanced subset of N examples of the split.",
+    "per_class": "A seeded class-balanced subset of this many examples per class.",
+    "seed": "Seed of everything the probe samples (an int >= 0).",
+    "device": "Where to compute: auto (CUDA if available), cpu, cuda or cuda:N.",
+    "memory_budget": "Working memory of the engine, in MiB (default: 25% of free memory, at most 8 GiB).",
+    "batch_size": "Largest data chunk per forward pass.",
+}
+"""Command-line help of the shared options (the CLI adds those a probe's function accepts)."""
+
+
+def check_int(name: str, value, minimum: int = 0, *, optional: bool = False) -> int | None:
+    """`value` as an int ≥ `minimum` (None allowed when `optional`); ConfigError otherwise."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_number(name: str, value, *, low: float = -math.inf, high: float = math.inf,
+                 optional: bool = False) -> float | None:
+    """`value` as a finite float in [low, high]; ConfigError naming `name` otherwise."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+            or not math.isfinite(value) or not low <= value <= high:
+        raise ConfigError(f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def check_split(split) -> str:
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split={split!r}; choose one of 'train', 'test'")
+    return split
+
+
+def select_checkpoints(subject, checkpoints: Checkpoints) -> list[int]:
+    """The recorded epochs that `checkpoints` names, ascending (see the module docstring)."""
+    recorded = sorted(subject.checkpoints)
+    if checkpoints is None:
+        return []
+    if isinstance(checkpoints, str):
+        if checkpoints == "all":
+            return recorded
+        raise ConfigError(f"checkpoints={checkpoints!r}: use 'all', a list of epochs, or None")
+    if isinstance(checkpoints, (int, np.integer)) and not isinstance(checkpoints, bool):
+        checkpoints = [checkpoints]
+    if not isinstance(checkpoints, (Sequence, np.ndarray, Tensor)):
+        raise ConfigError(f"checkpoints must be 'all', a list of epochs or None, got {checkpoints!r}")
+    epochs = set()
+    for c in checkpoints:
+        if isinstance(c, Tensor) and c.dim() == 0:
+            c = int(c)
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
+            raise ConfigError(f"checkpoints must be epochs (ints), got {c!r}")
+        if int(c) not in subject.checkpoints:
+            raise StateError(f"no checkpoint for epoch {c!r}; recorded epochs: {recorded}")
+        epochs.add(int(c))
+    return sorted(epochs)
+
+
+def parse_checkpoints(text: str | None) -> Checkpoints:
+    """The command line's ``--checkpoints`` value: ``all``, ``none`` or ``0,1,5``."""
+    if text is None or text.strip() == "":
+        return None
+    text = text.strip()
+    if text in ("all", "none"):
+        return None if text == "none" else "all"
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"--checkpoints={text!r}: use 'all', 'none' or comma-separated epochs, "
+                          "e.g. 0,1,5") from None
+
+
+def generator(seed: int, *keys: str | int) -> torch.Generator:
+    """A CPU generator derived from `seed` and `keys` (a unit's name, a purpose): independent
+    streams for independent things, the same stream for the same (seed, keys)."""
+    words = [int(seed)] + [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys]
+    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+
+
+def sample(data: Data, *, num_classes: int, n: int | None = None, per_class: int | None = None,
+           seed: int = 0, split: str = "data") -> Tensor:
+    """Positions of a seeded, class-balanced sample of `data`, grouped by class (ascending) and
+    sorted within each class. ``None`` for both: every position (0..N-1).
+
+    ``per_class``: exactly that many of every class (DataError when a class has fewer).
+    ``n``: n in total, spread as evenly as the classes allow (a class with fewer examples than
+    its share gives all it has, and the rest is spread over the others).
+    """
+    if n is not None and per_class is not None:
+        raise ConfigError("give n or per_class, not both")
+    n = check_int("n", n, 1, optional=True)
+    per_class = check_int("per_class", per_class, 1, optional=True)
+    if n is None and per_class is None:
+        return torch.arange(len(data))
+    if len(data) == 0:
+        raise DataError(f"the {split} split is empty")
+    counts = torch.bincount(data.y, minlength=num_classes)[:num_classes].tolist()
+    if per_class is not None:
+        short = [c for c in range(num_classes) if counts[c] < per_class]
+        if short:
+            raise DataError(f"class {short[0]} has only {counts[short[0]]} examples in the {split} "
+                            f"split, per_class={per_class} requested; lower per_class or use n")
+        wanted = [per_class] * num_classes
+    else:
+        if n > len(data):
+            raise DataError(f"n={n} is larger than the {split} split ({len(data)} examples)")
+        wanted = [0] * num_classes
+        left = n
+        open_ = [c for c in range(num_classes) if counts[c] > 0]
+        while left > 0 and open_:  # water-filling: equal shares, capped by what each class has
+            share, extra = divmod(left, len(open_))
+            for i, c in enumerate(open_):
+                take = min(share + (1 if i < extra else 0), counts[c] - wanted[c])
+                wanted[c] += take
+                left -= take
+            open_ = [c for c in open_ if wanted[c] < counts[c]]
+    gen = generator(seed, "sample", split)
+    out = []
+    for c in range(num_classes):
+        if wanted[c]:
+            pos = (data.y == c).nonzero().flatten()
+            out.append(pos[torch.randperm(len(pos), generator=gen)[:wanted[c]]].sort().values)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+__all__ = ["SHARED_HELP", "SPLITS", "check_int", "check_number", "check_split", "generator",
+           "parse_checkpoints", "sample", "select_checkpoints"]

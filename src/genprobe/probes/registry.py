@@ -1,0 +1,117 @@
+"""The probe registry: one entry per probe drives the command line, the demo, ``gp.`` and the tests.
+
+A probe module defines its function and result class and registers them once::
+
+    @register_probe("robustness", RobustnessResult, summary="...", paper="Zhang et al. 2019",
+                    options=(Option("threshold", float, "Robust when ..."),),
+                    demo={}, tiny={"draws": 1})
+    def robustness(subject, *, modules=None, checkpoints="all", seed=0, ...): ...
+
+The command line (:mod:`genprobe.cli`) builds ``genprobe probe NAME`` from the entry: the
+shared options of :mod:`genprobe.probes.common` that the function accepts (``--modules``,
+``--checkpoints``, ``--seed``, ``--n``, ``--per-class``, ``--split``, ``--device``,
+``--memory-budget-mb``, ``--batch-size``), then the probe's own ``options``. Adding a probe is one
+file (imported in :data:`PROBE_MODULES`) plus its tests; the shared probe tester
+(``tests/test_probe_contract.py``) runs every registered probe with its ``tiny`` options.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError
+from ..results import Result
+
+PROBE_MODULES: tuple[str, ...] = ("genprobe.probes.robustness", "genprobe.probes.criticality",
+                                  "genprobe.probes.stiffness")
+"""The modules that register the built-in probes, in the order they are listed and demoed."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """A probe-specific command-line option ``--name`` for the keyword argument ``name``.
+
+    ``type``: int, float, str or bool (a bool becomes ``--name/--no-name``). ``default``: the
+    function's own default when omitted. ``multiple``: a repeatable option giving a list.
+    """
+
+    name: str
+    type: type
+    help: str
+    multiple: bool = False
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """A registered probe.
+
+    ``function(subject, **options) -> result``; ``summary``: one line for ``genprobe probes``;
+    ``paper``: the citation; ``options``: its own command-line options; ``demo``: the options
+    the demo runs it with; ``tiny``: options for a few-second run on a tiny model (the shared
+    probe tester); ``needs_init``: whether it needs θ⁰.
+    """
+
+    name: str
+    function: Callable[..., Result]
+    result: type[Result]
+    summary: str
+    paper: str
+    options: tuple[Option, ...] = ()
+    demo: dict[str, Any] = field(default_factory=dict)
+    tiny: dict[str, Any] = field(default_factory=dict)
+    needs_init: bool = False
+
+    def parameters(self) -> dict[str, inspect.Parameter]:
+        """The function's keyword-only options, by name."""
+        return {n: p for n, p in inspect.signature(self.function).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+_PROBES: dict[str, ProbeSpec] = {}
+
+
+def register_probe(name: str, result: type[Result], *, summary: str, paper: str,
+                   options: tuple[Option, ...] = (), demo: dict | None = None,
+                   tiny: dict | None = None, needs_init: bool = False):
+    """Decorator registering a probe function under `name` (see the module docstring)."""
+
+    def decorate(function: Callable[..., Result]) -> Callable[..., Result]:
+        spec = ProbeSpec(name, function, result, summary, paper, tuple(options), dict(demo or {}),
+                         dict(tiny or {}), needs_init)
+        accepted = spec.parameters()
+        for opt in spec.options:
+            if opt.name not in accepted:
+                raise TypeError(f"probe {name!r}: option {opt.name!r} is not a keyword of {function.__name__}")
+        if result.probe != name:
+            raise TypeError(f"probe {name!r}: its result class says probe={result.probe!r}")
+        _PROBES[name] = spec
+        return function
+
+    return decorate
+
+
+def _load() -> None:
+    for module in PROBE_MODULES:
+        importlib.import_module(module)
+
+
+def list_probes(pattern: str = "*") -> list[str]:
+    """Names of the registered probes matching an fnmatch `pattern`, in registration order."""
+    _load()
+    return [n for n in _PROBES if fnmatch.fnmatchcase(n, pattern)]
+
+
+def get_probe(name: str) -> ProbeSpec:
+    """The registry entry of probe `name` (ConfigError naming the registered ones otherwise)."""
+    _load()
+    if name not in _PROBES:
+        raise ConfigError(f"unknown probe={name!r}; choose one of {', '.join(map(repr, _PROBES))}")
+    return _PROBES[name]
+
+
+__all__ = ["Option", "PROBE_MODULES", "ProbeSpec", "get_probe", "list_probes", "register_probe"]

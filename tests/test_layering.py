@@ -1,0 +1,104 @@
+"""The package's import graph has no cycles (function-level imports included), and the layers
+point one way: the command line imports the probes, never the other way round."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import genprobe
+
+ROOT = Path(genprobe.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _resolve(module: str, is_package: bool, level: int, target: str | None) -> str:
+    base = module.split(".") if is_package else module.split(".")[:-1]
+    if level > 1:
+        base = base[: len(base) - (level - 1)]
+    return ".".join(base + ([target] if target else []))
+
+
+def import_graph() -> dict[str, set[str]]:
+    """module -> genprobe modules it imports anywhere in its source (lazy imports too)."""
+    files = {_module_name(p): p for p in ROOT.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for module, path in files.items():
+        is_package = path.name == "__init__.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module if node.level == 0 else _resolve(module, is_package, node.level, node.module)
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            for name in names:
+                # the deepest genprobe module that the name refers to
+                while name and name not in files:
+                    name = name.rpartition(".")[0]
+                if name and name != module and name.startswith("genprobe"):
+                    graph[module].add(name)
+    return graph
+
+
+def _package_edges(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Drop the edges from a package's __init__ to its own submodules (re-exports, not layering)."""
+    return {m: {d for d in deps if not d.startswith(m + ".")} for m, deps in graph.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    found = cycles(_package_edges(import_graph()))
+    assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_lower_layers_never_import_the_command_line():
+    graph = import_graph()
+    offenders = sorted(m for m, deps in graph.items() if "genprobe.cli" in deps and m not in
+                       ("genprobe.cli", "genprobe.__main__"))
+    assert not offenders, f"modules importing genprobe.cli: {offenders}"

@@ -1,0 +1,205 @@
+"""One shared tester that every registered probe plugs into (torchmetrics' MetricTester,
+captum's test table): run on every model of tests/foreign.py plus a token-id model, each probe
+must leave the caller alone, round-trip through save/load exactly, be deterministic under its
+seed, pass its own self-check, run from the command line, and give a typed error for each bad
+input in its table."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import genprobe as gp
+from foreign import FOREIGN, TOKENS, make_subject
+from genprobe.errors import ConfigError, DataError, GenprobeError, ModuleSelectionError, StateError
+from genprobe.probes.registry import get_probe, list_probes
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROBES = list_probes()
+MODELS = sorted(FOREIGN) + sorted(TOKENS)
+
+
+def _subject(name: str) -> gp.Subject:
+    return make_subject(name, n_train=24, n_test=18, checkpoints=2)
+
+
+def _run(probe: str, subject: gp.Subject, **options):
+    spec = get_probe(probe)
+    tiny = dict(spec.tiny)
+    if {"n", "per_class"} & set(options):  # one way to size the sample at a time
+        tiny.pop("n", None)
+        tiny.pop("per_class", None)
+    return spec.function(subject, **(tiny | options))
+
+
+def _fingerprint(module: nn.Module) -> dict:
+    """Everything of a module a probe must not change."""
+    return {
+        "state": {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()},
+        "training": [m.training for m in module.modules()],
+        "requires_grad": [p.requires_grad for p in module.parameters()],
+        "devices": {p.device for p in module.parameters()},
+        "dtypes": [p.dtype for p in module.parameters()],
+        "hooks": [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+                  for m in module.modules()],
+    }
+
+
+def _same(a: dict, b: dict) -> bool:
+    return (a["state"].keys() == b["state"].keys()
+            and all(torch.equal(a["state"][k], b["state"][k]) for k in a["state"])
+            and all(a[k] == b[k] for k in ("training", "requires_grad", "devices", "dtypes", "hooks")))
+
+
+def _summary_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        (math.isnan(a[k]) and math.isnan(b[k])) or a[k] == b[k] for k in a)
+
+
+def _results_equal(a, b) -> bool:
+    try:
+        pd.testing.assert_frame_equal(a.table, b.table, check_exact=True)
+        assert a.tables.keys() == b.tables.keys()
+        for name in a.tables:
+            pd.testing.assert_frame_equal(a.tables[name], b.tables[name], check_exact=True)
+    except AssertionError:
+        return False
+    return (_summary_equal(a.summary, b.summary) and a.tensors.keys() == b.tensors.keys()
+            and all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors))
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("probe", PROBES)
+def test_probe_contract(probe, model, tmp_path):
+    factory, _, _ = (FOREIGN | TOKENS)[model]
+    subject = _subject(model)
+    # the caller's own model, in train mode with a hook of theirs: a Subject copies it, and
+    # nothing a probe does may reach back into it
+    caller = copy.deepcopy(subject.model).train()
+    handle = caller.register_forward_hook(lambda *args: None)
+    subject = gp.Subject(caller, init=subject.init, final=subject.final,
+                         checkpoints={e: s for e, s in subject.checkpoints.items() if e},
+                         train=subject.train, test=subject.test, num_classes=subject.num_classes)
+    caller_before, inner_before = _fingerprint(caller), _fingerprint(subject.model)
+    states_before = {k: v.clone() for k, v in subject.final.items()}
+    x_before = subject.train.x.clone()
+    torch.manual_seed(1234)
+    rng = torch.get_rng_state()
+
+    result = _run(probe, subject, seed=0)
+
+    assert torch.equal(torch.get_rng_state(), rng), "the probe used the global RNG"
+    assert _same(caller_before, _fingerprint(caller)), "the caller's model changed"
+    assert _same(inner_before, _fingerprint(subject.model)), "the Subject's model changed"
+    assert all(torch.equal(states_before[k], subject.final[k]) for k in states_before)
+    assert torch.equal(x_before, subject.train.x)
+    handle.remove()
+
+    assert isinstance(result, get_probe(probe).result)
+    check = result.self_check
+    assert check and check["passed"], f"self-check failed: {check}"
+    assert all(math.isfinite(v) or math.isnan(v) or math.isinf(v) for v in result.summary.values())
+    assert isinstance(result.brief(), pd.DataFrame) and len(result.brief()) <= len(result.table)
+
+    path = result.save(tmp_path / "result", figure=True)
+    assert (path / "figure.png").is_file()
+    back = gp.load(path)
+    assert type(back) is type(result)
+    assert _results_equal(back, result)
+    assert back.meta == result.meta
+
+    again = _run(probe, subject, seed=0)
+    assert _results_equal(again, result), "the same seed gave a different result"
+    other = _run(probe, subject, seed=1)
+    assert not _results_equal(other, result), "a different seed changed nothing"
+
+
+def _cli_args(options: dict) -> list[str]:
+    args = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, (list, tuple)):
+            args += [flag, ",".join(map(str, value))]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+@pytest.mark.parametrize("probe", PROBES)
+def test_cli_runs_and_writes_result_and_figure(probe, tiny_run, tmp_path, capsys):
+    from genprobe.cli import main
+
+    out = tmp_path / probe
+    main(["--quiet", "probe", probe, str(tiny_run), "--out", str(out), *_cli_args(get_probe(probe).tiny)])
+    text = capsys.readouterr().out
+    assert f"wrote {out}" in text
+    assert (out / "figure.png").is_file() and (out / "meta.json").is_file()
+    assert gp.load(out).meta["probe"] == probe
+
+
+SHARED_BAD = [
+    ("modules", "nope*", ModuleSelectionError, "nope"),
+    ("modules", 123, ModuleSelectionError, "123"),
+    ("checkpoints", [99], StateError, "recorded epochs"),
+    ("checkpoints", "some", ConfigError, "checkpoints"),
+    ("seed", -1, ConfigError, "seed"),
+    ("seed", 1.5, ConfigError, "seed"),
+    ("n", 0, ConfigError, "n must be"),
+    ("n", 10**6, DataError, "larger than"),
+    ("per_class", 0, ConfigError, "per_class"),
+    ("split", "val", ConfigError, "split"),
+    ("device", "tpu", ConfigError, "device"),
+    ("memory_budget", -5, ConfigError, "memory_budget"),
+    ("batch_size", 0, ConfigError, "batch_size"),
+]
+"""Bad values of the shared options, for every probe that accepts the option."""
+
+PROBE_BAD = {
+    "robustness": [(dict(draws=0), ConfigError, "draws"), (dict(threshold=-1), ConfigError, "threshold"),
+                   (dict(threshold=math.nan), ConfigError, "threshold"),
+                   (dict(buffers="move"), ConfigError, "buffers")],
+    "criticality": [(dict(samples=0), ConfigError, "samples"), (dict(loss="hinge"), ConfigError, "loss"),
+                    (dict(epsilon=-1.0), ConfigError, "epsilon"), (dict(alphas=[2.0]), ConfigError, "alphas"),
+                    (dict(sigmas=[0.0]), ConfigError, "sigmas"), (dict(noise="pink"), ConfigError, "noise"),
+                    (dict(valley="half"), ConfigError, "valley")],
+    "stiffness": [(dict(pairs="train-val"), ConfigError, "pairs"), (dict(bins=0), ConfigError, "bins"),
+                  (dict(distance="l1"), ConfigError, "distance"),
+                  (dict(implementation="magic"), ConfigError, "implementation"),
+                  (dict(per_class=2, n=6), ConfigError, "not both")],
+}
+"""Each probe's own bad inputs: every registered probe must have an entry."""
+
+
+def _bad_cases():
+    for probe in PROBES:
+        accepted = get_probe(probe).parameters()
+        for name, value, error, message in SHARED_BAD:
+            if name in accepted:
+                yield pytest.param(probe, {name: value}, error, message, id=f"{probe}-{name}={value!r}")
+        for options, error, message in PROBE_BAD.get(probe, []):
+            yield pytest.param(probe, options, error, message, id=f"{probe}-{options}")
+
+
+def test_every_probe_has_a_bad_input_table():
+    assert set(PROBE_BAD) == set(PROBES)
+
+
+@pytest.fixture(scope="module")
+def nested():
+    return _subject("nested")
+
+
+@pytest.mark.parametrize("probe, options, error, message", list(_bad_cases()))
+def test_bad_input_gives_a_typed_error(probe, options, error, message, nested):
+    with pytest.raises(error, match=message) as info:
+        _run(probe, nested, **options)
+    assert isinstance(info.value, GenprobeError)
+    assert "\n" not in str(info.value)
