@@ -88,3 +88,28 @@ def test_module_entry_point_and_demo(tmp_path):
     code, out, err = run_cli("demo", "--epochs", "2", "--out", tmp_path / "demo", cwd=tmp_path)
     assert code == 0, err
     assert "test_error" in out
+
+
+def test_readme_lists_exactly_the_registered_probes():
+    import re
+    from pathlib import Path
+
+    from genprobe.probes.registry import get_probe, list_probes
+
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    table = text[text.index("## What the probes are"):text.index("Options shared by the probes")]
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", table, flags=re.M))
+    assert list(rows) == list_probes()
+    for name, paper in rows.items():
+        assert paper.strip() == get_probe(name).paper
+
+
+def test_version_probes_listing_and_probe_help(capsys):
+    import genprobe
+
+    code, out, _ = call(["--version"], capsys)
+    assert code == 0 and out.strip() == f"genprobe {genprobe.__version__}"
+    code, out, _ = call(["probes"], capsys)
+    assert code == 0 and all(name in out for name in genprobe.list_probes())
+    code, out, _ = call(["probe", "robustness", "--help"], capsys)
+    assert code == 0 and "--draws" in out and "--checkpoints" in out and "RUN" in out

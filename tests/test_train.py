@@ -8,6 +8,7 @@ import torch
 
 import genprobe as gp
 from genprobe import ConfigError, RunError, StateError, store
+from genprobe.errors import OutputError
 from genprobe.zoo import list_models
 from genprobe.zoo.train import TrainConfig, read_metrics, train_run
 
@@ -103,7 +104,7 @@ def test_bad_config_leaves_nothing_behind(change, message, tmp_path):
 
 
 def test_existing_and_unfinished_runs(run, tmp_path):
-    with pytest.raises(RunError, match="already exists"):
+    with pytest.raises(OutputError, match="already exists"):
         train_run(TrainConfig(epochs=1), run)
     with pytest.raises(RunError, match="already finished"):
         train_run(TrainConfig(), run, resume=True)
@@ -140,3 +141,210 @@ def test_checkpoint_schedules():
     assert TrainConfig(epochs=4).checkpoint_epochs() == [0, 1, 2, 3, 4]
     assert TrainConfig(epochs=100, checkpoints="log:5").checkpoint_epochs() == [0, 1, 3, 10, 32, 100]
     assert TrainConfig(epochs=10, checkpoints="2,5").checkpoint_epochs() == [0, 2, 5, 10]
+
+
+# ----------------------------------------------------------------------------- never lose data
+
+TINY = dict(arch="fcn", dataset="digits", epochs=2, n_train=60, n_test=30,
+            arch_options={"width": 8, "depth": 1}, device="cpu")
+DIVERGES = dict(TINY, lr=1e6, schedule="constant", batch_size=8)
+
+
+def tree(root):
+    """{relative path: bytes (files) or None (folders)} of everything under `root`."""
+    from pathlib import Path
+
+    root = Path(root)
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def temporary_files(root):
+    return [p for p in root.rglob("*") if p.name.endswith(".tmp") or ".replaced-" in p.name]
+
+
+def test_a_run_is_marked_as_genprobe_s(run):
+    assert (run / ".genprobe-run").is_file()
+    assert not temporary_files(run.parent)
+
+
+def test_overwrite_replaces_a_genprobe_run_and_its_probe_results(tmp_path):
+    out = train_run(TrainConfig(**TINY), tmp_path / "run")
+    gp.Result(table=pd.DataFrame({"a": [1.0]}), summary={"x": 1.0}).save(out / "probes" / "robustness")
+    train_run(TrainConfig(**{**TINY, "epochs": 1}), out, overwrite=True)
+    assert store.read_config(out)["epochs"] == 1 and not (out / "probes").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no replaced run left aside
+    assert (out / ".genprobe-run").is_file() and not temporary_files(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["user file", "user folder in probes", "user file in checkpoints",
+                                    "no marker"])
+def test_overwrite_refuses_what_genprobe_did_not_write(damage, tmp_path):
+    out = train_run(TrainConfig(**TINY), tmp_path / "run")
+    if damage == "user file":
+        (out / "notes.txt").write_text("mine")
+    elif damage == "user folder in probes":
+        (out / "probes" / "mine").mkdir(parents=True)
+        (out / "probes" / "mine" / "a.csv").write_text("1")
+    elif damage == "user file in checkpoints":
+        (out / "checkpoints" / "best.pt").write_text("mine")
+    else:
+        (out / ".genprobe-run").unlink()
+    before = tree(out)
+    named = {"user file": "notes.txt", "user folder in probes": "probes/mine",
+             "user file in checkpoints": "checkpoints/best.pt", "no marker": "not a genprobe run"}[damage]
+    with pytest.raises(OutputError, match=named):
+        train_run(TrainConfig(**TINY), out, overwrite=True)
+    assert tree(out) == before
+
+
+def test_out_that_cannot_be_a_directory(tmp_path):
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(OutputError, match="is a file"):
+        train_run(TrainConfig(**TINY), tmp_path / "file")
+    with pytest.raises(OutputError, match="lies under"):
+        train_run(TrainConfig(**TINY), tmp_path / "file" / "run")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_diverged_run_removes_only_what_it_wrote(tmp_path):
+    with pytest.raises(RunError, match="diverged"):
+        train_run(TrainConfig(**DIVERGES), tmp_path / "a" / "b" / "run")
+    assert list(tmp_path.iterdir()) == []  # the folders it created are gone too
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match="diverged"):
+        train_run(TrainConfig(**DIVERGES), tmp_path / "empty")
+    assert (tmp_path / "empty").is_dir() and list((tmp_path / "empty").iterdir()) == []
+    old = train_run(TrainConfig(**TINY), tmp_path / "old")
+    before = tree(old)
+    with pytest.raises(RunError, match="diverged"):
+        train_run(TrainConfig(**DIVERGES), old, overwrite=True)
+    assert tree(old) == before  # the replaced run is put back as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "old"]
+
+
+def test_interrupted_at_any_write_leaves_no_temporary_file_and_resumes_exactly(tmp_path, monkeypatch):
+    """Ctrl-C inside each of a run's atomic writes in turn (after the temporary file is
+    written, before the rename): no temporary file is left; before the first epoch is saved
+    nothing is left at all, after it the run resumes to exactly the uninterrupted result."""
+    whole = train_run(TrainConfig(**TINY), tmp_path / "whole")
+    final = store.read_state(whole / "final.safetensors")
+    original = store.write_atomic
+    writes = 12  # config, labels, θ⁰, metrics, resume; 3 per epoch; final
+    for k in range(1, writes + 1):
+        calls = {"n": 0}
+
+        def interrupted_write(path, write, calls=calls, k=k):
+            calls["n"] += 1
+            if calls["n"] != k:
+                return original(path, write)
+
+            def write_then_interrupt(tmp):
+                write(tmp)
+                raise KeyboardInterrupt
+
+            return original(path, write_then_interrupt)
+
+        out = tmp_path / f"run-{k}"
+        monkeypatch.setattr(store, "write_atomic", interrupted_write)
+        with pytest.raises(KeyboardInterrupt):
+            train_run(TrainConfig(**TINY), out)
+        monkeypatch.setattr(store, "write_atomic", original)
+        assert not temporary_files(tmp_path), k
+        if k <= 5:
+            assert not out.exists(), k
+            continue
+        assert (out / "resume.safetensors").is_file() and not (out / "final.safetensors").exists()
+        train_run(TrainConfig(), out, resume=True)
+        resumed = store.read_state(out / "final.safetensors")
+        assert all(torch.equal(final[key], resumed[key]) for key in final), k
+        pd.testing.assert_frame_equal(read_metrics(whole).drop(columns="seconds"),
+                                      read_metrics(out).drop(columns="seconds"))
+    assert calls["n"] == writes
+
+
+@pytest.mark.parametrize("damage, error, message", [
+    ("resume garbage", RunError, "resume.safetensors is corrupt"),
+    ("no metrics", RunError, "has no metrics.parquet"),
+    ("metrics garbage", RunError, "metrics.parquet is corrupt"),
+    ("metrics short", RunError, "lacks the metrics of epochs"),
+    ("config a list", RunError, "not a mapping"),
+    ("config wider", StateError, "has shape"),
+])
+def test_a_damaged_unfinished_run_is_one_clear_error(damage, error, message, tmp_path, monkeypatch):
+    import genprobe.zoo.train as T
+
+    calls = {"n": 0}
+    original = T._epoch_metrics
+
+    def interrupt_in_epoch_2(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(T, "_epoch_metrics", interrupt_in_epoch_2)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_run(TrainConfig(**TINY), out)
+    monkeypatch.setattr(T, "_epoch_metrics", original)
+    if damage == "resume garbage":
+        (out / "resume.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    elif damage == "no metrics":
+        (out / "metrics.parquet").unlink()
+    elif damage == "metrics garbage":
+        (out / "metrics.parquet").write_bytes(b"PAR1 nonsense")
+    elif damage == "metrics short":
+        store.write_metrics(out, read_metrics(out).query("epoch > 0"))
+    elif damage == "config a list":
+        (out / "config.yaml").write_text("- fcn\n- digits\n")
+    else:
+        config = store.read_config(out)
+        config["arch_options"]["width"] = 9
+        store.write_config(out, config)
+    before = tree(out)
+    with pytest.raises(error, match=message) as info:
+        train_run(TrainConfig(), out, resume=True)
+    assert "\n" not in str(info.value)
+    assert tree(out) == before
+
+
+def test_ctrl_c_during_train_exits_130_and_the_run_resumes(tmp_path):
+    """A real SIGINT to `python -m genprobe train`, once the first checkpoint after θ⁰ exists."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text("arch: fcn\ndataset: digits\nn_train: 60\nn_test: 30\ndevice: cpu\n"
+                      "arch_options: {width: 8, depth: 1}\n")
+    env = os.environ | {"OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "COLUMNS": "200"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "genprobe", "train", str(config), "--epochs", "200", "--out", "run"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a shell may ignore it
+    run = tmp_path / "run"
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "checkpoints" / "epoch-0001.safetensors").exists():
+            assert child.poll() is None, child.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert child.returncode == 130, err
+    assert len(lines) == 1 and "resume with: genprobe train --resume run" in lines[0], err
+    assert not (run / "final.safetensors").exists() and not temporary_files(tmp_path)
+    from genprobe.cli import main
+
+    try:
+        main(["train", "--resume", str(run)])
+    except SystemExit as exc:
+        assert exc.code in (0, None)
+    assert list(read_metrics(run).epoch) == list(range(201))
+    assert (run / "final.safetensors").is_file() and not (run / "resume.safetensors").exists()

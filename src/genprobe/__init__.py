@@ -1,4 +1,8 @@
-"""genprobe: which parts of a trained PyTorch network matter, and what that says about generalization."""
+"""genprobe: which parts of a trained PyTorch network matter, and what that says about generalization.
+
+Every registered probe (:mod:`genprobe.probes.registry`) is exported here under its name, with its
+result class: ``gp.robustness``, ``gp.RobustnessResult``, ... (``gp.list_probes()`` names them).
+"""
 
 from ._version import __version__
 from .errors import (
@@ -6,20 +10,26 @@ from .errors import (
     DataError,
     GenprobeError,
     ModuleSelectionError,
+    OutputError,
     RunError,
     StateError,
 )
 from .evaluate import Metrics, evaluate
 from .params import Unit
-from .probes.criticality import CriticalityResult, criticality
-from .probes.robustness import RobustnessResult, robustness
-from .probes.stiffness import StiffnessResult, stiffness
+from .probes.registry import get_probe, list_probes
 from .results import Result, load
-from .subject import Data, Subject
+from .subject import Subject
+from .values import Data
 
 __all__ = [
-    "CriticalityResult", "criticality",
-    "StiffnessResult", "stiffness",
     "ConfigError", "Data", "DataError", "GenprobeError", "Metrics", "ModuleSelectionError",
-    "Result", "RobustnessResult", "RunError", "StateError", "Subject", "Unit", "evaluate", "load", "robustness", "__version__",
+    "OutputError", "Result", "RunError", "StateError", "Subject", "Unit", "__version__", "evaluate",
+    "get_probe", "list_probes", "load",
 ]
+
+for _name in list_probes():
+    _spec = get_probe(_name)
+    globals()[_name] = _spec.function
+    globals()[_spec.result.__name__] = _spec.result
+    __all__ += [_name, _spec.result.__name__]
+del _name, _spec

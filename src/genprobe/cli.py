@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     _register_probes()
     _on_interrupt = None
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
+        if code == 130:  # typer turns a KeyboardInterrupt into Exit(130) and returns its code
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except GenprobeError as exc:
         print(f"genprobe: error: {' '.join(str(exc).split())}", file=sys.stderr)
         sys.exit(2)
@@ -96,7 +100,8 @@ def _probe_command(spec) -> Callable:
 
     accepted = spec.parameters()
     params = [inspect.Parameter("runs", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[Path],
-                                default=typer.Argument(..., help="Run directories written by `genprobe train`."))]
+                                default=typer.Argument(..., metavar="RUN",
+                                                       help="Run directories written by `genprobe train`."))]
     for name in _SHARED_ORDER:
         if name not in accepted:
             continue
@@ -138,7 +143,8 @@ def _probe_command(spec) -> Callable:
             _run_probe(spec, run, out, data_dir, options)
 
     command.__signature__ = inspect.Signature(params)
-    command.__doc__ = f"{spec.summary} ({spec.paper})."
+    command.__doc__ = (f"{spec.summary[:1].upper()}{spec.summary[1:]} ({spec.paper}). Writes the result "
+                       f"and its figure.png to RUN/probes/{spec.name}/ (or --out) and prints its summary.")
     return command
 
 

@@ -11,6 +11,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """`auto` picks CUDA when available, else CPU. Asking for CUDA without one is an error."""
     if isinstance(device, torch.device):
         return device
+    if not isinstance(device, str):
+        raise ConfigError(f"device={device!r} is not a device name; use auto, cpu, cuda or cuda:N")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

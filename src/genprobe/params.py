@@ -236,6 +236,7 @@ def select_units(
     Raises ModuleSelectionError, listing the available names, when a pattern matches nothing
     or when two units would share a parameter.
     """
+    _check_selection(modules)
     units = default_units(model, order)
     if modules is None:
         return units
@@ -283,6 +284,34 @@ def select_units(
                     f"parameter {k!r} is in both unit {owner[k]!r} and unit {u.name!r}; groups must not overlap")
             owner[k] = u.name
     return selected
+
+
+_ACCEPTED = ("None, an fnmatch pattern (str), a list of patterns, or a mapping "
+             "{unit name: pattern or list of patterns}")
+
+
+def _check_selection(modules) -> None:
+    """ModuleSelectionError naming the bad value unless `modules` has an accepted form."""
+    if modules is None or isinstance(modules, str):
+        return
+    if isinstance(modules, Mapping):
+        for group, patterns in modules.items():
+            if not isinstance(group, str) or not group:
+                raise ModuleSelectionError(f"modules: unit name {group!r} must be a non-empty string; "
+                                           f"modules accepts {_ACCEPTED}")
+            items = [patterns] if isinstance(patterns, str) else patterns
+            if not isinstance(items, (list, tuple, set, frozenset)) or not items \
+                    or not all(isinstance(p, str) for p in items):
+                raise ModuleSelectionError(f"modules: group {group!r} has pattern(s) {patterns!r}, not a "
+                                           f"pattern or a non-empty list of patterns; modules accepts {_ACCEPTED}")
+        return
+    if not isinstance(modules, (list, tuple, set, frozenset)):
+        raise ModuleSelectionError(f"modules={modules!r} ({type(modules).__name__}) is not a module "
+                                   f"selection; modules accepts {_ACCEPTED}")
+    bad = [p for p in modules if not isinstance(p, str)]
+    if bad:
+        raise ModuleSelectionError(f"modules: pattern {bad[0]!r} ({type(bad[0]).__name__}) is not a string; "
+                                   f"modules accepts {_ACCEPTED}")
 
 
 # ----------------------------------------------------------------------------- operations

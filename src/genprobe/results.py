@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import pandas as pd
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import outputs
@@ -123,9 +124,12 @@ class Result:
             tables = {n: pd.read_parquet(path / f"table-{n}.parquet") for n in meta["tables"]}
             tensor_file = path / "tensors.safetensors"
             tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
-        except (OSError, KeyError, ValueError) as exc:
-            raise RunError(f"{path} is not a readable genprobe result ({exc}); "
-                           "write one with result.save(path)") from exc
+            if not isinstance(meta, dict) or not isinstance(meta.get("meta"), dict):
+                raise ValueError("meta.json is not a genprobe result's metadata")
+        except (OSError, KeyError, ValueError, TypeError, SafetensorError) as exc:
+            first = " ".join(str(exc).split())[:160] or type(exc).__name__
+            raise RunError(f"{path} is not a readable genprobe result ({first}); "
+                           "write one with result.save(path)") from None
         infs = meta.get("inf_keys", {})
         summary = {k: (math.nan if k in meta["nan_keys"] else math.copysign(math.inf, infs[k]) if k in infs
                        else v) for k, v in meta["summary"].items()}

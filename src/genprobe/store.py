@@ -8,6 +8,12 @@ Layout of a run directory::
     metrics.parquet                per epoch: train/test loss and error, learning rate, seconds
     labels.safetensors             the training labels used (after corruption) and the corrupted indices
     resume.safetensors             optimizer state and RNG state of the last checkpoint (for --resume)
+    probes/NAME/                   probe results written by ``genprobe probe`` (optional)
+    .genprobe-run                  the marker saying genprobe wrote this directory
+
+Every file is written atomically (to a temporary name beside it, then renamed), so an interrupted
+or crashed run never leaves a truncated file. ``genprobe train --overwrite`` replaces a directory
+only when :func:`check_run_replaceable` can prove genprobe wrote it (:mod:`genprobe.outputs`).
 
 Checkpoints are safetensors, never pickles. :func:`read_state` also reads a user's ``.pt``/``.pth``
 state dict, but only through ``torch.load(weights_only=True)``.
@@ -15,16 +21,20 @@ state dict, but only through ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
+from collections.abc import Callable
 from pathlib import Path
 
+import pandas as pd
 import torch
 import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import RunError, StateError
+from . import outputs
+from .errors import OutputError, RunError, StateError
 
 CONFIG = "config.yaml"
 FINAL = "final.safetensors"
@@ -32,7 +42,38 @@ METRICS = "metrics.parquet"
 LABELS = "labels.safetensors"
 RESUME = "resume.safetensors"
 CHECKPOINT_DIR = "checkpoints"
+PROBES_DIR = "probes"
+REPORT_FILES = ("report.html",)
+"""Files ``genprobe report`` may write into a run."""
+RUN_FILES = (CONFIG, FINAL, METRICS, LABELS, RESUME, *REPORT_FILES)
+"""The files a run directory may hold (besides ``checkpoints/``, ``probes/`` and the marker)."""
 _CHECKPOINT = re.compile(r"epoch-(\d+)\.safetensors$")
+_TMP = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")
+
+
+def _tmp_name(path: Path) -> Path:
+    """The temporary name a write to `path` goes through (matched by ``_TMP``)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _permissions() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary name beside `path`, then rename it to `path`; the
+    temporary file is removed whatever happens (a crash, Ctrl-C), so `path` is either the old
+    file or the complete new one."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        write(tmp)
+        os.chmod(tmp, _permissions())  # safetensors creates files private (0600)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def checkpoint_path(run: Path, epoch: int) -> Path:
@@ -43,9 +84,8 @@ def write_state(path: Path, state: dict[str, torch.Tensor]) -> None:
     """Write a state as safetensors, atomically (a crash never leaves a truncated checkpoint)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    tmp.replace(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def read_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -82,11 +122,15 @@ def list_checkpoints(run: Path) -> dict[int, Path]:
 
 
 def write_config(run: Path, config: dict) -> None:
-    (Path(run) / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    text = yaml.safe_dump(config, sort_keys=False)
+    write_atomic(Path(run) / CONFIG, lambda tmp: tmp.write_text(text))
 
 
 def read_config(run: str | Path) -> dict:
+    """The config mapping of a run (RunError, one line, when it is missing or corrupt)."""
     run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise RunError(f"run {run} is a file, not a run directory written by `genprobe train`")
     if not run.is_dir():
         raise RunError(f"run directory {run} does not exist; create one with `genprobe train ... --out {run}`")
     path = run / CONFIG
@@ -96,30 +140,106 @@ def read_config(run: str | Path) -> dict:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise RunError(f"{path} is corrupt: {str(exc).splitlines()[0]}") from None
-    if not isinstance(config, dict) or "arch" not in config or "dataset" not in config:
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path} is corrupt or unreadable: {first_line(exc)}") from None
+    if not isinstance(config, dict):
+        raise RunError(f"{path} is corrupt: it holds a {type(config).__name__}, not a mapping of "
+                       "option: value (is it a genprobe run config?)")
+    if "arch" not in config or "dataset" not in config:
         raise RunError(f"{path} is not a genprobe run config (no arch/dataset)")
     return config
 
 
-def load_subject(run: str | Path, data_dir: str | Path | None = None):
-    """Rebuild the Subject of a finished run: model, θ⁰, every checkpoint, θ^F, the same data split."""
-    from .subject import Subject
-    from .zoo.train import TrainConfig, build
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
+
+def write_metrics(run: Path, metrics: pd.DataFrame) -> None:
+    """Write the per-epoch metrics table of a run, atomically."""
+    write_atomic(Path(run) / METRICS, lambda tmp: metrics.to_parquet(tmp, index=False))
+
+
+def read_metrics(run: str | Path) -> pd.DataFrame:
+    """The per-epoch metrics of a run (RunError, one line, when missing or corrupt)."""
+    path = Path(run) / METRICS
+    if not path.is_file():
+        raise RunError(f"{run} has no {METRICS}; is it a genprobe run?")
+    try:
+        metrics = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises its own types for every kind of damage
+        raise RunError(f"{path} is corrupt: {first_line(exc)}") from None
+    if "epoch" not in metrics.columns:
+        raise RunError(f"{path} is corrupt: it has no 'epoch' column")
+    return metrics
+
+
+# ----------------------------------------------------------------------------- ownership
+
+
+def mark_run(run: Path) -> None:
+    """Mark `run` as a run directory genprobe wrote (see :mod:`genprobe.outputs`)."""
+    outputs.write_text_atomic(Path(run) / outputs.MARKS["run"], "written by genprobe: a run directory\n")
+
+
+def _is_tmp_of(name: str, names) -> bool:
+    match = _TMP.match(name)
+    return bool(match) and match.group("name") in names
+
+
+def _is_checkpoint_name(name: str) -> bool:
+    """A checkpoint file's name, or the temporary name of one."""
+    match = _TMP.match(name)
+    return bool(_CHECKPOINT.fullmatch(match.group("name") if match else name))
+
+
+def _run_entry(run: Path) -> Callable[[str], bool]:
+    """Whether a name in directory `run` is something a run holds: its files (or a temporary
+    file of one, left by a hard kill), ``checkpoints/`` holding only checkpoints, ``probes/``
+    holding only genprobe result directories."""
+    from .results import result_file
+
+    def allowed(name: str) -> bool:
+        path = run / name
+        if name in RUN_FILES or _is_tmp_of(name, RUN_FILES):
+            return path.is_file() and not path.is_symlink()
+        if name == CHECKPOINT_DIR:
+            return path.is_dir() and not path.is_symlink() and all(
+                p.is_file() and not p.is_symlink() and _is_checkpoint_name(p.name) for p in path.iterdir())
+        if name == PROBES_DIR:
+            return path.is_dir() and not path.is_symlink() and all(
+                p.is_dir() and not p.is_symlink() and outputs.is_owned(p, "result", result_file)
+                for p in path.iterdir())
+        return False
+
+    return allowed
+
+
+def check_run_replaceable(run: Path) -> None:
+    """OutputError (one line, before any work) unless `run` is absent, an empty directory, or a
+    run directory genprobe wrote, holding only what a run holds."""
     run = Path(run)
-    config = TrainConfig.from_dict(read_config(run))
-    if data_dir is not None:
-        config.data_dir = str(data_dir)
-    if not (run / FINAL).is_file():
-        raise RunError(f"run {run} is unfinished (no {FINAL}); resume it with `genprobe train --resume {run}`")
-    model, splits = build(config)
-    labels = read_state(run / LABELS) if (run / LABELS).is_file() else None
-    if labels is not None and not torch.equal(labels["train_labels"], splits.train.y):
-        raise RunError(f"run {run}: the training labels rebuilt from its config differ from the ones it "
-                       "recorded; was it trained with a different version of the dataset?")
-    checkpoints = {epoch: read_state(p) for epoch, p in list_checkpoints(run).items()}
-    if 0 not in checkpoints:
-        raise RunError(f"run {run} has no initial checkpoint {CHECKPOINT_DIR}/epoch-0000.safetensors")
-    return Subject(model, init=checkpoints[0], final=read_state(run / FINAL), checkpoints=checkpoints,
-                   train=splits.train, test=splits.test, num_classes=splits.num_classes,
-                   meta={"run": str(run), "config": config.to_dict(), "data": splits.meta})
+    allowed = _run_entry(run)
+    if run.is_dir() and (run / outputs.MARKS["run"]).is_file():
+        foreign = [_foreign(run, p.name) for p in sorted(run.iterdir())
+                   if p.name != outputs.MARKS["run"] and not allowed(p.name)]
+        if foreign:
+            raise OutputError(f"run directory {run} is a genprobe run but also holds {', '.join(foreign[:3])}"
+                              f"{' ...' if len(foreign) > 3 else ''}, which genprobe did not write; it "
+                              "replaces only what it wrote: move that away or choose another --out")
+    outputs.check_replaceable(run, "run", allowed, "run directory")
+
+
+def _foreign(run: Path, name: str) -> str:
+    """`name`, or the first entry inside it that a run does not hold (``probes/mine``)."""
+    path = run / name
+    if name == CHECKPOINT_DIR and path.is_dir():
+        inside = [p.name for p in sorted(path.iterdir()) if not _is_checkpoint_name(p.name) or not p.is_file()]
+    elif name == PROBES_DIR and path.is_dir():
+        from .results import result_file
+
+        inside = [p.name for p in sorted(path.iterdir())
+                  if not (p.is_dir() and outputs.is_owned(p, "result", result_file))]
+    else:
+        inside = []
+    return f"{name}/{inside[0]}" if inside else name

@@ -80,6 +80,9 @@ class Subject:
             if d is not None and int(d.y.max()) >= self.num_classes:
                 raise DataError(f"{name}: label {int(d.y.max())} is out of range for num_classes="
                                 f"{self.num_classes}; labels must be 0..{self.num_classes - 1}")
+        for name, d in (("train", self.train), ("test", self.test)):
+            if d is not None:
+                _check_fits(model, self.final, d, name, self.num_classes)
         self._order: list[str] | None = None
 
     def __repr__(self) -> str:
@@ -173,3 +176,21 @@ def _as_model_data(data, what: str, dtype: torch.dtype) -> Data | None:
     if data is None or not data.x.is_floating_point() or data.x.dtype == dtype:
         return data
     return Data(data.x.to(dtype), data.y)
+
+
+def _check_fits(model: nn.Module, state: P.State, data: Data, what: str, num_classes: int) -> None:
+    """DataError unless the model maps one example of `data` to (1, K) logits with K ≥ classes."""
+    try:
+        with torch.no_grad():
+            out = torch.func.functional_call(model, state, (data.x[:1],))
+    except Exception as exc:  # noqa: BLE001 - any failure here means: the inputs do not fit
+        first = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise DataError(f"{what}: inputs of shape {tuple(data.x.shape[1:])} (dtype {data.x.dtype}) "
+                        f"do not fit the model: {first}") from None
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise DataError(f"the model must return logits of shape (N, K); on one {what} example it "
+                        f"returned {shape}")
+    if out.shape[1] < num_classes:
+        raise DataError(f"the model gives {out.shape[1]} outputs but the labels have {num_classes} "
+                        "classes; pass data whose labels the model can predict")

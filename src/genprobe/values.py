@@ -45,12 +45,22 @@ def as_data(data: Data | tuple | Dataset | None, what: str) -> Data | None:
             raise DataError(f"{what}: could not read items from the dataset ({exc})") from exc
         if not items:
             raise DataError(f"{what} is empty")
-        x = torch.stack([torch.as_tensor(i[0]) for i in items])
-        y = torch.as_tensor([int(i[1]) for i in items])
+        try:
+            x = torch.stack([torch.as_tensor(i[0]) for i in items])
+            y = torch.as_tensor([int(i[1]) for i in items])
+        except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise DataError(f"{what}: items must be (input tensor, integer label) pairs "
+                            f"({' '.join(str(exc).split())[:120]})") from None
     else:
         raise DataError(f"{what} must be (X, y) tensors or a map-style Dataset of (input, label), "
                         f"got {type(data).__name__}")
-    x, y = torch.as_tensor(x), torch.as_tensor(y)
+    try:
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise DataError(f"{what}: inputs and labels must be tensors or arrays of numbers "
+                        f"({' '.join(str(exc).split())[:120]})") from None
+    if x.dim() == 0 or y.dim() == 0:
+        raise DataError(f"{what}: inputs and labels need a leading example dimension")
     if len(x) != len(y):
         raise DataError(f"{what}: {len(x)} inputs but {len(y)} labels")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool or y.dim() != 1:

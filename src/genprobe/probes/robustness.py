@@ -41,6 +41,7 @@ from .common import (
     check_int,
     check_number,
     check_split,
+    check_subject,
     sample,
     select_checkpoints,
 )
@@ -162,6 +163,7 @@ def robustness(
         threshold: robust ⇔ Δerror (re-init to θ⁰) < threshold (an error fraction).
         buffers: ``"keep"`` (buffers stay at θ^F) or ``"follow"`` (move with the module).
     """
+    check_subject(subject, "robustness")
     check_split(split)
     check_choice("buffers", buffers, P.BUFFER_POLICIES)
     check_int("draws", draws, 1 if rerandomize else 0)

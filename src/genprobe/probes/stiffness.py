@@ -41,7 +41,7 @@ from ..params import split_state
 from ..results import Result
 from ..subject import Subject
 from ..values import Data
-from .common import Checkpoints, check_int, sample, select_checkpoints
+from .common import Checkpoints, check_int, check_subject, sample, select_checkpoints
 from .registry import Option, register_probe
 
 logger = logging.getLogger(__name__)
@@ -360,6 +360,7 @@ def stiffness(
         bins: number of equal-width distance bins.
         implementation: the grams engine's route (:func:`genprobe.engine.grams.gram`).
     """
+    check_subject(subject, "stiffness")
     check_choice("pairs", pairs, PAIRS)
     check_choice("distance", distance, DISTANCES)
     check_choice("implementation", implementation, IMPLEMENTATIONS)

@@ -9,12 +9,16 @@ corruption, initialization, dropout), and an interrupted run resumes from its la
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
 import shutil
+import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +27,15 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from .. import store
+from .. import outputs, store
+from .. import params as P
+from .. import progress as progress_bars
 from .._version import __version__
 from ..device import resolve_device
-from ..errors import ConfigError, RunError, check_choice
+from ..errors import ConfigError, GenprobeError, OutputError, RunError, StateError, check_choice
 from ..evaluate import evaluate
 from ..params import state_of
 from .models import create_model, list_models
@@ -38,6 +44,11 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("cosine", "constant", "step")
+
+
+def _number(value) -> bool:
+    """A finite real number (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -76,6 +87,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"a training config must be a mapping of option: value, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = [k for k in d if k not in names and k not in ("genprobe_version", "data")]
         if unknown:
@@ -85,12 +98,16 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; pass a YAML file of training options")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
             d = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} cannot be read as YAML text: {store.first_line(exc)}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"config file {path} must be a mapping of option: value")
         return cls.from_dict(d)
@@ -99,20 +116,39 @@ class TrainConfig:
         """Check every option; raise ConfigError naming the first bad one."""
         from ..data import list_datasets
 
+        for name in ("arch", "dataset", "optimizer", "schedule", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
         check_choice("arch", self.arch, list_models())
         check_choice("dataset", self.dataset, list_datasets())
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
+        for name in ("arch_options", "dataset_options"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+                raise ConfigError(f"{name} must be a mapping of option name: value, got {value!r}")
         for name in ("epochs", "batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("n_train", "n_test"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer (or absent), got {value!r}")
+        if not (_number(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
-        if not 0.0 <= self.label_noise <= 1.0:
+        if not (_number(self.label_noise) and 0.0 <= self.label_noise <= 1.0):
             raise ConfigError(f"label_noise must be in [0, 1], got {self.label_noise!r}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ConfigError("weight_decay must be >= 0 and momentum in [0, 1)")
+        if not (_number(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if not (_number(self.momentum) and 0 <= self.momentum < 1):
+            raise ConfigError(f"momentum must be a number in [0, 1), got {self.momentum!r}")
+        if not isinstance(self.checkpoints, (str, int)) or isinstance(self.checkpoints, bool):
+            raise ConfigError(f"checkpoints must be 'every', 'log:N' or a list like '1,2,5', got {self.checkpoints!r}")
+        if self.data_dir is not None and not isinstance(self.data_dir, (str, os.PathLike)):
+            raise ConfigError(f"data_dir must be a folder path, got {self.data_dir!r}")
         self.checkpoint_epochs()
         return self
 
@@ -126,6 +162,8 @@ class TrainConfig:
                 n = int(spec[4:])
             except ValueError:
                 raise ConfigError(f"checkpoints={spec!r}: use log:N with an integer N") from None
+            if n < 1:
+                raise ConfigError(f"checkpoints={spec!r}: use log:N with N >= 1")
             epochs = {round(math.exp(t * math.log(self.epochs) / max(n - 1, 1))) for t in range(n)}
         else:
             try:
@@ -148,15 +186,37 @@ class TrainConfig:
 
 def build(config: TrainConfig):
     """(model, DatasetSplits) of a config: the dataset under the config's seed, then the model
-    initialized under the same seed. Used by training and by ``Subject.load``."""
+    initialized under the same seed (without reseeding the caller's global RNG). Used by
+    training and by ``Subject.load``."""
+
+    model, splits, _ = _build(config)
+    return model, splits
+
+
+def _devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+
+
+def _build(config: TrainConfig):
+    """(model, splits, RNG state right after the initialization draws). The model is drawn
+    under a forked generator seeded with ``config.seed``: the caller's global RNG is untouched;
+    training continues from the returned state, as if seeded globally."""
     from ..data import load_dataset
 
     splits = load_dataset(config.dataset, seed=config.seed, data_dir=config.data_dir,
                           label_noise=config.label_noise, n_train=config.n_train, n_test=config.n_test,
                           **config.dataset_options)
-    torch.manual_seed(config.seed)
-    model = create_model(config.arch, splits.input_shape, splits.num_classes, **config.arch_options)
-    return model, splits
+    with torch.random.fork_rng(devices=_devices()):
+        torch.manual_seed(config.seed)
+        try:
+            model = create_model(config.arch, splits.input_shape, splits.num_classes, **config.arch_options)
+        except GenprobeError:
+            raise
+        except (TypeError, ValueError, RuntimeError) as exc:  # an option value torch itself refuses
+            raise ConfigError(f"arch {config.arch!r} with options {dict(config.arch_options)}: "
+                              f"{store.first_line(exc)}") from None
+        rng = torch.get_rng_state()
+    return model, splits, rng
 
 
 def _save_resume(run: Path, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -167,29 +227,61 @@ def _save_resume(run: Path, epoch: int, model: nn.Module, optimizer: torch.optim
             tensors[f"optim.{idx}.{key}"] = torch.as_tensor(value)
     tensors["rng"] = torch.get_rng_state()
     meta = {"epoch": str(epoch), "param_groups": json.dumps(opt["param_groups"])}
-    tmp = run / (store.RESUME + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    tmp.replace(run / store.RESUME)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    store.write_atomic(run / store.RESUME, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
-def _load_resume(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    from safetensors import safe_open
+def _load_resume(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epochs: int) -> int:
+    """Restore model, optimizer and RNG from the run's resume file; return its epoch. RunError
+    (one line) when the file is unreadable or incomplete, StateError when it does not fit the model."""
+    from safetensors import SafetensorError, safe_open
 
     path = run / store.RESUME
+    again = f"train it again with `genprobe train ... --out {run} --overwrite`"
     if not path.is_file():
-        raise RunError(f"cannot resume {run}: it has no {store.RESUME}")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(path))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
-    state: dict[int, dict[str, torch.Tensor]] = {}
+        raise RunError(f"cannot resume {run}: it has no {store.RESUME} (it was stopped before its "
+                       f"first epoch was saved); {again}")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
+        raise RunError(f"cannot resume {run}: {path} is corrupt ({store.first_line(exc)}); {again}") from None
+    try:
+        epoch = int(meta["epoch"])
+        groups = json.loads(meta["param_groups"])
+        rng = tensors["rng"]
+    except (KeyError, ValueError, TypeError) as exc:
+        raise RunError(f"cannot resume {run}: {path} is corrupt (bad or missing {store.first_line(exc)}); "
+                       f"{again}") from None
+    if not 0 <= epoch <= epochs:
+        raise RunError(f"cannot resume {run}: {path} is at epoch {epoch} but the run's config has "
+                       f"{epochs} epochs; {again}")
+    try:
+        state = P.canonical_state(model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    except StateError as exc:
+        raise StateError(f"cannot resume {run}: {path} does not fit the model that its {store.CONFIG} "
+                         f"builds: {exc}") from None
+    model.load_state_dict(state, strict=False)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    slots: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, idx, key = k.split(".", 2)
-            state.setdefault(int(idx), {})[key] = v
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    torch.set_rng_state(tensors["rng"])
-    return int(meta["epoch"])
+        if not k.startswith("optim."):
+            continue
+        _, idx, key = (k.split(".", 2) + ["", ""])[:3]
+        if not idx.isdigit() or int(idx) >= len(params):
+            raise RunError(f"cannot resume {run}: {path} is corrupt (optimizer entry {k!r} fits no "
+                           f"parameter); {again}")
+        if v.dim() and v.shape != params[int(idx)].shape:
+            raise StateError(f"cannot resume {run}: {path} optimizer state {k!r} has shape {tuple(v.shape)}, "
+                             f"the model's parameter has {tuple(params[int(idx)].shape)}")
+        slots.setdefault(int(idx), {})[key] = v
+    try:
+        optimizer.load_state_dict({"state": slots, "param_groups": groups})
+        torch.set_rng_state(rng)
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise RunError(f"cannot resume {run}: {path} is corrupt ({store.first_line(exc)}); {again}") from None
+    return epoch
 
 
 def _epoch_metrics(model, splits, device, batch_size: int = 1024) -> dict[str, float]:
@@ -204,103 +296,180 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
               progress: bool = False) -> Path:
     """Train `config` and write its run directory at `out`; return `out`.
 
-    Bad options and missing data are reported before anything is written. With `resume`,
-    continue the unfinished run at `out` from its last completed epoch.
+    Bad options, missing data and an `out` that cannot be written are reported before anything
+    is written. `out` may be absent or an empty directory; with `overwrite`, also a run directory
+    genprobe wrote (never anything else: :func:`genprobe.store.check_run_replaceable`). With
+    `resume`, continue the unfinished run at `out` from its last completed epoch.
+
+    Interrupted (Ctrl-C, or any error) once its first epoch is saved, the run stays resumable;
+    before that, and when training diverges, everything it wrote is removed again (a replaced
+    run is put back).
     """
     out = Path(out)
     if resume:
         config = TrainConfig.from_dict(store.read_config(out))
         if (out / store.FINAL).is_file():
             raise RunError(f"run {out} is already finished; nothing to resume")
+        if not (out / store.RESUME).is_file():
+            raise RunError(f"cannot resume {out}: it has no {store.RESUME} (it was stopped before its "
+                           f"first epoch was saved); train it again with --overwrite")
+        metrics = store.read_metrics(out)
     else:
+        if not isinstance(config, TrainConfig):
+            raise ConfigError(f"config must be a TrainConfig, got {type(config).__name__}")
         config.validated()
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise RunError(f"{out} already exists; choose another --out, pass --overwrite, or --resume it")
+        _check_out(out, overwrite)
     device = resolve_device(config.device)
-    model, splits = build(config)  # raises before anything is written when data or options are bad
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    if resume:
-        start = _load_resume(out, model, optimizer) + 1
-        rows = pd.read_parquet(out / store.METRICS).query("epoch < @start").to_dict("records")
-        log.info("resuming %s at epoch %d", out, start)
-    else:
-        if out.exists() and overwrite:
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        saved = config.to_dict() | {"genprobe_version": __version__,
-                                    "data": {k: v for k, v in splits.meta.items() if k != "corrupted_indices"}}
-        store.write_config(out, saved)
-        corrupted = torch.as_tensor(splits.meta.get("corrupted_indices", []), dtype=torch.long)
-        store.write_state(out / store.LABELS, {"train_labels": splits.train.y, "corrupted_indices": corrupted})
-        store.write_state(store.checkpoint_path(out, 0), state_of(model))
-        rows = [{"epoch": 0, "lr": 0.0, "seconds": 0.0, **_epoch_metrics(model, splits, device)}]
-        pd.DataFrame(rows).to_parquet(out / store.METRICS, index=False)
-        _save_resume(out, 0, model, optimizer)
-        start = 1
+    model, splits, rng = _build(config)  # raises before anything is written when data or options are bad
+    with torch.random.fork_rng(devices=_devices()):  # the caller's RNG is left as it was
+        torch.set_rng_state(rng)
+        model.to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if config.optimizer == "sgd":
+            optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        else:
+            optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+        if resume:
+            start = _load_resume(out, model, optimizer, config.epochs) + 1
+            rows = metrics[metrics.epoch < start].to_dict("records")
+            if [int(r["epoch"]) for r in rows] != list(range(start)):
+                raise RunError(f"cannot resume {out}: {store.METRICS} lacks the metrics of epochs "
+                               f"0..{start - 1}; train it again with --overwrite")
+            log.info("resuming %s at epoch %d", out, start)
+            _train_epochs(config, out, model, optimizer, splits, device, start, rows, progress)
+        else:
+            fresh = _FreshRun(out)
+            try:
+                fresh.begin()
+                saved = config.to_dict() | {"genprobe_version": __version__,
+                                            "data": {k: v for k, v in splits.meta.items() if k != "corrupted_indices"}}
+                store.write_config(out, saved)
+                corrupted = torch.as_tensor(splits.meta.get("corrupted_indices", []), dtype=torch.long)
+                store.write_state(out / store.LABELS, {"train_labels": splits.train.y, "corrupted_indices": corrupted})
+                store.write_state(store.checkpoint_path(out, 0), state_of(model))
+                rows = [{"epoch": 0, "lr": 0.0, "seconds": 0.0, **_epoch_metrics(model, splits, device)}]
+                store.write_metrics(out, pd.DataFrame(rows))
+                _save_resume(out, 0, model, optimizer)
+            except BaseException:  # not resumable yet: take back everything written
+                fresh.undo()
+                raise
+            try:
+                _train_epochs(config, out, model, optimizer, splits, device, 1, rows, progress)
+            except RunError:  # diverged: a run of no use to anyone; take back what it wrote
+                fresh.undo()
+                raise
+            except BaseException:  # interrupted: the new run is kept, resumable
+                fresh.done()
+                raise
+            fresh.done()
+        store.write_state(out / store.FINAL, state_of(model))
+        (out / store.RESUME).unlink(missing_ok=True)
+        return out
 
-    try:
-        _train_epochs(config, out, model, optimizer, splits, device, start, rows, progress)
-    except RunError:
-        if not resume:  # a diverged fresh run is of no use to anyone: leave nothing behind
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """OutputError (one line) unless a fresh run may be written at `out`."""
+    outputs.check_creatable(out, "run directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputError(f"run directory {out} already exists and is not empty; choose another "
+                              "--out, pass --overwrite (replaces a run genprobe wrote), or --resume it")
+        store.check_run_replaceable(out)
+        here = Path.cwd().resolve()
+        if out.resolve() == here or out.resolve() in here.parents:
+            raise OutputError(f"run directory {out} holds the current directory and cannot be replaced; "
+                              "run the command from elsewhere")
+    if out.exists() and not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"run directory {out} cannot be written: no write permission")
+
+
+class _FreshRun:
+    """The directory of a fresh run: created (or emptied by moving a replaced run aside) by
+    :meth:`begin`; :meth:`undo` removes what the run wrote and puts a replaced run back;
+    :meth:`done` drops the replaced run."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.created = [p for p in [out, *out.parents] if not p.exists()]  # deepest first
+        self.aside: Path | None = None  # the folder holding a replaced run
+
+    def begin(self) -> None:
+        out = self.out
+        try:
+            if out.is_dir() and any(out.iterdir()):  # a run genprobe wrote (checked by _check_out)
+                store.check_run_replaceable(out)  # again: it may have changed meanwhile
+                aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
+                try:
+                    out.rename(aside / "run")
+                except OSError:
+                    aside.rmdir()
+                    raise
+                self.aside = aside
+                self.created.insert(0, out)
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"run directory {out} cannot be written: {exc.strerror or exc}") from None
+        store.mark_run(out)
+
+    def undo(self) -> None:
+        out = self.out
+        if out in self.created:
             shutil.rmtree(out, ignore_errors=True)
-        raise
-    store.write_state(out / store.FINAL, state_of(model))
-    (out / store.RESUME).unlink(missing_ok=True)
-    return out
+        elif out.is_dir():  # it was an empty directory before: empty it again
+            for p in out.iterdir():
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+        for parent in self.created:
+            if parent != out:
+                try:
+                    parent.rmdir()
+                except OSError:
+                    break
+        if self.aside is not None:
+            (self.aside / "run").rename(out)
+            self.aside.rmdir()
+            self.aside = None
+
+    def done(self) -> None:
+        if self.aside is not None:
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
 
 
 def _train_epochs(config, out, model, optimizer, splits, device, start, rows, progress) -> None:
     record = set(config.checkpoint_epochs())
     x, y = splits.train.x.to(device), splits.train.y.to(device)
     steps = math.ceil(len(y) / config.batch_size)
-    bar = _progress(progress, config.epochs, start)
-    for epoch in range(start, config.epochs + 1):
-        lr = config.learning_rate(epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
-        model.train()
-        began = time.perf_counter()
-        for step in range(steps):
-            index = order[step * config.batch_size:(step + 1) * config.batch_size].to(device)
-            loss = F.cross_entropy(model(x[index]), y[index])
-            if not torch.isfinite(loss):
-                raise RunError(f"training diverged at epoch {epoch} (loss {loss.item()}); lower --lr (now {lr:g})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        seconds = time.perf_counter() - began
-        rows.append({"epoch": epoch, "lr": lr, "seconds": seconds, **_epoch_metrics(model, splits, device)})
-        if epoch in record:
-            store.write_state(store.checkpoint_path(out, epoch), state_of(model))
-        pd.DataFrame(rows).to_parquet(out / store.METRICS, index=False)
-        _save_resume(out, epoch, model, optimizer)
-        if bar is not None:
-            bar[0].update(bar[1], advance=1, description=f"epoch {epoch} test err {rows[-1]['test_error']:.4f}")
-    if bar is not None:
-        bar[0].stop()
-
-
-def _progress(enabled: bool, total: int, start: int):
-    if not enabled:
-        return None
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   transient=False)
-    task = bar.add_task("training", total=total, completed=start - 1)
-    bar.start()
-    return bar, task
+    bars = progress_bars.task("training", total=config.epochs) if progress else \
+        contextlib.nullcontext(progress_bars.Task(None, None))
+    with bars as bar:
+        bar.advance(start - 1)
+        for epoch in range(start, config.epochs + 1):
+            lr = config.learning_rate(epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+            model.train()
+            began = time.perf_counter()
+            for step in range(steps):
+                index = order[step * config.batch_size:(step + 1) * config.batch_size].to(device)
+                loss = F.cross_entropy(model(x[index]), y[index])
+                if not torch.isfinite(loss):
+                    raise RunError(f"training diverged at epoch {epoch} (loss {loss.item()}); lower --lr (now {lr:g})")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            seconds = time.perf_counter() - began
+            rows.append({"epoch": epoch, "lr": lr, "seconds": seconds, **_epoch_metrics(model, splits, device)})
+            if epoch in record:
+                store.write_state(store.checkpoint_path(out, epoch), state_of(model))
+            store.write_metrics(out, pd.DataFrame(rows))
+            _save_resume(out, epoch, model, optimizer)
+            bar.advance(1, description=f"epoch {epoch} test err {rows[-1]['test_error']:.4f}")
 
 
 def read_metrics(run: str | Path) -> pd.DataFrame:
-    """The per-epoch metrics of a run."""
-    path = Path(run) / store.METRICS
-    if not path.is_file():
-        raise RunError(f"{run} has no {store.METRICS}; is it a genprobe run?")
-    return pd.read_parquet(path)
+    """The per-epoch metrics of a run (RunError when missing or corrupt)."""
+    return store.read_metrics(run)
