@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,3 +45,25 @@ def trained_run(arch: str, dataset: str, **options) -> Path:
     if not (path / "final.safetensors").is_file():
         train_run(config, path, overwrite=True)
     return path
+
+
+@contextmanager
+def interrupted_in_epoch_2():
+    """Inside the block, training raises KeyboardInterrupt (a Ctrl-C) during its second epoch:
+    at the third metrics evaluation (epoch 0, epoch 1, then epoch 2)."""
+    import genprobe.zoo.train as T
+
+    calls = {"n": 0}
+    original = T._epoch_metrics
+
+    def interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    T._epoch_metrics = interrupt
+    try:
+        yield
+    finally:
+        T._epoch_metrics = original

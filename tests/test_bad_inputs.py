@@ -41,6 +41,7 @@ from genprobe.cli import main
 from genprobe.data import load_dataset
 from genprobe.params import select_units
 from genprobe.zoo.train import TrainConfig, read_metrics, train_run
+from runs import interrupted_in_epoch_2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -54,25 +55,10 @@ NO_CUDA = not torch.cuda.is_available()
 @pytest.fixture(scope="module")
 def unfinished_run(tmp_path_factory):
     """A run of 3 epochs stopped (Ctrl-C) during its second epoch: resumable, no final state."""
-    import genprobe.zoo.train as T
-
     out = tmp_path_factory.mktemp("unfinished") / "run"
-    calls = {"n": 0}
-    original = T._epoch_metrics
-
-    def interrupt_in_epoch_2(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    T._epoch_metrics = interrupt_in_epoch_2
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train_run(TrainConfig(arch="fcn", dataset="digits", epochs=3, n_train=120, n_test=60,
-                                  arch_options={"width": 16, "depth": 2}, device="cpu"), out)
-    finally:
-        T._epoch_metrics = original
+    with interrupted_in_epoch_2(), pytest.raises(KeyboardInterrupt):
+        train_run(TrainConfig(arch="fcn", dataset="digits", epochs=3, n_train=120, n_test=60,
+                              arch_options={"width": 16, "depth": 2}, device="cpu"), out)
     assert (out / store.RESUME).is_file() and not (out / store.FINAL).exists()
     return out
 

@@ -205,7 +205,7 @@ def test_valley_search_gives_the_same_mu_with_fewer_evaluations(nested64, loss):
 
 
 def test_summary_network_criticality_and_bound(nested64):
-    r = gp.criticality(nested64, loss="cross_entropy", max_examples=30, **SMALL)
+    r = gp.criticality(nested64, loss="cross_entropy", n=30, **SMALL)
     mu = r.modules["criticality"].to_numpy()
     assert r.summary["network_criticality"] == pytest.approx(mu.sum())
     assert r.summary["max_module_criticality"] == pytest.approx(mu.max())
@@ -359,7 +359,7 @@ def test_bad_input(nested64):
         gp.criticality(nested64, modules="nope*")
     for bad in [dict(loss="mse"), dict(noise="layer"), dict(split="val"), dict(samples=0),
                 dict(alphas=[-0.1, 1]), dict(sigmas=[0.0, 1.0]), dict(sigmas=[2.0]), dict(alphas=[]),
-                dict(epsilon=float("nan")), dict(rtol=0), dict(refine=-1), dict(max_examples=0)]:
+                dict(epsilon=float("nan")), dict(rtol=0), dict(refine=-1), dict(n=0)]:
         with pytest.raises(ConfigError):
             gp.criticality(nested64, **bad)
 
@@ -370,12 +370,13 @@ def test_cli(tiny_run, tmp_path, capsys):
     run = tiny_run
     out = tmp_path / "crit"
     main(["probe", "criticality", str(run), "--modules", "layers.3", "--samples", "2",
-          "--loss", "cross_entropy", "--max-examples", "100", "--out", str(out)])
+          "--loss", "cross_entropy", "--n", "100", "--out", str(out)])
     text = capsys.readouterr().out
     assert "network_criticality=" in text and "layers.3" in text
+    assert len(text.splitlines()) < 6  # the per-module table, not the valley's grid rows
     r = gp.load(out)
     assert list(r.modules["module"]) == ["layers.3"] and r.summary["n_examples"] == 100
-    assert out.with_suffix(".png").is_file()
+    assert (out / "figure.png").is_file()
     with pytest.raises(SystemExit) as exc:
         main(["probe", "criticality", str(run), "--loss", "cross_entropy", "--epsilon", "0",
               "--out", str(out)])
@@ -392,3 +393,15 @@ def test_infinite_criticality_round_trips(nested64, tmp_path):
     assert math.isinf(again.summary["network_criticality"]) and again.summary["epsilon"] > 0
     assert math.isinf(again.modules["criticality"].iloc[0])
     assert again.plot() is not None
+
+
+def test_memory_budget_splits_the_stacks_not_the_results(nested64):
+    """Each unit's points go to the engine as one stack; a budget of one byte makes it run them
+    one variant (and one example) at a time: the same valley and criticality."""
+    kw = dict(loss="cross_entropy", alphas=[0.0, 0.5, 1.0], sigmas=[0.01, 0.1], samples=3,
+              refine=1, seed=4)
+    whole = gp.criticality(nested64, **kw)
+    split = gp.criticality(nested64, memory_budget=1, **kw)
+    assert list(whole.table.sigma) == list(split.table.sigma)
+    assert np.allclose(whole.table.loss_mean, split.table.loss_mean, rtol=1e-12, atol=1e-14)
+    assert np.allclose(whole.modules.criticality, split.modules.criticality, rtol=1e-12)

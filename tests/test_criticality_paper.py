@@ -18,7 +18,7 @@ from runs import trained_run
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
 
-FAST = dict(max_examples=500, samples=4, alphas=np.linspace(0, 1, 6), refine=1, valley="search",
+FAST = dict(n=500, samples=4, alphas=np.linspace(0, 1, 6), refine=1, valley="search",
             seed=0)
 
 
@@ -90,7 +90,7 @@ def test_architecture_ordering_is_reported():
     found = {}
     for arch, options in [("fcn", {"width": 256, "depth": 3}), ("vgg", {}), ("resnet", {})]:
         path = trained_run(arch, "digits", epochs=15, n_train=600, arch_options=options)
-        subject, crit = _probe(path, max_examples=300)
+        subject, crit = _probe(path, n=300)
         train_err, test_err, gap = _gap(subject)
         found[arch] = (crit.summary["network_criticality"], crit.summary["bound"], gap,
                        len(crit.modules))

@@ -126,8 +126,9 @@ def _cli_args(options: dict) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             args.append(flag if value else f"--no-{key.replace('_', '-')}")
-        elif isinstance(value, (list, tuple)):
-            args += [flag, ",".join(map(str, value))]
+        elif isinstance(value, (list, tuple)):  # a repeatable option
+            for v in value:
+                args += [flag, str(v)]
         else:
             args += [flag, str(value)]
     return args

@@ -11,6 +11,7 @@ from genprobe import ConfigError, RunError, StateError, store
 from genprobe.errors import OutputError
 from genprobe.zoo import list_models
 from genprobe.zoo.train import TrainConfig, read_metrics, train_run
+from runs import interrupted_in_epoch_2
 
 DATASET_FOR = {"fcn": "digits", "cnn": "digits", "vgg": "digits", "resnet": "digits", "transformer": "mnist1d"}
 
@@ -54,23 +55,8 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path):
     a, b = store.read_state(whole / "final.safetensors"), store.read_state(again / "final.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     interrupted = tmp_path / "interrupted"
-    import genprobe.zoo.train as T
-
-    calls = {"n": 0}
-    original = T._epoch_metrics
-
-    def crash_after_first_epoch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:  # epoch 0 metrics, epoch 1 metrics, then crash in epoch 2
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    T._epoch_metrics = crash_after_first_epoch
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train_run(TrainConfig(**cfg), interrupted)
-    finally:
-        T._epoch_metrics = original
+    with interrupted_in_epoch_2(), pytest.raises(KeyboardInterrupt):
+        train_run(TrainConfig(**cfg), interrupted)
     assert not (interrupted / "final.safetensors").exists() and (interrupted / "resume.safetensors").exists()
     train_run(TrainConfig(), interrupted, resume=True)
     c = store.read_state(interrupted / "final.safetensors")
@@ -271,22 +257,9 @@ def test_interrupted_at_any_write_leaves_no_temporary_file_and_resumes_exactly(t
     ("config wider", StateError, "has shape"),
 ])
 def test_a_damaged_unfinished_run_is_one_clear_error(damage, error, message, tmp_path, monkeypatch):
-    import genprobe.zoo.train as T
-
-    calls = {"n": 0}
-    original = T._epoch_metrics
-
-    def interrupt_in_epoch_2(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(T, "_epoch_metrics", interrupt_in_epoch_2)
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_in_epoch_2(), pytest.raises(KeyboardInterrupt):
         train_run(TrainConfig(**TINY), out)
-    monkeypatch.setattr(T, "_epoch_metrics", original)
     if damage == "resume garbage":
         (out / "resume.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     elif damage == "no metrics":

@@ -14,11 +14,14 @@ from foreign import make_subject
 from genprobe.engine.variants import (
     ActivationContext,
     Edit,
+    PathParams,
     VariantEvaluator,
     activation_noise_edit,
     interpolate_edit,
     mask_edit,
     noise_edit,
+    noise_std,
+    path_edit,
     replace_edit,
     stack_edits,
 )
@@ -313,7 +316,7 @@ def test_fast_path_equals_plain_path():
     assert fast.channels_last and not plain.channels_last
     units = s.units()[::4]
     edits = [replace_edit(u, s.init) for u in units] + [mask_edit("stages.1.0.bn1", torch.arange(8) < 3)]
-    fused = {n.target for n in fast._plan(edits[0], fast._program(frozenset())).fused}
+    fused = {n.target for n in fast._nodes(edits[0], fast._program(frozenset()))[1]}
     assert units[0].name == "stem.0" and "stem.0" in fused       # the edited conv, BN folded
     assert len(fused) > 1                                           # and convs downstream
     a = fast.evaluate(edits, logits=True)
@@ -347,8 +350,7 @@ def gp_subject(model, init, shape, k, n=40):
 
 def test_channels_last_rejected_when_forward_needs_contiguous():
     torch.manual_seed(0)
-    model = ConvView().eval()
-    s = gp_subject(model, P.state_of(model), (1, 6, 6), 3)
+    s = moved_subject(ConvView().eval(), (1, 6, 6), 3, n=40, step=0.05)
     ev = VariantEvaluator(s.model, s.final, s.test)
     assert not ev.channels_last and ev.mode == "fx"
     r = ev.evaluate([replace_edit(s.units("conv")[0], s.init)], logits=True)[0]
@@ -415,3 +417,343 @@ def test_cpu_chunks_keep_the_largest_activation_small():
     assert 0 < largest <= total
     chunk, _ = ev._chunking(ev._program(frozenset()))
     assert chunk == min(40, DEFAULT_BATCH_SIZE, max(MIN_CPU_CHUNK, int(CPU_CHUNK_BYTES // largest)))
+
+
+# ----------------------------------------------------------------------------- caller's objects
+
+
+class WritesInput(torch.nn.Module):
+    """BatchNorm (buffers a train-mode forward would update) and an in-place ReLU on the input
+    itself: the forward writes the tensor it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = torch.nn.ReLU(inplace=True)
+        self.fc1 = torch.nn.Linear(5, 8)
+        self.bn = torch.nn.BatchNorm1d(8)
+        self.fc2 = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.bn(self.fc1(self.act(x)))))
+
+
+def _snapshot(model, data):
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()},
+            "training": [m.training for m in model.modules()],
+            "requires_grad": [p.requires_grad for p in model.parameters()],
+            "hooks": [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in model.modules()],
+            "device": [t.device for t in list(model.parameters()) + list(model.buffers())],
+            "ptr": [t.data_ptr() for t in model.state_dict().values()],
+            "data": (data.x.clone(), data.y.clone()), "rng": torch.get_rng_state()}
+
+
+def _assert_unchanged(before, model, data):
+    after = _snapshot(model, data)
+    assert before["state"].keys() == after["state"].keys()
+    for k, v in before["state"].items():
+        assert torch.equal(v, after["state"][k]) and v.dtype == after["state"][k].dtype, k
+    for what in ("training", "requires_grad", "hooks", "device", "ptr"):
+        assert before[what] == after[what], what
+    assert torch.equal(before["data"][0], data.x) and torch.equal(before["data"][1], data.y)
+    assert torch.equal(before["rng"], after["rng"])
+
+
+@pytest.mark.parametrize("use_fx", [True, False])
+def test_caller_model_data_and_rng_untouched(use_fx):
+    """evaluate() and the engine leave the caller's model (values, train flag, requires_grad,
+    hooks, device), its data (even for a model that writes its input) and the global RNG alone."""
+    import genprobe as gp
+    from genprobe.values import Data
+
+    torch.manual_seed(0)
+    model = WritesInput()
+    model.fc1.weight.requires_grad_(False)
+    seen = []
+    model.fc2.register_forward_hook(lambda m, i, o: seen.append(1))
+    model.train()                       # a train-mode model: BatchNorm would update its buffers
+    init = P.state_of(model)
+    final = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v for k, v in init.items()}
+    final["bn.running_var"] = final["bn.running_var"].abs() + 0.5
+    g = torch.Generator().manual_seed(1)
+    data = Data(torch.randn(40, 5, generator=g), torch.randint(0, 3, (40,), generator=g))
+    before = _snapshot(model, data)
+    state_before = {k: v.clone() for k, v in final.items()}
+
+    plain = gp.evaluate(model, final, data, batch_size=16)
+    ev = VariantEvaluator(model, final, data, batch_size=16, use_fx=use_fx)
+    u = [u for u in P.select_units(model, None) if u.name == "fc1"][0]
+    out = ev.evaluate([Edit(), replace_edit(u, init), interpolate_edit(u, init, final, [0.5, 1.0]),
+                       noise_edit(u, final, 0.1, 2)], per_example=True)
+    _assert_unchanged(before, model, data)
+    for k, v in state_before.items():
+        assert torch.equal(v, final[k])
+
+    ref = copy.deepcopy(model).eval()
+    ref.load_state_dict(final)
+    with torch.no_grad():
+        expect = ref(data.x.clone())
+    loss, error = metrics(expect, data.y)
+    assert abs(plain.loss - loss) < TOL and abs(plain.error - error) < TOL
+    assert abs(float(out[0].loss) - loss) < TOL and abs(float(out[2].loss[1]) - loss) < TOL
+    assert seen  # the caller's hook is the model's: the private copies run it too
+
+
+def test_evaluate_copies_a_model_on_another_device():
+    from genprobe.evaluate import _private_model
+
+    model = WritesInput().eval()
+    assert _private_model(model, torch.device("cpu")) is model       # runnable as it is
+    moved = _private_model(model, torch.device("meta"))
+    assert moved is not model and next(moved.parameters()).device.type == "meta"
+    assert next(model.parameters()).device.type == "cpu"
+    trained = WritesInput().train()
+    copy_ = _private_model(trained, torch.device("cpu"))
+    assert copy_ is not trained and not copy_.training and trained.training
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_evaluate_on_cuda_leaves_a_cpu_model_on_the_cpu():
+    import genprobe as gp
+
+    s = make_subject("nested")
+    before = _snapshot(s.model, s.test)
+    on_gpu = gp.evaluate(s.model, s.final, s.test, device="cuda")
+    ev = VariantEvaluator(s.model, s.final, s.test, device="cuda")
+    r = ev.evaluate([replace_edit(s.units()[0], s.init)], logits=True)[0]
+    _assert_unchanged(before, s.model, s.test)
+    on_cpu = gp.evaluate(s.model, s.final, s.test, device="cpu")
+    assert abs(on_gpu.loss - on_cpu.loss) < 1e-5
+    assert_matches(r, naive_logits(s, P.replace(s.final, s.init, s.units()[0].params)), s.test.y)
+
+
+# ----------------------------------------------------------------------------- input dtypes
+
+
+@pytest.mark.parametrize("use_fx", [True, False])
+@pytest.mark.parametrize("stack", ["vmap", "loop"])
+def test_token_ids_end_to_end(use_fx, stack):
+    """Integer (N, T) inputs through an nn.Embedding text classifier: never cast to float."""
+    import genprobe as gp
+
+    s = make_subject("tokens", steps=5)
+    assert s.test.x.dtype == torch.int64
+    ev = VariantEvaluator(s.model, s.final, s.test, batch_size=10, use_fx=use_fx, stack=stack)
+    assert ev.mode == ("fx" if use_fx else "full")
+    embed, head = s.units("embed")[0], s.units("head")[0]
+    edits = [Edit(), replace_edit(embed, s.init), replace_edit(head, s.init),
+             interpolate_edit(embed, s.init, s.final, [0.0, 0.4, 1.0]),
+             interpolate_edit(head, s.init, s.final, [0.3, 0.9]),
+             noise_edit(embed, s.final, 0.2, 3, seed=1), noise_edit(head, s.final, 0.2, 2, seed=2,
+                                                                   scale="relative")]
+    out = ev.evaluate(edits, logits=True)
+    y = s.test.y
+    assert_matches(out[0], naive_logits(s, s.final), y)
+    for u, r in ((embed, out[1]), (head, out[2])):
+        assert_matches(r, naive_logits(s, P.replace(s.final, s.init, u.params)), y)
+    for u, r, alphas in ((embed, out[3], [0.0, 0.4, 1.0]), (head, out[4], [0.3, 0.9])):
+        for b, a in enumerate(alphas):
+            assert_matches(r, naive_logits(s, P.interpolate(s.init, s.final, a, u.params)), y, b)
+    for e, r in ((edits[5], out[5]), (edits[6], out[6])):
+        for b in range(e.size):
+            assert_matches(r, naive_logits(s, {**s.final, **{k: v[b] for k, v in e.params.items()}}), y, b)
+    plain = gp.evaluate(s.model, s.final, s.test)
+    assert abs(plain.loss - float(out[0].loss)) < TOL
+
+
+def test_floating_inputs_take_the_models_dtype():
+    """A float64 model given float32 inputs runs in float64 (not the global default dtype)."""
+    import genprobe as gp
+    from genprobe.values import Data
+
+    s = make_subject("nested", dtype=torch.float64)
+    x32 = Data(s.test.x.float(), s.test.y)
+    expect, _ = metrics(naive_logits(s, s.final, data=Data(x32.x.double(), x32.y)), x32.y)
+    ev = VariantEvaluator(s.model, s.final, x32)
+    assert ev.input_dtype == torch.float64
+    assert abs(float(ev.evaluate([Edit()])[0].loss) - expect) < 1e-12
+    assert abs(gp.evaluate(s.model, s.final, x32).loss - expect) < 1e-6   # float32 logits
+    assert x32.x.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- memory budget
+
+
+def test_default_memory_budget_is_the_shared_estimator():
+    from genprobe.memory import resolve_memory_budget
+
+    s = make_subject("nested")
+    ev = VariantEvaluator(s.model, s.final, s.test, device="cpu")
+    assert ev.memory_budget == resolve_memory_budget(None, torch.device("cpu"))
+    assert VariantEvaluator(s.model, s.final, s.test, memory_budget=12345).memory_budget == 12345
+    for bad in (0, -1, "1GB", True):
+        with pytest.raises(ConfigError, match="memory_budget"):
+            VariantEvaluator(s.model, s.final, s.test, memory_budget=bad)
+
+
+class Recorded(PathParams):
+    """A PathParams that records how many variants each build held."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pieces = []
+
+    def take(self, index):
+        self.pieces.append(len(list(index)))
+        return super().take(index)
+
+
+@pytest.mark.parametrize("stack", ["vmap", "loop"])
+def test_stacks_split_to_the_memory_budget_give_the_same_results(stack):
+    """A tiny budget runs each stack one variant at a time: results equal the unsplit run (and
+    the naive loop); the default budget runs it whole."""
+    s = make_subject("residual_bn", n_test=23)
+    u = s.units("conv")[0]
+    z = {k: torch.randn(3, *s.final[k].shape, generator=torch.Generator().manual_seed(int(k == u.params[0])))
+         for k in u.params}
+    points = [(0.0, 0.0), (0.5, 0.1), (1.0, 0.0), (1.0, 0.3)]
+
+    def edits():
+        alphas, sigmas, draws = [], [], []
+        for a, sg in points:
+            count = 1 if sg == 0 else 3
+            alphas += [a] * count
+            sigmas += [sg] * count
+            draws += list(range(count))
+        lazy = Recorded(u.params, s.init, s.final, alphas, sigmas, draws, z, "relative")
+        eager = interpolate_edit(u, s.init, s.final, [0.2, 0.7, 0.9])
+        return [Edit(params=lazy, size=lazy.size), eager, Edit()]
+
+    whole, split = edits(), edits()
+    ev = VariantEvaluator(s.model, s.final, s.test, stack=stack, batch_size=8)
+    a = ev.evaluate(whole, per_example=True)
+    # the same chunks of 8 examples, but room for one variant at a time
+    total = ev._estimate_bytes(ev._program(frozenset()) if ev.route == "fx" else None)[0]
+    tight = VariantEvaluator(s.model, s.final, s.test, stack=stack, batch_size=8,
+                             memory_budget=int(16 * total + 1))
+    b = tight.evaluate(split, per_example=True)
+    tiny = VariantEvaluator(s.model, s.final, s.test, stack=stack, memory_budget=1).evaluate(
+        edits(), per_example=True)
+    assert tight.route == ev.route and tight._chunking(None)[0] == 8
+    # after the scan for repeats, each of the 3 chunks builds the 7 variants that are not the
+    # base: all at once, or one at a time
+    assert whole[0].params.pieces[-3:] == [7, 7, 7]
+    assert split[0].params.pieces[-21:] == [1] * 21
+    for x, y, t in zip(a, b, tiny, strict=True):
+        if stack == "loop":
+            assert torch.equal(x.losses, y.losses)
+        torch.testing.assert_close(x.losses, y.losses, atol=TOL, rtol=TOL)
+        torch.testing.assert_close(x.losses, t.losses, atol=TOL, rtol=TOL)
+    dense = whole[0].params
+    for i in range(dense.size):
+        state = {**s.final, **{k: dense[k][i] for k in u.params}}
+        assert_matches(b[0], naive_logits(s, state), s.test.y, i)
+
+
+# ----------------------------------------------------------------------------- path edits
+
+
+@pytest.mark.parametrize("scale", ["absolute", "relative"])
+def test_path_edit_is_the_literal_formula(scale):
+    """θ = lerp(θ⁰, θ^F, α) + σ · std · z with the given draws, bit for bit; σ = 0 gives one
+    variant; noise_std is σ or σ ‖center‖ / √numel."""
+    s = make_subject("nested", dtype=torch.float64)
+    u = s.units()[0]
+    g = torch.Generator().manual_seed(0)
+    z = {k: torch.randn(4, *s.final[k].shape, generator=g, dtype=torch.float64) for k in u.params}
+    points = [(0.3, 0.0), (0.3, 0.2), (1.0, 0.05)]
+    edit, sizes = path_edit(u, s.init, s.final, points, z, scale=scale)
+    assert sizes == [1, 4, 4] and edit.size == 9 and set(edit.params) == set(u.params)
+    row = 0
+    for (a, sg), count in zip(points, sizes, strict=True):
+        for d in range(count):
+            for k in u.params:
+                center = (1 - a) * s.init[k] + a * s.final[k]
+                if sg == 0:
+                    expect = center
+                else:
+                    rms = float(center.norm()) / center.numel() ** 0.5 if scale == "relative" else 1.0
+                    assert noise_std(center, sg, scale) == pytest.approx(sg * rms, rel=1e-12)
+                    expect = center + sg * rms * z[k][d]
+                torch.testing.assert_close(edit.params[k][row], expect, rtol=1e-13, atol=1e-15)
+            row += 1
+    built = edit.params.take(range(edit.size))
+    for k in u.params:
+        assert torch.equal(built[k], edit.params[k])
+    ev = VariantEvaluator(s.model, s.final, s.test)
+    res = ev.evaluate([edit])[0]
+    for b in range(edit.size):
+        ref, _ = metrics(naive_logits(s, {**s.final, **{k: built[k][b] for k in u.params}}), s.test.y)
+        assert abs(float(res.loss[b]) - ref) < 1e-12
+    with pytest.raises(ConfigError):
+        path_edit(u, s.init, s.final, [(0.5, 0.1)], None)
+    with pytest.raises(ConfigError):
+        noise_std(s.final[u.params[0]], 0.1, "weird")
+
+
+def test_repeated_and_base_equal_variants_of_a_lazy_stack():
+    """Variants equal to the base are not computed; repeated ones are computed once."""
+    s = make_subject("nested")
+    u = s.units()[1]
+    z = {k: torch.randn(2, *s.final[k].shape) for k in u.params}
+    edit, _ = path_edit(u, s.init, s.final, [(1.0, 0.0), (0.5, 0.1), (0.5, 0.0), (0.5, 0.1),
+                                             (0.5, 0.0)], z)
+    ev = VariantEvaluator(s.model, s.final, s.test)
+    keep, same = ev._distinct(edit, 2)
+    assert keep == [1, 2, 3] and same == {4: 1, 5: 2, 6: 3}
+    r = ev.evaluate([edit, Edit()], per_example=True)
+    assert torch.equal(r[0].losses[0], r[1].losses)
+    for b, a in same.items():
+        assert torch.equal(r[0].losses[b], r[0].losses[a])
+
+
+# ----------------------------------------------------------------------------- the route rule
+
+
+def _fcn_subject(n=128):
+    """A 784-64-64-64-4 MLP: the first layer holds most of the compute."""
+    from genprobe.zoo import create_model
+
+    torch.manual_seed(0)
+    model = create_model("fcn", input_shape=(1, 28, 28), num_classes=4, depth=3, width=64).eval()
+    init = P.state_of(model)
+    final = {k: v + 0.05 * torch.randn_like(v) for k, v in init.items()}
+    model.load_state_dict(final)
+    return gp_subject(model, init, (1, 28, 28), 4, n=n)
+
+
+def test_route_rule_picks_the_cheaper_path_and_both_are_right():
+    """Prefix reuse when the suffixes save more than the base run costs (free when the base
+    result is needed anyway); a full forward for a single variant, or for edits of the first
+    layer alone. Every case is checked against the full path and the naive loop."""
+    s = _fcn_subject()
+    units = s.units()
+    first, middle, last = units[0], units[1], units[-1]
+    cases = [
+        ([replace_edit(middle, s.init)], "full"),                      # one variant
+        ([stack_edits([replace_edit(first, s.init),
+                       interpolate_edit(first, s.init, s.final, [0.5])])], "full"),  # first layer
+        ([stack_edits([replace_edit(last, s.init), interpolate_edit(last, s.init, s.final, [0.5])])],
+         "fx"),                                                        # the head: tiny suffix
+        ([Edit(), replace_edit(middle, s.init)], "fx"),                # the base is needed anyway
+        ([interpolate_edit(middle, s.init, s.final, [0.0, 0.5, 1.0])], "fx"),  # α = 1 is the base
+    ]
+    for edits, route in cases:
+        ev = VariantEvaluator(s.model, s.final, s.test)
+        out = ev.evaluate(edits, logits=True)
+        assert ev.route == route, [e.params.keys() for e in edits]
+        forced = VariantEvaluator(s.model, s.final, s.test, use_fx=False)
+        again = forced.evaluate(edits, logits=True)
+        assert forced.route == "full"
+        for e, r, q in zip(edits, out, again, strict=True):
+            torch.testing.assert_close(r.logits, q.logits, atol=TOL, rtol=TOL)
+            for b in range(e.variants):
+                state = {**s.final, **{k: (v if e.size is None else v[b]) for k, v in e.params.items()}}
+                assert_matches(r, naive_logits(s, state), s.test.y, None if e.size is None else b)
+
+
+def test_on_progress_reports_every_example_once():
+    s = make_subject("nested", n_test=23)
+    seen = []
+    VariantEvaluator(s.model, s.final, s.test, batch_size=10).evaluate(
+        [Edit()], on_progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(10, 23), (10, 23), (3, 23)]

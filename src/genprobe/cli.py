@@ -349,6 +349,9 @@ def demo(
     typer.echo(metrics[["epoch", "train_loss", "train_error", "test_loss", "test_error"]]
                .to_string(index=False, float_format="{:.4f}".format))
     subject = Subject.load(run)
+    global _on_interrupt
+    _on_interrupt = lambda: (f"the trained run {run} is complete; finished probe results are in "  # noqa: E731
+                             f"{run / 'probes'}/; run `genprobe demo --out {out}` again for the rest")
     for name in list_probes():
         spec = get_probe(name)
         typer.echo(f"\n== {name}: {spec.summary}")

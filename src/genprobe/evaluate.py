@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -69,23 +70,59 @@ def cpu_chunk(largest_bytes: float, limit: int = DEFAULT_BATCH_SIZE) -> int:
     return min(limit, max(MIN_CPU_CHUNK, int(CPU_CHUNK_BYTES // max(largest_bytes, 1.0))))
 
 
+def _private_model(model: nn.Module, dev: torch.device) -> nn.Module:
+    """`model` itself when it can be run as it is: on `dev` and in eval mode; else an eval-mode
+    copy on `dev`. The caller's model is never moved, cast or switched to eval."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if all(t.device == dev for t in tensors) and not any(m.training for m in model.modules()):
+        return model
+    return copy.deepcopy(model).to(dev).eval()
+
+
+def input_dtype(state: State) -> torch.dtype | None:
+    """The floating dtype of inputs to a model under `state`: its first floating tensor's."""
+    return next((v.dtype for v in state.values() if v.is_floating_point()), None)
+
+
+def as_input(x: Tensor, dev: torch.device, dtype: torch.dtype | None) -> Tensor:
+    """`x` on `dev`, floating inputs in `dtype` (integer inputs, token ids, stay integer). A view
+    or a new tensor: never written to."""
+    if x.is_floating_point() and dtype is not None:
+        return x.to(dev, dtype)
+    return x.to(dev)
+
+
 @torch.no_grad()
 def logits(model: nn.Module, state: State, x: Tensor, *, batch_size: int | None = None,
            device: str | torch.device = "auto") -> Tensor:
-    """Model outputs (N, K) for inputs `x` under `state`, on the CPU. The model must be in eval mode.
+    """Model outputs (N, K) for inputs `x` under `state`, on the CPU, in eval mode.
 
-    `batch_size` defaults to :data:`DEFAULT_BATCH_SIZE`, lowered on the CPU by :func:`cpu_chunk`.
+    Floating inputs are cast to the state's floating dtype, integer inputs (token ids) passed as
+    they are. The caller's model, state and inputs are left untouched (a model on another
+    device, or in train mode, is evaluated as an eval-mode copy). `batch_size` defaults to
+    :data:`DEFAULT_BATCH_SIZE`, lowered on the CPU by :func:`cpu_chunk`.
     """
     dev = resolve_device(device)
     state_dev = {k: v.to(dev) for k, v in state.items()}
-    model = model.to(dev)
+    model = _private_model(model, dev)
+    dtype = input_dtype(state_dev)
     if batch_size is None:
         batch_size = DEFAULT_BATCH_SIZE
         if dev.type == "cpu" and len(x):
-            batch_size = cpu_chunk(largest_activation_bytes(model, x[:2].to(dev), state_dev))
-    out = [functional_call(model, state_dev, (x[i:i + batch_size].to(dev),)).float().cpu()
-           for i in range(0, len(x), batch_size)]
-    return torch.cat(out)
+            sample = as_input(x[:2], dev, dtype).clone()
+            batch_size = cpu_chunk(largest_activation_bytes(model, sample, state_dev))
+    out = []
+    guard = True  # until the model is seen not to write its input, it gets copies
+    for i in range(0, len(x), batch_size):
+        xb = as_input(x[i:i + batch_size], dev, dtype)
+        if guard and xb.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+            xb = xb.clone()
+            version = xb._version
+            out.append(functional_call(model, state_dev, (xb,)).float().cpu())
+            guard = xb._version != version
+        else:
+            out.append(functional_call(model, state_dev, (xb,)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0)
 
 
 def evaluate(model: nn.Module, state: State, data: Data, *, batch_size: int | None = None,

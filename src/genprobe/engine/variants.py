@@ -31,7 +31,10 @@ Edits
 ``Edit(params={key: tensor}, activations={module: fn}, args={name: tensor}, size=None)``:
 
 - ``params``: state keys (canonical names, as in ``Subject.final``) → new values. All other keys
-  keep the base state's values (bit-identical). Buffers may be edited too.
+  keep the base state's values (bit-identical). Buffers may be edited too. For a stack, the
+  values may also be a :class:`PathParams` (θ = lerp(start, end, α) + σ·s·z per variant, built
+  piece by piece as the engine runs them, so a stack far larger than memory can be handed over
+  whole).
 - ``activations``: module name → ``fn(h, ctx) -> h'`` applied to that module's output ``h``
   (shape (n, ...), a data chunk of n examples). ``ctx`` is an :class:`ActivationContext` with
   ``ctx.index`` (n,) the chunk's example indices into the data (for fixed per-example draws) and
@@ -42,9 +45,11 @@ Edits
   logged warning, when a module has no batching rule). Results then have a leading dim B.
 
 Helpers build the common edits from :class:`genprobe.params.Unit`\\ s and states:
-:func:`replace_edit`, :func:`interpolate_edit`, :func:`noise_edit`, :func:`mask_edit`,
+:func:`replace_edit`, :func:`interpolate_edit`, :func:`noise_edit`, :func:`path_edit` (points
+(α, σ) on the noisy path from θ⁰ to θ^F with given draws: module criticality), :func:`mask_edit`,
 :func:`activation_noise_edit`; :func:`stack_edits` concatenates edits of the same keys into one
-stack. The engine skips variants whose parameters equal the base bit for bit (re-init to θ^F, a
+stack; :func:`noise_std` is the one formula of a noise level ("absolute"/"relative"). The
+engine skips variants whose parameters equal the base bit for bit (re-init to θ^F, a
 module with θ^F = θ⁰) and returns the base result for them, and computes variants of a stack
 that are bit-identical to each other once (a BatchNorm re-randomized to its θ⁰ of ones/zeros).
 
@@ -60,10 +65,18 @@ How it is fast
   Modules given activation edits are made fx leaves so their outputs exist as graph nodes.
   When tracing fails (data-dependent control flow), or the traced graph disagrees with the
   model's own forward, the engine falls back to a full ``functional_call`` forward per edit and
-  logs a warning naming the reason; ``ev.mode`` says which path is used (``"fx"``/``"full"``).
-- Loop order: data chunk outer, edits inner; a chunk holds every cached node value, so the chunk
-  size is chosen to keep the cache plus the largest stack of variants within ``memory_budget``
-  bytes (stacks are split when needed). On the CPU it is also capped so that the largest single
+  logs a warning naming the reason; ``ev.mode`` says whether the model can be split
+  (``"fx"``/``"full"``).
+- A route per ``evaluate`` call: prefix reuse costs a base run per chunk (to fill the cache),
+  which a plain forward per variant does not need; ``ev.route`` is the path the last call took,
+  by the cost rule of :meth:`VariantEvaluator._choose_route` (estimated multiply-adds from one
+  hooked forward: no timing, so the choice is reproducible). A single variant, or edits of the
+  first layer alone, run as plain forwards, with no tracing.
+- Loop order: data chunk outer, edits inner. ``memory_budget`` (bytes, :mod:`genprobe.memory`):
+  the cached node values of one chunk take at most half of it, which sets the chunk size; the
+  variants of a stack run at once share the rest (each: its recomputed activations and its
+  edited parameters, materialized from the edit), so a stack that does not fit runs in pieces,
+  with identical results. On the CPU the chunk is also capped so that the largest single
   activation stays within ``evaluate.CPU_CHUNK_BYTES`` (cache-sized work, recycled memory).
 - ``fast=True`` (default): conv nets run in channels-last layout (when the model's forward
   agrees); every recomputed Conv2d→BatchNorm2d pair whose BatchNorm the edit leaves untouched
@@ -76,9 +89,10 @@ How it is fast
 API summary (for probe authors)
 -------------------------------
 ``VariantEvaluator(model, base_state, data, *, batch_size=None, device="auto",
-memory_budget=None, use_fx=True, fast=True)``;
-``.evaluate(edits, *, per_example=False, logits=False) -> list[EditResult]``;
-``.mode`` (``"fx"``/``"full"``), ``.fallback_reason``, ``.recomputed(edit)`` (node names).
+memory_budget=None, use_fx=True, fast=True, stack="auto")``;
+``.evaluate(edits, *, per_example=False, logits=False, on_progress=None) -> list[EditResult]``;
+``.mode`` (``"fx"``/``"full"``), ``.route`` (the last call's), ``.fallback_reason``,
+``.recomputed(edit)`` (node names).
 ``EditResult(loss, error, losses, errors, logits, label)``.
 ``Edit(params={}, activations={}, args={}, size=None, label=None)``;
 ``ActivationContext(index, args)``;
@@ -86,6 +100,9 @@ memory_budget=None, use_fx=True, fast=True)``;
 ``interpolate_edit(unit, start, end, alphas, *, buffers="keep", label=None)`` (stack);
 ``noise_edit(unit, center, sigma, draws, *, seed=None, generator=None, scale="absolute",
 label=None)`` (stack);
+``path_edit(unit, start, end, points, z=None, *, scale="absolute", label=None) -> (Edit, sizes)``
+(lazy stack); ``PathParams(keys, start, end, alphas, sigmas=None, draws=None, z=None,
+scale="absolute")``; ``noise_std(center, sigma, scale="absolute")``;
 ``mask_edit(module, mask, value=0.0, *, dim=1, label=None)`` (stack when mask is (B, C));
 ``activation_noise_edit(module, std, *, seed=0, dim=1, label=None)``;
 ``stack_edits(edits, label=None)``.
@@ -107,17 +124,13 @@ from torch.func import functional_call, vmap
 
 from ..device import resolve_device
 from ..errors import ConfigError, ModuleSelectionError, StateError, check_choice
-from ..evaluate import DEFAULT_BATCH_SIZE, cpu_chunk, largest_activation_bytes
+from ..evaluate import DEFAULT_BATCH_SIZE, cpu_chunk
 from ..evaluate import per_example as loss_and_error
+from ..memory import resolve_memory_budget
 from ..params import BufferPolicy, Unit
 from ..values import Data
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MEMORY_BUDGET = 1 << 30
-"""Bytes of cached activations (base network on one data chunk, plus one stack of variants'
-recomputed suffix) the evaluator aims to stay within: 1 GiB keeps a CIFAR ResNet's 1,024-image
-chunk cached on a laptop while leaving room for the model and the data."""
 
 NOISE_SCALES = ("absolute", "relative")
 
@@ -183,6 +196,95 @@ def replace_edit(unit: Unit, source: Mapping[str, Tensor], *, buffers: BufferPol
     return Edit(params={k: source[k] for k in unit.keys(buffers)}, label=label)
 
 
+def noise_std(center: Tensor, sigma: float, scale: str = "absolute") -> float:
+    """Standard deviation of the Gaussian noise added to one parameter tensor at noise level σ.
+
+    ``"absolute"``: σ. ``"relative"``: σ · ‖center‖_F / √numel, so that E‖u‖² = σ² ‖center‖²
+    (noise proportional to the tensor's norm, as in sharpness measures). The one noise formula
+    of the package: :func:`noise_edit`, :func:`path_edit` and the probes use it.
+    """
+    if scale == "absolute":
+        return float(sigma)
+    if scale == "relative":
+        return float(sigma) * (float(center.double().norm()) / math.sqrt(max(center.numel(), 1)))
+    raise ConfigError(f"unknown scale={scale!r}; choose one of {NOISE_SCALES}")
+
+
+class PathParams(Mapping[str, Tensor]):
+    """Stacked parameter values on the path from `start` to `end`, with fixed noise, built lazily.
+
+    Variant b of key k is ``center + noise_std(center, σ_b, scale) · z[k][d_b]`` with
+    ``center = lerp(start[k], end[k], α_b)`` (no noise term where σ_b = 0). :meth:`take` builds a few variants; the
+    engine calls it piece by piece, so a stack of any size costs memory only for the variants
+    run at once. As a Mapping, ``params[k]`` builds key k of every variant, (B, *shape). Values
+    are read from `start`, `end` and `z` when built: do not change them in between.
+    """
+
+    def __init__(self, keys: Sequence[str], start: Mapping[str, Tensor], end: Mapping[str, Tensor],
+                 alphas: Sequence[float], sigmas: Sequence[float] | None = None,
+                 draws: Sequence[int] | None = None, z: Mapping[str, Tensor] | None = None,
+                 scale: str = "absolute"):
+        self._keys = list(keys)
+        self.alphas = [float(a) for a in alphas]
+        self.sigmas = [0.0] * len(self.alphas) if sigmas is None else [float(s) for s in sigmas]
+        self.draws = [0] * len(self.alphas) if draws is None else [int(d) for d in draws]
+        if not (len(self.alphas) == len(self.sigmas) == len(self.draws)) or not self.alphas:
+            raise ConfigError("PathParams needs one alpha, sigma and draw index per variant "
+                              "(and at least one variant)")
+        if any(s != 0.0 for s in self.sigmas) and z is None:
+            raise ConfigError("PathParams with sigma > 0 needs the draws z")
+        if scale not in NOISE_SCALES:
+            raise ConfigError(f"unknown scale={scale!r}; choose one of {NOISE_SCALES}")
+        self.start, self.end, self.z, self.scale = start, end, z or {}, scale
+
+    @property
+    def size(self) -> int:
+        return len(self.alphas)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """(B, *param_shape) of `key`."""
+        return (self.size, *self.start[key].shape)
+
+    @torch.no_grad()
+    def take(self, index: Sequence[int]) -> dict[str, Tensor]:
+        """Variants `index` of every key: key → (len(index), *shape)."""
+        index = [int(b) for b in index]
+        out = {}
+        for k in self._keys:
+            start, end = self.start[k], self.end[k]
+            buf = torch.empty((len(index), *start.shape), dtype=start.dtype, device=start.device)
+            point, center, std = None, start, 0.0
+            for i, b in enumerate(index):
+                alpha, sigma = self.alphas[b], self.sigmas[b]
+                if point is None or point[0] != alpha:
+                    center = torch.lerp(start, end, alpha)
+                if point != (alpha, sigma):   # the draws of a point are consecutive
+                    point, std = (alpha, sigma), noise_std(center, sigma, self.scale)
+                if sigma == 0.0:
+                    buf[i].copy_(center)
+                else:  # center + std · z, written into place (the same floats)
+                    torch.mul(self.z[k][self.draws[b]].to(buf.device), std, out=buf[i])
+                    buf[i].add_(center)
+            out[k] = buf
+        return out
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        full = PathParams([key], self.start, self.end, self.alphas, self.sigmas, self.draws,
+                          self.z, self.scale)
+        return full.take(range(self.size))[key]
+
+    def __contains__(self, key: object) -> bool:   # without building (Mapping's would)
+        return key in self._keys
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
 def interpolate_edit(unit: Unit, start: Mapping[str, Tensor], end: Mapping[str, Tensor],
                      alphas: Sequence[float] | Tensor, *, buffers: BufferPolicy = "keep",
                      label: Any = None) -> Edit:
@@ -190,9 +292,36 @@ def interpolate_edit(unit: Unit, start: Mapping[str, Tensor], end: Mapping[str, 
     alphas = [float(a) for a in torch.as_tensor(alphas, dtype=torch.float64).flatten()]
     if not alphas:
         raise ConfigError("interpolate_edit needs at least one alpha")
-    params = {k: torch.stack([torch.lerp(start[k], end[k], a) for a in alphas])
-              for k in unit.keys(buffers) if start[k].is_floating_point()}
-    return Edit(params=params, size=len(alphas), label=label)
+    keys = [k for k in unit.keys(buffers) if start[k].is_floating_point()]
+    path = PathParams(keys, start, end, alphas)
+    return Edit(params=path.take(range(len(alphas))), size=len(alphas), label=label)
+
+
+def path_edit(unit: Unit, start: Mapping[str, Tensor], end: Mapping[str, Tensor],
+              points: Sequence[tuple[float, float]], z: Mapping[str, Tensor] | None = None, *,
+              scale: str = "absolute", label: Any = None) -> tuple[Edit, list[int]]:
+    """One stack of every point (α, σ) of the noisy path θ_unit = lerp(start, end, α) + σ·s_k·z.
+
+    Per point: σ = 0 gives one variant (the point on the path); σ > 0 gives one variant per
+    draw of `z` (key → (D, *shape) standard-normal draws, the same at every point: common random
+    numbers), with s_k the scale of :func:`noise_std`. Over the unit's parameters (buffers keep
+    the base's values). The parameters are a lazy :class:`PathParams`, built as the engine runs
+    them. Returns the edit and each point's number of variants (the result's slices, in order).
+    """
+    if not points:
+        raise ConfigError("path_edit needs at least one (alpha, sigma) point")
+    alphas, sigmas, draws, sizes = [], [], [], []
+    n_draws = len(next(iter(z.values()))) if z else 0
+    for alpha, sigma in points:
+        count = 1 if sigma == 0.0 else n_draws
+        if count < 1:
+            raise ConfigError("path_edit: a point with sigma > 0 needs draws z")
+        alphas += [float(alpha)] * count
+        sigmas += [float(sigma)] * count
+        draws += list(range(count))
+        sizes.append(count)
+    params = PathParams(unit.params, start, end, alphas, sigmas, draws, z, scale)
+    return Edit(params=params, size=params.size, label=label), sizes
 
 
 def noise_edit(unit: Unit, center: Mapping[str, Tensor], sigma: float, draws: int, *,
@@ -201,9 +330,8 @@ def noise_edit(unit: Unit, center: Mapping[str, Tensor], sigma: float, draws: in
     """A stack of `draws` variants θ_unit ← center + u, u ~ N(0, σ² I), over the unit's parameters.
 
     ``scale="relative"``: each parameter tensor's noise has standard deviation
-    σ · ‖center_k‖_F / √numel_k, so that E‖u_k‖² = σ² ‖center_k‖² (noise proportional to the
-    tensor's norm, as in sharpness measures). Draws come from `generator`, else a CPU generator
-    seeded with `seed` (default 0), in the unit's key order: reproducible.
+    σ · ‖center_k‖_F / √numel_k (see :func:`noise_std`). Draws come from `generator`, else a
+    CPU generator seeded with `seed` (default 0), in the unit's key order: reproducible.
     """
     if scale not in NOISE_SCALES:
         raise ConfigError(f"unknown scale={scale!r}; choose one of {NOISE_SCALES}")
@@ -214,10 +342,7 @@ def noise_edit(unit: Unit, center: Mapping[str, Tensor], sigma: float, draws: in
     for k in unit.params:
         c = center[k]
         u = torch.randn((draws, *c.shape), generator=g, dtype=c.dtype)
-        std = float(sigma)
-        if scale == "relative":
-            std *= float(c.double().norm()) / math.sqrt(max(c.numel(), 1))
-        params[k] = c.unsqueeze(0) + std * u.to(c.device)
+        params[k] = c.unsqueeze(0) + noise_std(c, sigma, scale) * u.to(c.device)
     return Edit(params=params, size=draws, label=label)
 
 
@@ -506,6 +631,7 @@ class _Plan:
     nodes: list[fx.Node] | None = None  # nodes to recompute; None: a full forward
     same: dict[int, int] = field(default_factory=dict)  # variant → the kept variant it equals
     fused: set = field(default_factory=set)  # conv nodes run with their BatchNorm folded in
+    piece: int = 1                    # variants run at once (their parameters materialized)
 
 
 STACK_MODES = ("auto", "vmap", "loop")
@@ -515,6 +641,26 @@ stack of 10 conv-weight variants of a ResNet stem took 2.3× as long as looping 
 0.22 s on 2,000 images) and was never faster for other modules, while on a GPU one batched
 kernel launch beats many small ones."""
 
+CALL_COST = 2e5
+"""The route rule's fixed cost of one module call per data chunk, in multiply-adds: about 10 µs
+of Python and dispatch at the ~20 G multiply-adds/s a 2-core Xeon reaches on small layers.
+Only matters for tiny chunks, where every path is overhead."""
+
+
+@dataclass
+class _Profile:
+    """The model's forward on a few examples, seen through module hooks (for the route rule)."""
+
+    order: dict[str, int]               # module name → index of its first call
+    calls: list[tuple[int, float]]      # (call index, multiply-adds per example) of leaf calls
+    largest: float                      # bytes per example of the largest activation
+    writes_input: bool                  # the forward changes its input in place
+
+    def cost(self, start: int, n: int) -> float:
+        """Multiply-adds (with :data:`CALL_COST` per call) of the leaf calls from call `start`
+        on, for a chunk of `n` examples."""
+        return sum(n * c + CALL_COST for i, c in self.calls if i >= start)
+
 
 class VariantEvaluator:
     """Evaluates edits of `model` under `base_state` on `data` (see the module docstring).
@@ -523,16 +669,23 @@ class VariantEvaluator:
         model: the architecture (any ``nn.Module``); copied once, never mutated.
         base_state: the state every edit starts from (normally θ^F), with the model's canonical
             keys (parameters then buffers, tied tensors once: ``Subject.final``).
-        data: the examples, :class:`genprobe.subject.Data` ``(x (N, ...), y (N,))``.
+        data: the examples, :class:`genprobe.subject.Data` ``(x (N, ...), y (N,))``; floating
+            inputs are evaluated in the model's floating dtype, integer inputs (token ids) as
+            they are.
         batch_size: the largest data chunk (default ``evaluate.DEFAULT_BATCH_SIZE``); the
             memory budget may lower it.
         device: ``"auto"|"cpu"|"cuda"|"cuda:N"``.
-        memory_budget: bytes of cached activations to stay within (default 1 GiB).
+        memory_budget: bytes of working memory (see :mod:`genprobe.memory`; default 25% of the
+            device's available memory, at most 8 GiB): the cached activations of one data chunk
+            take at most half, and the variants of a stack run at once (their recomputed
+            activations and their edited parameters, materialized from the edit) share the
+            rest; a stack that does not fit is run in pieces, with identical results.
         use_fx: ``False`` forces the full-forward path (for testing and comparison).
         fast: use the CPU/GPU-friendly execution: channels-last memory layout for conv nets
             (kept only if the model's forward accepts it and agrees), and each recomputed
             Conv2d→BatchNorm2d pair that an edit does not touch run as one conv with the
             BatchNorm folded in. Exact up to float rounding; ``False`` runs the modules as they are.
+        stack: see :data:`STACK_MODES`.
     """
 
     def __init__(self, model: nn.Module, base_state: Mapping[str, Tensor], data: Data, *,
@@ -542,12 +695,10 @@ class VariantEvaluator:
         check_choice("stack", stack, STACK_MODES)
         if batch_size is not None and batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        if memory_budget is not None and memory_budget < 1:
-            raise ConfigError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
         self.device = resolve_device(device)
+        self.memory_budget = resolve_memory_budget(memory_budget, self.device)
         self.data = data
         self.batch_size = batch_size or DEFAULT_BATCH_SIZE
-        self.memory_budget = memory_budget or DEFAULT_MEMORY_BUDGET
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -559,15 +710,20 @@ class VariantEvaluator:
                              "(Subject.final or genprobe.params.canonical_state)")
         self.model.load_state_dict({k: base_state[k].detach() for k in keys}, strict=False)
         self.model.to(self.device)
-        self.fast = fast
-        self.channels_last = fast and self._try_channels_last()
         own = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        self.input_dtype = next((own[k].dtype for k in keys if own[k].is_floating_point()), None)
+        self.fast = fast
+        self._profile: _Profile | None = None
+        self.channels_last = False
+        self.channels_last = fast and self._try_channels_last()
         self.base: dict[str, Tensor] = {k: own[k].detach() for k in keys}
+        self._base_prints: dict[str, int] = {}
         self.module_names = {n for n, _ in self.model.named_modules()}
         self.use_fx = use_fx
         self.fallback_reason: str | None = None if use_fx else "use_fx=False"
         self._programs: dict[frozenset[str], _Program | None] = {}
-        self._bytes_per_example: tuple[float, float] | None = None
+        self._bytes: dict[frozenset[str] | None, tuple[float, float]] = {}
+        self.route: str | None = None
         self.stack = stack if stack != "auto" else ("loop" if self.device.type == "cpu" else "vmap")
         self._vmap_ok = self.stack == "vmap"
 
@@ -576,7 +732,7 @@ class VariantEvaluator:
         forward gives the same outputs that way (a ``.view`` on a conv output would not)."""
         if self.data.x.dim() != 4 or not any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
             return False
-        x = self.data.x[: min(4, len(self.data))].to(self.device)
+        x = self._input(torch.arange(min(4, len(self.data))))
         with torch.no_grad():
             reference = self.model(x)
             self.model.to(memory_format=torch.channels_last)
@@ -589,8 +745,16 @@ class VariantEvaluator:
             self.model.to(memory_format=torch.contiguous_format)
         return False
 
-    def _input(self, index: Tensor) -> Tensor:
-        x = self.data.x[index].to(self.device)
+    def _input(self, index: Tensor | slice) -> Tensor:
+        """The inputs `index` on the device, floating ones in the model's dtype, integer ones
+        (token ids) unchanged. A slice may be a view of the caller's data: never written to."""
+        x = self.data.x[index]
+        if isinstance(index, slice) and (self._profile is None or self._profile.writes_input):
+            x = x.clone()  # the model writes its input in place: never the caller's data
+        if x.is_floating_point() and self.input_dtype is not None:
+            x = x.to(self.device, self.input_dtype)
+        else:
+            x = x.to(self.device)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     # -- public ----------------------------------------------------------------
@@ -604,48 +768,156 @@ class VariantEvaluator:
         """Names of the fx nodes `edit` recomputes (the rest come from the cache), in order;
         ``None`` when it runs the full forward."""
         self._check(edit)
-        plan = self._plan(edit, self._program(frozenset(edit.activations)))
-        return None if plan.nodes is None else [n.name for n in plan.nodes]
+        nodes, _ = self._nodes(edit, self._program(frozenset(edit.activations)))
+        return None if nodes is None else [n.name for n in nodes]
 
     @torch.no_grad()
-    def evaluate(self, edits: Sequence[Edit], *, per_example: bool = False,
-                 logits: bool = False) -> list[EditResult]:
+    def evaluate(self, edits: Sequence[Edit], *, per_example: bool = False, logits: bool = False,
+                 on_progress: Callable[[int, int], Any] | None = None) -> list[EditResult]:
         """Evaluate every edit on the data. Returns one :class:`EditResult` per edit, in order.
 
         `per_example`: also return per-example losses and errors; `logits`: also the logits.
+        `on_progress(done, total)`: called after each data chunk with the number of examples
+        that chunk held (its increment) and the total number of examples. The path taken
+        (``"fx"`` or ``"full"``, see :meth:`_choose_route`) is left in ``ev.route``.
         """
         edits = list(edits)
         for e in edits:
             self._check(e)
-        program = self._program(frozenset(m for e in edits for m in e.activations))
-        plans = [self._plan(e, program) for e in edits]
+        self._module_profile()
+        distinct = [self._distinct(e, self._piece(e, 0.0, self.memory_budget / 2)) for e in edits]
+        need_base = any(len(keep) + len(same) < e.variants
+                        for e, (keep, same) in zip(edits, distinct, strict=True))
+        acts = frozenset(m for e in edits for m in e.activations)
+        program = None
+        if self._choose_route(edits, distinct, need_base) == "fx":
+            program = self._program(acts)
+        self.route = "fx" if program is not None else "full"
         n_total = len(self.data)
-        chunk, max_stack = self._chunking(program)
+        chunk, share = self._chunking(program, acts)
+        plans = []
+        for e, (keep, same) in zip(edits, distinct, strict=True):
+            nodes, fused = self._nodes(e, program)
+            plans.append(_Plan(e, keep, nodes, same, fused, self._piece(e, chunk * self._bytes[
+                acts if program is not None else None][0], share)))
         accs = [_Acc(p.edit.size) for p in plans]
         for start in range(0, n_total, chunk):
             index = torch.arange(start, min(start + chunk, n_total))
-            x = self._input(index)
-            y = self.data.y[index].to(self.device)
+            x = self._input(slice(start, start + len(index)))
+            y = self.data.y[start:start + len(index)].to(self.device)
             env = program.run_base(x) if program is not None else None
-            base_out = _check_logits(env[program.output] if env is not None else self.model(x))
+            base_out = None
+            if env is not None:
+                base_out = _check_logits(env[program.output])
+            elif need_base:
+                base_out = _check_logits(self.model(x))
             for plan, acc in zip(plans, accs, strict=True):
-                acc.add(self._run_plan(plan, program, env, x, index, base_out, max_stack), y,
-                        per_example, logits)
-        return [acc.result(p.edit.label, n_total, per_example, logits) for p, acc in zip(plans, accs, strict=True)]
+                out = self._run_plan(plan, program, env, x, index, base_out)
+                acc.add(out, y, per_example, logits)
+            if on_progress is not None:
+                on_progress(len(index), n_total)
+        return [acc.result(p.edit.label, n_total, per_example, logits)
+                for p, acc in zip(plans, accs, strict=True)]
+
+    def _choose_route(self, edits: list[Edit], distinct, need_base: bool) -> str:
+        """``"fx"`` (prefix reuse) or ``"full"`` (a full forward per variant), whichever the
+        cost rule expects to be cheaper.
+
+        The rule, in multiply-adds per data chunk of n examples, from one hooked forward of the
+        model on a few examples (each leaf module call costs n × its multiply-adds (parameters
+        × output positions for Linear, ConvNd and other parametrized modules) + n × its output
+        size + :data:`CALL_COST`):
+
+        - fx: the base network (cached for reuse: always run) + for every variant computed, the
+          calls from the first call of a module its edit touches on (its suffix);
+        - full: the base network only when a variant equal to it needs its result + for every
+          variant computed, the whole network.
+
+        So prefix reuse is chosen whenever it saves more than the base run costs: always when
+        the base result is needed anyway (the robustness map), and for variants computed
+        without it (a bisection round of criticality) when their suffixes leave out at least
+        one network's worth of compute. A single variant, or edits of the first layer, go the
+        full way, with no tracing and no cached activations. Both routes give the same results
+        up to float rounding (tested against the naive loop).
+        """
+        if not self.use_fx:
+            return "full"
+        counts = [len(keep) for keep, _ in distinct]
+        if sum(counts) + need_base <= 1:
+            return "full"
+        profile = self._module_profile()
+        n = min(self.batch_size, max(len(self.data), 1))
+        whole = profile.cost(0, n)
+        fx = whole + sum(c * profile.cost(self._first_call(e, profile), n)
+                         for e, c in zip(edits, counts, strict=True) if c)
+        full = (need_base + sum(counts)) * whole
+        return "fx" if fx < full else "full"
+
+    def _first_call(self, e: Edit, profile: _Profile) -> int:
+        """Index of the first module call that an edit changes (0 when it cannot tell)."""
+        owners = {name.rpartition(".")[0] for name, canon in self.alias.items()
+                  if canon in e.params}
+        owners |= set(e.activations)
+        calls = [profile.order[m] for m in owners if m in profile.order]
+        return min(calls) if calls else 0
+
+    def _module_profile(self) -> _Profile:
+        if self._profile is None:
+            x = self._input(torch.arange(min(4, len(self.data))))
+            k = max(len(x), 1)
+            order: dict[str, int] = {}
+            calls: list[tuple[int, float]] = []
+            started: dict[str, int] = {}
+            sizes = [x.numel() * x.element_size() / k]
+            counter = 0
+
+            def pre(name):
+                def hook(module, args):
+                    nonlocal counter
+                    order.setdefault(name, counter)
+                    started[name] = counter
+                    counter += 1
+                return hook
+
+            def post(name):
+                def hook(module, args, out):
+                    if not isinstance(out, Tensor):
+                        return
+                    sizes.append(out.numel() * out.element_size() / k)
+                    if next(module.children(), None) is None:
+                        calls.append((started[name], _call_cost(module, out) / k))
+                return hook
+
+            handles = []
+            for name, m in self.model.named_modules():
+                handles.append(m.register_forward_pre_hook(pre(name)))
+                handles.append(m.register_forward_hook(post(name)))
+            version = x._version
+            try:
+                self.model(x)
+            finally:
+                for h in handles:
+                    h.remove()
+            self._profile = _Profile(order, calls, max(sizes), x._version != version)
+        return self._profile
 
     # -- planning ----------------------------------------------------------------
 
     def _check(self, e: Edit) -> None:
         if e.size is not None and e.size < 1:
             raise ConfigError(f"Edit.size must be None or >= 1, got {e.size}")
-        for k, v in e.params.items():
+        if isinstance(e.params, PathParams) and e.params.size != e.size:
+            raise StateError(f"edit of PathParams with {e.params.size} variants needs size="
+                             f"{e.params.size}, got {e.size}")
+        for k in e.params:
             if k not in self.base:
                 hint = f" (an alias of {self.alias[k]!r})" if k in self.alias else ""
                 raise StateError(f"edit of unknown state key {k!r}{hint}; use the model's canonical "
                                  "state keys (genprobe.params.state_keys)")
             want = tuple(self.base[k].shape) if e.size is None else (e.size, *self.base[k].shape)
-            if tuple(v.shape) != want:
-                raise StateError(f"edit of {k!r} has shape {tuple(v.shape)}, expected {want}")
+            have = _stack_shape(e.params, k)
+            if have != want:
+                raise StateError(f"edit of {k!r} has shape {have}, expected {want}")
         for m in e.activations:
             if m not in self.module_names:
                 raise ModuleSelectionError(f"activation edit of unknown module {m!r}; modules: "
@@ -654,61 +926,95 @@ class VariantEvaluator:
             if e.size is not None and (v.dim() == 0 or v.shape[0] != e.size):
                 raise ConfigError(f"Edit.args[{k!r}] must have leading dim size={e.size}")
 
-    def _plan(self, e: Edit, program: _Program | None) -> _Plan:
-        keep, same = list(range(e.variants)), {}
-        if not e.activations:  # skip variants equal to the base, compute repeated ones once
-            keep = [b for b in keep if not self._equals_base(e, b)]
-            if e.size is not None and not e.args:
-                distinct: list[int] = []
-                for b in keep:
-                    twin = next((a for a in distinct if self._equal_variants(e, a, b)), None)
-                    if twin is None:
-                        distinct.append(b)
-                    else:
-                        same[b] = twin
-                keep = distinct
-        nodes, fused = None, set()
-        if program is not None and all(program.has_call_site(m) for m in e.activations):
-            nodes = program.affected(set(e.params), set(e.activations))
-            if self.fast:
-                fused = program.fusable(nodes, set(e.params), set(e.activations))
-        return _Plan(e, keep, nodes, same, fused)
+    def _nodes(self, e: Edit, program: _Program | None) -> tuple[list[fx.Node] | None, set]:
+        """(fx nodes the edit recomputes, conv nodes run with their BatchNorm folded in);
+        (None, ∅) for a full forward."""
+        if program is None or not all(program.has_call_site(m) for m in e.activations):
+            return None, set()
+        nodes = program.affected(set(e.params), set(e.activations))
+        fused = program.fusable(nodes, set(e.params), set(e.activations)) if self.fast else set()
+        return nodes, fused
 
-    @staticmethod
-    def _equal_variants(e: Edit, a: int, b: int) -> bool:
-        return all(torch.equal(v[a], v[b]) for v in e.params.values())
+    def _piece(self, e: Edit, activations: float, share: float) -> int:
+        """Variants of `e` run at once: each holds its recomputed activations (`activations`
+        bytes: at most the whole network's on a chunk) and its materialized parameters, within
+        `share` bytes."""
+        param_bytes = sum(math.prod(_stack_shape(e.params, k)[1 if e.size is not None else 0:])
+                          * self.base[k].element_size() for k in e.params)
+        return max(1, int(share // max(activations + param_bytes, 1.0)))
 
-    def _equals_base(self, e: Edit, b: int) -> bool:
-        for k, v in e.params.items():
-            v = v if e.size is None else v[b]
-            base = self.base[k]
-            if v.dtype != base.dtype or not torch.equal(v.to(base.device), base):
-                return False
-        return True
+    def _distinct(self, e: Edit, piece: int) -> tuple[list[int], dict[int, int]]:
+        """(variants to compute, variant → an identical one computed); variants bit-identical to
+        the base are in neither (they take the base's result). Read `piece` variants at a time,
+        matched by a bit-exact fingerprint and confirmed with ``torch.equal``."""
+        everything = list(range(e.variants))
+        if e.activations:
+            return everything, {}
+        if not e.params:
+            return [], {}       # no edit at all: the base network
+        keys = list(e.params)
+        base = {k: self._base_print(k) for k in keys}
+        twins_ok = e.size is not None and not e.args
+        keep: list[int] = []
+        same: dict[int, int] = {}
+        seen: dict[tuple[int, ...], list[int]] = {}
+        for lo in range(0, e.variants, piece):
+            idx = everything[lo:lo + piece]
+            values = _variants(e, idx)
+            prints = {k: _fingerprint(v).tolist() for k, v in values.items()}
+            for i, b in enumerate(idx):
+                fp = tuple(prints[k][i] for k in keys)
+                if all(fp[j] == base[k] for j, k in enumerate(keys)) and all(
+                        values[k].dtype == self.base[k].dtype
+                        and torch.equal(values[k][i].to(self.base[k].device), self.base[k])
+                        for k in keys):
+                    continue
+                twin = None
+                for a in seen.get(fp, ()) if twins_ok else ():
+                    other = {k: v[a - lo] for k, v in values.items()} if a >= lo else \
+                        {k: v[0] for k, v in _variants(e, [a]).items()}
+                    if all(torch.equal(values[k][i], other[k]) for k in keys):
+                        twin = a
+                        break
+                if twin is None:
+                    keep.append(b)
+                    seen.setdefault(fp, []).append(b)
+                else:
+                    same[b] = twin
+        return keep, same
 
-    def _chunking(self, program: _Program | None) -> tuple[int, int]:
-        """(examples per chunk, variants per vmapped stack) within the memory budget."""
-        total, largest = self._estimate_bytes(program)
+    def _base_print(self, key: str) -> int:
+        if key not in self._base_prints:
+            self._base_prints[key] = int(_fingerprint(self.base[key].unsqueeze(0))[0])
+        return self._base_prints[key]
+
+    def _chunking(self, program: _Program | None, acts: frozenset[str] = frozenset()
+                  ) -> tuple[int, float]:
+        """(examples per chunk, bytes left for the variants run at once): the cached node values
+        of one chunk take at most half the memory budget."""
+        total, largest = self._estimate_bytes(program, acts)
         n = min(self.batch_size, max(len(self.data), 1),
                 max(1, int(self.memory_budget // (2 * total))))
         if self.device.type == "cpu":
             n = cpu_chunk(largest, limit=n)
-        return n, max(1, int(self.memory_budget // (n * total)) - 1)
+        return n, max(self.memory_budget - n * total, 0.0)
 
-    def _estimate_bytes(self, program: _Program | None) -> tuple[float, float]:
-        """Bytes per example of every cached node value together, and of the largest one (the
-        base run on a few examples)."""
-        if self._bytes_per_example is None:
-            k = max(min(4, len(self.data)), 1)
-            x = self._input(torch.arange(min(4, len(self.data))))
+    def _estimate_bytes(self, program: _Program | None, acts: frozenset[str] = frozenset()
+                        ) -> tuple[float, float]:
+        """Bytes per example of every cached node value together (with `program`; without, of
+        the largest activation a full forward holds), and of the largest one."""
+        key = acts if program is not None else None
+        if key not in self._bytes:
             if program is not None:
+                k = max(min(4, len(self.data)), 1)
+                x = self._input(torch.arange(min(4, len(self.data))))
                 values = [v for v in program.run_base(x).values() if isinstance(v, Tensor)]
                 sizes = [v.numel() * v.element_size() / k for v in values]
                 total, largest = sum(sizes), max(sizes, default=1.0)
             else:
-                total = largest = largest_activation_bytes(self.model, x)
-            self._bytes_per_example = (max(total, 1.0), max(largest, 1.0))
-        return self._bytes_per_example
+                total = largest = self._module_profile().largest
+            self._bytes[key] = (max(total, 1.0), max(largest, 1.0))
+        return self._bytes[key]
 
     def _program(self, acts: frozenset[str]) -> _Program | None:
         if acts in self._programs:
@@ -738,20 +1044,25 @@ class VariantEvaluator:
 
     # -- running -----------------------------------------------------------------
 
-    def _run_plan(self, plan: _Plan, program, env, x, index, base_out, max_stack) -> Tensor:
+    def _run_plan(self, plan: _Plan, program, env, x, index, base_out) -> Tensor:
         """Logits of every variant of the plan's edit on this chunk: (n, K) or (B, n, K)."""
         e = plan.edit
         if e.size is None:
             if not plan.keep:
                 return base_out
             return self._run_one(plan, program, env, x, index, e.params, e.args)
-        out = base_out.unsqueeze(0).repeat(e.size, *([1] * base_out.dim()))
-        for lo in range(0, len(plan.keep), max_stack):
-            sel = torch.tensor(plan.keep[lo:lo + max_stack], dtype=torch.long)
-            params = {k: v[sel.to(v.device)].to(self.device) for k, v in e.params.items()}
+        # variants equal to the base take its result (base_out is None only when there are none)
+        out = None if base_out is None else \
+            base_out.unsqueeze(0).repeat(e.size, *([1] * base_out.dim()))
+        for lo in range(0, len(plan.keep), plan.piece):
+            idx = plan.keep[lo:lo + plan.piece]
+            sel = torch.tensor(idx, dtype=torch.long)
+            params = {k: v.to(self.device) for k, v in _variants(e, idx).items()}
             args = {k: v[sel.to(v.device)] for k, v in e.args.items()}
-            out[sel.to(out.device)] = self._run_stack(plan, program, env, x, index, params, args,
-                                                      len(sel))
+            res = self._run_stack(plan, program, env, x, index, params, args, len(idx))
+            if out is None:
+                out = res.new_empty((e.size, *res.shape[1:]))
+            out[sel.to(out.device)] = res
         for b, a in plan.same.items():
             out[b] = out[a]
         return out
@@ -854,6 +1165,49 @@ def _alias_map(model: nn.Module) -> dict[str, str]:
 
 def _ordered_keys(model: nn.Module) -> list[str]:
     return [k for k, _ in model.named_parameters()] + [k for k, _ in model.named_buffers()]
+
+
+def _call_cost(module: nn.Module, out: Tensor) -> float:
+    """Multiply-adds of one call of a leaf module (whole batch), estimated from its output:
+    parameters × output positions (Linear: per row; ConvNd: per pixel; other parametrized
+    modules: per token, the last dim being features; an embedding is a lookup), plus one per
+    output element."""
+    params = sum(p.numel() for p in module.parameters())
+    if out.dim() == 0 or not params or isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return float(out.numel())
+    channels = out.shape[1] if isinstance(module, nn.modules.conv._ConvNd) and out.dim() > 1 \
+        else out.shape[-1]
+    return float(out.numel()) * (1 + params / max(channels, 1))
+
+
+def _stack_shape(params: Mapping[str, Tensor], key: str) -> tuple[int, ...]:
+    """Shape of an edit's value for `key` (with the variant dim of a stack), without building it."""
+    return params.shape(key) if isinstance(params, PathParams) else tuple(params[key].shape)
+
+
+def _variants(e: Edit, index: list[int]) -> dict[str, Tensor]:
+    """Variants `index` of the edit's parameters: key → (len(index), *shape). A consecutive run
+    of an eager stack is a view; a :class:`PathParams` stack is built."""
+    if e.size is None:
+        return {k: v.unsqueeze(0) for k, v in e.params.items()}
+    if isinstance(e.params, PathParams):
+        return e.params.take(index)
+    if index == list(range(index[0], index[-1] + 1)):
+        return {k: v[index[0]:index[-1] + 1] for k, v in e.params.items()}
+    sel = torch.tensor(index, dtype=torch.long)
+    return {k: v[sel.to(v.device)] for k, v in e.params.items()}
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _fingerprint(v: Tensor) -> Tensor:
+    """(B,) int64: the sum of each variant's bit patterns in the stack `v` (B, ...). Exact and
+    independent of summation order and device, so bit-identical variants always match."""
+    if v.is_complex():
+        v = torch.view_as_real(v)
+    bits = v.contiguous().view(_BITS[v.element_size()])
+    return bits.reshape(v.shape[0], math.prod(v.shape[1:])).sum(1, dtype=torch.int64).cpu()
 
 
 def _check_logits(out: Any) -> Tensor:

@@ -21,8 +21,9 @@ Conventions (ours where the paper left a choice open; all recorded in ``meta``):
   trained model's own loss is a ConfigError: no valley can meet it at α = 1, σ → 0.
 - ``noise="absolute"``: u ~ N(0, σ² I). ``noise="relative"``: per parameter tensor k the noise has
   standard deviation σ · ‖θ^α_k‖_F / √numel_k, so that E‖u_k‖² = σ² ‖θ^α_k‖² (the magnitude-aware
-  convention of sharpness measures, and of :func:`genprobe.engine.variants.noise_edit`: the scale
-  follows the tensor being perturbed). The objective α²d²/σ² is the same formula in both modes.
+  convention of sharpness measures; the formula is :func:`genprobe.engine.variants.noise_std`,
+  shared with ``noise_edit``: the scale follows the tensor being perturbed). The objective
+  α²d²/σ² is the same formula in both modes.
 - Common random numbers: unit i's draws z ~ N(0, I) (``samples`` of them) are fixed under
   ``seed`` and the unit's name, and u = σ · scale · z. Every (α, σ) point of a unit uses the same
   draws, so the Monte-Carlo mean is a deterministic function of (α, σ) and a search over σ is
@@ -57,8 +58,10 @@ an α > 0 feasible only in the limit σ → 0 (below σ_grid_min × :data:`FLOOR
 the loss is continuous in σ, since α = 1 is then feasible for small σ).
 
 Every evaluation runs through :class:`genprobe.engine.variants.VariantEvaluator`: the points one
-round of the search asks for, for every unit at once, are stacked edits (vmapped over variants;
-only the part of the forward pass downstream of the unit is recomputed).
+round of the search asks for are one stacked edit per unit
+(:func:`genprobe.engine.variants.path_edit`, built lazily and split to the memory budget by the
+engine), all units in one call; only the part of the forward pass downstream of the unit is
+recomputed.
 """
 
 from __future__ import annotations
@@ -68,7 +71,6 @@ import math
 import zlib
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -77,16 +79,19 @@ import torch
 from torch import Tensor
 
 from .. import params as P
-from ..engine.variants import Edit, VariantEvaluator
+from .. import progress
+from ..engine.variants import Edit, VariantEvaluator, path_edit
 from ..errors import ConfigError, check_choice
+from ..evaluate import evaluate
 from ..results import Result
-from ..subject import Data, Subject
+from ..subject import Subject
+from .common import Split, check_int, check_split, check_subject, sample
+from .registry import Option, register_probe
 
 logger = logging.getLogger(__name__)
 
 LOSSES = ("error", "cross_entropy")
 NOISES = ("absolute", "relative")
-SPLITS = ("train", "test")
 VALLEYS = ("full", "search")
 
 ERROR_MARGIN = 0.01
@@ -102,8 +107,6 @@ of magnitude across modules (the authors' linear grid 0.1, …, 1 cannot resolve
 bisection refines inside these brackets; the grid brackets it and draws the heatmap."""
 FLOOR_RATIO = 1e-4
 """σ below (smallest grid σ) × FLOOR_RATIO counts as σ → 0: an α feasible only there is infeasible."""
-PARAM_BUDGET = 256 << 20
-"""Bytes of stacked edited parameters materialized per evaluation call (large layers × many draws)."""
 
 
 # ----------------------------------------------------------------------------- search
@@ -311,24 +314,12 @@ def noise_draws(unit: P.Unit, state: Mapping[str, Tensor], samples: int, seed: i
             for k in unit.params}
 
 
-def noise_scale(center: Tensor, noise: str) -> float:
-    """Per-tensor noise multiplier: 1 (absolute) or ‖center‖_F / √numel (relative)."""
-    if noise == "absolute":
-        return 1.0
-    return float(center.double().norm()) / math.sqrt(max(center.numel(), 1))
-
-
 def point_params(unit: P.Unit, init: Mapping[str, Tensor], final: Mapping[str, Tensor],
                  z: Mapping[str, Tensor], alpha: float, sigma: float, noise: str) -> dict[str, Tensor]:
-    """Unit i's parameters at (α, σ): key → (B, *shape), B = 1 for σ = 0 else the number of draws."""
-    out = {}
-    for k in unit.params:
-        center = torch.lerp(init[k], final[k], float(alpha))
-        if sigma == 0.0:
-            out[k] = center.unsqueeze(0)
-        else:
-            out[k] = center.unsqueeze(0) + (sigma * noise_scale(center, noise)) * z[k]
-    return out
+    """Unit i's parameters at (α, σ): key → (B, *shape), B = 1 for σ = 0 else the number of draws
+    (the engine's :func:`~genprobe.engine.variants.path_edit`, built in full)."""
+    edit, _ = path_edit(unit, init, final, [(alpha, sigma)], z, scale=noise)
+    return edit.params.take(range(edit.size))
 
 
 @dataclass
@@ -345,53 +336,27 @@ class _Job:
 
 
 def _evaluate_round(ev: VariantEvaluator, jobs: list[_Job], init, final, noise: str, loss: str,
-                    rows: list[dict], param_budget: int) -> dict[int, list[float]]:
+                    rows: list[dict]) -> dict[int, list[float]]:
     """Evaluate every pending point of every job; append table rows; return job → MC means.
 
-    A job's points become one stacked edit (split where the stacked parameters would exceed
-    `param_budget` bytes); edits are evaluated together, in calls of at most that many bytes.
+    A job's points are one stacked edit of the unit (θ_i^α + σ·scale·z for its fixed draws z),
+    built lazily by the engine, which splits it to its memory budget; all jobs in one call.
     """
-    pieces: list[tuple[int, list[tuple[int, int]], Edit]] = []   # job, [(point, size)], edit
-    for j, job in enumerate(jobs):
-        current: list[tuple[int, int, dict[str, Tensor]]] = []
-        used = 0
-        for p, (alpha, sigma, _) in enumerate(job.request):
-            params = point_params(job.unit, init, final, job.z, alpha, sigma, noise)
-            nbytes = sum(v.numel() * v.element_size() for v in params.values())
-            if current and used + nbytes > param_budget:
-                pieces.append(_piece(j, current))
-                current, used = [], 0
-            size = next(iter(params.values())).shape[0]
-            current.append((p, size, params))
-            used += nbytes
-        if current:
-            pieces.append(_piece(j, current))
-    means: dict[int, list[float]] = {j: [math.nan] * len(job.request) for j, job in enumerate(jobs)}
-    batch: list[tuple[int, list[tuple[int, int]], Edit]] = []
-    used = 0
-    for item in pieces + [None]:
-        nbytes = 0 if item is None else sum(v.numel() * v.element_size() for v in item[2].params.values())
-        if batch and (item is None or used + nbytes > param_budget):
-            for (j, points, _), res in zip(batch, ev.evaluate([e for _, _, e in batch]), strict=True):
-                offset = 0
-                for p, size in points:
-                    ce = res.loss[offset:offset + size].double()
-                    err = res.error[offset:offset + size].double()
-                    offset += size
-                    means[j][p] = _record(rows, jobs[j], job_point=jobs[j].request[p], ce=ce,
-                                          err=err, loss=loss)
-            batch, used = [], 0
-        if item is not None:
-            batch.append(item)
-            used += nbytes
+    edits, sizes = [], []
+    for job in jobs:
+        edit, counts = path_edit(job.unit, init, final, [(a, s) for a, s, _ in job.request], job.z,
+                                 scale=noise)
+        edits.append(edit)
+        sizes.append(counts)
+    means: dict[int, list[float]] = {}
+    for j, (job, res, counts) in enumerate(zip(jobs, ev.evaluate(edits), sizes, strict=True)):
+        offset, means[j] = 0, []
+        for point, size in zip(job.request, counts, strict=True):
+            ce = res.loss[offset:offset + size].double()
+            err = res.error[offset:offset + size].double()
+            offset += size
+            means[j].append(_record(rows, job, job_point=point, ce=ce, err=err, loss=loss))
     return means
-
-
-def _piece(j: int, current: list[tuple[int, int, dict[str, Tensor]]]):
-    keys = current[0][2].keys()
-    params = {k: torch.cat([c[2][k] for c in current]) for k in keys}
-    size = sum(c[1] for c in current)
-    return j, [(p, n) for p, n, _ in current], Edit(params=params, size=size)
 
 
 def _record(rows: list[dict], job: _Job, job_point, ce: Tensor, err: Tensor, loss: str) -> float:
@@ -408,21 +373,27 @@ def _record(rows: list[dict], job: _Job, job_point, ce: Tensor, err: Tensor, los
     return mean
 
 
-def _drive(ev: VariantEvaluator, jobs: list[_Job], init, final, noise, loss, param_budget) -> list[dict]:
+def _drive(ev: VariantEvaluator, jobs: list[_Job], init, final, noise, loss) -> list[dict]:
     """Run every unit's search to completion, all units' points of a round in one pass."""
     rows: list[dict] = []
     for job in jobs:
         job.request = next(job.search)
-    while True:
-        live = [job for job in jobs if job.outcome is None]
-        if not live:
-            return rows
-        means = _evaluate_round(ev, live, init, final, noise, loss, rows, param_budget)
-        for j, job in enumerate(live):
-            try:
-                job.request = job.search.send(means[j])
-            except StopIteration as stop:
-                job.outcome, job.request = stop.value, None
+    with progress.task("criticality", total=len(jobs)) as bar:
+        rounds = 0
+        while True:
+            live = [job for job in jobs if job.outcome is None]
+            if not live:
+                return rows
+            rounds += 1
+            means = _evaluate_round(ev, live, init, final, noise, loss, rows)
+            finished = 0
+            for j, job in enumerate(live):
+                try:
+                    job.request = job.search.send(means[j])
+                except StopIteration as stop:
+                    job.outcome, job.request = stop.value, None
+                    finished += 1
+            bar.advance(finished, description=f"criticality: round {rounds}, {len(rows)} points")
 
 
 # ----------------------------------------------------------------------------- result
@@ -459,6 +430,11 @@ class CriticalityResult(Result):
         """One row per (module, α): σ*(α) and the objective."""
         return self.tables["alphas"]
 
+    def brief(self) -> pd.DataFrame:
+        """One row per module: μ_i, where it is attained, and how far the module moved."""
+        return self.modules[["module", "criticality", "alpha_star", "sigma_star", "distance",
+                             "loss_at_star", "evaluations"]]
+
     def plot(self):
         """Per module, the valley (loss over α (x) and σ (y), ε contour, σ*(α) dots), and μ_i bars."""
         from matplotlib.figure import Figure
@@ -477,8 +453,11 @@ class CriticalityResult(Result):
             ax = fig.add_subplot(gs[i // cols, i % cols])
             im = _valley_panel(ax, grid[grid["module"] == name], self.alphas, name, eps, vmax)
         if im is not None:
-            label = f"train {self.meta.get('options', {}).get('loss', 'loss')}"
+            label = f"{self.meta.get('options', {}).get('split', 'train')} {self.meta.get('options', {}).get('loss', 'loss')}"
             fig.colorbar(im, ax=fig.axes, shrink=0.6, label=label)
+        fig.suptitle(f"valley of each module: loss at θ_i = (1−α)θ⁰ + αθᶠ + noise of scale σ. "
+                     f"White line: loss = ε ({eps:.3g}); red dots: σ*(α), the largest σ meeting ε; "
+                     "μ_i = min over α of α²‖θᶠ−θ⁰‖² / σ*²", fontsize=8)
         bx = fig.add_subplot(gs[rows - 1, :])
         mu = self.modules["criticality"].to_numpy(dtype=float)
         finite = np.where(np.isfinite(mu), mu, np.nan)
@@ -501,21 +480,41 @@ def _valley_panel(ax, grid: pd.DataFrame, alphas: pd.DataFrame, name: str, eps: 
         ax.contour(values, levels=[eps], colors="white", linewidths=1.2)
     a_vals, s_vals = list(m.columns), list(m.index)
     ax.set_xticks(range(len(a_vals))[::2], [f"{a:.1f}" for a in a_vals][::2], fontsize=7)
-    ax.set_yticks(range(len(s_vals)), ["0" if s == 0 else f"{s:.2g}" for s in s_vals], fontsize=7)
+    step = max(1, math.ceil(len(s_vals) / 6))  # at most ~6 readable σ labels
+    ax.set_yticks(range(len(s_vals))[::step], [_sigma_label(s) for s in s_vals][::step], fontsize=7)
     star = alphas[(alphas["module"] == name) & alphas["feasible"] & (alphas["sigma_star"] > 0)]
     if len(star) and len(a_vals) > 1 and len(s_vals) > 1:
         ax.plot(np.interp(star["alpha"], a_vals, range(len(a_vals))),
                 np.interp(np.log10(star["sigma_star"]), np.log10(np.maximum(s_vals, 1e-30)),
                           range(len(s_vals))), "r.", markersize=4)
     ax.set_title(name, fontsize=8)
-    ax.set_xlabel("α", fontsize=7)
-    ax.set_ylabel("σ", fontsize=7)
+    ax.set_xlabel("α (0 = θ⁰, 1 = θᶠ)", fontsize=7)
+    ax.set_ylabel("noise σ (grid rows)", fontsize=7)
     return im
+
+
+def _sigma_label(s: float) -> str:
+    """σ as a short tick label: 0, 0.001, 0.0056, 0.032, 0.18, 1."""
+    return "0" if s == 0 else f"{s:.2g}" if s >= 1e-3 else f"{s:.0e}"
 
 
 # ----------------------------------------------------------------------------- probe
 
 
+@register_probe(
+    "criticality", CriticalityResult, paper="Chatterji, Neyshabur & Sedghi 2020", needs_init=True,
+    summary="valleys from θ⁰ to θ^F under noise; module criticality μ_i and network criticality",
+    options=(Option("epsilon", float, "Loss level ε [trained error + 0.01, or 1.01 × trained CE]."),
+             Option("loss", str, "L_S: error (0-1, the paper) or cross_entropy."),
+             Option("samples", int, "Noise draws per (α, σ) point."),
+             Option("noise", str, "absolute σ, or relative to each tensor's RMS."),
+             Option("valley", str, "full: the whole α × σ grid (figure); search: only what μ needs."),
+             Option("refine", int, "α refinement rounds around the best α."),
+             Option("alphas", float, "α grid value in [0, 1] (repeatable) [0, 0.1, ..., 1].", multiple=True),
+             Option("sigmas", float, "σ grid value in (0, 1] (repeatable) [0.001 ... 1, half-decades].",
+                    multiple=True)),
+    demo={"samples": 4, "n": 500},
+    tiny={"samples": 2, "alphas": [0.0, 0.5, 1.0], "sigmas": [0.01, 0.1], "refine": 1})
 def criticality(
     subject: Subject,
     *,
@@ -526,8 +525,9 @@ def criticality(
     sigmas: Sequence[float] | None = None,
     samples: int = 8,
     noise: Literal["absolute", "relative"] = "absolute",
-    split: Literal["train", "test"] = "train",
-    max_examples: int | None = None,
+    split: Split = "train",
+    n: int | None = None,
+    per_class: int | None = None,
     rtol: float = 0.05,
     refine: int = 2,
     valley: Literal["full", "search"] = "full",
@@ -537,6 +537,9 @@ def criticality(
     device: str = "auto",
 ) -> CriticalityResult:
     """Module criticality μ_i of every selected unit, network criticality Σ μ_i, and the valleys.
+
+    The shared options (subject, modules, split, n, per_class, seed, batch_size, memory_budget,
+    device) mean what :mod:`genprobe.probes.common` says.
 
     Args:
         subject: the network (needs ``init``, θ⁰).
@@ -548,7 +551,8 @@ def criticality(
         alphas: α candidates in [0, 1] (default 0, 0.1, …, 1). sigmas: valley grid σ in (0, 1]
             (default :data:`DEFAULT_SIGMAS`; 1 is always added).
         samples: noise draws per (α, σ) point. noise: ``"absolute"`` or ``"relative"`` σ.
-        split: data for L_S (the paper: ``"train"``). max_examples: a seeded subset of that size.
+        split: data for L_S (the paper: ``"train"``). n / per_class: a seeded class-balanced
+            subset (:func:`genprobe.probes.common.sample`).
         rtol: bisection stops when σ_hi / σ_lo ≤ 1 + rtol. refine: α refinement rounds.
         valley: ``"full"`` evaluates the whole α × σ grid (the valley figure); ``"search"``
             only what μ needs: the noiseless valley, then the σ grid at the α whose noiseless
@@ -557,25 +561,26 @@ def criticality(
         seed: noise draws and the subset. batch_size, memory_budget, device: see
             :class:`~genprobe.engine.variants.VariantEvaluator`.
     """
+    check_subject(subject, "criticality")
     check_choice("loss", loss, LOSSES)
     check_choice("noise", noise, NOISES)
-    check_choice("split", split, SPLITS)
+    check_split(split)
     check_choice("valley", valley, VALLEYS)
     alphas = _check_grid("alphas", DEFAULT_ALPHAS if alphas is None else alphas, 0.0, True)
     sigmas = _check_grid("sigmas", DEFAULT_SIGMAS if sigmas is None else sigmas, 0.0, False)
     if sigmas[-1] != 1.0:
         sigmas = sigmas + [1.0]
-    _check_int("samples", samples, 1)
-    _check_int("refine", refine, 0)
-    _check_int("seed", seed, 0)
-    if max_examples is not None:
-        _check_int("max_examples", max_examples, 1)
+    check_int("samples", samples, 1)
+    check_int("refine", refine, 0)
+    seed = check_int("seed", seed, 0)
     if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol > 0):
         raise ConfigError(f"rtol must be a positive number, got {rtol!r}")
     init = subject.require_init("criticality")
     final = subject.final
     units = subject.units(modules)
-    data = _subset(subject.data(split), max_examples, seed)
+    data = subject.data(split)
+    data = data.subset(sample(data, num_classes=subject.num_classes, n=n, per_class=per_class,
+                              seed=seed, split=split))
     ev = VariantEvaluator(subject.model, final, data, batch_size=batch_size, device=device,
                           memory_budget=memory_budget)
     base = ev.evaluate([Edit(label="trained")])[0]
@@ -588,7 +593,7 @@ def criticality(
         search = criticality_search(d2, epsilon, alphas, sigmas, rtol=rtol, refine=refine,
                                     full_grid=valley == "full")
         jobs.append(_Job(unit, d2, noise_draws(unit, final, samples, seed), search))
-    rows = _drive(ev, jobs, init, final, noise, loss, PARAM_BUDGET)
+    rows = _drive(ev, jobs, init, final, noise, loss)
     table = pd.DataFrame(rows, columns=["module", "alpha", "sigma", "loss_mean", "loss_se",
                                         "error_mean", "cross_entropy_mean", "samples", "stage"])
     table["feasible"] = table["loss_mean"] <= epsilon
@@ -604,14 +609,29 @@ def criticality(
     meta = {"options": {"modules": modules if not isinstance(modules, Mapping) else dict(modules),
                         "epsilon": epsilon, "loss": loss, "alphas": alphas, "sigmas": sigmas,
                         "samples": samples, "noise": noise, "split": split,
-                        "max_examples": max_examples, "rtol": rtol, "refine": refine,
+                        "n": n, "per_class": per_class, "rtol": rtol, "refine": refine,
                         "valley": valley,
                         "batch_size": batch_size, "device": str(ev.device)},
             "seed": seed, "epsilon_rule": rule, "noise_convention": _NOISE_DOC[noise],
             "buffers": "keep", "bound_formula": "sqrt(network_criticality / n_examples)",
-            "engine": ev.mode, "fallback_reason": ev.fallback_reason}
+            "engine": ev.mode, "fallback_reason": ev.fallback_reason,
+            "self_check": _self_check(subject, data, table, base, loss, batch_size, device)}
     return CriticalityResult(table=table, summary=summary, meta=meta,
                              tables={"modules": per_module, "alphas": per_alpha})
+
+
+def _self_check(subject: Subject, data, table: pd.DataFrame, base, loss: str, batch_size,
+                device) -> dict:
+    """The valley at α = 1, σ = 0 equals the trained loss, and the engine's trained loss equals
+    a plain evaluation."""
+    plain = evaluate(subject.model, subject.final, data, batch_size=batch_size, device=device)
+    trained = float(base.error if loss == "error" else base.loss)
+    ends = table[(table["alpha"] == 1.0) & (table["sigma"] == 0.0)]["loss_mean"]
+    value = max([abs(float(base.loss) - plain.loss), abs(float(base.error) - plain.error)]
+                + [abs(float(v) - trained) for v in ends])
+    tol = 1e-4 * max(1.0, abs(plain.loss))
+    return {"what": "valley at α = 1, σ = 0 against the trained loss; engine against a plain evaluation",
+            "value": value, "tolerance": tol, "passed": bool(value <= tol), "modules_checked": len(ends)}
 
 
 _NOISE_DOC = {
@@ -669,65 +689,6 @@ def _check_grid(name: str, values, low: float, closed: bool) -> list[float]:
         interval = "[0, 1]" if closed else "(0, 1]"
         raise ConfigError(f"{name} must lie in {interval}; got {bad[0]!r}")
     return grid
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _subset(data: Data, max_examples: int | None, seed: int) -> Data:
-    if max_examples is None or max_examples >= len(data):
-        return data
-    g = torch.Generator().manual_seed(int(seed))
-    index = torch.randperm(len(data), generator=g)[:max_examples].sort().values
-    return data.subset(index)
-
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def cli(app) -> None:
-    """Register ``genprobe probe criticality``."""
-    import typer
-
-    from ..cli import (
-        DATA_DIR_HELP,
-        DEVICE_HELP,
-        MODULES_HELP,
-        RUN_HELP,
-        load_run,
-        write_probe_output,
-    )
-
-    @app.command("criticality")
-    def criticality_cmd(
-        run: Path = typer.Argument(..., help=RUN_HELP),
-        modules: list[str] = typer.Option(None, "--modules", "-m",
-                                          help=MODULES_HELP),
-        epsilon: float = typer.Option(None, help="Loss level ε [trained error + 0.01, or 1.01 × trained CE]."),
-        loss: str = typer.Option("error", help="L_S: error (0-1, the paper) or cross_entropy."),
-        samples: int = typer.Option(8, help="Noise draws per (α, σ) point."),
-        noise: str = typer.Option("absolute", help="absolute σ, or relative to each tensor's RMS."),
-        split: str = typer.Option("train", help="Split L_S is measured on: train or test."),
-        max_examples: int = typer.Option(None, help="Use a seeded subset of this many examples."),
-        valley: str = typer.Option("full", help="full: the whole α × σ grid (figure); search: only what μ needs."),
-        seed: int = typer.Option(0, help="Seed of the noise draws and the subset."),
-        out: Path = typer.Option(None, help="Result directory (default RUN/probes/criticality)."),
-        device: str = typer.Option("auto", help=DEVICE_HELP),
-        data_dir: Path = typer.Option(None, help=DATA_DIR_HELP),
-    ) -> None:
-        """Module criticality (Chatterji et al. 2020): valleys from θ⁰ to θ^F under noise."""
-        subject = load_run(run, data_dir)
-        result = criticality(subject, modules=modules or None, epsilon=epsilon, loss=loss,
-                             samples=samples, noise=noise, split=split, max_examples=max_examples,
-                             valley=valley, seed=seed, device=device)
-        out_dir = write_probe_output(result, run, "criticality", out,
-                                     columns=["module", "alpha", "sigma", "loss_mean", "loss_se",
-                                              "samples", "stage"])
-        typer.echo(result.modules.to_string(index=False))
-        typer.echo(f"(result in {out_dir})")
 
 
 __all__ = ["CriticalityResult", "criticality", "criticality_search", "noise_draws",

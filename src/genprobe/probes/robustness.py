@@ -192,8 +192,8 @@ def robustness(
                                unit.name, exc)
                 failed.append(unit.name)
         edits.append(stack_edits(variants, label=unit.name))
-    with progress.task(f"robustness ({len(units)} modules)"):
-        results = ev.evaluate(edits)
+    with progress.task(f"robustness ({len(units)} modules, {len(data)} examples)", total=len(data)) as bar:
+        results = ev.evaluate(edits, on_progress=lambda done, total: bar.advance(done))
     base = results[0]
     table, per_module = _tables(units, targets, epochs, results[1:], init, subject.final, base,
                                 rerandomize, draws, split, threshold)
