@@ -204,3 +204,31 @@ def test_bad_input_gives_a_typed_error(probe, options, error, message, nested):
         _run(probe, nested, **options)
     assert isinstance(info.value, GenprobeError)
     assert "\n" not in str(info.value)
+
+
+def test_figures_say_what_they_show(nested):
+    """The robustness colour bar is in the cells' unit (%); the criticality figure explains its
+    line and dots; stiffness-vs-distance bins with few pairs are drawn hollow, not as certain."""
+    rob = _run("robustness", nested)
+    fig = rob.plot()
+    image = fig.axes[0].get_images()[0].get_array()
+    assert float(image.max()) == pytest.approx(100 * float(rob.map.to_numpy().max()))
+    assert fig.axes[1].get_ylabel().endswith("(%)")
+    crit = _run("criticality", nested)
+    title = crit.plot()._suptitle.get_text()
+    assert "White line: loss = ε" in title and "red dots: σ*(α)" in title
+    stiff = _run("stiffness", nested, bins=5)
+    assert (stiff.distance_curve["pairs"] < 30).any()
+    labels = [t.get_text() for t in stiff.plot().axes[1].get_legend().get_texts()]
+    assert any(label.startswith("hollow: bin of < 30 pairs") for label in labels)
+
+
+def test_result_folders_are_readable_by_others(nested, tmp_path):
+    import os
+    import stat
+
+    path = _run("stiffness", nested).save(tmp_path / "shared")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o777 & ~mask
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())

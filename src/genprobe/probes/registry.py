@@ -11,7 +11,7 @@ The command line (:mod:`genprobe.cli`) builds ``genprobe probe NAME`` from the e
 shared options of :mod:`genprobe.probes.common` that the function accepts (``--modules``,
 ``--checkpoints``, ``--seed``, ``--n``, ``--per-class``, ``--split``, ``--device``,
 ``--memory-budget-mb``, ``--batch-size``), then the probe's own ``options``. Adding a probe is one
-file (imported in :data:`PROBE_MODULES`) plus its tests; the shared probe tester
+file in ``genprobe/probes/`` (found by :func:`probe_modules`) plus its tests; the shared probe tester
 (``tests/test_probe_contract.py``) runs every registered probe with its ``tiny`` options.
 """
 
@@ -27,9 +27,19 @@ from typing import Any
 from ..errors import ConfigError
 from ..results import Result
 
-PROBE_MODULES: tuple[str, ...] = ("genprobe.probes.robustness", "genprobe.probes.criticality",
-                                  "genprobe.probes.stiffness")
-"""The modules that register the built-in probes, in the order they are listed and demoed."""
+NOT_PROBES = frozenset({"registry", "common"})
+"""Modules of :mod:`genprobe.probes` that hold shared machinery, not a probe."""
+
+
+def probe_modules() -> list[str]:
+    """Every module of :mod:`genprobe.probes` but :data:`NOT_PROBES`, sorted: a new probe is
+    one new file there, found and registered without touching anything else."""
+    import pkgutil
+
+    from .. import probes
+
+    return sorted(f"{probes.__name__}.{m.name}" for m in pkgutil.iter_modules(probes.__path__)
+                  if m.name not in NOT_PROBES and not m.name.startswith("_"))
 
 
 @dataclass(frozen=True)
@@ -96,14 +106,14 @@ def register_probe(name: str, result: type[Result], *, summary: str, paper: str,
 
 
 def _load() -> None:
-    for module in PROBE_MODULES:
+    for module in probe_modules():
         importlib.import_module(module)
 
 
 def list_probes(pattern: str = "*") -> list[str]:
-    """Names of the registered probes matching an fnmatch `pattern`, in registration order."""
+    """Names of the registered probes matching an fnmatch `pattern`, sorted."""
     _load()
-    return [n for n in _PROBES if fnmatch.fnmatchcase(n, pattern)]
+    return sorted(n for n in _PROBES if fnmatch.fnmatchcase(n, pattern))
 
 
 def get_probe(name: str) -> ProbeSpec:
@@ -114,4 +124,5 @@ def get_probe(name: str) -> ProbeSpec:
     return _PROBES[name]
 
 
-__all__ = ["Option", "PROBE_MODULES", "ProbeSpec", "get_probe", "list_probes", "register_probe"]
+__all__ = ["NOT_PROBES", "Option", "ProbeSpec", "get_probe", "list_probes", "probe_modules",
+           "register_probe"]
