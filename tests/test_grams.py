@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from foreign import FOREIGN, make_subject
+from foreign import FOREIGN, TokenClassifier, make_subject
 from genprobe.engine import rules
 from genprobe.engine.grams import IMPLEMENTATIONS, cosine_from_gram, gram, gram_blocks
 from genprobe.errors import ConfigError, DataError
@@ -494,23 +494,11 @@ def test_wrongly_declared_protocol_stays_exact(caplog):
     assert_rel(r.matrix, reference_gram(model, state, x, y1=y))
 
 
-class TokenClassifier(nn.Module):
-    """Token ids (B, T) → embedding → mean over tokens → Linear."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(20, 8)
-        self.fc = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc(self.emb(x).mean(1))
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 def test_integer_inputs(impl):
     """Token ids stay integer (only floating inputs take the state's dtype)."""
     torch.manual_seed(0)
-    model = TokenClassifier().double().eval()
+    model = TokenClassifier().double().eval()  # the shared token-id model of tests/foreign.py
     state = state_of(model)
     x, y = torch.randint(0, 20, (7, 5)), torch.randint(0, 3, (7,))
     r = gram(model, state, x, y1=y, implementation=impl)
@@ -518,7 +506,7 @@ def test_integer_inputs(impl):
     assert_symmetric(r.matrix)
     assert r.implementation == ("layerwise" if impl == "auto" else impl)
     if r.implementation == "layerwise":
-        assert r.vmap_params == ("emb.weight",)
+        assert r.vmap_params == ("embed.weight",)
     o = gram(model, state, x[:4], of="outputs", implementation=impl)
     assert_rel(o.matrix, reference_gram(model, state, x[:4], of="outputs"))
     rect = gram(model, state, x[:4], x[4:], y1=y[:4], y2=y[4:], implementation=impl, memory_budget=1)

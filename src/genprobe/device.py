@@ -21,3 +21,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device(device)
     except RuntimeError as exc:
         raise ConfigError(f"unknown device={device!r}; use auto, cpu, cuda or cuda:N") from exc
+
+
+def rng_devices() -> list[int]:
+    """The CUDA devices whose RNG ``torch.random.fork_rng`` must save and restore: every visible
+    one, since ``torch.manual_seed`` seeds them all (none on a CPU-only machine)."""
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .device import rng_devices
 from .errors import ConfigError, ModuleSelectionError, StateError, check_choice
 
 State = dict[str, Tensor]
@@ -392,7 +393,7 @@ def rerandomize(model: nn.Module, base: State, unit: Unit, seed: int,
     out = dict(base)
     owned = set(unit.keys(buffers))
     torch_seed = rerandomize_seed(seed, unit.name, draw)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=rng_devices()):  # manual_seed also seeds CUDA
         torch.manual_seed(torch_seed)
         for name in unit.modules:
             for sub, mod in modules[name].named_modules(prefix=name):

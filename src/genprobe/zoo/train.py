@@ -34,7 +34,7 @@ from .. import outputs, store
 from .. import params as P
 from .. import progress as progress_bars
 from .._version import __version__
-from ..device import resolve_device
+from ..device import resolve_device, rng_devices
 from ..errors import ConfigError, GenprobeError, OutputError, RunError, StateError, check_choice
 from ..evaluate import evaluate
 from ..params import state_of
@@ -193,10 +193,6 @@ def build(config: TrainConfig):
     return model, splits
 
 
-def _devices() -> list[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-
-
 def _build(config: TrainConfig):
     """(model, splits, RNG state right after the initialization draws). The model is drawn
     under a forked generator seeded with ``config.seed``: the caller's global RNG is untouched;
@@ -206,7 +202,7 @@ def _build(config: TrainConfig):
     splits = load_dataset(config.dataset, seed=config.seed, data_dir=config.data_dir,
                           label_noise=config.label_noise, n_train=config.n_train, n_test=config.n_test,
                           **config.dataset_options)
-    with torch.random.fork_rng(devices=_devices()):
+    with torch.random.fork_rng(devices=rng_devices()):
         torch.manual_seed(config.seed)
         try:
             model = create_model(config.arch, splits.input_shape, splits.num_classes, **config.arch_options)
@@ -321,7 +317,7 @@ def train_run(config: TrainConfig, out: str | Path, *, resume: bool = False, ove
         _check_out(out, overwrite)
     device = resolve_device(config.device)
     model, splits, rng = _build(config)  # raises before anything is written when data or options are bad
-    with torch.random.fork_rng(devices=_devices()):  # the caller's RNG is left as it was
+    with torch.random.fork_rng(devices=rng_devices()):  # the caller's RNG is left as it was
         torch.set_rng_state(rng)
         model.to(device)
         params = [p for p in model.parameters() if p.requires_grad]
