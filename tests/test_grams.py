@@ -392,13 +392,19 @@ class OddConvs(nn.Module):
 def test_odd_convolutions(force, monkeypatch):
     monkeypatch.setattr(rules, "_FORCE_CONTRACTION", force)
     torch.manual_seed(0)
-    model = OddConvs().double().eval()
+    assert_layerwise_exact(OddConvs().double().eval())
+
+
+def assert_layerwise_exact(model):
+    """Every parameter of `model` (inputs (N, 2, 9, 7)) has an exact layerwise rule: no vmap
+    fallback, and loss and output Grams equal the reference loop."""
     state = state_of(model)
     x, y = torch.randn(5, 2, 9, 7, dtype=torch.float64), torch.randint(0, 3, (5,))
     r = gram(model, state, x, y1=y, implementation="layerwise")
     assert r.implementation == "layerwise" and r.vmap_params == ()
     assert_rel(r.matrix, reference_gram(model, state, x, y1=y))
     o = gram(model, state, x[:3], of="outputs", implementation="layerwise")
+    assert o.vmap_params == ()
     assert_rel(o.matrix, reference_gram(model, state, x[:3], of="outputs"))
 
 
@@ -470,14 +476,7 @@ def test_scaled_layers_by_protocol(force, monkeypatch):
     torch.manual_seed(0)
     model = ScaledNet().double().eval()
     assert type(model.head).__module__ != "genprobe.zoo.models"
-    state = state_of(model)
-    x, y = torch.randn(5, 2, 9, 7, dtype=torch.float64), torch.randint(0, 3, (5,))
-    r = gram(model, state, x, y1=y, implementation="layerwise")
-    assert r.implementation == "layerwise" and r.vmap_params == ()
-    assert_rel(r.matrix, reference_gram(model, state, x, y1=y))
-    o = gram(model, state, x[:3], of="outputs", implementation="layerwise")
-    assert o.vmap_params == ()
-    assert_rel(o.matrix, reference_gram(model, state, x[:3], of="outputs"))
+    assert_layerwise_exact(model)
 
 
 def test_wrongly_declared_protocol_stays_exact(caplog):
