@@ -164,6 +164,15 @@ SHARED_BAD = [
 """Bad values of the shared options, for every probe that accepts the option."""
 
 PROBE_BAD = {
+    "ablation": [(dict(mode="max"), ConfigError, "mode"), (dict(order="alpha"), ConfigError, "order"),
+                 (dict(orders=0), ConfigError, "orders"), (dict(steps=10**4), ConfigError, "beyond the unit count"),
+                 (dict(scope="some"), ConfigError, "scope"), (dict(layers="nope*"), ModuleSelectionError, "nope"),
+                 (dict(layers=123), ModuleSelectionError, "123")],
+    "activation_noise": [(dict(draws=0), ConfigError, "draws"), (dict(scales=[-1.0]), ConfigError, "scales"),
+                         (dict(scales=[]), ConfigError, "scales"),
+                         (dict(layers=["*.ff.1", "nope"]), ModuleSelectionError, "nope")],
+    "selectivity": [(dict(layers="nope*"), ModuleSelectionError, "nope"),
+                    (dict(importance="yes"), ConfigError, "importance")],
     "robustness": [(dict(draws=0), ConfigError, "draws"), (dict(threshold=-1), ConfigError, "threshold"),
                    (dict(threshold=math.nan), ConfigError, "threshold"),
                    (dict(buffers="move"), ConfigError, "buffers")],

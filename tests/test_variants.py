@@ -757,3 +757,187 @@ def test_on_progress_reports_every_example_once():
     VariantEvaluator(s.model, s.final, s.test, batch_size=10).evaluate(
         [Edit()], on_progress=lambda done, total: seen.append((done, total)))
     assert seen == [(10, 23), (10, 23), (3, 23)]
+
+
+# ----------------------------------------------------------------------------- unit edits (Morcos et al.)
+
+ACT_TOL = 1e-10
+
+
+def reference_z(seed, draw, index, shape):
+    """The documented draw, written out: one generator per (seed, draw, example)."""
+    import numpy as np
+
+    rows = [np.random.default_rng(np.random.SeedSequence([seed, draw, int(i)])).standard_normal(shape)
+            for i in index]
+    return torch.from_numpy(np.stack(rows))
+
+
+def unit_shape(t, h):
+    d = 1 if h.dim() == 4 else h.dim() - 1
+    sh = [1] * h.dim()
+    sh[d] = -1
+    return t.reshape(sh)
+
+
+def test_activation_noise_independent_of_chunking():
+    s = make_subject("residual_bn", dtype=torch.float64, n_test=23)
+    e = activation_noise_edit("bn1", torch.linspace(0.1, 0.8, 4), seed=3, draws=2)
+    results = [VariantEvaluator(s.model, s.final, s.test, batch_size=b).evaluate([e], per_example=True)[0]
+               for b in (3, 7, None)]
+    for r in results[1:]:
+        assert torch.equal(r.losses, results[0].losses)
+        assert torch.equal(r.loss, results[0].loss)
+    # the noise itself, chunk by chunk, is the same tensor whatever the chunks
+    fn = e.activations["bn1"]
+    h = torch.zeros(23, 4, 6, 6, dtype=torch.float64)
+    args = {k: v[1] for k, v in e.args.items()}
+    whole = fn(h, ActivationContext(torch.arange(23), args))
+    pieces = torch.cat([fn(h[i:i + 5], ActivationContext(torch.arange(i, min(i + 5, 23)), args))
+                        for i in range(0, 23, 5)])
+    assert torch.equal(whole, pieces)
+
+
+@pytest.mark.parametrize("shape", [(6,), (6, 5, 5), (4, 6)])
+def test_activation_noise_has_the_requested_per_unit_std(shape):
+    n = 3000
+    std = torch.tensor([0.0, 0.1, 0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
+    e = activation_noise_edit("m", std, seed=7)
+    h = torch.randn(n, *shape, dtype=torch.float64)
+    out = e.activations["m"](h, ActivationContext(torch.arange(n), e.args))
+    d = 1 if len(shape) == 3 else len(shape)
+    delta = (out - h).movedim(d, -1).reshape(-1, 6)     # h' − h of every example and position
+    got = delta.std(0)
+    se = std / (2 * (len(delta) - 1)) ** 0.5
+    assert torch.all((got - std).abs() <= 4 * se + 1e-15)
+    assert torch.all(delta.mean(0).abs() <= 4 * std / len(delta) ** 0.5 + 1e-15)
+
+
+@pytest.mark.parametrize("stack", ["vmap", "loop"])
+def test_activation_noise_stack_equals_the_individual_edits(stack):
+    s = make_subject("nested", dtype=torch.float64)
+    ev = VariantEvaluator(s.model, s.final, s.test, batch_size=10, stack=stack)
+    per_unit = torch.rand(2, 8, dtype=torch.float64)
+    edits = [activation_noise_edit("blocks.1.ff", [0.2, 0.7, 0.0], seed=1, draws=3),
+             activation_noise_edit("blocks.1.ff", per_unit, seed=1, draws=2)]
+    singles = [activation_noise_edit("blocks.1.ff", sd, seed=1, draws=3) for sd in (0.2, 0.7, 0.0)]
+    singles += [activation_noise_edit("blocks.1.ff", per_unit[i], seed=1, draws=2) for i in range(2)]
+    firsts = [activation_noise_edit("blocks.1.ff", sd, seed=1) for sd in (0.2, 0.7)]
+    out = ev.evaluate(edits + singles + firsts + [Edit()], per_example=True)
+    assert ev.route == "fx" and ev._vmap_ok == (stack == "vmap")   # vmap really ran
+    assert edits[0].size == 9 and edits[1].size == 4 and firsts[0].size is None
+    whole = torch.cat([out[2].losses, out[3].losses, out[4].losses])
+    torch.testing.assert_close(out[0].losses, whole, atol=ACT_TOL, rtol=0)
+    torch.testing.assert_close(out[1].losses, torch.cat([out[5].losses, out[6].losses]), atol=ACT_TOL, rtol=0)
+    for i in range(2):   # draw 0 of a stack is the single edit; std 0 is the base network
+        torch.testing.assert_close(out[7 + i].losses, out[0].losses[3 * i], atol=ACT_TOL, rtol=0)
+    for d in range(3):
+        torch.testing.assert_close(out[0].losses[6 + d], out[-1].losses, atol=ACT_TOL, rtol=0)
+    assert not torch.allclose(out[0].losses[0], out[0].losses[1])   # draws differ
+
+
+@pytest.mark.parametrize("name", ["nested", "residual_bn", "transformer", "shared"])
+@pytest.mark.parametrize("use_fx", [True, False])
+def test_activation_noise_equals_a_plain_hook_loop(name, use_fx):
+    s = make_subject(name, dtype=torch.float64)
+    module, _, c = ACT[name]
+    seed, draws = 5, 2
+    scales = torch.rand(2, c, dtype=torch.float64) + 0.1
+    e = activation_noise_edit(module, scales, seed=seed, draws=draws)
+    ev = VariantEvaluator(s.model, s.final, s.test, batch_size=7, use_fx=use_fx)
+    out = ev.evaluate([Edit(), e], logits=True)[1]
+    # the cost rule runs first-layer edits as plain forwards; later sites reuse the prefix
+    assert ev.route == ("fx" if use_fx and name in ("residual_bn", "shared") else "full")
+    n = len(s.test)
+    for v in range(4):
+        sd, draw = scales[v // draws], v % draws
+
+        def add(h, sd=sd, draw=draw):
+            return h + unit_shape(sd, h) * reference_z(seed, draw, range(n), h.shape[1:])
+
+        ref = naive_logits(s, s.final, {module: add})
+        loss = F.cross_entropy(ref, s.test.y)
+        assert abs(float(out.loss[v]) - float(loss)) < ACT_TOL
+        torch.testing.assert_close(out.logits[v].double(), ref.float().double(), atol=1e-6, rtol=0)
+
+
+def test_activation_noise_bad_arguments():
+    for bad in (dict(std=-1.0), dict(std=float("nan")), dict(std=torch.zeros(2, 2, 2)), dict(std=[]),
+                dict(std=0.1, draws=0), dict(std=0.1, seed=-1), dict(std=0.1, seed=1.5)):
+        with pytest.raises(ConfigError):
+            activation_noise_edit("m", **bad)
+    s = make_subject("nested")
+    with pytest.raises(ConfigError, match="3 per-unit values"):
+        VariantEvaluator(s.model, s.final, s.test).evaluate([activation_noise_edit("blocks.0.ff", torch.ones(3))])
+
+
+class _MaskMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act1 = torch.nn.Linear(5, 9), torch.nn.ReLU()
+        self.fc2, self.act2 = torch.nn.Linear(9, 9), torch.nn.ReLU()
+        self.head = torch.nn.Linear(9, 3)
+
+    def forward(self, x):
+        return self.head(self.act2(self.fc2(self.act1(self.fc1(x)))))
+
+
+class _MaskConv(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn, self.act1 = torch.nn.Conv2d(2, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU()
+        self.conv2, self.act2 = torch.nn.Conv2d(6, 6, 3, padding=1), torch.nn.ReLU()
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(self.act2(self.conv2(self.act1(self.bn(self.conv1(x))))).mean(dim=(2, 3)))
+
+
+class _MaskTwice(torch.nn.Module):
+    """One ReLU module called at two sites."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.act = torch.nn.Linear(5, 9), torch.nn.Linear(9, 9), torch.nn.ReLU()
+        self.head = torch.nn.Linear(9, 3)
+
+    def forward(self, x):
+        return self.head(self.act(self.fc2(self.act(self.fc1(x)) - 0.1)))
+
+
+@pytest.mark.parametrize("net,shape,site", [(_MaskMLP, (5,), "act1"), (_MaskConv, (2, 5, 5), "act1"),
+                                            (_MaskTwice, (5,), "act")])
+@pytest.mark.parametrize("use_fx", [True, False])
+@pytest.mark.parametrize("kind", ["zero", "mean"])
+def test_stacked_masks_equal_a_plain_hook_loop(net, shape, site, use_fx, kind):
+    from genprobe.engine.activations import activation_stats
+    from genprobe.values import Data
+
+    g = torch.Generator().manual_seed(2)
+    model = net().double()
+    x = torch.randn(30, *shape, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (30,), generator=g)
+    if net is _MaskConv:
+        model.train()
+        with torch.no_grad():
+            model(x)
+    model.eval()
+    state = P.state_of(model)
+    c = 9 if net is not _MaskConv else 6
+    masks = torch.rand(5, c, generator=g) < 0.4
+    masks[0] = False
+    masks[1] = True
+    value = 0.0 if kind == "zero" else \
+        activation_stats(model, state, Data(x, y), [site], num_classes=3)[site].element_mean
+    ev = VariantEvaluator(model, state, Data(x, y), batch_size=8, use_fx=use_fx)
+    out = ev.evaluate([Edit(), mask_edit(site, masks, value)], per_example=True)
+    assert ev.route == ("fx" if use_fx else "full")
+    v = torch.as_tensor(value, dtype=torch.float64)
+    for b in range(5):
+        ref_model = copy.deepcopy(model)
+        ref_model.get_submodule(site).register_forward_hook(
+            lambda mod, i, h, m=masks[b]: torch.where(unit_shape(m, h), v if v.dim() == 0 else unit_shape(v, h), h))
+        with torch.no_grad():
+            ref = F.cross_entropy(ref_model(x), y, reduction="none")
+        torch.testing.assert_close(out[1].losses[b], ref, atol=ACT_TOL, rtol=0)
+    torch.testing.assert_close(out[1].losses[0], out[0].losses, atol=0, rtol=0)

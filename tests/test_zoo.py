@@ -78,3 +78,52 @@ def test_cnn_downsampling():
 def test_resnet18_configuration_has_11m_parameters():
     model = create_model("resnet", (3, 32, 32), 10, width=64, blocks="2,2,2,2")
     assert 11.0e6 < sum(p.numel() for p in model.parameters()) < 11.3e6
+
+
+def _resnet_keys(depth_blocks=(1, 1, 1)):
+    """The state_dict keys of create_model("resnet", ...) before its ReLUs became modules."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    keys = ["stem.0.weight"] + [f"stem.1.{b}" for b in bn]
+    for i, n in enumerate(depth_blocks):
+        for j in range(n):
+            p = f"stages.{i}.{j}"
+            keys += [f"{p}.conv1.weight"] + [f"{p}.bn1.{b}" for b in bn]
+            keys += [f"{p}.conv2.weight"] + [f"{p}.bn2.{b}" for b in bn]
+            if i > 0 and j == 0:
+                keys += [f"{p}.shortcut.0.weight"] + [f"{p}.shortcut.1.{b}" for b in bn]
+    return keys + ["head.weight", "head.bias"]
+
+
+def _functional_resnet(model, x):
+    """The ResNet forward as written before (F.relu, no activation modules), same weights."""
+    import torch.nn.functional as F
+
+    h = model.stem(x)
+    for stage in model.stages:
+        for block in stage:
+            out = F.relu(block.bn1(block.conv1(h)))
+            out = block.bn2(block.conv2(out))
+            h = F.relu(out + block.shortcut(h))
+    return model.head(h.mean(dim=(2, 3)))
+
+
+def test_resnet_relus_are_named_modules_and_checkpoints_unchanged():
+    torch.manual_seed(0)
+    model = create_model("resnet", (3, 8, 8), 10)
+    assert list(model.state_dict()) == _resnet_keys()
+    for i in range(3):
+        block = model.stages[i][0]
+        assert isinstance(block.act1, torch.nn.ReLU) and isinstance(block.act2, torch.nn.ReLU)
+    assert isinstance(model.stem[2], torch.nn.ReLU)
+    sites = P.select_sites(model, None, P.forward_order(model, torch.randn(1, 3, 8, 8)))
+    assert sites == ["stem.2"] + [f"stages.{i}.0.act{a}" for i in range(3) for a in (1, 2)]
+    # a checkpoint of the same weights loads strictly and gives bit-identical outputs
+    other = create_model("resnet", (3, 8, 8), 10)
+    other.load_state_dict(model.state_dict(), strict=True)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(16, 3, 8, 8))   # BatchNorm statistics away from their init
+    model.eval()
+    x = torch.randn(5, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), _functional_resnet(model, x))

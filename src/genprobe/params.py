@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import fnmatch
 import itertools
 import zlib
@@ -29,7 +30,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.overrides import TorchFunctionMode
 
 from .device import rng_devices
@@ -414,3 +415,83 @@ def rerandomize(model: nn.Module, base: State, unit: Unit, seed: int,
                     if join(n) in owned:
                         out[join(n)] = t.detach().to(base[join(n)].device)
     return out
+
+
+# ----------------------------------------------------------------------------- activation sites
+
+
+ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.SiLU, nn.Softplus, nn.ReLU6,
+    nn.Hardtanh, nn.Mish)
+"""The module types whose outputs are a network's activations (post-nonlinearity: the units of
+the single-direction probes). ``nn.ReLU6`` is a ``nn.Hardtanh``; subclasses count too."""
+
+
+def select_sites(model: nn.Module, layers: str | Sequence[str] | None,
+                 order: Sequence[str] | None = None, *, example: Tensor | None = None) -> list[str]:
+    """Names of the modules whose output a single-direction probe ablates (its *sites*).
+
+    - ``None``: every activation module (:data:`ACTIVATION_MODULES`) that the forward calls.
+      Which are called is seen on `example` (one input batch; forward pre-hooks) when given,
+      else from a ``torch.fx`` trace of the model (modules without children as leaves); a model
+      that neither runs nor traces keeps all its activation modules.
+    - a pattern or list of ``fnmatch`` patterns: every module whose name matches one (any
+      module, parameterless ones included: ``"*relu*"``, ``"stages.*.act2"``).
+
+    Names come in `order` (module names, e.g. ``Subject.forward_order()``; names not in it
+    last, in registration order), each once. A module used at two call sites (one ``nn.ReLU``
+    applied twice) is one site: an edit of its output applies at both calls. Raises
+    ModuleSelectionError for a pattern that matches nothing (naming the closest module names)
+    or a value of another type.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    modules = dict(model.named_modules())
+    rank = {n: i for i, n in enumerate(order or ())}
+    registration = {n: i for i, n in enumerate(names)}
+
+    def ordered(selected) -> list[str]:
+        return sorted(dict.fromkeys(selected), key=lambda n: (n not in rank, rank.get(n, 0),
+                                                                registration[n]))
+
+    how = "list them with [n for n, _ in model.named_modules()]"
+    if layers is None:
+        acts = [n for n in names if isinstance(modules[n], ACTIVATION_MODULES)]
+        called = _called_modules(model, example)
+        return ordered([n for n in acts if called is None or n in called])
+    if isinstance(layers, str):
+        patterns = [layers]
+    elif isinstance(layers, (list, tuple)) and all(isinstance(p, str) for p in layers):
+        patterns = list(layers)
+    else:
+        raise ModuleSelectionError(f"layers={layers!r} ({type(layers).__name__}) is not a site "
+                                   "selection; use None, an fnmatch pattern (str) or a list of "
+                                   f"patterns over module names ({how})")
+    if not patterns:
+        raise ModuleSelectionError(f"layers is an empty list; use None for every activation "
+                                   f"module, or patterns over module names ({how})")
+    selected = []
+    for p in patterns:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, p)]
+        if not hits:
+            close = difflib.get_close_matches(p, names, n=5, cutoff=0.5)
+            hint = f"closest module names: {', '.join(close)}" if close else "no close module name"
+            raise ModuleSelectionError(f"layer pattern {p!r} matches no module ({hint}); {how}")
+        selected += hits
+    return ordered(selected)
+
+
+def _called_modules(model: nn.Module, example: Tensor | None) -> set[str] | None:
+    """Names of the modules the forward calls (None: cannot tell)."""
+    if example is not None:
+        first = _trace_first_uses(model, example, {})
+        return None if first is None else set(first)
+
+    class _Leaves(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return next(m.children(), None) is None
+
+    try:
+        graph = _Leaves().trace(model)
+    except Exception:  # data-dependent control flow, odd inputs: cannot tell
+        return None
+    return {n.target for n in graph.nodes if n.op == "call_module"}

@@ -103,8 +103,9 @@ label=None)`` (stack);
 ``path_edit(unit, start, end, points, z=None, *, scale="absolute", label=None) -> (Edit, sizes)``
 (lazy stack); ``PathParams(keys, start, end, alphas, sigmas=None, draws=None, z=None,
 scale="absolute")``; ``noise_std(center, sigma, scale="absolute")``;
-``mask_edit(module, mask, value=0.0, *, dim=1, label=None)`` (stack when mask is (B, C));
-``activation_noise_edit(module, std, *, seed=0, dim=1, label=None)``;
+``mask_edit(module, mask, value=0.0, *, dim=None, label=None)`` (stack when mask is (B, C));
+``activation_noise_edit(module, std, *, seed=0, draws=1, dim=None, label=None)`` (stack of
+S scales × draws); ``standard_normal_draws(seed, draw, index, shape)``;
 ``stack_edits(edits, label=None)``.
 """
 
@@ -118,6 +119,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor, fx, nn
 from torch.func import functional_call, vmap
@@ -129,6 +131,7 @@ from ..evaluate import per_example as loss_and_error
 from ..memory import resolve_memory_budget
 from ..params import BufferPolicy, Unit
 from ..values import Data
+from .activations import unit_dim
 
 logger = logging.getLogger(__name__)
 
@@ -352,23 +355,31 @@ def _unit_view(x: Tensor, ndim: int, dim: int) -> Tensor:
     return x.reshape(shape)
 
 
-def mask_edit(module: str, mask: Tensor, value: float | Tensor = 0.0, *, dim: int = 1,
+def mask_edit(module: str, mask: Tensor, value: float | Tensor = 0.0, *, dim: int | None = None,
               label: Any = None) -> Edit:
     """Set the units of `module`'s output where `mask` is True to `value` (0, or per-unit means).
 
-    `mask`: (C,) bool, one entry per unit along `dim` of the output (dim 1: channels of a conv
-    output (n, C, H, W) or features of a linear output (n, C)); or (B, C) for a stack of B masks.
-    `value`: a scalar or a (C,) tensor (e.g. each unit's mean activation).
+    `mask`: (C,) bool, one entry per unit along `dim` of the output (``None``, the default:
+    :func:`~genprobe.engine.activations.unit_dim`, i.e. the channels of a conv output
+    (n, C, H, W), the features of a linear output (n, C), the last dim of (n, T, C)); or (B, C)
+    for a stack of B masks. `value`: a scalar or a (C,) tensor (e.g. each unit's mean
+    activation, ``UnitStats.element_mean``), the same for every mask of a stack. A module
+    called at several call sites is masked at each.
     """
     mask = torch.as_tensor(mask, dtype=torch.bool)
     value = torch.as_tensor(value)
     if mask.dim() not in (1, 2):
         raise ConfigError(f"mask must be (C,) or (B, C), got shape {tuple(mask.shape)}")
+    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != mask.shape[-1]):
+        raise ConfigError(f"value must be a scalar or ({mask.shape[-1]},), got shape "
+                          f"{tuple(value.shape)}")
 
     def fn(h: Tensor, ctx: ActivationContext) -> Tensor:
-        m = _unit_view(ctx.args["mask"].to(h.device), h.dim(), dim)
+        d = unit_dim(h) if dim is None else dim
+        _check_units(module, h, d, ctx.args["mask"].shape[0])
+        m = _unit_view(ctx.args["mask"].to(h.device), h.dim(), d)
         v = ctx.args["value"].to(h.device, h.dtype)
-        v = v if v.dim() == 0 else _unit_view(v, h.dim(), dim)
+        v = v if v.dim() == 0 else _unit_view(v, h.dim(), d)
         return torch.where(m, v, h)
 
     if mask.dim() == 1:
@@ -378,24 +389,95 @@ def mask_edit(module: str, mask: Tensor, value: float | Tensor = 0.0, *, dim: in
                 size=mask.shape[0], label=label)
 
 
-def activation_noise_edit(module: str, std: float | Tensor, *, seed: int = 0, dim: int = 1,
-                          label: Any = None) -> Edit:
-    """Add Gaussian noise to `module`'s output: h + std · z, z ~ N(0, I) fresh per example.
+def _check_units(module: str, h: Tensor, dim: int, c: int) -> None:
+    have = h.shape[dim]
+    if c not in (1, have):
+        raise ConfigError(f"activation edit of {module!r}: {c} per-unit values for an output "
+                          f"with {have} units along dim {dim} (shape {tuple(h.shape)})")
 
-    `std`: a scalar or (C,) per-unit standard deviations along `dim` (e.g. factor × each unit's
-    empirical std). Each chunk's draw uses a generator seeded with (seed, first example index):
-    reproducible for a fixed chunk size.
+
+def _noise_scales(std: float | Tensor | Sequence) -> tuple[Tensor, bool]:
+    """(S, C) or (S, 1) float64 noise scales, and whether `std` asks for a stack of scales."""
+    if isinstance(std, (list, tuple)):
+        items = [torch.as_tensor(s, dtype=torch.float64) for s in std]
+        if not items or any(t.dim() > 1 for t in items) or len({t.shape for t in items}) != 1:
+            raise ConfigError("activation noise std: a list must hold S numbers or S (C,) tensors")
+        scales = torch.stack(items)
+        scales, stacked = (scales.unsqueeze(1) if scales.dim() == 1 else scales), True
+    else:
+        t = torch.as_tensor(std, dtype=torch.float64)
+        if t.dim() > 2:
+            raise ConfigError(f"activation noise std must be a scalar, (C,) or (S, C), got shape "
+                              f"{tuple(t.shape)}")
+        scales, stacked = t.reshape(1, -1) if t.dim() < 2 else t, t.dim() == 2
+    if scales.numel() == 0 or not torch.isfinite(scales).all() or (scales < 0).any():
+        raise ConfigError("activation noise std must be finite and >= 0")
+    return scales, stacked
+
+
+def standard_normal_draws(seed: int, draw: int, index: Tensor, shape: Sequence[int]) -> Tensor:
+    """(n, *shape) float64 standard-normal draws, row i depending on (seed, draw, index[i]) only:
+    ``numpy.random.default_rng(SeedSequence([seed, draw, index[i]])).standard_normal(shape)``.
+    The draws of :func:`activation_noise_edit`: the same whatever the data chunking."""
+    size = math.prod(shape)
+    out = np.empty((len(index), size), dtype=np.float64)
+    for i, ex in enumerate(index.tolist()):
+        out[i] = np.random.default_rng(np.random.SeedSequence([seed, draw, ex])).standard_normal(size)
+    return torch.from_numpy(out).reshape(len(index), *shape)
+
+
+def activation_noise_edit(module: str, std: float | Tensor | Sequence, *, seed: int = 0,
+                          draws: int = 1, dim: int | None = None, label: Any = None) -> Edit:
+    """Add Gaussian noise to `module`'s output: h + s · z, z ~ N(0, I) fixed per example.
+
+    `std` s: a scalar, or (C,) per-unit standard deviations along `dim` (e.g. factor × each
+    unit's empirical std, ``factor * UnitStats.var.sqrt()``), for one noise scale; or S scales:
+    a list of S numbers or of S (C,) tensors, or an (S, C) tensor. A 1-D tensor is always (C,)
+    per-unit stds; give S scalar scales as a list, or as an (S, 1) tensor. `dim` ``None``: the
+    :func:`~genprobe.engine.activations.unit_dim` of the output.
+
+    The draw z of example i in draw d is :func:`standard_normal_draws` of (`seed`, d, i): the
+    same for any batch size or chunking, whatever else is evaluated. One scalar or (C,) scale
+    and ``draws=1`` give one variant; otherwise a stack of S × `draws` variants in scale-major
+    order (variant v: scale v // draws, draw v % draws), every scale using the same draws z
+    (common random numbers). A module called at several call sites gets the same z added at
+    each. The z of the current data chunk (`draws` of them) are kept while the chunk is
+    evaluated.
     """
-    std = torch.as_tensor(std)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ConfigError(f"activation noise seed must be an int >= 0, got {seed!r}")
+    if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or draws < 1:
+        raise ConfigError(f"draws must be an int >= 1, got {draws!r}")
+    scales, stacked = _noise_scales(std)
+    seed, draws = int(seed), int(draws)
+    cache: dict[str, Any] = {"key": None, "z": {}}
+
+    def z_of(d: int, index: Tensor, h: Tensor) -> Tensor:
+        key = (tuple(index.tolist()), tuple(h.shape[1:]), h.dtype, h.device)
+        if cache["key"] != key:
+            cache["key"], cache["z"] = key, {}
+        if d not in cache["z"]:
+            cache["z"][d] = standard_normal_draws(seed, d, index, h.shape[1:]).to(h.device, h.dtype)
+        return cache["z"][d]
 
     def fn(h: Tensor, ctx: ActivationContext) -> Tensor:
-        first = int(ctx.index[0]) if len(ctx.index) else 0
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + first)
-        z = torch.randn(h.shape, generator=g, dtype=h.dtype).to(h.device)
-        s = std.to(h.device, h.dtype)
-        return h + (s if s.dim() == 0 else _unit_view(s, h.dim(), dim)) * z
+        d = unit_dim(h) if dim is None else dim
+        s = ctx.args["std"]
+        _check_units(module, h, d, s.shape[0])
+        draw = ctx.args["draw"]
+        try:
+            z = z_of(int(draw), ctx.index, h)
+        except RuntimeError:  # under vmap the draw index is batched: select from every draw
+            z = torch.stack([z_of(b, ctx.index, h) for b in range(draws)])[draw]
+        return h + _unit_view(s.to(h.device, h.dtype), h.dim(), d) * z
 
-    return Edit(activations={module: fn}, label=label)
+    if not stacked and draws == 1:
+        return Edit(activations={module: fn}, args={"std": scales[0], "draw": torch.tensor(0)},
+                    label=label)
+    size = scales.shape[0] * draws
+    args = {"std": scales.repeat_interleave(draws, dim=0),
+            "draw": torch.arange(draws).repeat(scales.shape[0])}
+    return Edit(activations={module: fn}, args=args, size=size, label=label)
 
 
 def stack_edits(edits: Sequence[Edit], label: Any = None) -> Edit:

@@ -127,12 +127,17 @@ def parse_checkpoints(text: str | None) -> Checkpoints:
                           "e.g. 0,1,5") from None
 
 
-def generator(seed: int, *keys: str | int) -> torch.Generator:
-    """A CPU generator derived from `seed` and `keys` (a unit's name, a purpose): independent
+def derive_seed(seed: int, *keys: str | int) -> int:
+    """A 62-bit seed derived from `seed` and `keys` (a unit's name, a purpose): independent
     streams for independent things, the same stream for the same (seed, keys)."""
     words = [int(seed)] + [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys]
     state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 31 ^ int(state[1]))
+    return (int(state[0]) << 31 ^ int(state[1])) % (1 << 62)
+
+
+def generator(seed: int, *keys: str | int) -> torch.Generator:
+    """A CPU generator seeded with :func:`derive_seed` of `seed` and `keys`."""
+    return torch.Generator().manual_seed(derive_seed(seed, *keys))
 
 
 def sample(data: Data, *, num_classes: int, n: int | None = None, per_class: int | None = None,
@@ -181,5 +186,5 @@ def sample(data: Data, *, num_classes: int, n: int | None = None, per_class: int
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
-__all__ = ["SHARED_HELP", "SPLITS", "check_int", "check_number", "check_split", "generator",
+__all__ = ["SHARED_HELP", "SPLITS", "check_int", "derive_seed", "check_number", "check_split", "generator",
            "parse_checkpoints", "sample", "select_checkpoints"]

@@ -288,7 +288,9 @@ class VGG(ZooModel):
 
 
 class BasicBlock(nn.Module):
-    """3×3 conv – BN – ReLU – 3×3 conv – BN, plus the shortcut (1×1 conv + BN when the shape changes)."""
+    """3×3 conv – BN – ReLU (``act1``) – 3×3 conv – BN, plus the shortcut (1×1 conv + BN when the
+    shape changes), then ReLU (``act2``). The ReLUs are modules so that their outputs (the
+    block's units) can be edited by name; they own no state, so checkpoints are unchanged."""
 
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
@@ -300,11 +302,13 @@ class BasicBlock(nn.Module):
         if stride != 1 or c_in != c_out:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False),
                                           nn.BatchNorm2d(c_out))
+        self.act1 = nn.ReLU()
+        self.act2 = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.relu(self.bn1(self.conv1(x)))
+        h = self.act1(self.bn1(self.conv1(x)))
         h = self.bn2(self.conv2(h))
-        return F.relu(h + self.shortcut(x))
+        return self.act2(h + self.shortcut(x))
 
 
 @register_model("resnet")

@@ -1,0 +1,476 @@
+"""Reliance on single directions: cumulative ablation and activation noise (Morcos, Barrett,
+Rabinowitz & Botvinick 2018, "On the importance of single directions for generalization").
+
+A *unit* (a direction) is one feature of a linear layer's output, one channel (feature map) of a
+conv layer's output, or one hidden neuron of a transformer MLP; a *layer* is a module whose output
+holds the units (by default every activation module: ``nn.ReLU``, ``nn.GELU``, ...; see
+:func:`genprobe.params.select_sites`).
+
+- ``gp.ablation``: set k units of a layer to zero (``mode="zero"``) or to their mean activation over
+  the training set (``mode="mean"``; a feature map is set to its channel's mean value), for k from
+  0 to all units, in ``orders`` random orders (``order="random"``), or most selective first
+  (``"selectivity"``, class selectivity on the training set), or largest activation norm first
+  (``"norm"``: √E[h²] of the unit on the training set — the paper's weight norm is not defined for
+  a unit of a parameterless module); ``scope="all"`` ablates the same fraction of every layer at once.
+  Curve: accuracy against the fraction ablated; summary: its area (trapezoid over the fraction in
+  [0, 1], so in [0, 1]), mean over orders.
+- ``gp.activation_noise``: add Gaussian noise to every unit of a layer, with standard deviation
+  ``scale`` × the unit's empirical standard deviation (of its per-example activation on the
+  training set), for each scale in ``scales``, ``draws`` times (the same draws at every scale);
+  curve: accuracy against the scale; summary: the area under it over [0, max scale], normalized to
+  [0, 1].
+
+Every point is one edited network evaluated by :class:`genprobe.engine.variants.VariantEvaluator`
+(only the part of the forward pass after the layer is recomputed; the levels of one order are one
+stack of variants).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .. import progress
+from ..engine.activations import UnitStats, activation_stats, unit_dim
+from ..engine.variants import ActivationContext, Edit, VariantEvaluator, activation_noise_edit
+from ..errors import ConfigError, ModuleSelectionError, check_choice
+from ..evaluate import evaluate
+from ..params import select_sites
+from ..results import Result
+from ..subject import Subject
+from .common import Split, check_int, check_split, check_subject, derive_seed, generator, sample
+from .registry import Option, register_probe
+
+MODES = ("zero", "mean")
+ORDERS = ("random", "selectivity", "norm")
+SCOPES = ("per-layer", "all")
+DEFAULT_STEPS = 20
+"""Levels of a curve when ``steps`` is None: every k for layers of at most this many units, else
+this many equal fractions (k = round(j·C / steps))."""
+DEFAULT_SCALES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+"""Noise scales (× each unit's standard deviation) of ``activation_noise``."""
+ALL = "all"
+
+
+# ----------------------------------------------------------------------------- shared
+
+
+def layer_sites(subject: Subject, layers) -> tuple[list[str], dict[str, UnitStats]]:
+    """The layers to probe and their unit statistics on the training set (stats need labels).
+
+    Default (``layers=None``): every activation module; a model with none gets every module
+    owning parameters whose output has a unit dimension, except the last one (the classifier).
+    An explicitly named layer whose output has no unit dimension is a ModuleSelectionError.
+    """
+    order = subject.forward_order()
+    sites = select_sites(subject.model, layers, order)
+    fallback = layers is None and not sites
+    if fallback:
+        owners = [u.modules[0] for u in subject.units()]
+        sites = [m for m in owners[:-1] if m]
+    data = subject.data("train")
+    shapes = _output_shapes(subject, data.x[:2], sites)
+    usable = []
+    for site in sites:
+        shape = shapes.get(site)
+        if not isinstance(shape, tuple) or len(shape) < 2:
+            if not fallback and layers is not None:
+                what = "is never called" if site not in shapes else f"gives {shape!r}"
+                raise ModuleSelectionError(f"layer {site!r} {what}: its output has no unit dimension "
+                                           "(need a tensor (N, C, ...)); choose another layer")
+            continue
+        usable.append(site)
+    if not usable:
+        raise ModuleSelectionError("no layer with units to probe: the model has no activation "
+                                   "modules; name layers whose outputs hold units, e.g. layers='fc1'")
+    stats = activation_stats(subject.model, subject.final, data, usable,
+                             num_classes=subject.num_classes)
+    return usable, stats
+
+
+def _output_shapes(subject: Subject, x: Tensor, sites: Sequence[str]) -> dict[str, object]:
+    """What each site's module returns on two examples: a shape tuple, or a type name."""
+    import copy
+
+    model = copy.deepcopy(subject.model)
+    modules = dict(model.named_modules())
+    found: dict[str, object] = {}
+    handles = []
+    for site in sites:
+        def hook(mod, args, out, site=site):
+            found.setdefault(site, tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__)
+        handles.append(modules[site].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(model, subject.final, (x,))
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+def selectivity_index(class_means: Tensor) -> Tensor:
+    """(μ_max − μ_−max) / (μ_max + μ_−max) per unit from class-conditional means (K, C);
+    μ_−max is the mean of the other classes' means. 0 where the denominator is 0."""
+    k = class_means.shape[0]
+    top, _ = class_means.max(0)
+    rest = (class_means.sum(0) - top) / max(k - 1, 1)
+    denom = top + rest
+    return torch.where(denom != 0, (top - rest) / torch.where(denom != 0, denom, 1.0), 0.0)
+
+
+def masks_edit(masks: dict[str, tuple[Tensor, Tensor]], label=None) -> Edit:
+    """One stack of B variants setting, at every site, the units where ``mask`` (B, C) is True to
+    ``value`` (C,) (zero or per-unit means); units lie on :func:`unit_dim` of each output."""
+    acts, args = {}, {}
+    size = None
+    for i, (site, (mask, value)) in enumerate(masks.items()):
+        size = mask.shape[0]
+
+        def fn(h: Tensor, ctx: ActivationContext, i=i) -> Tensor:
+            d = unit_dim(h)
+            shape = [1] * h.dim()
+            shape[d] = -1
+            m = ctx.args[f"mask{i}"].to(h.device).reshape(shape)
+            v = ctx.args[f"value{i}"].to(h.device, h.dtype).reshape(shape)
+            return torch.where(m, v, h)
+
+        acts[site] = fn
+        args[f"mask{i}"] = mask
+        args[f"value{i}"] = value.expand(mask.shape[0], *value.shape)
+    return Edit(activations=acts, args=args, size=size, label=label)
+
+
+def _levels(units: int, steps: int | None) -> list[int]:
+    if steps is None:
+        steps = min(units, DEFAULT_STEPS)
+    if steps > units:
+        raise ConfigError(f"steps={steps} is beyond the unit count of a layer ({units} units); "
+                          f"use steps <= {units}")
+    return sorted({round(j * units / steps) for j in range(steps + 1)})
+
+
+def _rank(stats: UnitStats, order: str, gen: torch.Generator) -> Tensor:
+    """Units in ablation order (a permutation of 0..C-1)."""
+    if order == "random":
+        return torch.randperm(stats.units, generator=gen)
+    key = selectivity_index(stats.class_means) if order == "selectivity" else \
+        (stats.var + stats.mean ** 2).clamp_min(0).sqrt()
+    return torch.argsort(-key, stable=True)
+
+
+def _auc(x: np.ndarray, y: np.ndarray) -> float:
+    if len(x) < 2:
+        return math.nan
+    span = float(x[-1] - x[0])
+    return float(np.trapezoid(y, x) / span) if span > 0 else math.nan
+
+
+def _trained_check(subject, data, ev_base, batch_size, device) -> dict:
+    plain = evaluate(subject.model, subject.final, data, batch_size=batch_size, device=device)
+    value = abs(float(ev_base.error) - plain.error) + abs(float(ev_base.loss) - plain.loss)
+    tol = 1e-4 * max(1.0, abs(plain.loss))
+    return {"what": "k = 0 (no unit ablated / zero noise) reproduces the trained accuracy and loss",
+            "value": value, "tolerance": tol, "passed": bool(value <= tol)}
+
+
+class _CurveResult(Result):
+    """Shared plotting and tables of the ablation and noise curves."""
+
+    x: str = "fraction"
+    xlabel: str = "fraction of units ablated"
+
+    def curves(self) -> pd.DataFrame:
+        """Mean, min and max accuracy over orders/draws per (layer, x)."""
+        group = self.table.groupby(["layer", self.x], sort=False)["accuracy"]
+        return group.agg(["mean", "min", "max"]).reset_index()
+
+    def brief(self) -> pd.DataFrame:
+        rows = []
+        for layer, part in self.curves().groupby("layer", sort=False):
+            rows.append({"layer": layer, "units": int(self.tables["layers"].set_index("layer").loc[layer, "units"]),
+                         "auc": self.summary.get(f"auc:{layer}", math.nan),
+                         "accuracy_at_start": float(part["mean"].iloc[0]),
+                         "accuracy_at_end": float(part["mean"].iloc[-1])})
+        return pd.DataFrame(rows)
+
+    def plot(self):
+        """Accuracy against the fraction ablated (or the noise scale): mean over orders (line)
+        and their range (band), one line per layer."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(6.0, 4.2), layout="constrained")
+        ax = fig.add_subplot()
+        for layer, part in self.curves().groupby("layer", sort=False):
+            line = ax.plot(part[self.x], part["mean"], marker="o", ms=3,
+                           label=f"{layer} (AUC {self.summary.get(f'auc:{layer}', math.nan):.2f})")[0]
+            ax.fill_between(part[self.x], part["min"], part["max"], alpha=0.2, color=line.get_color())
+        ax.set_xlabel(self.xlabel)
+        ax.set_ylabel(f"{self.meta.get('options', {}).get('split', 'test')} accuracy")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(self.title())
+        ax.legend(fontsize=7)
+        return fig
+
+    def title(self) -> str:
+        return ""
+
+
+# ----------------------------------------------------------------------------- ablation
+
+
+class AblationResult(_CurveResult):
+    """Result of :func:`ablation`.
+
+    ``table``: one row per (``layer``, ``k``, ``order_id``): ``fraction`` (k / units),
+    ``accuracy``, ``loss`` (mean cross-entropy, nats); ``layer`` is ``"all"`` with scope="all".
+    ``summary``: ``auc:LAYER`` per layer (mean over orders), ``auc_all`` (mean over layers, or the
+    all-layers curve), ``base_accuracy``. ``tables["layers"]``: ``layer``, ``units``, ``dim``.
+    Tensors: ``rank/LAYER/ORDER`` (the ablation order, a permutation of the units) and
+    ``mean/LAYER`` (each unit's training-set mean, the value of ``mode="mean"``).
+    """
+
+    probe = "ablation"
+
+    def title(self) -> str:
+        o = self.meta.get("options", {})
+        return f"cumulative ablation ({o.get('mode')}, {o.get('order')} order); band: range over orders"
+
+
+@register_probe(
+    "ablation", AblationResult, paper="Morcos, Barrett, Rabinowitz & Botvinick 2018",
+    summary="accuracy as more and more units of a layer are ablated; area under the curve",
+    options=(Option("layers", str, "fnmatch pattern(s) of layers whose output units are ablated "
+                    "(repeatable); default: every activation module.", multiple=True),
+             Option("mode", str, "zero, or mean (the unit's training-set mean)."),
+             Option("order", str, "random, selectivity (most selective first) or norm."),
+             Option("orders", int, "Random orders (mean and range)."),
+             Option("steps", int, "Levels of each curve."),
+             Option("scope", str, "per-layer, or all (every layer at once).")),
+    demo={"orders": 3}, tiny={"orders": 2, "steps": 3})
+def ablation(
+    subject: Subject,
+    *,
+    layers: str | Sequence[str] | None = None,
+    mode: Literal["zero", "mean"] = "zero",
+    order: Literal["random", "selectivity", "norm"] = "random",
+    orders: int = 5,
+    steps: int | None = None,
+    scope: Literal["per-layer", "all"] = "per-layer",
+    split: Split = "test",
+    n: int | None = None,
+    per_class: int | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+    device: str = "auto",
+) -> AblationResult:
+    """Cumulative ablation curves (see the module docstring).
+
+    The shared options (subject, split, n, per_class, seed, batch_size, memory_budget, device)
+    mean what :mod:`genprobe.probes.common` says. `layers`: fnmatch patterns of modules whose
+    output units are ablated (:func:`genprobe.params.select_sites`). `orders`: number of random
+    orders (1 for the deterministic ones). `steps`: levels per curve (default: every k up to
+    :data:`DEFAULT_STEPS` units, else that many equal fractions); more than a layer's units is
+    an error.
+    """
+    check_subject(subject, "ablation")
+    check_choice("mode", mode, MODES)
+    check_choice("order", order, ORDERS)
+    check_choice("scope", scope, SCOPES)
+    check_split(split)
+    check_int("orders", orders, 1)
+    check_int("steps", steps, 1, optional=True)
+    seed = check_int("seed", seed, 0)
+    sites, stats = layer_sites(subject, layers)
+    data = subject.data(split)
+    data = data.subset(sample(data, num_classes=subject.num_classes, n=n, per_class=per_class,
+                              seed=seed, split=split))
+    n_orders = orders if order == "random" else 1
+    value = {s: (stats[s].element_mean if mode == "mean" else torch.zeros(stats[s].units, dtype=torch.float64))
+             for s in sites}
+    edits: list[Edit] = [Edit(label="base")]
+    plan = []  # (layer name, levels per site, order_id)
+    ranks = {f"rank/{s}/{o}": _rank(stats[s], order, generator(seed, "ablation", s, o))
+             for s in sites for o in range(n_orders)}
+    if scope == "per-layer":
+        for site in sites:
+            levels = _levels(stats[site].units, steps)
+            for o in range(n_orders):
+                rank = ranks[f"rank/{site}/{o}"]
+                masks = _prefix_masks(rank, levels)
+                edits.append(masks_edit({site: (masks, value[site])}))
+                plan.append((site, {site: levels}, o))
+    else:
+        fractions = _fractions(steps, min(stats[s].units for s in sites))
+        for o in range(n_orders):
+            per_site = {}
+            for site in sites:
+                c = stats[site].units
+                rank = ranks[f"rank/{site}/{o}"]
+                per_site[site] = (_prefix_masks(rank, [round(f * c) for f in fractions]), value[site])
+            edits.append(masks_edit(per_site))
+            plan.append((ALL, {"fractions": fractions}, o))
+    ev = VariantEvaluator(subject.model, subject.final, data, batch_size=batch_size, device=device,
+                          memory_budget=memory_budget)
+    with progress.task(f"ablation ({len(edits) - 1} curves, {len(data)} examples)", total=len(data)) as bar:
+        results = ev.evaluate(edits, on_progress=lambda done, total: bar.advance(done))
+    rows = []
+    for (layer, levels, o), res in zip(plan, results[1:], strict=True):
+        if layer == ALL:
+            xs = levels["fractions"]
+            ks = [math.nan] * len(xs)
+        else:
+            ks = levels[layer]
+            xs = [k / stats[layer].units for k in ks]
+        for k, x, err, loss in zip(ks, xs, res.error.tolist(), res.loss.tolist(), strict=True):
+            rows.append({"layer": layer, "k": k, "fraction": x, "order_id": o,
+                         "accuracy": 1.0 - err, "loss": loss})
+    table = pd.DataFrame(rows, columns=["layer", "k", "fraction", "order_id", "accuracy", "loss"])
+    summary = _curve_summary(table, "fraction", results[0])
+    layers_table = pd.DataFrame([{"layer": s, "units": stats[s].units, "dim": stats[s].dim} for s in sites]
+                                + ([{"layer": ALL, "units": sum(stats[s].units for s in sites), "dim": -1}]
+                                   if scope == "all" else []))
+    meta = {"options": {"layers": layers if layers is None or isinstance(layers, str) else list(layers),
+                        "mode": mode, "order": order, "orders": n_orders, "steps": steps,
+                        "scope": scope, "split": split, "n": n, "per_class": per_class,
+                        "batch_size": batch_size, "device": str(ev.device)},
+            "seed": seed, "sites": sites, "engine": ev.mode, "n_examples": len(data),
+            "mean_source": "training-set mean of each unit (element mean for feature maps)",
+            "self_check": _trained_check(subject, data, results[0], batch_size, device)}
+    tensors = ranks | {f"mean/{s}": stats[s].element_mean for s in sites}
+    return AblationResult(table=table, summary=summary, meta=meta, tables={"layers": layers_table},
+                          tensors=tensors)
+
+
+def _prefix_masks(rank: Tensor, levels: Sequence[int]) -> Tensor:
+    """(len(levels), C) masks: row j ablates the first levels[j] units of `rank`."""
+    c = len(rank)
+    masks = torch.zeros(len(levels), c, dtype=torch.bool)
+    for j, k in enumerate(levels):
+        masks[j, rank[:k]] = True
+    return masks
+
+
+def _fractions(steps: int | None, smallest: int) -> list[float]:
+    steps = min(smallest, DEFAULT_STEPS) if steps is None else steps
+    if steps > smallest:
+        raise ConfigError(f"steps={steps} is beyond the unit count of a layer ({smallest} units); "
+                          f"use steps <= {smallest}")
+    return [j / steps for j in range(steps + 1)]
+
+
+def _curve_summary(table: pd.DataFrame, x: str, base) -> dict[str, float]:
+    summary = {}
+    for layer, part in table.groupby("layer", sort=False):
+        curve = part.groupby(x)["accuracy"].mean()
+        summary[f"auc:{layer}"] = _auc(curve.index.to_numpy(dtype=float), curve.to_numpy(dtype=float))
+    aucs = [v for v in summary.values() if math.isfinite(v)]
+    summary["auc_all"] = summary.get(f"auc:{ALL}", float(np.mean(aucs)) if aucs else math.nan)
+    summary["base_accuracy"] = 1.0 - float(base.error)
+    return summary
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+class NoiseResult(_CurveResult):
+    """Result of :func:`activation_noise`.
+
+    ``table``: one row per (``layer``, ``scale``, ``draw``): ``accuracy``, ``loss``.
+    ``summary``: ``auc:LAYER`` (area under accuracy vs scale over [0, max scale], normalized to
+    [0, 1]; mean over draws), ``auc_all`` (mean over layers), ``base_accuracy``.
+    """
+
+    probe = "activation_noise"
+    x = "scale"
+    xlabel = "noise scale (× each unit's standard deviation)"
+
+    def title(self) -> str:
+        return "activation noise; band: range over draws"
+
+
+@register_probe(
+    "activation_noise", NoiseResult, paper="Morcos, Barrett, Rabinowitz & Botvinick 2018",
+    summary="accuracy as Gaussian noise proportional to each unit's spread is added to a layer",
+    options=(Option("layers", str, "fnmatch pattern(s) of layers (repeatable); default: every "
+                    "activation module.", multiple=True),
+             Option("scales", float, "Noise scale (repeatable) [0, 0.25, 0.5, 1, 2, 4].", multiple=True),
+             Option("draws", int, "Noise draws per scale (the same at every scale).")),
+    demo={"draws": 2}, tiny={"draws": 2, "scales": [0.0, 0.5, 2.0]})
+def activation_noise(
+    subject: Subject,
+    *,
+    layers: str | Sequence[str] | None = None,
+    scales: Sequence[float] | None = None,
+    draws: int = 3,
+    split: Split = "test",
+    n: int | None = None,
+    per_class: int | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+    device: str = "auto",
+) -> NoiseResult:
+    """Accuracy against activation noise (see the module docstring); shared options as in
+    :mod:`genprobe.probes.common`."""
+    check_subject(subject, "activation_noise")
+    check_split(split)
+    check_int("draws", draws, 1)
+    seed = check_int("seed", seed, 0)
+    scales = _check_scales(DEFAULT_SCALES if scales is None else scales)
+    sites, stats = layer_sites(subject, layers)
+    data = subject.data(split)
+    data = data.subset(sample(data, num_classes=subject.num_classes, n=n, per_class=per_class,
+                              seed=seed, split=split))
+    edits: list[Edit] = [Edit(label="base")]
+    seeds = {site: derive_seed(seed, "noise", site) for site in sites}
+    for site in sites:
+        std = torch.tensor(scales, dtype=torch.float64)[:, None] * stats[site].var.clamp_min(0).sqrt()[None, :]
+        edits.append(activation_noise_edit(site, std, seed=seeds[site], draws=draws))
+    ev = VariantEvaluator(subject.model, subject.final, data, batch_size=batch_size, device=device,
+                          memory_budget=memory_budget)
+    with progress.task(f"activation noise ({len(sites)} layers, {len(data)} examples)", total=len(data)) as bar:
+        results = ev.evaluate(edits, on_progress=lambda done, total: bar.advance(done))
+    rows = []
+    for site, res in zip(sites, results[1:], strict=True):
+        for v, (err, loss) in enumerate(zip(res.error.tolist(), res.loss.tolist(), strict=True)):
+            rows.append({"layer": site, "scale": scales[v // draws], "draw": v % draws,
+                         "accuracy": 1.0 - err, "loss": loss})
+    table = pd.DataFrame(rows, columns=["layer", "scale", "draw", "accuracy", "loss"])
+    summary = _curve_summary(table, "scale", results[0])
+    zero = table[table["scale"] == 0.0]
+    check = _trained_check(subject, data, results[0], batch_size, device)
+    if len(zero):  # scale 0 must give the trained network exactly
+        gap = float((zero["accuracy"] - (1.0 - float(results[0].error))).abs().max())
+        check["value"] = max(check["value"], gap)
+        check["passed"] = bool(check["value"] <= check["tolerance"])
+    layers_table = pd.DataFrame([{"layer": s, "units": stats[s].units, "dim": stats[s].dim} for s in sites])
+    meta = {"options": {"layers": layers if layers is None or isinstance(layers, str) else list(layers),
+                        "scales": scales, "draws": draws, "split": split, "n": n,
+                        "per_class": per_class, "batch_size": batch_size, "device": str(ev.device)},
+            "seed": seed, "sites": sites, "engine": ev.mode, "n_examples": len(data),
+            "noise_seed": seeds,
+            "std_source": "standard deviation of each unit's per-example activation on the training set",
+            "self_check": check}
+    return NoiseResult(table=table, summary=summary, meta=meta, tables={"layers": layers_table})
+
+
+def _check_scales(scales) -> list[float]:
+    try:
+        out = sorted({float(s) for s in np.asarray(scales, dtype=float).ravel()})
+    except (TypeError, ValueError):
+        raise ConfigError(f"scales must be numbers >= 0, got {scales!r}") from None
+    if not out or any(not math.isfinite(s) or s < 0 for s in out):
+        raise ConfigError(f"scales must be a non-empty list of finite numbers >= 0, got {scales!r}")
+    return out
+
+
+__all__ = ["AblationResult", "NoiseResult", "ablation", "activation_noise", "layer_sites",
+           "masks_edit", "selectivity_index"]

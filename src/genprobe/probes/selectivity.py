@@ -1,0 +1,184 @@
+"""Class selectivity of single units and their importance (Morcos, Barrett, Rabinowitz &
+Botvinick 2018).
+
+The class selectivity of a unit is (μ_max − μ_−max) / (μ_max + μ_−max), with μ_max the largest
+class-conditional mean of its activation and μ_−max the mean of the other classes' means: 0 means
+no class preference, 1 a unit active for one class only. The formula assumes non-negative
+activations (post-ReLU); a layer with negative activations is reported with a warning and in
+``meta["negative_layers"]``. A unit's activation on one example is its value (a neuron) or its
+mean over the feature map / the sequence (a channel). *Importance* is the accuracy drop when that
+unit alone is zeroed; the paper's finding is that selectivity predicts it poorly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+
+from .. import progress
+from ..engine.activations import activation_stats
+from ..engine.variants import Edit, VariantEvaluator
+from ..errors import ConfigError
+from ..results import Result
+from ..subject import Subject
+from .ablation import layer_sites, masks_edit, selectivity_index
+from .common import Split, check_int, check_split, check_subject, sample
+from .registry import Option, register_probe
+
+logger = logging.getLogger(__name__)
+
+
+class SelectivityResult(Result):
+    """Result of :func:`selectivity`.
+
+    ``table``: one row per (``layer``, ``unit``): ``selectivity``, ``preferred_class`` (argmax of
+    the class means), ``mean_activation``, ``importance`` (accuracy drop when the unit alone is
+    zeroed; NaN with ``importance=False``).
+    ``summary``: ``mean_selectivity`` (over all units), ``mean_selectivity:LAYER``,
+    ``selectivity_importance_spearman`` (Spearman ρ over all units; NaN without importance),
+    ``base_accuracy``.
+    """
+
+    probe = "selectivity"
+
+    def brief(self) -> pd.DataFrame:
+        g = self.table.groupby("layer", sort=False)
+        out = g.agg(units=("unit", "size"), mean_selectivity=("selectivity", "mean"),
+                    max_selectivity=("selectivity", "max"), mean_importance=("importance", "mean"),
+                    max_importance=("importance", "max")).reset_index()
+        return out
+
+    def plot(self):
+        """Selectivity histogram per layer, and importance against selectivity."""
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(10.0, 4.0), layout="constrained")
+        ax, bx = fig.subplots(1, 2)
+        bins = np.linspace(0.0, 1.0, 21)
+        for layer, part in self.table.groupby("layer", sort=False):
+            ax.hist(part["selectivity"].clip(0, 1), bins=bins, histtype="step", label=layer)
+            bx.scatter(part["selectivity"], part["importance"], s=8, label=layer)
+        ax.set_xlabel("class selectivity")
+        ax.set_ylabel("units")
+        ax.set_title(f"mean selectivity {self.summary['mean_selectivity']:.3f}")
+        ax.legend(fontsize=7)
+        bx.axhline(0.0, color="black", lw=0.8)
+        bx.set_xlabel("class selectivity")
+        bx.set_ylabel("accuracy drop when the unit alone is zeroed")
+        bx.set_title(f"importance vs selectivity (Spearman ρ = "
+                     f"{self.summary['selectivity_importance_spearman']:.3f})")
+        return fig
+
+
+@register_probe(
+    "selectivity", SelectivityResult, paper="Morcos, Barrett, Rabinowitz & Botvinick 2018",
+    summary="class selectivity of every unit and its importance (accuracy drop when zeroed)",
+    options=(Option("layers", str, "fnmatch pattern(s) of layers (repeatable); default: every "
+                    "activation module.", multiple=True),
+             Option("importance", bool, "Also ablate each unit alone (one network per unit).")),
+    demo={}, tiny={"n": 12})
+def selectivity(
+    subject: Subject,
+    *,
+    layers: str | Sequence[str] | None = None,
+    split: Split = "test",
+    importance: bool = True,
+    n: int | None = None,
+    per_class: int | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    memory_budget: int | None = None,
+    device: str = "auto",
+) -> SelectivityResult:
+    """Selectivity and importance of every unit of the chosen layers, measured on `split` (see
+    the module docstring); shared options as in :mod:`genprobe.probes.common`."""
+    check_subject(subject, "selectivity")
+    check_split(split)
+    seed = check_int("seed", seed, 0)
+    if not isinstance(importance, bool):
+        raise ConfigError(f"importance must be True or False, got {importance!r}")
+    sites, _ = layer_sites(subject, layers)
+    data = subject.data(split)
+    data = data.subset(sample(data, num_classes=subject.num_classes, n=n, per_class=per_class,
+                              seed=seed, split=split))
+    stats = activation_stats(subject.model, subject.final, data, sites, num_classes=subject.num_classes)
+    negative = [s for s in sites if float(stats[s].min.min()) < 0]
+    for s in negative:
+        logger.warning("selectivity: layer %s has negative activations (min %.3g); the selectivity "
+                       "formula assumes non-negative ones (post-ReLU)", s, float(stats[s].min.min()))
+    ev = VariantEvaluator(subject.model, subject.final, data, batch_size=batch_size, device=device,
+                          memory_budget=memory_budget)
+    edits: list[Edit] = [Edit(label="base")]
+    if importance:
+        for s in sites:
+            c = stats[s].units
+            edits.append(masks_edit({s: (torch.eye(c, dtype=torch.bool), torch.zeros(c, dtype=torch.float64))}))
+    with progress.task(f"selectivity ({len(sites)} layers)", total=len(data)) as bar:
+        results = ev.evaluate(edits, on_progress=lambda done, total: bar.advance(done))
+    base_acc = 1.0 - float(results[0].error)
+    rows = []
+    for i, s in enumerate(sites):
+        st = stats[s]
+        sel = selectivity_index(st.class_means)
+        pref = st.class_means.argmax(0)
+        drop = (1.0 - results[1 + i].error) if importance else None
+        for u in range(st.units):
+            rows.append({"layer": s, "unit": u, "selectivity": float(sel[u]),
+                         "preferred_class": int(pref[u]), "mean_activation": float(st.mean[u]),
+                         "importance": base_acc - float(drop[u]) if importance else math.nan})
+    table = pd.DataFrame(rows, columns=["layer", "unit", "selectivity", "preferred_class",
+                                        "mean_activation", "importance"])
+    summary = {"mean_selectivity": float(table["selectivity"].mean())}
+    for s, part in table.groupby("layer", sort=False):
+        summary[f"mean_selectivity:{s}"] = float(part["selectivity"].mean())
+    ok = table[["selectivity", "importance"]].dropna()
+    rho = spearmanr(ok["selectivity"], ok["importance"]).statistic if importance and len(ok) > 2 \
+        and ok["importance"].nunique() > 1 and ok["selectivity"].nunique() > 1 else math.nan
+    summary["selectivity_importance_spearman"] = float(rho)
+    summary["base_accuracy"] = base_acc
+    meta = {"options": {"layers": layers if layers is None or isinstance(layers, str) else list(layers),
+                        "split": split, "importance": importance, "n": n, "per_class": per_class,
+                        "batch_size": batch_size, "device": str(ev.device)},
+            "seed": seed, "sites": sites, "negative_layers": negative, "engine": ev.mode,
+            "n_examples": len(data), "self_check": _check(subject, data, sites[0], stats[sites[0]],
+                                                          results, importance, base_acc)}
+    return SelectivityResult(table=table, summary=summary, meta=meta)
+
+
+def _check(subject, data, site, st, results, importance, base_acc) -> dict:
+    """The engine's accuracy with unit 0 of the first layer zeroed, against a forward hook."""
+    import copy
+
+    from ..engine.activations import unit_dim
+
+    if not importance:
+        return {"what": "importance not computed", "value": 0.0, "tolerance": 0.0, "passed": True}
+    model = copy.deepcopy(subject.model)
+
+    def hook(mod, args, out):
+        out = out.clone()
+        out.select(unit_dim(out), 0).zero_()
+        return out
+
+    handle = dict(model.named_modules())[site].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = torch.func.functional_call(model, subject.final, (data.x,))
+    finally:
+        handle.remove()
+    plain = float((logits.argmax(-1) == data.y).double().mean())
+    engine = 1.0 - float(results[1].error[0])
+    value = abs(plain - engine)
+    # float32 rounding may flip the prediction of an example sitting on a decision boundary
+    tol = 1e-9 if data.x.dtype == torch.float64 or logits.dtype == torch.float64 else 1.0 / len(data) + 1e-9
+    return {"what": f"accuracy with unit 0 of {site} zeroed: the engine against a forward hook",
+            "value": value, "tolerance": tol, "passed": bool(value <= tol)}
+
+
+__all__ = ["SelectivityResult", "selectivity"]
