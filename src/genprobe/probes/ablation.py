@@ -44,7 +44,15 @@ from ..evaluate import evaluate
 from ..params import select_sites
 from ..results import Result
 from ..subject import Subject
-from .common import Split, check_int, check_split, check_subject, derive_seed, generator, sample
+from .common import (
+    Split,
+    check_int,
+    check_split,
+    check_subject,
+    derive_seed,
+    generator,
+    split_data,
+)
 from .registry import Option, register_probe
 
 MODES = ("zero", "mean")
@@ -289,9 +297,7 @@ def ablation(
     check_int("steps", steps, 1, optional=True)
     seed = check_int("seed", seed, 0)
     sites, stats = layer_sites(subject, layers)
-    data = subject.data(split)
-    data = data.subset(sample(data, num_classes=subject.num_classes, n=n, per_class=per_class,
-                              seed=seed, split=split))
+    data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
     n_orders = orders if order == "random" else 1
     value = {s: (stats[s].element_mean if mode == "mean" else torch.zeros(stats[s].units, dtype=torch.float64))
              for s in sites}
@@ -426,9 +432,7 @@ def activation_noise(
     seed = check_int("seed", seed, 0)
     scales = _check_scales(DEFAULT_SCALES if scales is None else scales)
     sites, stats = layer_sites(subject, layers)
-    data = subject.data(split)
-    data = data.subset(sample(data, num_classes=subject.num_classes, n=n, per_class=per_class,
-                              seed=seed, split=split))
+    data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
     edits: list[Edit] = [Edit(label="base")]
     seeds = {site: derive_seed(seed, "noise", site) for site in sites}
     for site in sites:

@@ -186,5 +186,14 @@ def sample(data: Data, *, num_classes: int, n: int | None = None, per_class: int
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
-__all__ = ["SHARED_HELP", "SPLITS", "check_int", "derive_seed", "check_number", "check_split", "generator",
+def split_data(subject, split: str, *, n: int | None, per_class: int | None, seed: int) -> Data:
+    """The `split` of `subject`, or its seeded class-balanced subset (:func:`sample`)."""
+    data = subject.data(check_split(split))
+    if n is None and per_class is None:
+        return data
+    return data.subset(sample(data, num_classes=subject.num_classes, n=n, per_class=per_class,
+                              seed=seed, split=split))
+
+
+__all__ = ["SHARED_HELP", "SPLITS", "check_int", "derive_seed", "split_data", "check_number", "check_split", "generator",
            "parse_checkpoints", "sample", "select_checkpoints"]

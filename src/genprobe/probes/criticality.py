@@ -85,7 +85,7 @@ from ..errors import ConfigError, check_choice
 from ..evaluate import evaluate
 from ..results import Result
 from ..subject import Subject
-from .common import Split, check_int, check_split, check_subject, sample
+from .common import Split, check_int, check_split, check_subject, split_data
 from .registry import Option, register_probe
 
 logger = logging.getLogger(__name__)
@@ -578,9 +578,7 @@ def criticality(
     init = subject.require_init("criticality")
     final = subject.final
     units = subject.units(modules)
-    data = subject.data(split)
-    data = data.subset(sample(data, num_classes=subject.num_classes, n=n, per_class=per_class,
-                              seed=seed, split=split))
+    data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
     ev = VariantEvaluator(subject.model, final, data, batch_size=batch_size, device=device,
                           memory_budget=memory_budget)
     base = ev.evaluate([Edit(label="trained")])[0]

@@ -42,8 +42,8 @@ from .common import (
     check_number,
     check_split,
     check_subject,
-    sample,
     select_checkpoints,
+    split_data,
 )
 from .registry import Option, register_probe
 
@@ -172,9 +172,7 @@ def robustness(
     init = subject.require_init("robustness")
     epochs = select_checkpoints(subject, checkpoints)
     units = subject.units(modules)
-    data = subject.data(split)
-    data = data.subset(sample(data, num_classes=subject.num_classes, n=n, per_class=per_class,
-                              seed=seed, split=split))
+    data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
     ev = VariantEvaluator(subject.model, subject.final, data, batch_size=batch_size,
                           device=device, memory_budget=memory_budget)
     targets = [0] + [e for e in epochs if e != 0]

@@ -28,7 +28,7 @@ from ..errors import ConfigError
 from ..results import Result
 from ..subject import Subject
 from .ablation import layer_sites, masks_edit, selectivity_index
-from .common import Split, check_int, check_split, check_subject, sample
+from .common import Split, check_int, check_split, check_subject, split_data
 from .registry import Option, register_probe
 
 logger = logging.getLogger(__name__)
@@ -104,9 +104,7 @@ def selectivity(
     if not isinstance(importance, bool):
         raise ConfigError(f"importance must be True or False, got {importance!r}")
     sites, _ = layer_sites(subject, layers)
-    data = subject.data(split)
-    data = data.subset(sample(data, num_classes=subject.num_classes, n=n, per_class=per_class,
-                              seed=seed, split=split))
+    data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
     stats = activation_stats(subject.model, subject.final, data, sites, num_classes=subject.num_classes)
     negative = [s for s in sites if float(stats[s].min.min()) < 0]
     for s in negative:
