@@ -69,26 +69,23 @@ ALL = "all"
 # ----------------------------------------------------------------------------- shared
 
 
-def layer_sites(subject: Subject, layers) -> tuple[list[str], dict[str, UnitStats]]:
-    """The layers to probe and their unit statistics on the training set (stats need labels).
+def layer_sites(subject: Subject, layers, example: Tensor) -> list[str]:
+    """The layers to probe, checked on `example` (a couple of inputs).
 
     Default (``layers=None``): every activation module; a model with none gets every module
     owning parameters whose output has a unit dimension, except the last one (the classifier).
     An explicitly named layer whose output has no unit dimension is a ModuleSelectionError.
     """
-    order = subject.forward_order()
-    sites = select_sites(subject.model, layers, order)
-    fallback = layers is None and not sites
-    if fallback:
+    sites = select_sites(subject.model, layers, subject.forward_order())
+    if layers is None and not sites:
         owners = [u.modules[0] for u in subject.units()]
         sites = [m for m in owners[:-1] if m]
-    data = subject.data("train")
-    shapes = _output_shapes(subject, data.x[:2], sites)
+    shapes = _output_shapes(subject, example, sites)
     usable = []
     for site in sites:
         shape = shapes.get(site)
         if not isinstance(shape, tuple) or len(shape) < 2:
-            if not fallback and layers is not None:
+            if layers is not None:
                 what = "is never called" if site not in shapes else f"gives {shape!r}"
                 raise ModuleSelectionError(f"layer {site!r} {what}: its output has no unit dimension "
                                            "(need a tensor (N, C, ...)); choose another layer")
@@ -97,9 +94,16 @@ def layer_sites(subject: Subject, layers) -> tuple[list[str], dict[str, UnitStat
     if not usable:
         raise ModuleSelectionError("no layer with units to probe: the model has no activation "
                                    "modules; name layers whose outputs hold units, e.g. layers='fc1'")
-    stats = activation_stats(subject.model, subject.final, data, usable,
-                             num_classes=subject.num_classes)
-    return usable, stats
+    return usable
+
+
+def train_stats(subject: Subject, layers) -> tuple[list[str], dict[str, UnitStats]]:
+    """The layers to probe and their unit statistics on the training set (the means of
+    mean-ablation, the spreads of the noise, the selectivity order)."""
+    train = subject.data("train")
+    sites = layer_sites(subject, layers, train.x[:2])
+    return sites, activation_stats(subject.model, subject.final, train, sites,
+                                   num_classes=subject.num_classes)
 
 
 def _output_shapes(subject: Subject, x: Tensor, sites: Sequence[str]) -> dict[str, object]:
@@ -296,7 +300,7 @@ def ablation(
     check_int("orders", orders, 1)
     check_int("steps", steps, 1, optional=True)
     seed = check_int("seed", seed, 0)
-    sites, stats = layer_sites(subject, layers)
+    sites, stats = train_stats(subject, layers)
     data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
     n_orders = orders if order == "random" else 1
     value = {s: (stats[s].element_mean if mode == "mean" else torch.zeros(stats[s].units, dtype=torch.float64))
@@ -431,7 +435,7 @@ def activation_noise(
     check_int("draws", draws, 1)
     seed = check_int("seed", seed, 0)
     scales = _check_scales(DEFAULT_SCALES if scales is None else scales)
-    sites, stats = layer_sites(subject, layers)
+    sites, stats = train_stats(subject, layers)
     data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
     edits: list[Edit] = [Edit(label="base")]
     seeds = {site: derive_seed(seed, "noise", site) for site in sites}
@@ -476,5 +480,5 @@ def _check_scales(scales) -> list[float]:
     return out
 
 
-__all__ = ["AblationResult", "NoiseResult", "ablation", "activation_noise", "layer_sites",
+__all__ = ["AblationResult", "NoiseResult", "ablation", "activation_noise", "layer_sites", "train_stats",
            "masks_edit", "selectivity_index"]

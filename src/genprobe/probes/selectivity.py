@@ -103,8 +103,8 @@ def selectivity(
     seed = check_int("seed", seed, 0)
     if not isinstance(importance, bool):
         raise ConfigError(f"importance must be True or False, got {importance!r}")
-    sites, _ = layer_sites(subject, layers)
     data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
+    sites = layer_sites(subject, layers, data.x[:2])
     stats = activation_stats(subject.model, subject.final, data, sites, num_classes=subject.num_classes)
     negative = [s for s in sites if float(stats[s].min.min()) < 0]
     for s in negative:
