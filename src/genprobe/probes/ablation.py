@@ -40,7 +40,6 @@ from .. import progress
 from ..engine.activations import UnitStats, activation_stats, unit_dim
 from ..engine.variants import ActivationContext, Edit, VariantEvaluator, activation_noise_edit
 from ..errors import ConfigError, ModuleSelectionError, check_choice
-from ..evaluate import evaluate
 from ..params import select_sites
 from ..results import Result
 from ..subject import Subject
@@ -52,6 +51,7 @@ from .common import (
     derive_seed,
     generator,
     split_data,
+    trained_check,
 )
 from .registry import Option, register_probe
 
@@ -182,14 +182,6 @@ def _auc(x: np.ndarray, y: np.ndarray) -> float:
         return math.nan
     span = float(x[-1] - x[0])
     return float(np.trapezoid(y, x) / span) if span > 0 else math.nan
-
-
-def _trained_check(subject, data, ev_base, batch_size, device) -> dict:
-    plain = evaluate(subject.model, subject.final, data, batch_size=batch_size, device=device)
-    value = abs(float(ev_base.error) - plain.error) + abs(float(ev_base.loss) - plain.loss)
-    tol = 1e-4 * max(1.0, abs(plain.loss))
-    return {"what": "k = 0 (no unit ablated / zero noise) reproduces the trained accuracy and loss",
-            "value": value, "tolerance": tol, "passed": bool(value <= tol)}
 
 
 class _CurveResult(Result):
@@ -353,7 +345,8 @@ def ablation(
                         "batch_size": batch_size, "device": str(ev.device)},
             "seed": seed, "sites": sites, "engine": ev.mode, "n_examples": len(data),
             "mean_source": "training-set mean of each unit (element mean for feature maps)",
-            "self_check": _trained_check(subject, data, results[0], batch_size, device)}
+            "self_check": trained_check(subject, data, results[0], batch_size=batch_size, device=device,
+                                        what="k = 0 (no unit ablated) against a plain evaluation")}
     tensors = ranks | {f"mean/{s}": stats[s].element_mean for s in sites}
     return AblationResult(table=table, summary=summary, meta=meta, tables={"layers": layers_table},
                           tensors=tensors)
@@ -454,11 +447,10 @@ def activation_noise(
     table = pd.DataFrame(rows, columns=["layer", "scale", "draw", "accuracy", "loss"])
     summary = _curve_summary(table, "scale", results[0])
     zero = table[table["scale"] == 0.0]
-    check = _trained_check(subject, data, results[0], batch_size, device)
-    if len(zero):  # scale 0 must give the trained network exactly
-        gap = float((zero["accuracy"] - (1.0 - float(results[0].error))).abs().max())
-        check["value"] = max(check["value"], gap)
-        check["passed"] = bool(check["value"] <= check["tolerance"])
+    check = trained_check(  # and scale 0 must give the trained network exactly
+        subject, data, results[0], batch_size=batch_size, device=device,
+        extra=[float((zero["accuracy"] - (1.0 - float(results[0].error))).abs().max())] if len(zero) else [],
+        what="zero noise and the engine's trained network against a plain evaluation")
     layers_table = pd.DataFrame([{"layer": s, "units": stats[s].units, "dim": stats[s].dim} for s in sites])
     meta = {"options": {"layers": layers if layers is None or isinstance(layers, str) else list(layers),
                         "scales": scales, "draws": draws, "split": split, "n": n,

@@ -195,5 +195,18 @@ def split_data(subject, split: str, *, n: int | None, per_class: int | None, see
                               seed=seed, split=split))
 
 
-__all__ = ["SHARED_HELP", "SPLITS", "check_int", "derive_seed", "split_data", "check_number", "check_split", "generator",
-           "parse_checkpoints", "sample", "select_checkpoints"]
+def trained_check(subject, data: Data, base, *, what: str, batch_size: int | None, device,
+                  extra: Sequence[float] = ()) -> dict:
+    """A result's ``meta["self_check"]``: the engine's loss and error of the trained network
+    (`base`) against a plain :func:`genprobe.evaluate` on the same data, value = |Δloss| + |Δerror|,
+    or the largest of the probe's own discrepancies `extra` (e.g. the valley at α = 1, σ = 0
+    against the trained loss) when larger; tolerance 1e-4 × max(1, loss)."""
+    from ..evaluate import evaluate
+
+    plain = evaluate(subject.model, subject.final, data, batch_size=batch_size, device=device)
+    value = max([abs(float(base.loss) - plain.loss) + abs(float(base.error) - plain.error), *extra])
+    tol = 1e-4 * max(1.0, abs(plain.loss))
+    return {"what": what, "value": value, "tolerance": tol, "passed": bool(value <= tol)}
+
+
+__all__ = ["SHARED_HELP", "SPLITS", "check_int", "check_number", "check_split", "derive_seed", "generator", "parse_checkpoints", "sample", "select_checkpoints", "split_data", "trained_check"]

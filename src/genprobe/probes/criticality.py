@@ -82,10 +82,9 @@ from .. import params as P
 from .. import progress
 from ..engine.variants import Edit, VariantEvaluator, path_edit
 from ..errors import ConfigError, check_choice
-from ..evaluate import evaluate
 from ..results import Result
 from ..subject import Subject
-from .common import Split, check_int, check_split, check_subject, split_data
+from .common import Split, check_int, check_split, check_subject, split_data, trained_check
 from .registry import Option, register_probe
 
 logger = logging.getLogger(__name__)
@@ -620,16 +619,15 @@ def criticality(
 
 def _self_check(subject: Subject, data, table: pd.DataFrame, base, loss: str, batch_size,
                 device) -> dict:
-    """The valley at α = 1, σ = 0 equals the trained loss, and the engine's trained loss equals
-    a plain evaluation."""
-    plain = evaluate(subject.model, subject.final, data, batch_size=batch_size, device=device)
+    """The valley at α = 1, σ = 0 equals the trained loss, and the engine's trained network
+    equals a plain evaluation."""
     trained = float(base.error if loss == "error" else base.loss)
     ends = table[(table["alpha"] == 1.0) & (table["sigma"] == 0.0)]["loss_mean"]
-    value = max([abs(float(base.loss) - plain.loss), abs(float(base.error) - plain.error)]
-                + [abs(float(v) - trained) for v in ends])
-    tol = 1e-4 * max(1.0, abs(plain.loss))
-    return {"what": "valley at α = 1, σ = 0 against the trained loss; engine against a plain evaluation",
-            "value": value, "tolerance": tol, "passed": bool(value <= tol), "modules_checked": len(ends)}
+    check = trained_check(subject, data, base, batch_size=batch_size, device=device,
+                          extra=[abs(float(v) - trained) for v in ends],
+                          what="valley at α = 1, σ = 0 against the trained loss; engine against a "
+                               "plain evaluation")
+    return check | {"modules_checked": len(ends)}
 
 
 _NOISE_DOC = {

@@ -32,7 +32,6 @@ from .. import params as P
 from .. import progress
 from ..engine.variants import Edit, VariantEvaluator, replace_edit, stack_edits
 from ..errors import StateError, check_choice
-from ..evaluate import evaluate
 from ..results import Result
 from ..subject import Subject
 from .common import (
@@ -44,6 +43,7 @@ from .common import (
     check_subject,
     select_checkpoints,
     split_data,
+    trained_check,
 )
 from .registry import Option, register_probe
 
@@ -64,7 +64,7 @@ class RobustnessResult(Result):
     ``summary``: ``critical_modules``, ``critical_fraction``, ``mean_delta_error_reinit`` (mean
     over modules of the re-init-to-θ⁰ delta), ``mean_delta_error_rerandomize`` (mean over
     modules and draws), ``base_error``, ``base_loss``.
-    ``meta["self_check"]``: the engine's trained-model loss against a plain evaluation.
+    ``meta["self_check"]``: the engine's trained model against a plain evaluation.
     """
 
     probe = "robustness"
@@ -196,17 +196,14 @@ def robustness(
     table, per_module = _tables(units, targets, epochs, results[1:], init, subject.final, base,
                                 rerandomize, draws, split, threshold)
     summary = _summary(table, per_module, base, rerandomize)
-    plain = evaluate(subject.model, subject.final, data, batch_size=batch_size, device=device)
-    gap = abs(float(base.loss) - plain.loss)
-    tol = 1e-4 * max(1.0, abs(plain.loss))
     meta = {"options": {"modules": modules if not isinstance(modules, Mapping) else dict(modules),
                         "checkpoints": epochs, "rerandomize": rerandomize, "draws": draws,
                         "split": split, "n": n, "per_class": per_class, "threshold": threshold,
                         "buffers": buffers, "batch_size": batch_size, "device": str(ev.device)},
             "seed": seed, "engine": ev.mode, "fallback_reason": ev.fallback_reason,
             "not_rerandomized": failed, "n_examples": len(data),
-            "self_check": {"what": "trained-model loss: the engine against a plain evaluation",
-                           "value": gap, "tolerance": tol, "passed": bool(gap <= tol)}}
+            "self_check": trained_check(subject, data, base, batch_size=batch_size, device=device,
+                                        what="trained model: the engine against a plain evaluation")}
     return RobustnessResult(table=table, summary=summary, meta=meta,
                             tables={"modules": per_module})
 
