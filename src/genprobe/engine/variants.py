@@ -104,6 +104,7 @@ label=None)`` (stack);
 (lazy stack); ``PathParams(keys, start, end, alphas, sigmas=None, draws=None, z=None,
 scale="absolute")``; ``noise_std(center, sigma, scale="absolute")``;
 ``mask_edit(module, mask, value=0.0, *, dim=None, label=None)`` (stack when mask is (B, C));
+``masks_edit({module: (mask, value)}, *, dim=None, label=None)`` (several modules at once);
 ``activation_noise_edit(module, std, *, seed=0, draws=1, dim=None, label=None)`` (stack of
 S scales × draws); ``standard_normal_draws(seed, draw, index, shape)``;
 ``stack_edits(edits, label=None)``.
@@ -366,27 +367,43 @@ def mask_edit(module: str, mask: Tensor, value: float | Tensor = 0.0, *, dim: in
     activation, ``UnitStats.element_mean``), the same for every mask of a stack. A module
     called at several call sites is masked at each.
     """
-    mask = torch.as_tensor(mask, dtype=torch.bool)
-    value = torch.as_tensor(value)
-    if mask.dim() not in (1, 2):
-        raise ConfigError(f"mask must be (C,) or (B, C), got shape {tuple(mask.shape)}")
-    if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != mask.shape[-1]):
-        raise ConfigError(f"value must be a scalar or ({mask.shape[-1]},), got shape "
-                          f"{tuple(value.shape)}")
+    return masks_edit({module: (mask, value)}, dim=dim, label=label)
 
+
+def masks_edit(masks: Mapping[str, tuple[Tensor, float | Tensor]], *, dim: int | None = None,
+               label: Any = None) -> Edit:
+    """:func:`mask_edit` at several modules at once: ``{module: (mask, value)}``, each as in
+    :func:`mask_edit`; stacked masks must all have the same number of rows B (variant b masks
+    row b of every module)."""
+    acts, args = {}, {}
+    sizes = set()
+    for i, (module, (mask, value)) in enumerate(masks.items()):
+        mask = torch.as_tensor(mask, dtype=torch.bool)
+        value = torch.as_tensor(value)
+        if mask.dim() not in (1, 2):
+            raise ConfigError(f"mask must be (C,) or (B, C), got shape {tuple(mask.shape)}")
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != mask.shape[-1]):
+            raise ConfigError(f"value must be a scalar or ({mask.shape[-1]},), got shape "
+                              f"{tuple(value.shape)}")
+        sizes.add(None if mask.dim() == 1 else mask.shape[0])
+        acts[module] = _mask_fn(module, f"mask{i}", f"value{i}", dim)
+        args[f"mask{i}"] = mask
+        args[f"value{i}"] = value if mask.dim() == 1 else value.expand(mask.shape[0], *value.shape)
+    if len(sizes) != 1:
+        raise ConfigError(f"masks_edit: every module needs masks of the same stack size, got {sizes}")
+    return Edit(activations=acts, args=args, size=sizes.pop(), label=label)
+
+
+def _mask_fn(module: str, mask_key: str, value_key: str, dim: int | None) -> ActivationFn:
     def fn(h: Tensor, ctx: ActivationContext) -> Tensor:
         d = unit_dim(h) if dim is None else dim
-        _check_units(module, h, d, ctx.args["mask"].shape[0])
-        m = _unit_view(ctx.args["mask"].to(h.device), h.dim(), d)
-        v = ctx.args["value"].to(h.device, h.dtype)
+        _check_units(module, h, d, ctx.args[mask_key].shape[0])
+        m = _unit_view(ctx.args[mask_key].to(h.device), h.dim(), d)
+        v = ctx.args[value_key].to(h.device, h.dtype)
         v = v if v.dim() == 0 else _unit_view(v, h.dim(), d)
         return torch.where(m, v, h)
 
-    if mask.dim() == 1:
-        return Edit(activations={module: fn}, args={"mask": mask, "value": value}, label=label)
-    stacked = value.expand(mask.shape[0], *value.shape)
-    return Edit(activations={module: fn}, args={"mask": mask, "value": stacked},
-                size=mask.shape[0], label=label)
+    return fn
 
 
 def _check_units(module: str, h: Tensor, dim: int, c: int) -> None:

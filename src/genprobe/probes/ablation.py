@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from .. import progress
-from ..engine.activations import UnitStats, activation_stats, unit_dim
-from ..engine.variants import ActivationContext, Edit, VariantEvaluator, activation_noise_edit
+from ..engine.activations import UnitStats, activation_stats
+from ..engine.variants import Edit, VariantEvaluator, activation_noise_edit, masks_edit
 from ..errors import ConfigError, ModuleSelectionError, check_choice
 from ..params import select_sites
 from ..results import Result
@@ -135,28 +135,6 @@ def selectivity_index(class_means: Tensor) -> Tensor:
     rest = (class_means.sum(0) - top) / max(k - 1, 1)
     denom = top + rest
     return torch.where(denom != 0, (top - rest) / torch.where(denom != 0, denom, 1.0), 0.0)
-
-
-def masks_edit(masks: dict[str, tuple[Tensor, Tensor]], label=None) -> Edit:
-    """One stack of B variants setting, at every site, the units where ``mask`` (B, C) is True to
-    ``value`` (C,) (zero or per-unit means); units lie on :func:`unit_dim` of each output."""
-    acts, args = {}, {}
-    size = None
-    for i, (site, (mask, value)) in enumerate(masks.items()):
-        size = mask.shape[0]
-
-        def fn(h: Tensor, ctx: ActivationContext, i=i) -> Tensor:
-            d = unit_dim(h)
-            shape = [1] * h.dim()
-            shape[d] = -1
-            m = ctx.args[f"mask{i}"].to(h.device).reshape(shape)
-            v = ctx.args[f"value{i}"].to(h.device, h.dtype).reshape(shape)
-            return torch.where(m, v, h)
-
-        acts[site] = fn
-        args[f"mask{i}"] = mask
-        args[f"value{i}"] = value.expand(mask.shape[0], *value.shape)
-    return Edit(activations=acts, args=args, size=size, label=label)
 
 
 def _levels(units: int, steps: int | None) -> list[int]:
@@ -473,4 +451,4 @@ def _check_scales(scales) -> list[float]:
 
 
 __all__ = ["AblationResult", "NoiseResult", "ablation", "activation_noise", "layer_sites", "train_stats",
-           "masks_edit", "selectivity_index"]
+           "selectivity_index"]

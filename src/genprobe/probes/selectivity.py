@@ -23,11 +23,11 @@ from scipy.stats import spearmanr
 
 from .. import progress
 from ..engine.activations import activation_stats
-from ..engine.variants import Edit, VariantEvaluator
+from ..engine.variants import Edit, VariantEvaluator, masks_edit
 from ..errors import ConfigError
 from ..results import Result
 from ..subject import Subject
-from .ablation import layer_sites, masks_edit, selectivity_index
+from .ablation import layer_sites, selectivity_index
 from .common import Split, check_int, check_split, check_subject, split_data
 from .registry import Option, register_probe
 
