@@ -110,16 +110,30 @@ def _swap_in(tmp: Path, path: Path, kind: str, allowed, what: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename."""
+def tmp_name(path: Path) -> Path:
+    """The temporary name an atomic write to `path` goes through: ``.NAME.PID.tmp`` beside it."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary name beside `path`, then rename it to `path`; the
+    temporary file is removed whatever happens (a crash, Ctrl-C), so `path` is either the old
+    file or the complete new one. The file gets the umask's permissions (safetensors creates
+    files private, 0600)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = tmp_name(path)
     try:
-        tmp.write_text(text)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically (:func:`write_atomic`)."""
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
 __all__ = ["MARKS", "check_creatable", "check_replaceable", "is_owned", "staged_directory",
-           "write_text_atomic"]
+           "tmp_name", "write_atomic", "write_text_atomic"]

@@ -21,7 +21,6 @@ state dict, but only through ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from . import outputs
 from .errors import OutputError, RunError, StateError
+from .outputs import write_atomic
 
 CONFIG = "config.yaml"
 FINAL = "final.safetensors"
@@ -48,32 +48,7 @@ REPORT_FILES = ("report.html",)
 RUN_FILES = (CONFIG, FINAL, METRICS, LABELS, RESUME, *REPORT_FILES)
 """The files a run directory may hold (besides ``checkpoints/``, ``probes/`` and the marker)."""
 _CHECKPOINT = re.compile(r"epoch-(\d+)\.safetensors$")
-_TMP = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")
-
-
-def _tmp_name(path: Path) -> Path:
-    """The temporary name a write to `path` goes through (matched by ``_TMP``)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _permissions() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary name beside `path`, then rename it to `path`; the
-    temporary file is removed whatever happens (a crash, Ctrl-C), so `path` is either the old
-    file or the complete new one."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        write(tmp)
-        os.chmod(tmp, _permissions())  # safetensors creates files private (0600)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+_TMP = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")  # outputs.tmp_name
 
 
 def checkpoint_path(run: Path, epoch: int) -> Path:
