@@ -30,6 +30,18 @@ class RunError(GenprobeError):
     """A run directory is missing, incomplete or corrupt."""
 
 
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (at most `limit` characters), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+def one_line(exc: BaseException, limit: int = 160) -> str:
+    """An exception's whole message folded onto one line (at most `limit` characters), or its
+    type's name."""
+    return " ".join(str(exc).split())[:limit] or type(exc).__name__
+
+
 def check_choice(name: str, value: object, allowed: tuple | list) -> None:
     """Raise ConfigError naming `name`, the bad `value` and the allowed ones."""
     if value not in allowed:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from . import outputs
 from ._version import __version__
-from .errors import RunError
+from .errors import RunError, one_line
 
 FILES = ("table.parquet", "tensors.safetensors", "meta.json", "figure.png", "figure.svg")
 """What :meth:`Result.save` writes in a result directory (plus ``table-NAME.parquet`` files)."""
@@ -127,7 +127,7 @@ class Result:
             if not isinstance(meta, dict) or not isinstance(meta.get("meta"), dict):
                 raise ValueError("meta.json is not a genprobe result's metadata")
         except (OSError, KeyError, ValueError, TypeError, SafetensorError) as exc:
-            first = " ".join(str(exc).split())[:160] or type(exc).__name__
+            first = one_line(exc)
             raise RunError(f"{path} is not a readable genprobe result ({first}); "
                            "write one with result.save(path)") from None
         infs = meta.get("inf_keys", {})

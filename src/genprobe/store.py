@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import outputs
-from .errors import OutputError, RunError, StateError
+from .errors import OutputError, RunError, StateError, first_line
 from .outputs import write_atomic
 
 CONFIG = "config.yaml"
@@ -80,7 +80,7 @@ def read_state(path: str | Path) -> dict[str, torch.Tensor]:
     except StateError:
         raise
     except (SafetensorError, RuntimeError, OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise StateError(f"cannot read checkpoint {path}: {first[:200]} "
                          "(is it a safetensors file, or a weights-only .pt state dict?)") from None
 
@@ -114,7 +114,7 @@ def read_config(run: str | Path) -> dict:
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise RunError(f"{path} is corrupt: {str(exc).splitlines()[0]}") from None
+        raise RunError(f"{path} is corrupt: {first_line(exc)}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RunError(f"{path} is corrupt or unreadable: {first_line(exc)}") from None
     if not isinstance(config, dict):
@@ -123,11 +123,6 @@ def read_config(run: str | Path) -> dict:
     if "arch" not in config or "dataset" not in config:
         raise RunError(f"{path} is not a genprobe run config (no arch/dataset)")
     return config
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def write_metrics(run: Path, metrics: pd.DataFrame) -> None:

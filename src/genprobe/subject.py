@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import params as P
-from .errors import DataError, StateError
+from .errors import DataError, StateError, one_line
 from .values import Data, as_data
 
 
@@ -184,7 +184,7 @@ def _check_fits(model: nn.Module, state: P.State, data: Data, what: str, num_cla
         with torch.no_grad():
             out = torch.func.functional_call(model, state, (data.x[:1],))
     except Exception as exc:  # noqa: BLE001 - any failure here means: the inputs do not fit
-        first = " ".join(str(exc).split())[:160] or type(exc).__name__
+        first = one_line(exc)
         raise DataError(f"{what}: inputs of shape {tuple(data.x.shape[1:])} (dtype {data.x.dtype}) "
                         f"do not fit the model: {first}") from None
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:

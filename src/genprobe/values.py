@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .errors import DataError
+from .errors import DataError, one_line
 
 
 class Data(NamedTuple):
@@ -50,7 +50,7 @@ def as_data(data: Data | tuple | Dataset | None, what: str) -> Data | None:
             y = torch.as_tensor([int(i[1]) for i in items])
         except (TypeError, ValueError, RuntimeError, IndexError) as exc:
             raise DataError(f"{what}: items must be (input tensor, integer label) pairs "
-                            f"({' '.join(str(exc).split())[:120]})") from None
+                            f"({one_line(exc, 120)})") from None
     else:
         raise DataError(f"{what} must be (X, y) tensors or a map-style Dataset of (input, label), "
                         f"got {type(data).__name__}")
@@ -58,7 +58,7 @@ def as_data(data: Data | tuple | Dataset | None, what: str) -> Data | None:
         x, y = torch.as_tensor(x), torch.as_tensor(y)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise DataError(f"{what}: inputs and labels must be tensors or arrays of numbers "
-                        f"({' '.join(str(exc).split())[:120]})") from None
+                        f"({one_line(exc, 120)})") from None
     if x.dim() == 0 or y.dim() == 0:
         raise DataError(f"{what}: inputs and labels need a leading example dimension")
     if len(x) != len(y):

@@ -35,7 +35,15 @@ from .. import params as P
 from .. import progress as progress_bars
 from .._version import __version__
 from ..device import resolve_device, rng_devices
-from ..errors import ConfigError, GenprobeError, OutputError, RunError, StateError, check_choice
+from ..errors import (
+    ConfigError,
+    GenprobeError,
+    OutputError,
+    RunError,
+    StateError,
+    check_choice,
+    first_line,
+)
 from ..evaluate import evaluate
 from ..params import state_of
 from .models import create_model, list_models
@@ -105,9 +113,9 @@ class TrainConfig:
         try:
             d = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {path} cannot be read as YAML text: {store.first_line(exc)}") from None
+            raise ConfigError(f"config file {path} cannot be read as YAML text: {first_line(exc)}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"config file {path} must be a mapping of option: value")
         return cls.from_dict(d)
@@ -210,7 +218,7 @@ def _build(config: TrainConfig):
             raise
         except (TypeError, ValueError, RuntimeError) as exc:  # an option value torch itself refuses
             raise ConfigError(f"arch {config.arch!r} with options {dict(config.arch_options)}: "
-                              f"{store.first_line(exc)}") from None
+                              f"{first_line(exc)}") from None
         rng = torch.get_rng_state()
     return model, splits, rng
 
@@ -242,13 +250,13 @@ def _load_resume(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise RunError(f"cannot resume {run}: {path} is corrupt ({store.first_line(exc)}); {again}") from None
+        raise RunError(f"cannot resume {run}: {path} is corrupt ({first_line(exc)}); {again}") from None
     try:
         epoch = int(meta["epoch"])
         groups = json.loads(meta["param_groups"])
         rng = tensors["rng"]
     except (KeyError, ValueError, TypeError) as exc:
-        raise RunError(f"cannot resume {run}: {path} is corrupt (bad or missing {store.first_line(exc)}); "
+        raise RunError(f"cannot resume {run}: {path} is corrupt (bad or missing {first_line(exc)}); "
                        f"{again}") from None
     if not 0 <= epoch <= epochs:
         raise RunError(f"cannot resume {run}: {path} is at epoch {epoch} but the run's config has "
@@ -276,7 +284,7 @@ def _load_resume(run: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
         optimizer.load_state_dict({"state": slots, "param_groups": groups})
         torch.set_rng_state(rng)
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:
-        raise RunError(f"cannot resume {run}: {path} is corrupt ({store.first_line(exc)}); {again}") from None
+        raise RunError(f"cannot resume {run}: {path} is corrupt ({first_line(exc)}); {again}") from None
     return epoch
 
 
