@@ -118,8 +118,9 @@ def test_output_ntk_equals_loop(subjects, references, name, impl):
     assert_symmetric(r.matrix)
     assert torch.equal(r.diag1, r.matrix[range(5), range(5)])
     traced = gram(s.model, s.final, x, of="outputs", trace_outputs=True, implementation=impl)
-    assert_rel(traced.matrix, expected.diagonal(dim1=-2, dim2=-1).sum(-1))
+    assert_rel(traced.matrix, expected.diagonal(dim1=-2, dim2=-1).mean(-1))  # mean over outputs
     assert_symmetric(traced.matrix)
+    assert torch.equal(traced.diag1, traced.matrix.diagonal())
 
 
 @pytest.mark.parametrize("impl", ["layerwise", "vmap", "loop"])
@@ -145,6 +146,16 @@ def test_chunked_and_rectangular_agree(subjects, name, impl):
     assert square.blocks == 3
     assert_rel(square.matrix, reference_gram(s.model, s.final, x1[:3], of="outputs"))
     assert_symmetric(square.matrix)
+    traced = gram(s.model, s.final, x1[:4], of="outputs", trace_outputs=True, implementation=impl,
+                  memory_budget=1)
+    assert traced.blocks > 1
+    reference = reference_gram(s.model, s.final, x1[:4], of="outputs").diagonal(dim1=-2, dim2=-1)
+    assert_rel(traced.matrix, reference.mean(-1))
+    assert_symmetric(traced.matrix)
+    traced = gram(s.model, s.final, x1[:2], x2[:3], of="outputs", trace_outputs=True,
+                  implementation=impl, memory_budget=1)
+    reference = reference_gram(s.model, s.final, x1[:2], x2[:3], of="outputs")
+    assert_rel(traced.matrix, reference.diagonal(dim1=-2, dim2=-1).mean(-1))
 
 
 def test_implementations_agree_on_zoo_models():
@@ -224,6 +235,8 @@ def test_linear_output_ntk_closed_form():
     for impl in IMPLS:
         r = gram(model, state, x1, x2, of="outputs", implementation=impl)
         assert_rel(r.matrix, expected, 1e-10)
+        traced = gram(model, state, x1, x2, of="outputs", trace_outputs=True, implementation=impl)
+        assert_rel(traced.matrix, x1 @ x2.T + 1, 1e-10)  # a linear model's NTK: X Xᵀ + 1
         assert_rel(r.diag1, ((x1 * x1).sum(1) + 1)[:, None, None] * torch.eye(4, dtype=torch.float64), 1e-10)
 
 
@@ -373,6 +386,8 @@ def test_contraction_and_per_example_routes_agree(subjects, references, name, fo
     assert_rel(r.matrix, references(name, "loss"))
     o = gram(s.model, s.final, s.train.x[:5], of="outputs", implementation="layerwise")
     assert_rel(o.matrix, references(name, "outputs"))
+    t = gram(s.model, s.final, s.train.x[:5], of="outputs", trace_outputs=True, implementation="layerwise")
+    assert_rel(t.matrix, references(name, "outputs").diagonal(dim1=-2, dim2=-1).mean(-1))
 
 
 class OddConvs(nn.Module):
@@ -406,6 +421,8 @@ def assert_layerwise_exact(model):
     o = gram(model, state, x[:3], of="outputs", implementation="layerwise")
     assert o.vmap_params == ()
     assert_rel(o.matrix, reference_gram(model, state, x[:3], of="outputs"))
+    t = gram(model, state, x[:3], of="outputs", trace_outputs=True, implementation="layerwise")
+    assert_rel(t.matrix, o.matrix.diagonal(dim1=-2, dim2=-1).mean(-1))
 
 
 def test_state_other_than_the_models_own(subjects, caplog):

@@ -5,8 +5,9 @@ per-example derivatives with respect to all parameters θ (P numbers):
 
 - ``of="loss"``: g_i = ∇_θ L(f(θ, x_i), y_i), G_ij = g_iᵀ g_j, a (N1, N2) matrix (stiffness);
 - ``of="outputs"``: J_i = ∂f(θ, x_i)/∂θ (K × P), Θ_ij = J_i J_jᵀ, a (N1, N2, K, K) array (the
-  empirical NTK, neural-tangents' layout), or its trace over outputs (N1, N2) with
-  ``trace_outputs=True``.
+  empirical NTK, neural-tangents' layout), or with ``trace_outputs=True`` its mean over the
+  outputs (1/K) Σ_k Θ_kk (N1, N2) — neural-tangents' convention, comparable with the per-output
+  infinite-width kernel — computed directly with one row per example (never the K × K blocks).
 
 Every computation is done at a given state with BatchNorm in eval mode (per-example gradients are
 undefined when BatchNorm normalizes with batch statistics), on the engine's own copy of the model
@@ -170,8 +171,9 @@ class _Setup:
     buffers: dict[str, Tensor]
     of: str
     loss_fn: LossFn
-    outputs: int  # K' = rows per example (1 for the loss, K for outputs)
+    outputs: int  # K' = derivative rows per example (1 for the loss, K for outputs)
     impl: str
+    traced: bool = False  # outputs: one Gram row per example, Σ_k over its K rows
     covered: dict[str, nn.Module] = field(default_factory=dict)  # layerwise modules by name
     keys: dict[str, dict[str, str]] = field(default_factory=dict)  # module -> local -> state key
     residual: list[str] = field(default_factory=list)  # params done by vmap in layerwise
@@ -187,6 +189,11 @@ def _objectives(s: _Setup, out: Tensor, y: Tensor | None) -> list[Tensor]:
     return [flat[:, k].sum() for k in range(flat.shape[1])]
 
 
+def _rows(s: _Setup, n: int) -> int:
+    """Rows of the Gram of a block of n examples: n·K', or n when traced."""
+    return n if s.traced else n * s.outputs
+
+
 def _call(s: _Setup, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
     return functional_call(s.model, ({**s.params, **params}, s.buffers), (x,))
 
@@ -195,7 +202,7 @@ def _call(s: _Setup, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
 
 
 def _loop_block(s: _Setup, x: Tensor, y: Tensor | None, keys: list[str]) -> Tensor:
-    """Gram (R, R), R = n·K', by one autograd call per example and output."""
+    """Gram (R, R) (R = :func:`_rows`), by one autograd call per example and output."""
     rows = []
     for i in range(len(x)):
         leaves = {k: s.params[k].detach().requires_grad_(True) for k in keys}
@@ -207,7 +214,7 @@ def _loop_block(s: _Setup, x: Tensor, y: Tensor | None, keys: list[str]) -> Tens
                                             allow_unused=True)
                 rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                                        for g, p in zip(grads, leaves.values(), strict=True)]))
-    feats = torch.stack(rows)  # (R, P)
+    feats = torch.stack(rows).reshape(_rows(s, len(x)), -1)  # (n·K', P), or (n, K'·P) traced
     return (feats @ feats.T).double()
 
 
@@ -229,7 +236,7 @@ def _vmap_block(s: _Setup, x: Tensor, y: Tensor | None, keys: list[str]) -> Tens
             return _call(s, p, xi.unsqueeze(0)).reshape(-1)
 
         grads = _quiet_vmap(vmap(jacrev(f), in_dims=(None, 0)))(sub, x)  # {k: (n, K, *shape)}
-    rows = len(x) * s.outputs
+    rows = _rows(s, len(x))
     total = torch.zeros(rows, rows, dtype=torch.float64, device=x.device)
     for g in grads.values():
         flat = g.reshape(rows, -1)
@@ -294,7 +301,7 @@ def _plan_layerwise(s: _Setup, x: Tensor) -> bool:
 def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None, residual: bool = True) -> Tensor:
     """Gram (R, R): rules for covered modules from one batched backward, vmap for the rest
     (unless `residual` is False). The first call checks the rules against autograd."""
-    rows = len(x) * s.outputs
+    rows = _rows(s, len(x))
     total = torch.zeros(rows, rows, dtype=torch.float64, device=x.device)
     calls: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
     handles = [mod.register_forward_hook(
@@ -330,7 +337,7 @@ def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None, residual: bool = Tr
             i += len(mcalls)
             if not mcalls:
                 continue
-            contrib, sums = module_gram(mod, [a for a, _ in mcalls], bs, rows, verify)
+            contrib, sums = module_gram(mod, [a for a, _ in mcalls], bs, verify, s.traced)
             total += contrib
             if verify and not rules_match(sums, batch, s.keys[name]):
                 failed.append(name)
@@ -408,7 +415,7 @@ def _estimate_bytes(s: _Setup, x: Tensor) -> int:
 
 
 def _setup(model: nn.Module, state: State, of: str, loss, implementation: str,
-           dev: torch.device, sample: Tensor, sample_y: Tensor | None) -> _Setup:
+           dev: torch.device, sample: Tensor, sample_y: Tensor | None, traced: bool) -> _Setup:
     """Resolve the implementation on a small `sample` of the inputs (vmap gate, layerwise plan
     and its gradient check) and estimate the memory per example."""
     check_choice("of", of, OFS)
@@ -417,7 +424,7 @@ def _setup(model: nn.Module, state: State, of: str, loss, implementation: str,
     params = {k: v.detach().to(dev) for k, v in params.items()}
     buffers = {k: v.to(dev) for k, v in buffers.items()}
     loss_fn = resolve_loss(loss)
-    s = _Setup(model, params, buffers, of, loss_fn, 1, implementation)
+    s = _Setup(model, params, buffers, of, loss_fn, 1, implementation, traced=traced and of == "outputs")
     with torch.no_grad():
         out = _call(s, {}, sample[:1])
     s.outputs = 1 if of == "loss" else out[0].numel()
@@ -443,8 +450,9 @@ def _vmappable(s: _Setup, x: Tensor) -> bool:
 
 
 def _block(s: _Setup, x: Tensor, y: Tensor | None) -> Tensor:
-    """Gram of the rows of block `x`: (n, n) for the loss, (n, n, K, K) for outputs; exactly
-    symmetric (G_ij == G_ji; Θ[i, j, k, l] == Θ[j, i, l, k])."""
+    """Gram of the rows of block `x`: (n, n) for the loss and traced outputs (the mean over the
+    K outputs), (n, n, K, K) for outputs; exactly symmetric (G_ij == G_ji;
+    Θ[i, j, k, l] == Θ[j, i, l, k])."""
     if s.impl == "layerwise":
         g = _layerwise_block(s, x, y)
     elif s.impl == "vmap":
@@ -458,6 +466,8 @@ def _block(s: _Setup, x: Tensor, y: Tensor | None) -> Tensor:
         g = _loop_block(s, x, y, list(s.params))
     g = (g + g.T) / 2  # exactly symmetric by construction: BLAS's f @ f.T need not be
     n, kk = len(x), s.outputs
+    if s.traced:
+        return g / kk
     if s.of == "outputs":
         return g.reshape(n, kk, n, kk).permute(0, 2, 1, 3)
     return g
@@ -503,6 +513,7 @@ def gram_blocks(
     y2: Tensor | None = None,
     of: Of = "loss",
     loss: LossName | LossFn = "cross_entropy",
+    trace_outputs: bool = False,
     implementation: Implementation = "auto",
     memory_budget: int | None = None,
     device: str | torch.device = "auto",
@@ -527,7 +538,7 @@ def gram_blocks(
     y1 = None if y1 is None else y1.to(dev)
     y2 = None if y2 is None else y2.to(dev)
     s = _setup(_working_copy(model, dev), state, of, loss, implementation, dev, x1[:4],
-               _take(y1, slice(0, 4)))
+               _take(y1, slice(0, 4)), trace_outputs)
     block = max(2, budget // s.per_example_bytes)
     info = {} if info is None else info
     info.update(block_size=int(block), blocks=0, per_example_bytes=s.per_example_bytes)
@@ -625,7 +636,10 @@ def gram(
         of: ``"loss"`` (per-example loss gradients) or ``"outputs"`` (per-example Jacobians).
         loss: ``"cross_entropy"`` (default), ``"mse"`` or a per-example callable
             ``(outputs (B, K), targets (B,)) -> (B,)``.
-        trace_outputs: with ``of="outputs"``, return Σ_k Θ_kk (N1, N2) instead of (N1, N2, K, K).
+        trace_outputs: with ``of="outputs"``, return the traced kernel (N1, N2), the **mean** over
+            the K outputs (1/K) Σ_k Θ_kk (neural-tangents' convention: comparable with the
+            per-output infinite-width kernel), instead of (N1, N2, K, K). Computed directly
+            (one row per example), never through the (N1, N2, K, K) array.
         implementation: ``"auto" | "layerwise" | "vmap" | "loop"`` (module docstring).
         memory_budget: bytes for one block of examples (see :mod:`genprobe.memory`; None: its
             default budget).
@@ -641,11 +655,9 @@ def gram(
     info: dict = {}
     matrix = diag1 = diag2 = None
     for blk in gram_blocks(model, state, x1, x2, y1=y1, y2=y2, of=of, loss=loss,
-                           implementation=implementation, memory_budget=memory_budget,
-                           device=device, info=info):
+                           trace_outputs=trace_outputs, implementation=implementation,
+                           memory_budget=memory_budget, device=device, info=info):
         m, dr, dc = blk.matrix, blk.diag_rows, blk.diag_cols
-        if of == "outputs" and trace_outputs:
-            m, dr, dc = (t.diagonal(dim1=-2, dim2=-1).sum(-1) for t in (m, dr, dc))
         if matrix is None:
             matrix = torch.zeros(n1, n2, *m.shape[2:], dtype=torch.float64)
             diag1 = torch.zeros(n1, *dr.shape[1:], dtype=torch.float64)

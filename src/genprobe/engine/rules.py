@@ -143,19 +143,26 @@ def _unfold(m: nn.Module, a: Tensor) -> Tensor:
     return a.reshape(a.shape[0], -1, a.shape[-1])
 
 
-def _linear_gram(m: nn.Module, a: Tensor, b: Tensor) -> Tensor:
-    """(A Aᵀ) ⊙ (B Bᵀ) (+ B Bᵀ for the bias): a 2-D Linear's Gram without forming g_i."""
+def _linear_gram(m: nn.Module, a: Tensor, b: Tensor, traced: bool) -> Tensor:
+    """(A Aᵀ) ⊙ (B Bᵀ) (+ B Bᵀ for the bias): a 2-D Linear's Gram without forming g_i. Traced:
+    Σ_k B_k B_kᵀ is one product of the rows (n, K'·out)."""
     n, kk = b.shape[:2]
-    bf = b.reshape(n * kk, -1)
-    gb = bf @ bf.T  # (R, R)
-    ga = (a @ a.T).repeat_interleave(kk, 0).repeat_interleave(kk, 1)
+    if traced:
+        bf = b.reshape(n, -1)
+        gb = bf @ bf.T  # (n, n)
+        ga = a @ a.T
+    else:
+        bf = b.reshape(n * kk, -1)
+        gb = bf @ bf.T  # (R, R)
+        ga = (a @ a.T).repeat_interleave(kk, 0).repeat_interleave(kk, 1)
     ws, bs = _scales(m)
     return (ga * gb * ws**2 + (gb * bs**2 if _bias(m) is not None else 0)).double()
 
 
-def _contracted_gram(m: nn.Module, a: Tensor, b: Tensor) -> Tensor:
+def _contracted_gram(m: nn.Module, a: Tensor, b: Tensor, traced: bool) -> Tensor:
     """Gram of a weight-shared linear map (conv, or Linear over positions) without per-example
-    gradients: G_(ik),(jl) = Σ_{t,s} (u_it · u_js)(b_ikt · b_jls), (+ bias term)."""
+    gradients: G_(ik),(jl) = Σ_{t,s} (u_it · u_js)(b_ikt · b_jls), (+ bias term). Traced:
+    G_ij = Σ_k G_(ik),(jk), with the sum over k inside the products."""
     n, kk = b.shape[:2]
     u = _unfold(m, a)  # (n, T, F)
     t = u.shape[1]
@@ -164,9 +171,16 @@ def _contracted_gram(m: nn.Module, a: Tensor, b: Tensor) -> Tensor:
     else:
         bt = b.reshape(n, kk, t, -1)
     uu = (u.reshape(n * t, -1) @ u.reshape(n * t, -1).T).reshape(n, 1, t, n, 1, t)
+    ws, bscale = _scales(m)
+    if traced:
+        bf = bt.transpose(1, 2).reshape(n * t, -1)  # (n T, K' C_out)
+        g = (uu.reshape(n, t, n, t) * (bf @ bf.T).reshape(n, t, n, t)).sum((1, 3)) * ws**2
+        if _bias(m) is not None:
+            bs = bt.sum(2).reshape(n, -1)
+            g = g + (bs @ bs.T) * bscale**2
+        return g.double()
     bf = bt.reshape(n * kk * t, -1)
     bb = (bf @ bf.T).reshape(n, kk, t, n, kk, t)
-    ws, bscale = _scales(m)
     g = (uu * bb).sum((2, 5)) * ws**2  # (n, K', n, K')
     if _bias(m) is not None:
         bs = bt.sum(2).reshape(n * kk, -1)
@@ -279,25 +293,28 @@ def _magnitudes(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
     return {k: g.abs() for k, g in r(m, a.abs(), b.abs()).items()}
 
 
-def module_gram(mod: nn.Module, inputs: list[Tensor], bs: list[Tensor], rows: int,
-                verify: bool) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
-    """One module's Gram contribution (R, R) over all its calls (`inputs` from
-    :func:`rule_input`, `bs` (n, K', *out shape) per call); when verifying, also per parameter
+def module_gram(mod: nn.Module, inputs: list[Tensor], bs: list[Tensor], verify: bool,
+                traced: bool = False) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+    """One module's Gram contribution over all its calls (`inputs` from :func:`rule_input`,
+    `bs` (n, K', *out shape) per call): (R, R) with R = n·K' rows, or (n, n) summed over the
+    K' rows of each example when `traced`; when verifying, also per parameter
     the sum of its per-row gradients and the sum of the magnitudes of every term that went into
     it (the scale of rounding errors). Verification takes the per-example route."""
     r = rule(mod)
+    n, kk = bs[0].shape[:2]
+    rows = n if traced else n * kk
     if not verify and len(inputs) == 1 and r in (_linear_grads, _conv_grads):
         a, b = inputs[0], bs[0]
         if r is _linear_grads and a.dim() == 2:
-            return _linear_gram(mod, a, b), {}
+            return _linear_gram(mod, a, b, traced), {}
         if _contract_is_cheaper(mod, a, b):
-            return _contracted_gram(mod, a, b), {}
+            return _contracted_gram(mod, a, b, traced), {}
     grads: dict[str, Tensor] = {}
     for a, b in zip(inputs, bs, strict=True):  # a shared module: sum its calls per example
         for local, g in r(mod, a, b).items():
             grads[local] = grads[local] + g if local in grads else g
     total = torch.zeros(rows, rows, dtype=torch.float64, device=bs[0].device)
-    for g in grads.values():
+    for g in grads.values():  # (n, K', *shape): traced rows concatenate an example's K' rows
         flat = g.reshape(rows, -1)
         total += (flat @ flat.T).double()
     if not verify:
