@@ -184,6 +184,11 @@ PROBE_BAD = {
                   (dict(distance="l1"), ConfigError, "distance"),
                   (dict(implementation="magic"), ConfigError, "implementation"),
                   (dict(per_class=2, n=6), ConfigError, "not both")],
+    "ntk": [(dict(ridge=-1.0), ConfigError, "ridge"), (dict(time=-1.0), ConfigError, "time"),
+            (dict(n_test=-1), ConfigError, "n_test"), (dict(trace_outputs="yes"), ConfigError, "trace_outputs"),
+            (dict(implementation="magic"), ConfigError, "implementation"),
+            (dict(memory_budget=100), ConfigError, "memory budget.*out=DIR"),
+            (dict(memory_budget=100, trace_outputs=False, out="unused"), ConfigError, "trace_outputs=True")],
 }
 """Each probe's own bad inputs: every registered probe must have an entry."""
 

@@ -120,14 +120,14 @@ def _probe_command(spec) -> Callable:
             kind = {"split": str, "seed": int}.get(name, int | None)
             params.append(_option(name, kind, default, SHARED_HELP[name]))
     for opt in spec.options:
-        default = accepted[opt.name].default
+        default, name = accepted[opt.name].default, opt.cli_name
         if opt.multiple:
-            params.append(_option(opt.name, list[opt.type] | None, None, opt.help))
+            params.append(_option(name, list[opt.type] | None, None, opt.help))
         elif opt.type is bool:
-            flag = opt.name.replace("_", "-")
-            params.append(_option(opt.name, bool, default, opt.help, f"--{flag}/--no-{flag}"))
+            flag = name.replace("_", "-")
+            params.append(_option(name, bool, default, opt.help, f"--{flag}/--no-{flag}"))
         else:
-            params.append(_option(opt.name, opt.type | None if default is None else opt.type,
+            params.append(_option(name, opt.type | None if default is None else opt.type,
                                   default, opt.help))
     params.append(_option("out", Path | None, None,
                           f"Result directory (default RUN/probes/{spec.name}); one run only."))
@@ -139,6 +139,8 @@ def _probe_command(spec) -> Callable:
             raise ConfigError(f"--out names one result directory but {len(runs)} runs were given; "
                               "drop --out to write each into RUN/probes/" + spec.name)
         options = _probe_options(kwargs)
+        for opt in spec.options:
+            options[opt.name] = options.pop(opt.cli_name)
         for run in runs:
             _run_probe(spec, run, out, data_dir, options)
 
@@ -203,6 +205,40 @@ def probes() -> None:
     for name in list_probes():
         spec = get_probe(name)
         typer.echo(f"{name:12s} {spec.summary} ({spec.paper})")
+
+
+@app.command()
+def measures(
+    sweep: Path = typer.Argument(..., help="A sweep directory written by `genprobe sweep`."),
+    target: str = typer.Option("gap", help="Column the measures should rank the models by."),
+    out: Path | None = typer.Option(None, help="Figure file (.png; an .svg is written beside "
+                                    "it). Default: SWEEP/measures.png."),
+) -> None:
+    """Rank every measure of a sweep by how well it predicts the generalization gap (Kendall τ-b,
+    Jiang et al.'s granulated τ, the PGDL CMI score); print the table and write the figure."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import measures as M
+    from .figures import save_figure
+
+    table = M.read_sweep_table(sweep)
+    png, _ = M.figure_paths(sweep, out)  # refuse a foreign file before any work
+    ranking = M.rank_correlation(table, target=target)
+    shown = ranking.sort_values("kendall_tau", ascending=False, na_position="last")
+    hp = ranking.attrs["hyperparameters"]
+    grid = Table(title=f"{len(table)} models of {sweep}; target {target}; hyper-parameters: "
+                       f"{', '.join(hp) or 'none'}")
+    for column in M.RANKING_COLUMNS:
+        grid.add_column(column, justify="left" if column == "measure" else "right",
+                        no_wrap=column == "measure")
+    for row in shown.itertuples(index=False):
+        grid.add_row(row.measure, *(f"{v:+.3f}" if column != "cmi" else f"{v:.3f}"
+                                    for column, v in zip(M.RANKING_COLUMNS[1:4], row[1:4],
+                                                         strict=True)), str(row.n_models))
+    Console(soft_wrap=True).print(grid)
+    save_figure(M.plot_rank_correlation(table, ranking), png.with_suffix(""))
+    typer.echo(f"wrote {png} and {png.with_suffix('.svg')}")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -360,3 +396,49 @@ def demo(
         result.save(run / "probes" / name, figure=True)
         typer.echo("  " + "  ".join(f"{k}={v:.4g}" for k, v in result.summary.items()))
     typer.echo(f"\nresults and figures in {run / 'probes'}/")
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="Sweep config (YAML): train, grid and/or runs, probes, "
+                                  "baselines; e.g. examples/sweeps/tiny.yaml."),
+    out: Path | None = typer.Option(None, help="Sweep directory (default sweeps/NAME, NAME the "
+                                    "config's name or file stem)."),
+    jobs: int | None = typer.Option(None, help="Runs at once (default: the config's jobs, else 1)."),
+    threads: int | None = typer.Option(None, help="Threads per run (default: the config's, else "
+                                       "an equal share of the cores). Results depend on it."),
+    executor: str = typer.Option("local", help="local (worker processes, no Ray) or ray."),
+    address: str | None = typer.Option(None, help="Ray cluster address host:port (with --executor "
+                                       "ray; default: a local Ray instance)."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+) -> None:
+    """Train a family of models and probe every one: one row per run in SWEEP/table.parquet.
+    Re-running it skips finished work (resumes a killed sweep) and retries failed runs."""
+    import pandas as pd
+
+    from .sweep import SweepConfig, default_out, run_sweep
+
+    cfg = SweepConfig.from_yaml(config)
+    out = out or default_out(cfg)
+
+    def kept() -> str:
+        records = list((out / "runs").glob("*/record.json")) if out.is_dir() else []
+        return (f"{out} keeps {len(records)} recorded run(s) and the trained epochs of unfinished "
+                f"ones; resume with: genprobe sweep {config} --out {out}")
+
+    global _on_interrupt
+    _on_interrupt = kept
+    outcome = run_sweep(cfg, out, jobs=jobs, threads=threads, executor=executor, address=address,
+                        device=device)
+    shown = [c for c in ("run", *outcome.table.attrs["genprobe"]["hyperparameters"], "test_error",
+                         "gap", "status") if c in outcome.table.columns]
+    with pd.option_context("display.max_rows", 60, "display.width", 160,
+                           "display.float_format", "{:.4g}".format):
+        typer.echo(outcome.table[shown].to_string(index=False))
+    typer.echo(f"wrote {out / 'table.parquet'}: {outcome.runs} runs, {outcome.done} done "
+               f"({outcome.reused} from before), {outcome.failed} failed")
+    if outcome.failed:
+        print(f"genprobe: {outcome.failed} of {outcome.runs} runs failed (status and error in "
+              f"{out / 'table.parquet'} and {out}/runs/RUN/record.json); run the same command "
+              "again to retry them", file=sys.stderr)
+        raise typer.Exit(1)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from .errors import OutputError
 
-MARKS = {"result": ".genprobe-result", "run": ".genprobe-run"}
+MARKS = {"result": ".genprobe-result", "run": ".genprobe-run", "kernels": ".genprobe-kernels",
+         "sweep": ".genprobe-sweep"}
 """Marker file of each kind of directory genprobe writes."""
 
 

@@ -518,13 +518,19 @@ def gram_blocks(
     memory_budget: int | None = None,
     device: str | torch.device = "auto",
     info: dict | None = None,
+    block_size: int | None = None,
+    skip: Callable[[slice, slice], bool] | None = None,
 ) -> Iterator[GramBlock]:
     """Yield the blocks of the Gram of x1 (N1, ...) against x2 (N2, ...) (default: x1 itself).
 
     For a square Gram (x2 None) the blocks cover the upper triangle (rows ≤ cols); the lower
     triangle is the transpose. Blocks come on the CPU in float64. `info`, when given, receives
     ``implementation``, ``block_size`` and ``blocks`` as they become known.
-    Arguments as in :func:`gram`.
+    ``block_size`` (examples per block) overrides the one the memory budget gives: the blocks'
+    layout depends only on it, so a caller resuming a streamed Gram passes the size it started
+    with. ``skip(rows, cols)``: blocks it returns True for are not needed; work whose every block
+    is skipped is not done at all (a block may still come again when it is computed with one
+    that is needed). Other arguments as in :func:`gram`.
     """
     dev = resolve_device(device)
     if len(x1) == 0 or (x2 is not None and len(x2) == 0):
@@ -539,13 +545,15 @@ def gram_blocks(
     y2 = None if y2 is None else y2.to(dev)
     s = _setup(_working_copy(model, dev), state, of, loss, implementation, dev, x1[:4],
                _take(y1, slice(0, 4)), trace_outputs)
-    block = max(2, budget // s.per_example_bytes)
+    block = max(2, budget // s.per_example_bytes) if block_size is None else int(block_size)
+    if block < 2:
+        raise ConfigError(f"block_size must be at least 2 examples, got {block_size!r}")
     info = {} if info is None else info
     info.update(block_size=int(block), blocks=0, per_example_bytes=s.per_example_bytes)
     logger.info("grams: %s, %d examples per block (%.1f MB each)", s.impl, block,
                 s.per_example_bytes / 2**20)
     info["vmap_params"] = tuple(s.residual) if s.impl == "layerwise" else ()
-    yield from _tiles(s, x1, y1, x2, y2, block, info)
+    yield from _tiles(s, x1, y1, x2, y2, block, info, skip)
     info["implementation"] = s.impl
 
 
@@ -573,10 +581,16 @@ def _cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return None if a is None else torch.cat([a, b])
 
 
-def _tiles(s: _Setup, x1, y1, x2, y2, block: int, info: dict) -> Iterator[GramBlock]:
+def _tiles(s: _Setup, x1, y1, x2, y2, block: int, info: dict,
+           skip: Callable[[slice, slice], bool] | None) -> Iterator[GramBlock]:
+    def needed(*pairs: tuple[slice, slice]) -> bool:
+        return skip is None or not all(skip(r, c) for r, c in pairs)
+
     if x2 is None:
         n = len(x1)
         if n <= block:
+            if not needed((slice(0, n), slice(0, n))):
+                return
             g = _block(s, x1, y1).cpu()
             info["blocks"] += 1
             d = _diag(g)
@@ -586,13 +600,16 @@ def _tiles(s: _Setup, x1, y1, x2, y2, block: int, info: dict) -> Iterator[GramBl
         for a in range(len(parts)):
             for b in range(a + 1, len(parts)):
                 ia, ib = parts[a], parts[b]
+                first, last = b == a + 1, a == len(parts) - 2 and b == len(parts) - 1
+                if not needed((ia, ib), *([(ia, ia)] if first else []), *([(ib, ib)] if last else [])):
+                    continue
                 g = _block(s, torch.cat([x1[ia], x1[ib]]), _cat(_take(y1, ia), _take(y1, ib))).cpu()
                 info["blocks"] += 1
                 na = ia.stop - ia.start
                 d = _diag(g)
-                if b == a + 1:  # each diagonal block once: with its first partner
+                if first:  # each diagonal block once: with its first partner
                     yield GramBlock(ia, ia, g[:na, :na], d[:na], d[:na])
-                if a == len(parts) - 2 and b == len(parts) - 1:
+                if last:
                     yield GramBlock(ib, ib, g[na:, na:], d[na:], d[na:])
                 yield GramBlock(ia, ib, g[:na, na:], d[:na], d[na:])
         return
@@ -602,6 +619,8 @@ def _tiles(s: _Setup, x1, y1, x2, y2, block: int, info: dict) -> Iterator[GramBl
     cols = [slice(0, n2)] if n1 + n2 <= block else _chunks(n2, size)
     for ia in rows:
         for ib in cols:
+            if not needed((ia, ib)):
+                continue
             g = _block(s, torch.cat([x1[ia], x2[ib]]), _cat(_take(y1, ia), _take(y2, ib))).cpu()
             info["blocks"] += 1
             na = ia.stop - ia.start

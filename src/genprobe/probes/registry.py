@@ -46,14 +46,22 @@ def probe_modules() -> list[str]:
 class Option:
     """A probe-specific command-line option ``--name`` for the keyword argument ``name``.
 
-    ``type``: int, float, str or bool (a bool becomes ``--name/--no-name``). ``default``: the
-    function's own default when omitted. ``multiple``: a repeatable option giving a list.
+    ``type``: int, float, str, Path or bool (a bool becomes ``--name/--no-name``). ``default``:
+    the function's own default when omitted. ``multiple``: a repeatable option giving a list.
+    ``flag``: the command-line flag when it is not ``--name`` (e.g. a keyword ``out``, which would
+    clash with the command's own ``--out``).
     """
 
     name: str
     type: type
     help: str
     multiple: bool = False
+    flag: str | None = None
+
+    @property
+    def cli_name(self) -> str:
+        """The command's parameter name: the flag's, or the keyword's."""
+        return (self.flag or self.name).replace("-", "_")
 
 
 @dataclass(frozen=True)

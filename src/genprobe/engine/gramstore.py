@@ -1,0 +1,170 @@
+"""Gram matrices streamed block by block into memory-mapped files on disk, resumable.
+
+A Gram of N examples needs N² · 8 bytes (N = 30,000: 7.2 GB), often more than the memory at
+hand. :func:`stream_gram` writes each block of :func:`genprobe.engine.grams.gram_blocks` into a
+memory-mapped ``.npy`` file as it comes, then records it as written: a run killed at any point
+(SIGKILL included) continues from the blocks on disk and ends with the same matrix, since a block
+is recorded only after its bytes are flushed, and the block layout is fixed when the file is made.
+
+A store is a directory that genprobe marks as its own (``.genprobe-kernels``). It holds, per
+matrix ``NAME``, ``NAME.npy`` and ``NAME.json`` (the computation's fingerprint, the block size and
+the blocks written). A directory that genprobe did not write, or a matrix file whose fingerprint
+differs from the computation asked for, is refused with OutputError: nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .. import outputs
+from ..errors import DataError, OutputError, first_line
+from .grams import gram_blocks
+
+KIND = "kernels"
+
+
+def _allowed(name: str) -> bool:
+    return name.endswith((".npy", ".json")) or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def open_store(path: str | Path) -> Path:
+    """The store directory `path`, created (and marked) if absent. OutputError if it exists and is
+    not an empty directory or a store genprobe wrote."""
+    path = Path(path)
+    outputs.check_creatable(path, "kernel directory")
+    if path.exists():
+        if any(path.iterdir()) and not outputs.is_owned(path, KIND, _allowed):
+            raise OutputError(f"kernel directory {path} holds files genprobe did not write; choose "
+                              "a new or empty directory for out=")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / outputs.MARKS[KIND]).touch()
+    return path
+
+
+def _key(rows: slice, cols: slice) -> str:
+    return f"{rows.start}:{rows.stop},{cols.start}:{cols.stop}"
+
+
+def stream_gram(
+    store: Path,
+    name: str,
+    fingerprint: Mapping[str, Any],
+    model: nn.Module,
+    state: Mapping[str, Tensor],
+    x1: Tensor,
+    x2: Tensor | None = None,
+    *,
+    on_block=None,
+    **options,
+) -> np.ndarray:
+    """The Gram of x1 (against x2, or itself) in ``store/NAME.npy``, read-only memory-mapped
+    (N1, N2[, K, K]) float64; computed, or resumed from the blocks already written.
+
+    `fingerprint`: what identifies the computation (JSON-able; the caller includes what the
+    matrix depends on: model and state digests, the inputs, options); a file of that name with
+    another fingerprint is refused. `options` go to :func:`~genprobe.engine.grams.gram_blocks`
+    (of, trace_outputs, implementation, memory_budget, device). ``on_block(done, total)`` is
+    called after each block written (blocks written so far, of how many: progress).
+    """
+    npy, meta_file = store / f"{name}.npy", store / f"{name}.json"
+    fingerprint = json.loads(json.dumps(dict(fingerprint)))
+    meta = _read_meta(meta_file, fingerprint) if meta_file.exists() else None
+    square = x2 is None
+    n1, n2 = len(x1), len(x1) if square else len(x2)
+    info: dict = {}
+    mm = None
+    done: set[str] = set(meta["done"]) if meta else set()
+    if meta and meta.get("complete"):
+        return np.load(npy, mmap_mode="r")
+    block_size = meta["block_size"] if meta else None
+    blocks = gram_blocks(model, state, x1, x2, info=info, block_size=block_size,
+                         skip=lambda r, c: _key(r, c) in done, **options)
+    for blk in blocks:
+        if mm is None:
+            shape = (n1, n2, *blk.matrix.shape[2:])
+            if meta is None or not npy.exists():
+                meta = {"fingerprint": fingerprint, "shape": list(shape),
+                        "block_size": int(info["block_size"]), "done": [], "complete": False}
+                done.clear()
+                outputs.write_atomic(npy, _zeros_npy(shape))
+                outputs.write_text_atomic(meta_file, json.dumps(meta))
+            mm = np.load(npy, mmap_mode="r+")
+            if list(mm.shape) != list(shape):
+                raise OutputError(f"{npy} has shape {mm.shape}, not {shape}; it belongs to another "
+                                  "computation: choose another out= directory")
+        m = blk.matrix.numpy()
+        if not np.isfinite(blk.diag_rows.numpy()).all() or not np.isfinite(blk.diag_cols.numpy()).all():
+            raise DataError(f"the derivatives of some examples in rows {blk.rows.start}-"
+                            f"{blk.rows.stop - 1} are not finite (NaN/inf outputs at this state)")
+        mm[blk.rows, blk.cols] = m
+        if square and blk.rows != blk.cols:
+            mm[blk.cols, blk.rows] = m.swapaxes(0, 1) if m.ndim == 2 else m.transpose(1, 0, 3, 2)
+        mm.flush()
+        done.add(_key(blk.rows, blk.cols))
+        meta["done"] = sorted(done)
+        outputs.write_text_atomic(meta_file, json.dumps(meta))
+        if on_block is not None:
+            on_block(len(done), block_count(n1, None if square else n2, meta["block_size"]))
+    if meta is None:  # nothing was needed and nothing recorded: cannot happen for n >= 1
+        raise OutputError(f"{meta_file} records no blocks; delete {store} and run again")
+    del mm
+    meta["complete"] = True
+    outputs.write_text_atomic(meta_file, json.dumps(meta))
+    return np.load(npy, mmap_mode="r")
+
+
+def _zeros_npy(shape: tuple[int, ...]):
+    """A writer of a zero-filled float64 ``.npy`` of `shape` (sparse on disk until written)."""
+    return lambda tmp: np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float64, shape=shape).flush()
+
+
+def block_count(n1: int, n2: int | None, block_size: int) -> int:
+    """How many blocks :func:`stream_gram` records for a Gram of that size and block size."""
+    if n2 is None:
+        if n1 <= block_size:
+            return 1
+        parts = -(-n1 // (block_size // 2))
+        return parts * (parts - 1) // 2 + parts
+    if n1 + n2 <= block_size:
+        return 1
+    size = max(1, block_size // 2)
+    return -(-n1 // size) * -(-n2 // size)
+
+
+def _read_meta(path: Path, fingerprint: dict) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("done"), list):
+            raise ValueError("not a genprobe kernel record")
+    except (OSError, ValueError) as exc:
+        raise OutputError(f"{path} cannot be read ({first_line(exc)}); it is not a kernel record "
+                          "genprobe wrote: choose another out= directory") from None
+    if meta.get("fingerprint") != fingerprint:
+        theirs = meta.get("fingerprint") or {}
+        diff = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
+        raise OutputError(f"{path.parent} holds a kernel of another computation (differs in "
+                          f"{', '.join(diff[:4])}); choose another out= directory")
+    return meta
+
+
+def digest(*tensors: Tensor | Mapping[str, Tensor]) -> str:
+    """A short content digest of tensors (or state dicts), for fingerprints."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in tensors:
+        for key, v in (sorted(t.items()) if isinstance(t, Mapping) else [("", t)]):
+            v = v.detach().cpu().contiguous()
+            h.update(f"{key}{tuple(v.shape)}{v.dtype}".encode())
+            h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+__all__ = ["KIND", "block_count", "digest", "open_store", "stream_gram"]
