@@ -13,7 +13,7 @@ from torch.func import functional_call
 
 from foreign import FOREIGN, TokenClassifier, make_subject
 from genprobe.engine import rules
-from genprobe.engine.grams import IMPLEMENTATIONS, cosine_from_gram, gram, gram_blocks
+from genprobe.engine.grams import GRAM_COPIES, IMPLEMENTATIONS, cosine_from_gram, gram, gram_blocks
 from genprobe.errors import ConfigError, DataError
 from genprobe.params import state_of
 
@@ -200,7 +200,8 @@ def test_diagonal_blocks_are_exactly_symmetric(subjects, impl):
     x = s.train.x[:7]
     info: dict = {}
     next(gram_blocks(s.model, s.final, x, of="outputs", implementation=impl, info=info))
-    budget = 6 * info["per_example_bytes"]  # blocks of 6: chunks of 3, 3 and 1
+    k = s.model(x[:1]).numel()  # blocks of 6 examples: chunks of 3, 3 and 1
+    budget = int(6.5 * info["per_example_bytes"] + GRAM_COPIES * 8 * (6.5 * k) ** 2)
     blocks = list(gram_blocks(s.model, s.final, x, of="outputs", implementation=impl, memory_budget=budget))
     diagonal = [blk for blk in blocks if blk.rows == blk.cols]
     assert [(b.rows.start, b.rows.stop) for b in diagonal] == [(0, 3), (3, 6), (6, 7)]

@@ -59,6 +59,7 @@ without holding the whole matrix.
 from __future__ import annotations
 
 import copy
+import math
 import logging
 import warnings
 from collections import defaultdict
@@ -545,7 +546,7 @@ def gram_blocks(
     y2 = None if y2 is None else y2.to(dev)
     s = _setup(_working_copy(model, dev), state, of, loss, implementation, dev, x1[:4],
                _take(y1, slice(0, 4)), trace_outputs)
-    block = max(2, budget // s.per_example_bytes) if block_size is None else int(block_size)
+    block = _block_size(s, budget) if block_size is None else int(block_size)
     if block < 2:
         raise ConfigError(f"block_size must be at least 2 examples, got {block_size!r}")
     info = {} if info is None else info
@@ -555,6 +556,19 @@ def gram_blocks(
     info["vmap_params"] = tuple(s.residual) if s.impl == "layerwise" else ()
     yield from _tiles(s, x1, y1, x2, y2, block, info, skip)
     info["implementation"] = s.impl
+
+
+GRAM_COPIES = 4
+"""Float64 (R, R) arrays alive at once while a block's Gram is formed (the running total, one
+layer's products and their temporaries): the part of a block's memory that grows as its square."""
+
+
+def _block_size(s: _Setup, budget: int) -> int:
+    """The most examples B per block with B · (bytes per example) + the block's Gram,
+    GRAM_COPIES · 8 · (B · rows per example)², within `budget` (at least 2)."""
+    q = GRAM_COPIES * 8 * _rows(s, 1) ** 2
+    p = s.per_example_bytes
+    return max(2, int((-p + math.sqrt(p * p + 4 * q * budget)) / (2 * q)))
 
 
 def _working_copy(model: nn.Module, dev: torch.device) -> nn.Module:

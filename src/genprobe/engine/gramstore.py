@@ -2,9 +2,11 @@
 
 A Gram of N examples needs N² · 8 bytes (N = 30,000: 7.2 GB), often more than the memory at
 hand. :func:`stream_gram` writes each block of :func:`genprobe.engine.grams.gram_blocks` into a
-memory-mapped ``.npy`` file as it comes, then records it as written: a run killed at any point
-(SIGKILL included) continues from the blocks on disk and ends with the same matrix, since a block
-is recorded only after its bytes are flushed, and the block layout is fixed when the file is made.
+``.npy`` file as it comes (plain positioned writes, so the process never holds the file resident,
+as it would through a memory map), then records it as written: a run killed at any point (SIGKILL
+included) continues from the blocks on disk and ends with the same matrix, since a block is
+recorded only after its bytes are written, and the block layout is fixed when the file is made.
+:class:`DiskMatrix` reads such a file back by rows.
 
 A store is a directory that genprobe marks as its own (``.genprobe-kernels``). It holds, per
 matrix ``NAME``, ``NAME.npy`` and ``NAME.json`` (the computation's fingerprint, the block size and
@@ -15,6 +17,7 @@ differs from the computation asked for, is refused with OutputError: nothing is 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -63,9 +66,9 @@ def stream_gram(
     *,
     on_block=None,
     **options,
-) -> np.ndarray:
-    """The Gram of x1 (against x2, or itself) in ``store/NAME.npy``, read-only memory-mapped
-    (N1, N2[, K, K]) float64; computed, or resumed from the blocks already written.
+) -> DiskMatrix:
+    """The Gram of x1 (against x2, or itself) in ``store/NAME.npy``, (N1, N2[, K, K]) float64,
+    computed or resumed from the blocks already written.
 
     `fingerprint`: what identifies the computation (JSON-able; the caller includes what the
     matrix depends on: model and state digests, the inputs, options); a file of that name with
@@ -79,15 +82,15 @@ def stream_gram(
     square = x2 is None
     n1, n2 = len(x1), len(x1) if square else len(x2)
     info: dict = {}
-    mm = None
+    disk = None
     done: set[str] = set(meta["done"]) if meta else set()
     if meta and meta.get("complete"):
-        return np.load(npy, mmap_mode="r")
+        return DiskMatrix(npy)
     block_size = meta["block_size"] if meta else None
     blocks = gram_blocks(model, state, x1, x2, info=info, block_size=block_size,
                          skip=lambda r, c: _key(r, c) in done, **options)
     for blk in blocks:
-        if mm is None:
+        if disk is None:
             shape = (n1, n2, *blk.matrix.shape[2:])
             if meta is None or not npy.exists():
                 meta = {"fingerprint": fingerprint, "shape": list(shape),
@@ -95,18 +98,17 @@ def stream_gram(
                 done.clear()
                 outputs.write_atomic(npy, _zeros_npy(shape))
                 outputs.write_text_atomic(meta_file, json.dumps(meta))
-            mm = np.load(npy, mmap_mode="r+")
-            if list(mm.shape) != list(shape):
-                raise OutputError(f"{npy} has shape {mm.shape}, not {shape}; it belongs to another "
+            disk = DiskMatrix(npy)
+            if list(disk.shape) != list(shape):
+                raise OutputError(f"{npy} has shape {disk.shape}, not {shape}; it belongs to another "
                                   "computation: choose another out= directory")
         m = blk.matrix.numpy()
         if not np.isfinite(blk.diag_rows.numpy()).all() or not np.isfinite(blk.diag_cols.numpy()).all():
             raise DataError(f"the derivatives of some examples in rows {blk.rows.start}-"
                             f"{blk.rows.stop - 1} are not finite (NaN/inf outputs at this state)")
-        mm[blk.rows, blk.cols] = m
+        disk.write(blk.rows, blk.cols, m)
         if square and blk.rows != blk.cols:
-            mm[blk.cols, blk.rows] = m.swapaxes(0, 1) if m.ndim == 2 else m.transpose(1, 0, 3, 2)
-        mm.flush()
+            disk.write(blk.cols, blk.rows, m.swapaxes(0, 1) if m.ndim == 2 else m.transpose(1, 0, 3, 2))
         done.add(_key(blk.rows, blk.cols))
         meta["done"] = sorted(done)
         outputs.write_text_atomic(meta_file, json.dumps(meta))
@@ -114,10 +116,76 @@ def stream_gram(
             on_block(len(done), block_count(n1, None if square else n2, meta["block_size"]))
     if meta is None:  # nothing was needed and nothing recorded: cannot happen for n >= 1
         raise OutputError(f"{meta_file} records no blocks; delete {store} and run again")
-    del mm
     meta["complete"] = True
     outputs.write_text_atomic(meta_file, json.dumps(meta))
-    return np.load(npy, mmap_mode="r")
+    return DiskMatrix(npy)
+
+
+class DiskMatrix:
+    """A C-ordered float64 ``.npy`` array on disk, read and written by rows with positioned file
+    I/O. Indexing takes rows (``m[i:j]``, ``m[i:j, a:b]``) and returns numpy arrays;
+    ``np.asarray(m)`` reads it whole."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        with open(self.path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read(f)
+            self.offset = f.tell()
+        if fortran or dtype != np.float64:
+            raise OutputError(f"{self.path} is not a float64 C-ordered kernel file genprobe wrote")
+        self.shape = tuple(shape)
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(np.float64)
+        self._row = int(np.prod(self.shape[1:], dtype=np.int64)) * 8  # bytes per row
+        self._item = int(np.prod(self.shape[2:], dtype=np.int64)) * 8  # bytes per (i, j) entry
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows start..stop-1, read from the file (into `out`, a C-contiguous float64 array of
+        their shape, when given)."""
+        stop = min(stop, self.shape[0])
+        if out is None:
+            out = np.empty((max(0, stop - start), *self.shape[1:]), dtype=np.float64)
+        elif out.shape != (stop - start, *self.shape[1:]) or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous float64 of shape {(stop - start, *self.shape[1:])}")
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset + start * self._row)
+            view = memoryview(out).cast("B")
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise OutputError(f"{self.path} is shorter than its header says; it is damaged: "
+                                      "delete it and run again")
+                got += n
+        return out
+
+    def __getitem__(self, key):
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("DiskMatrix takes contiguous row slices")
+        start, stop, _ = rows.indices(self.shape[0])
+        block = self.rows(start, stop)
+        return block[(slice(None), *rest)] if rest else block
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self.rows(0, self.shape[0])
+        return whole if dtype is None else whole.astype(dtype)
+
+    def write(self, rows: slice, cols: slice, block: np.ndarray) -> None:
+        """Write `block` (len(rows), len(cols), ...) at those rows and columns."""
+        block = np.ascontiguousarray(block, dtype=np.float64)
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            for i, row in enumerate(block):
+                os.pwrite(fd, row.tobytes(), self.offset + (rows.start + i) * self._row + cols.start * self._item)
+        finally:
+            os.close(fd)
 
 
 def _zeros_npy(shape: tuple[int, ...]):
@@ -167,4 +235,4 @@ def digest(*tensors: Tensor | Mapping[str, Tensor]) -> str:
     return h.hexdigest()[:16]
 
 
-__all__ = ["KIND", "block_count", "digest", "open_store", "stream_gram"]
+__all__ = ["KIND", "DiskMatrix", "block_count", "digest", "open_store", "stream_gram"]

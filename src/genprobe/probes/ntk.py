@@ -43,7 +43,7 @@ from torch import Tensor
 from .. import progress
 from ..device import resolve_device
 from ..engine.grams import IMPLEMENTATIONS, Implementation, gram
-from ..engine.gramstore import digest, open_store, stream_gram
+from ..engine.gramstore import DiskMatrix, digest, open_store, stream_gram
 from ..errors import ConfigError, DataError, check_choice
 from ..memory import resolve_memory_budget
 from ..results import Result
@@ -64,8 +64,8 @@ logger = logging.getLogger(__name__)
 FINAL = "final"
 LANCZOS_K = 10
 """Eigenvalues at each end of the spectrum when it comes from the Lanczos solver."""
-ROW_CHUNK = 2048
-"""Rows of a streamed kernel read at a time (matrix–vector products, loading)."""
+ROW_CHUNK = 1024
+"""Rows of a streamed kernel read at a time (matrix–vector products, the trace)."""
 
 
 class NTKResult(Result):
@@ -350,13 +350,13 @@ def _analyse(kernel, kernel_test, train: Data, test: Data | None, classes: int, 
     square = _square(kernel)
     m = square.shape[0]
     # dense: a copy of the square matrix fits (an in-memory kernel fitted the budget already)
-    dense = 8 * m * m <= budget or not isinstance(kernel, np.memmap)
+    dense = 8 * m * m <= budget or not isinstance(kernel, DiskMatrix)
     eigs = _eigenvalues(square, dense)
     lam_max, lam_min = float(eigs[0]), float(eigs[-1])
     stats = {"lambda_max": lam_max, "lambda_min": lam_min,
              "condition_number": lam_max / lam_min if lam_min > 0 else math.inf,
              "max_learning_rate": 2 * n / lam_max if lam_max > 0 else math.inf,
-             "mean_eigenvalue": float(np.trace(square) / m) if dense else _trace(square) / m,
+             "mean_eigenvalue": _trace(square) / m,
              "mean_prediction_accuracy": math.nan, "mean_prediction_accuracy_t": math.nan,
              "spectrum": "dense" if dense else "lanczos", "eigenvalues": eigs}
     if test is None:
@@ -403,8 +403,10 @@ def _eigenvalues(square: np.ndarray, dense: bool) -> np.ndarray:
     m = square.shape[0]
     if dense:
         a = np.empty((m, m), dtype=np.float64)
-        for i in range(0, m, ROW_CHUNK):
-            a[i:i + ROW_CHUNK] = square[i:i + ROW_CHUNK]
+        if isinstance(square, DiskMatrix):
+            square.rows(0, m, out=a)  # straight from the file: no second copy in memory
+        else:
+            a[:] = square
         # a is symmetric: its transpose is the same matrix in the Fortran order LAPACK works in,
         # so overwrite_a computes in place with no copy
         w = scipy.linalg.eigvalsh(a.T, overwrite_a=True, check_finite=False, driver="evd")
