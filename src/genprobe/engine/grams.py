@@ -59,8 +59,8 @@ without holding the whole matrix.
 from __future__ import annotations
 
 import copy
-import math
 import logging
+import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
