@@ -76,7 +76,7 @@ from ..device import resolve_device
 from ..errors import ConfigError, DataError, check_choice
 from ..memory import resolve_memory_budget
 from ..params import State, split_state
-from .rules import module_gram, rule, rule_input, rules_match
+from .rules import is_dense_rule, module_gram, rule, rule_input, rules_match
 
 logger = logging.getLogger(__name__)
 
@@ -383,11 +383,16 @@ def _estimate_bytes(s: _Setup, x: Tensor) -> int:
     act = 0
     unfold = 0
     handles = []
+    flat_calls: dict[nn.Module, int] = defaultdict(int)  # linear maps called on 2-D inputs
+    calls: dict[nn.Module, int] = defaultdict(int)
 
     def hook(mod, args, out):
         nonlocal act, unfold
         if isinstance(out, Tensor):
             act += out.numel()
+        calls[mod] += 1
+        if is_dense_rule(mod) and args and isinstance(args[0], Tensor) and args[0].dim() == 2:
+            flat_calls[mod] += 1
         weight = getattr(mod, "weight", None)
         if isinstance(weight, Tensor) and weight.dim() == 4 and isinstance(out, Tensor) and out.dim() == 4:
             unfold = max(unfold, weight[0].numel() * out[0, 0].numel())  # a convolution's unfold
@@ -409,7 +414,10 @@ def _estimate_bytes(s: _Setup, x: Tensor) -> int:
     elif s.impl == "vmap":
         per = 2 * kk * p_all + 4 * act
     else:
-        biggest = max([p.numel() for name in s.covered for p in s.covered[name].parameters()] or [0])
+        # a linear map called once on 2-D inputs takes (A Aᵀ) ⊙ (B Bᵀ): no per-example gradient
+        contracted = {m for m, c in flat_calls.items() if c == calls[m] == 1}
+        biggest = max([p.numel() for mod in s.covered.values() if mod not in contracted
+                       for p in mod.parameters()] or [0])
         p_res = sum(s.params[k].numel() for k in s.residual)
         per = 4 * act * kk + 2 * kk * biggest + unfold + (2 * kk * p_res + 4 * act if p_res else 0)
     return max(int(per * item), 1)

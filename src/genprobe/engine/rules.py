@@ -275,6 +275,12 @@ def rule(m: nn.Module) -> Rule | None:
     return None
 
 
+def is_dense_rule(m: nn.Module) -> bool:
+    """Whether `m` takes the linear-map rule (an ``nn.Linear`` or a ScaledLinearMap "linear"):
+    on 2-D inputs its Gram is (A Aᵀ) ⊙ (B Bᵀ), with no per-example gradient formed."""
+    return rule(m) is _linear_grads
+
+
 def rule_input(m: nn.Module, a: Tensor) -> Tensor:
     """What a rule needs from a call's input, taken while the call runs: BatchNorm's x̂ uses the
     running statistics of the state being evaluated, which are only swapped in during the call."""
@@ -348,5 +354,5 @@ def rules_match(ours: dict[str, tuple[Tensor, Tensor]], batch: dict[str, Tensor 
     return True
 
 
-__all__ = ["LINEAR_MAPS", "Rule", "ScaledLinearMap", "module_gram", "rule", "rule_input",
+__all__ = ["LINEAR_MAPS", "Rule", "ScaledLinearMap", "is_dense_rule", "module_gram", "rule", "rule_input",
            "rules_match", "scaled_map"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from time import perf_counter
 
 import numpy as np
 import pandas as pd
@@ -242,10 +243,15 @@ def ntk(
     rows_out, spectra, files = [], [], {}
     final_kernels: dict[str, Tensor] = {}
     final_eigs = None
+    seconds = {"kernel": 0.0, "analysis": 0.0}
     for label, state in states:
+        start = perf_counter()
         kernel, kernel_test = _kernels(subject, state, label, train, test, store, options, files)
+        seconds["kernel"] += perf_counter() - start
+        start = perf_counter()
         stats = _analyse(kernel, kernel_test, train, test, subject.num_classes, trace_outputs,
                          outputs_k, ridge, time, budget)
+        seconds["analysis"] += perf_counter() - start
         rows_out.append({"state": label, "epoch": math.nan if label == FINAL else float(label),
                          **{k: v for k, v in stats.items() if k != "eigenvalues"}})
         spectra.append(pd.DataFrame({"state": label, "rank": np.arange(len(stats["eigenvalues"])),
@@ -275,7 +281,7 @@ def ntk(
                         "out": None if out is None else str(out), "seed": seed,
                         "implementation": implementation},
             "outputs": outputs_k, "states": [s for s, _ in states],
-            "kernel_files": files.get(FINAL, {}),
+            "kernel_files": files.get(FINAL, {}), "seconds": seconds,
             "self_check": _self_check(subject, train, final_kernels.get("kernel"), files.get(FINAL),
                                       trace_outputs)}
     return NTKResult(table=table, summary=summary, meta=meta, tables={"spectrum": pd.concat(spectra, ignore_index=True)},
