@@ -143,7 +143,7 @@ def test_chunked_and_rectangular_agree(subjects, name, impl):
     outs = gram(s.model, s.final, x1[:2], x2[:3], of="outputs", implementation=impl, memory_budget=1)
     assert_rel(outs.matrix, reference_gram(s.model, s.final, x1[:2], x2[:3], of="outputs"))
     square = gram(s.model, s.final, x1[:3], of="outputs", implementation=impl, memory_budget=1)
-    assert square.blocks == 3
+    assert square.blocks == 6  # chunks of 1: 3 diagonal + 3 cross
     assert_rel(square.matrix, reference_gram(s.model, s.final, x1[:3], of="outputs"))
     assert_symmetric(square.matrix)
     traced = gram(s.model, s.final, x1[:4], of="outputs", trace_outputs=True, implementation=impl,
@@ -191,7 +191,7 @@ def test_gram_blocks_cover_the_upper_triangle(subjects):
         seen[blk.rows, blk.cols] += 1
     assert torch.equal(seen.triu(), torch.ones(7, 7, dtype=torch.int64).triu())
     assert torch.equal(seen.tril(-1), torch.zeros(7, 7, dtype=torch.int64))
-    assert info["implementation"] == "layerwise" and info["blocks"] == 21  # 7 chunks of 1: C(7, 2)
+    assert info["implementation"] == "layerwise" and info["blocks"] == 28  # 7 chunks of 1: 7 + C(7, 2)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -208,7 +208,7 @@ def test_diagonal_blocks_are_exactly_symmetric(subjects, impl):
     for blk in diagonal:
         assert_symmetric(blk.matrix)
     r = gram(s.model, s.final, x, of="outputs", implementation=impl, memory_budget=budget)
-    assert r.blocks == 3
+    assert r.blocks == 6  # 3 diagonal + 3 cross
     assert_symmetric(r.matrix)
     assert_rel(r.matrix, reference_gram(s.model, s.final, x, of="outputs"))
 
@@ -389,6 +389,14 @@ def test_contraction_and_per_example_routes_agree(subjects, references, name, fo
     assert_rel(o.matrix, references(name, "outputs"))
     t = gram(s.model, s.final, s.train.x[:5], of="outputs", trace_outputs=True, implementation="layerwise")
     assert_rel(t.matrix, references(name, "outputs").diagonal(dim1=-2, dim2=-1).mean(-1))
+    chunked = gram(s.model, s.final, s.train.x, y1=s.train.y, implementation="layerwise", memory_budget=1)
+    assert chunked.blocks > 1
+    assert_rel(chunked.matrix, references(name, "loss"))
+    chunked = gram(s.model, s.final, s.train.x[:5], of="outputs", implementation="layerwise", memory_budget=1)
+    assert_rel(chunked.matrix, references(name, "outputs"))
+    chunked = gram(s.model, s.final, s.train.x[:5], of="outputs", trace_outputs=True,
+                   implementation="layerwise", memory_budget=1)
+    assert_rel(chunked.matrix, references(name, "outputs").diagonal(dim1=-2, dim2=-1).mean(-1))
 
 
 class OddConvs(nn.Module):

@@ -49,9 +49,10 @@ symmetric; a square Gram, its diagonal blocks and the (N, N, K, K) layout
 Memory: examples are processed in blocks whose size comes from a memory budget (bytes, see
 :mod:`genprobe.memory`), so the N × P matrix of per-example gradients never needs to exist. A
 square Gram of N examples with block size B > N is one block; otherwise the examples are cut
-into chunks of B/2 and every pair of chunks (I, J) is one block on the union I ∪ J, so each
-example's gradient is recomputed about 2N/B times: cost O(N²/B) per-example gradients, memory
-O(B). Rectangular Grams (x1 vs x2, train–test) stream the same way over (chunk of x1, chunk of
+into chunks of B/2: each chunk's own Gram is one block, and each pair of chunks (I, J) one block
+computed on the union I ∪ J that forms only the cross products I × J, so each example's gradient
+is recomputed about 2N/B times (cost O(N²/B) per-example gradients, memory O(B) plus the block's
+Gram, which the block size accounts for) while the products cost ~N²/2 pairs in all. Rectangular Grams (x1 vs x2, train–test) stream the same way over (chunk of x1, chunk of
 x2) pairs; :func:`gram_blocks` yields the blocks one by one for callers that want to reduce them
 without holding the whole matrix.
 """
@@ -76,7 +77,7 @@ from ..device import resolve_device
 from ..errors import ConfigError, DataError, check_choice
 from ..memory import resolve_memory_budget
 from ..params import State, split_state
-from .rules import is_dense_rule, module_gram, rule, rule_input, rules_match
+from .rules import is_dense_rule, module_gram, outer, rule, rule_input, rules_match
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,10 @@ def _rows(s: _Setup, n: int) -> int:
     return n if s.traced else n * s.outputs
 
 
+def _split_rows(s: _Setup, split: int | None) -> int | None:
+    return None if split is None else _rows(s, split)
+
+
 def _call(s: _Setup, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
     return functional_call(s.model, ({**s.params, **params}, s.buffers), (x,))
 
@@ -202,7 +207,7 @@ def _call(s: _Setup, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- loop
 
 
-def _loop_block(s: _Setup, x: Tensor, y: Tensor | None, keys: list[str]) -> Tensor:
+def _loop_block(s: _Setup, x: Tensor, y: Tensor | None, keys: list[str], split: int | None) -> Tensor:
     """Gram (R, R) (R = :func:`_rows`), by one autograd call per example and output."""
     rows = []
     for i in range(len(x)):
@@ -216,13 +221,13 @@ def _loop_block(s: _Setup, x: Tensor, y: Tensor | None, keys: list[str]) -> Tens
                 rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                                        for g, p in zip(grads, leaves.values(), strict=True)]))
     feats = torch.stack(rows).reshape(_rows(s, len(x)), -1)  # (n·K', P), or (n, K'·P) traced
-    return (feats @ feats.T).double()
+    return outer(feats, _split_rows(s, split)).double()
 
 
 # ----------------------------------------------------------------------------- vmap
 
 
-def _vmap_block(s: _Setup, x: Tensor, y: Tensor | None, keys: list[str]) -> Tensor:
+def _vmap_block(s: _Setup, x: Tensor, y: Tensor | None, keys: list[str], split: int | None) -> Tensor:
     """Gram (R, R) from vmap(grad) (loss) or vmap(jacrev) (outputs) over parameters `keys`."""
     sub = {k: s.params[k] for k in keys}
 
@@ -238,10 +243,9 @@ def _vmap_block(s: _Setup, x: Tensor, y: Tensor | None, keys: list[str]) -> Tens
 
         grads = _quiet_vmap(vmap(jacrev(f), in_dims=(None, 0)))(sub, x)  # {k: (n, K, *shape)}
     rows = _rows(s, len(x))
-    total = torch.zeros(rows, rows, dtype=torch.float64, device=x.device)
+    total = 0
     for g in grads.values():
-        flat = g.reshape(rows, -1)
-        total += (flat @ flat.T).double()
+        total = total + outer(g.reshape(rows, -1), _split_rows(s, split)).double()
     return total
 
 
@@ -299,11 +303,12 @@ def _plan_layerwise(s: _Setup, x: Tensor) -> bool:
     return True
 
 
-def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None, residual: bool = True) -> Tensor:
-    """Gram (R, R): rules for covered modules from one batched backward, vmap for the rest
-    (unless `residual` is False). The first call checks the rules against autograd."""
-    rows = _rows(s, len(x))
-    total = torch.zeros(rows, rows, dtype=torch.float64, device=x.device)
+def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None, residual: bool = True,
+                     split: int | None = None) -> Tensor:
+    """Gram (R, R) (with `split`: its cross block): rules for covered modules from one batched
+    backward, vmap for the rest (unless `residual` is False). The first call checks the rules
+    against autograd."""
+    total = 0
     calls: dict[str, list[tuple[Tensor, Tensor]]] = defaultdict(list)
     handles = [mod.register_forward_hook(
         lambda mod, args, out, name=name: calls[name].append((rule_input(mod, args[0]), out)))
@@ -321,7 +326,7 @@ def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None, residual: bool = Tr
             objs = _objectives(s, out, y)
             per_obj = [torch.autograd.grad(obj, outs, retain_graph=True, allow_unused=True)
                        for obj in objs]
-            verify = not s.verified and bool(torch.isfinite(sum(objs)))
+            verify = not s.verified and split is None and bool(torch.isfinite(sum(objs)))
             batch = {}
             if verify:
                 owned = [k for d in s.keys.values() for k in d.values()]
@@ -338,7 +343,7 @@ def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None, residual: bool = Tr
             i += len(mcalls)
             if not mcalls:
                 continue
-            contrib, sums = module_gram(mod, [a for a, _ in mcalls], bs, verify, s.traced)
+            contrib, sums = module_gram(mod, [a for a, _ in mcalls], bs, verify, s.traced, split)
             total += contrib
             if verify and not rules_match(sums, batch, s.keys[name]):
                 failed.append(name)
@@ -350,10 +355,14 @@ def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None, residual: bool = Tr
                 s.residual += list(s.keys.pop(name).values())
                 s.covered.pop(name)
             s.verified = True
-            return _layerwise_block(s, x, y, residual)
+            return _layerwise_block(s, x, y, residual, split)
         s.verified = s.verified or verify
     if s.residual and residual:
-        total += _vmap_block(s, x, y, s.residual)
+        total = total + _vmap_block(s, x, y, s.residual, split)
+    if isinstance(total, int):  # no parameter at all
+        r = _rows(s, len(x))
+        r1 = r if split is None else _rows(s, split)
+        return torch.zeros(r1, r - r1 if split is not None else r, dtype=torch.float64, device=x.device)
     return total
 
 
@@ -458,27 +467,31 @@ def _vmappable(s: _Setup, x: Tensor) -> bool:
     return True
 
 
-def _block(s: _Setup, x: Tensor, y: Tensor | None) -> Tensor:
+def _block(s: _Setup, x: Tensor, y: Tensor | None, split: int | None = None) -> Tensor:
     """Gram of the rows of block `x`: (n, n) for the loss and traced outputs (the mean over the
     K outputs), (n, n, K, K) for outputs; exactly symmetric (G_ij == G_ji;
-    Θ[i, j, k, l] == Θ[j, i, l, k])."""
+    Θ[i, j, k, l] == Θ[j, i, l, k]). With `split`, only the cross block of examples [:split]
+    against [split:]: (split, n − split[, K, K])."""
     if s.impl == "layerwise":
-        g = _layerwise_block(s, x, y)
+        g = _layerwise_block(s, x, y, split=split)
     elif s.impl == "vmap":
         try:
-            g = _vmap_block(s, x, y, list(s.params))
+            g = _vmap_block(s, x, y, list(s.params), split)
         except Exception as exc:  # noqa: BLE001 - vmap(grad) can fail where the forward did not
             logger.warning("vmap(grad) failed (%s); falling back to the per-example loop", _short(exc))
             s.impl = "loop"
-            return _block(s, x, y)
+            return _block(s, x, y, split)
     else:
-        g = _loop_block(s, x, y, list(s.params))
-    g = (g + g.T) / 2  # exactly symmetric by construction: BLAS's f @ f.T need not be
-    n, kk = len(x), s.outputs
+        g = _loop_block(s, x, y, list(s.params), split)
+    if split is None:
+        g = (g + g.T) / 2  # exactly symmetric by construction: BLAS's f @ f.T need not be
+    n1 = len(x) if split is None else split
+    n2 = len(x) if split is None else len(x) - split
+    kk = s.outputs
     if s.traced:
         return g / kk
     if s.of == "outputs":
-        return g.reshape(n, kk, n, kk).permute(0, 2, 1, 3)
+        return g.reshape(n1, kk, n2, kk).permute(0, 2, 1, 3)
     return g
 
 
@@ -487,14 +500,15 @@ class GramBlock:
     """One block of a Gram: rows ``rows`` of x1 against columns ``cols`` of x2 (or x1).
 
     ``matrix`` (len(rows), len(cols)[, K, K]); ``diag_rows`` / ``diag_cols``: the self inner
-    products of the rows' and columns' examples, (len, ) or (len, K, K).
+    products of the rows' and columns' examples, (len, ) or (len, K, K); None for the
+    off-diagonal blocks of a square Gram (the diagonal blocks carry them).
     """
 
     rows: slice
     cols: slice
     matrix: Tensor
-    diag_rows: Tensor
-    diag_cols: Tensor
+    diag_rows: Tensor | None
+    diag_cols: Tensor | None
 
 
 def _diag(g: Tensor) -> Tensor:
@@ -533,7 +547,9 @@ def gram_blocks(
     """Yield the blocks of the Gram of x1 (N1, ...) against x2 (N2, ...) (default: x1 itself).
 
     For a square Gram (x2 None) the blocks cover the upper triangle (rows ≤ cols); the lower
-    triangle is the transpose. Blocks come on the CPU in float64. `info`, when given, receives
+    triangle is the transpose. Its examples are cut into chunks of ``block_size // 2``: each
+    diagonal block is computed on its chunk, each off-diagonal one as the cross products of two
+    chunks only (so the products cost ~N²/2 pairs in all). Blocks come on the CPU in float64. `info`, when given, receives
     ``implementation``, ``block_size`` and ``blocks`` as they become known.
     ``block_size`` (examples per block) overrides the one the memory budget gives: the blocks'
     layout depends only on it, so a caller resuming a streamed Gram passes the size it started
@@ -619,21 +635,21 @@ def _tiles(s: _Setup, x1, y1, x2, y2, block: int, info: dict,
             yield GramBlock(slice(0, n), slice(0, n), g, d, d)
             return
         parts = _chunks(n, block // 2)
-        for a in range(len(parts)):
+        for ia in parts:  # the diagonal blocks, each on its own
+            if needed((ia, ia)):
+                g = _block(s, x1[ia], _take(y1, ia)).cpu()
+                info["blocks"] += 1
+                d = _diag(g)
+                yield GramBlock(ia, ia, g, d, d)
+        for a in range(len(parts)):  # the cross blocks: the products of two chunks only
             for b in range(a + 1, len(parts)):
                 ia, ib = parts[a], parts[b]
-                first, last = b == a + 1, a == len(parts) - 2 and b == len(parts) - 1
-                if not needed((ia, ib), *([(ia, ia)] if first else []), *([(ib, ib)] if last else [])):
+                if not needed((ia, ib)):
                     continue
-                g = _block(s, torch.cat([x1[ia], x1[ib]]), _cat(_take(y1, ia), _take(y1, ib))).cpu()
+                g = _block(s, torch.cat([x1[ia], x1[ib]]), _cat(_take(y1, ia), _take(y1, ib)),
+                           split=ia.stop - ia.start).cpu()
                 info["blocks"] += 1
-                na = ia.stop - ia.start
-                d = _diag(g)
-                if first:  # each diagonal block once: with its first partner
-                    yield GramBlock(ia, ia, g[:na, :na], d[:na], d[:na])
-                if last:
-                    yield GramBlock(ib, ib, g[na:, na:], d[na:], d[na:])
-                yield GramBlock(ia, ib, g[:na, na:], d[:na], d[na:])
+                yield GramBlock(ia, ib, g, None, None)
         return
     n1, n2 = len(x1), len(x2)
     size = block if n1 + n2 <= block else max(1, block // 2)
@@ -701,13 +717,14 @@ def gram(
         m, dr, dc = blk.matrix, blk.diag_rows, blk.diag_cols
         if matrix is None:
             matrix = torch.zeros(n1, n2, *m.shape[2:], dtype=torch.float64)
-            diag1 = torch.zeros(n1, *dr.shape[1:], dtype=torch.float64)
-            diag2 = torch.zeros(n2, *dc.shape[1:], dtype=torch.float64)
+            diag1 = torch.zeros(n1, *m.shape[2:], dtype=torch.float64)
+            diag2 = torch.zeros(n2, *m.shape[2:], dtype=torch.float64)
         matrix[blk.rows, blk.cols] = m
         if x2 is None and blk.rows != blk.cols:
             matrix[blk.cols, blk.rows] = m.transpose(0, 1) if m.dim() == 2 else m.permute(1, 0, 3, 2)
-        diag1[blk.rows] = dr
-        diag2[blk.cols] = dc
+        if dr is not None:
+            diag1[blk.rows] = dr
+            diag2[blk.cols] = dc
     if x2 is None:  # the diagonal itself, bit for bit (blocks recompute the self products)
         diag1, diag2 = _diag(matrix), _diag(matrix)
     _check_finite(diag1, "x1")

@@ -103,7 +103,7 @@ def stream_gram(
                 raise OutputError(f"{npy} has shape {disk.shape}, not {shape}; it belongs to another "
                                   "computation: choose another out= directory")
         m = blk.matrix.numpy()
-        if not np.isfinite(blk.diag_rows.numpy()).all() or not np.isfinite(blk.diag_cols.numpy()).all():
+        if not all(d is None or np.isfinite(d.numpy()).all() for d in (blk.diag_rows, blk.diag_cols)):
             raise DataError(f"the derivatives of some examples in rows {blk.rows.start}-"
                             f"{blk.rows.stop - 1} are not finite (NaN/inf outputs at this state)")
         disk.write(blk.rows, blk.cols, m)

@@ -143,49 +143,56 @@ def _unfold(m: nn.Module, a: Tensor) -> Tensor:
     return a.reshape(a.shape[0], -1, a.shape[-1])
 
 
-def _linear_gram(m: nn.Module, a: Tensor, b: Tensor, traced: bool) -> Tensor:
+def outer(f: Tensor, split: int | None = None) -> Tensor:
+    """f fᵀ for rows f (R, D), or with `split` only its cross block f[:split] f[split:]ᵀ."""
+    return f @ f.T if split is None else f[:split] @ f[split:].T
+
+
+def _linear_gram(m: nn.Module, a: Tensor, b: Tensor, traced: bool, split: int | None) -> Tensor:
     """(A Aᵀ) ⊙ (B Bᵀ) (+ B Bᵀ for the bias): a 2-D Linear's Gram without forming g_i. Traced:
-    Σ_k B_k B_kᵀ is one product of the rows (n, K'·out)."""
+    Σ_k B_k B_kᵀ is one product of the rows (n, K'·out). `split`: examples [:split] against
+    [split:] only."""
     n, kk = b.shape[:2]
     if traced:
-        bf = b.reshape(n, -1)
-        gb = bf @ bf.T  # (n, n)
-        ga = a @ a.T
+        gb = outer(b.reshape(n, -1), split)  # (n, n)
+        ga = outer(a, split)
     else:
-        bf = b.reshape(n * kk, -1)
-        gb = bf @ bf.T  # (R, R)
-        ga = (a @ a.T).repeat_interleave(kk, 0).repeat_interleave(kk, 1)
+        gb = outer(b.reshape(n * kk, -1), None if split is None else split * kk)  # (R, R)
+        ga = outer(a, split).repeat_interleave(kk, 0).repeat_interleave(kk, 1)
     ws, bs = _scales(m)
     return (ga * gb * ws**2 + (gb * bs**2 if _bias(m) is not None else 0)).double()
 
 
-def _contracted_gram(m: nn.Module, a: Tensor, b: Tensor, traced: bool) -> Tensor:
+def _contracted_gram(m: nn.Module, a: Tensor, b: Tensor, traced: bool, split: int | None) -> Tensor:
     """Gram of a weight-shared linear map (conv, or Linear over positions) without per-example
     gradients: G_(ik),(jl) = Σ_{t,s} (u_it · u_js)(b_ikt · b_jls), (+ bias term). Traced:
-    G_ij = Σ_k G_(ik),(jk), with the sum over k inside the products."""
+    G_ij = Σ_k G_(ik),(jk), with the sum over k inside the products. `split`: examples
+    [:split] against [split:] only."""
     n, kk = b.shape[:2]
+    n1 = n if split is None else split
+    n2 = n if split is None else n - split
     u = _unfold(m, a)  # (n, T, F)
     t = u.shape[1]
     if rule(m) is _conv_grads:
         bt = b.flatten(3).transpose(2, 3)  # (n, K', T, C_out)
     else:
         bt = b.reshape(n, kk, t, -1)
-    uu = (u.reshape(n * t, -1) @ u.reshape(n * t, -1).T).reshape(n, 1, t, n, 1, t)
+    rows_t = None if split is None else split * t
+    uu = outer(u.reshape(n * t, -1), rows_t).reshape(n1, 1, t, n2, 1, t)
     ws, bscale = _scales(m)
     if traced:
         bf = bt.transpose(1, 2).reshape(n * t, -1)  # (n T, K' C_out)
-        g = (uu.reshape(n, t, n, t) * (bf @ bf.T).reshape(n, t, n, t)).sum((1, 3)) * ws**2
+        g = (uu.reshape(n1, t, n2, t) * outer(bf, rows_t).reshape(n1, t, n2, t)).sum((1, 3)) * ws**2
         if _bias(m) is not None:
-            bs = bt.sum(2).reshape(n, -1)
-            g = g + (bs @ bs.T) * bscale**2
+            g = g + outer(bt.sum(2).reshape(n, -1), split) * bscale**2
         return g.double()
     bf = bt.reshape(n * kk * t, -1)
-    bb = (bf @ bf.T).reshape(n, kk, t, n, kk, t)
-    g = (uu * bb).sum((2, 5)) * ws**2  # (n, K', n, K')
+    bb = outer(bf, None if split is None else split * kk * t).reshape(n1, kk, t, n2, kk, t)
+    g = (uu * bb).sum((2, 5)) * ws**2  # (n1, K', n2, K')
     if _bias(m) is not None:
         bs = bt.sum(2).reshape(n * kk, -1)
-        g = g + (bs @ bs.T).reshape(n, kk, n, kk) * bscale**2
-    return g.reshape(n * kk, n * kk).double()
+        g = g + outer(bs, None if split is None else split * kk).reshape(n1, kk, n2, kk) * bscale**2
+    return g.reshape(n1 * kk, n2 * kk).double()
 
 
 def _contract_is_cheaper(m: nn.Module, a: Tensor, b: Tensor) -> bool:
@@ -300,29 +307,31 @@ def _magnitudes(m: nn.Module, a: Tensor, b: Tensor) -> dict[str, Tensor]:
 
 
 def module_gram(mod: nn.Module, inputs: list[Tensor], bs: list[Tensor], verify: bool,
-                traced: bool = False) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
+                traced: bool = False, split: int | None = None
+                ) -> tuple[Tensor, dict[str, tuple[Tensor, Tensor]]]:
     """One module's Gram contribution over all its calls (`inputs` from :func:`rule_input`,
     `bs` (n, K', *out shape) per call): (R, R) with R = n·K' rows, or (n, n) summed over the
-    K' rows of each example when `traced`; when verifying, also per parameter
+    K' rows of each example when `traced`; with `split`, only the cross block of examples
+    [:split] against [split:]; when verifying (never with `split`), also per parameter
     the sum of its per-row gradients and the sum of the magnitudes of every term that went into
     it (the scale of rounding errors). Verification takes the per-example route."""
     r = rule(mod)
     n, kk = bs[0].shape[:2]
     rows = n if traced else n * kk
+    split_rows = None if split is None else (split if traced else split * kk)
     if not verify and len(inputs) == 1 and r in (_linear_grads, _conv_grads):
         a, b = inputs[0], bs[0]
         if r is _linear_grads and a.dim() == 2:
-            return _linear_gram(mod, a, b, traced), {}
+            return _linear_gram(mod, a, b, traced, split), {}
         if _contract_is_cheaper(mod, a, b):
-            return _contracted_gram(mod, a, b, traced), {}
+            return _contracted_gram(mod, a, b, traced, split), {}
     grads: dict[str, Tensor] = {}
     for a, b in zip(inputs, bs, strict=True):  # a shared module: sum its calls per example
         for local, g in r(mod, a, b).items():
             grads[local] = grads[local] + g if local in grads else g
-    total = torch.zeros(rows, rows, dtype=torch.float64, device=bs[0].device)
+    total = 0
     for g in grads.values():  # (n, K', *shape): traced rows concatenate an example's K' rows
-        flat = g.reshape(rows, -1)
-        total += (flat @ flat.T).double()
+        total = total + outer(g.reshape(rows, -1), split_rows).double()
     if not verify:
         return total, {}
     scale: dict[str, Tensor] = {}
@@ -354,5 +363,5 @@ def rules_match(ours: dict[str, tuple[Tensor, Tensor]], batch: dict[str, Tensor 
     return True
 
 
-__all__ = ["LINEAR_MAPS", "Rule", "ScaledLinearMap", "is_dense_rule", "module_gram", "rule", "rule_input",
+__all__ = ["LINEAR_MAPS", "Rule", "ScaledLinearMap", "is_dense_rule", "module_gram", "outer", "rule", "rule_input",
            "rules_match", "scaled_map"]
