@@ -43,6 +43,8 @@ def test_options_are_validated():
         create_model("resnet", (3, 8, 8), 2, depth=9)
     with pytest.raises(ConfigError, match="image inputs"):
         create_model("cnn", (40,), 2)
+    with pytest.raises(ConfigError, match="kernel_size=2 must be odd"):
+        create_model("cnn", (1, 8, 8), 2, kernel_size=2)  # same padding would grow the image
     assert "readout" in model_options("cnn")
 
 

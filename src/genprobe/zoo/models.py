@@ -223,6 +223,10 @@ class CNN(ZooModel):
         super().__init__()
         _positive("depth", depth)
         _positive("channels", channels)
+        _positive("kernel_size", kernel_size)
+        if kernel_size % 2 == 0:
+            raise ConfigError(f"cnn kernel_size={kernel_size} must be odd (same padding keeps the "
+                              "image size only for odd kernels)")
         check_choice("readout", readout, ("flatten", "gap"))
         check_choice("parameterization", parameterization, PARAMETERIZATIONS)
         if len(input_shape) != 3:
