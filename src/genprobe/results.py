@@ -6,14 +6,18 @@ version, options, seed). ``save(path)`` writes a directory — ``table.parquet``
 per extra table, ``tensors.safetensors`` and ``meta.json`` — and ``load(path)`` reads it back
 exactly, as the probe's own result class.
 
-Probes subclass :class:`Result`, set ``probe`` and implement ``plot()``; extra tables and
-tensors are exposed as properties (``.cosine``, ``.modules`` ...).
+Probes subclass :class:`Result`, set ``probe`` and implement ``plot()`` (drawn in the one style
+of :mod:`genprobe.figures`) and ``reading()`` (one plain-language paragraph generated from the
+numbers, for the report); extra tables and tensors are exposed as properties (``.cosine``,
+``.modules`` ...).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -26,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from . import outputs
 from ._version import __version__
 from .errors import RunError, one_line
+from .figures import save_figure
 
 FILES = ("table.parquet", "tensors.safetensors", "meta.json", "figure.png", "figure.svg")
 """What :meth:`Result.save` writes in a result directory (plus ``table-NAME.parquet`` files)."""
@@ -35,7 +40,44 @@ def result_file(name: str) -> bool:
     """Whether `name` is a file that :meth:`Result.save` writes."""
     return name in FILES or (name.startswith("table-") and name.endswith(".parquet"))
 
+
 _REGISTRY: dict[str, type[Result]] = {}
+
+
+def machine() -> dict[str, Any]:
+    """Where a result was computed (``meta["machine"]``): operating system, Python, torch, CPU
+    cores and torch's thread count, and the CUDA device when there is one."""
+    info: dict[str, Any] = {"system": platform.platform(), "python": platform.python_version(),
+                            "torch": torch.__version__, "cpu_count": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name()
+    return info
+
+
+def number(value: float, digits: int = 3) -> str:
+    """A measure as the readings print it: `digits` significant digits (``0.123``, ``2.14e+04``)."""
+    return f"{value:.{digits}g}"
+
+
+def percent(fraction: float, digits: int = 1) -> str:
+    """A fraction (an error, an accuracy) as the readings print it: ``0.0194`` -> ``1.9%``."""
+    return f"{100.0 * fraction:.{digits}f}%"
+
+
+def points(fraction: float, digits: int = 1) -> str:
+    """A difference of two fractions in percentage points: ``0.123`` -> ``12.3 pp``."""
+    return f"{100.0 * fraction:.{digits}f} pp"
+
+
+def names(items: list[str], limit: int = 4) -> str:
+    """``a``, ``a and b``, ``a, b and c``; beyond `limit` names, ``a, b, c, d and 3 more``."""
+    items = list(items)
+    if len(items) > limit:
+        return ", ".join(items[:limit]) + f" and {len(items) - limit} more"
+    if len(items) <= 1:
+        return "".join(items)
+    return ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def _jsonable(value: Any) -> Any:
@@ -66,11 +108,13 @@ class Result:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        _REGISTRY[cls.probe] = cls
+        if "probe" in cls.__dict__:  # a shared base (no probe of its own) loads nothing
+            _REGISTRY[cls.probe] = cls
 
     def __post_init__(self) -> None:
         self.summary = {k: float(v) for k, v in self.summary.items()}
-        meta = {"probe": self.probe, "genprobe_version": __version__, **self.meta}
+        meta = {"probe": self.probe, "genprobe_version": __version__, "machine": machine(),
+                **self.meta}  # a loaded result keeps its own
         self.meta = json.loads(json.dumps(_jsonable(meta)))  # exactly what save() writes
 
     def brief(self) -> pd.DataFrame:
@@ -87,6 +131,13 @@ class Result:
         """A matplotlib Figure like the paper's figure for this probe."""
         raise NotImplementedError(f"{type(self).__name__} has no plot")
 
+    def reading(self) -> str:
+        """One plain-language paragraph saying what the numbers show (the report prints it
+        under the figure). Probes override it; this default lists the summary."""
+        shown = ", ".join(f"{k} = {number(v)}" for k, v in self.summary.items())
+        return f"The {self.probe} result's summary measures: {shown}." if shown else \
+            f"The {self.probe} result has no summary measures."
+
     def __repr__(self) -> str:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in self.summary.items())
         return f"{type(self).__name__}({len(self.table)} rows; {summary})"
@@ -95,8 +146,8 @@ class Result:
 
     def save(self, path: str | Path, *, figure: bool = False) -> Path:
         """Write the result to directory `path`, atomically; with `figure`, also its plot as
-        ``figure.png``. An existing `path` is replaced only if it is an empty directory or a
-        result genprobe wrote (:mod:`genprobe.outputs`); otherwise OutputError."""
+        ``figure.png`` and ``figure.svg``. An existing `path` is replaced only if it is an empty
+        directory or a result genprobe wrote (:mod:`genprobe.outputs`); otherwise OutputError."""
         path = Path(path)
         with outputs.staged_directory(path, "result", result_file, "result directory") as tmp:
             self.table.to_parquet(tmp / "table.parquet", index=False)
@@ -111,7 +162,7 @@ class Result:
                     "meta": _jsonable(self.meta), "tables": sorted(self.tables)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
             if figure:  # plot() builds a matplotlib Figure without pyplot: nothing to close
-                self.plot().savefig(tmp / "figure.png", dpi=120, bbox_inches="tight")
+                save_figure(self.plot(), tmp / "figure")
         return path
 
     @classmethod

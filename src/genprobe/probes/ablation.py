@@ -40,8 +40,9 @@ from .. import progress
 from ..engine.activations import UnitStats, activation_stats
 from ..engine.variants import Edit, VariantEvaluator, activation_noise_edit, masks_edit
 from ..errors import ConfigError, ModuleSelectionError, check_choice
+from ..figures import new_figure, styled
 from ..params import select_sites
-from ..results import Result
+from ..results import Result, names, number, percent
 from ..subject import Subject
 from .common import (
     Split,
@@ -182,25 +183,71 @@ class _CurveResult(Result):
                          "accuracy_at_end": float(part["mean"].iloc[-1])})
         return pd.DataFrame(rows)
 
+    @styled
     def plot(self):
         """Accuracy against the fraction ablated (or the noise scale): mean over orders (line)
         and their range (band), one line per layer."""
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(6.0, 4.2), layout="constrained")
+        fig = new_figure(6.4, 4.4)
         ax = fig.add_subplot()
         for layer, part in self.curves().groupby("layer", sort=False):
-            line = ax.plot(part[self.x], part["mean"], marker="o", ms=3,
+            line = ax.plot(part[self.x], part["mean"], marker="o",
                            label=f"{layer} (AUC {self.summary.get(f'auc:{layer}', math.nan):.2f})")[0]
-            ax.fill_between(part[self.x], part["min"], part["max"], alpha=0.2, color=line.get_color())
+            ax.fill_between(part[self.x], part["min"], part["max"], alpha=0.2, color=line.get_color(),
+                            linewidth=0)
         ax.set_xlabel(self.xlabel)
         ax.set_ylabel(f"{self.meta.get('options', {}).get('split', 'test')} accuracy")
         ax.set_ylim(0, 1.02)
         ax.set_title(self.title())
-        ax.legend(fontsize=7)
+        ax.legend(loc="best")
         return fig
 
     def title(self) -> str:
+        return ""
+
+    def reading(self) -> str:
+        """How far accuracy falls along each layer's curve, and which layers are the most and
+        least fragile by the area under the curve."""
+        split = self.meta.get("options", {}).get("split", "test")
+        base = self.summary["base_accuracy"]
+        curves = {layer: part for layer, part in self.curves().groupby("layer", sort=False)}
+        aucs = {layer: self.summary.get(f"auc:{layer}", math.nan) for layer in curves}
+        ends = {layer: float(part["mean"].iloc[-1]) for layer, part in curves.items()}
+        text = f"{self.doing()}: {split} accuracy, {percent(base)} {self.start_phrase()}, is "
+        if len(ends) == 1:
+            layer = next(iter(ends))
+            text += f"{percent(ends[layer])} {self.end_phrase()} ({layer})"
+        else:
+            low, high = min(ends, key=ends.get), max(ends, key=ends.get)
+            if percent(ends[low]) == percent(ends[high]):
+                text += f"{percent(ends[low])} in every layer {self.end_phrase()}"
+            else:
+                text += (f"between {percent(ends[low])} ({low}) and {percent(ends[high])} "
+                         f"({high}) {self.end_phrase()}")
+        middle = self.middle(curves)
+        text += (f"; {middle}." if middle else ".")
+        finite = {k: v for k, v in aucs.items() if math.isfinite(v)}
+        if len(finite) > 1:
+            low, high = min(finite, key=finite.get), max(finite, key=finite.get)
+            text += (f" The area under the curve (1 = no loss at all) is {finite[low]:.2f} for "
+                     f"{low}, the most fragile layer, and {finite[high]:.2f} for {high}, the least.")
+        elif finite:
+            layer, auc = next(iter(finite.items()))
+            text += f" The area under the curve (1 = no loss at all) is {auc:.2f} ({layer})."
+        return text + " " + self.moral()
+
+    def doing(self) -> str:
+        return ""
+
+    def start_phrase(self) -> str:
+        return ""
+
+    def end_phrase(self) -> str:
+        return ""
+
+    def middle(self, curves: dict[str, pd.DataFrame]) -> str:
+        return ""
+
+    def moral(self) -> str:
         return ""
 
 
@@ -223,6 +270,32 @@ class AblationResult(_CurveResult):
     def title(self) -> str:
         o = self.meta.get("options", {})
         return f"cumulative ablation ({o.get('mode')}, {o.get('order')} order); band: range over orders"
+
+    def doing(self) -> str:
+        o = self.meta.get("options", {})
+        how = "to zero" if o.get("mode") == "zero" else "to their training-set mean"
+        order = {"random": "in random order", "selectivity": "most selective first",
+                 "norm": "largest first"}.get(o.get("order"), "")
+        scope = "of every layer at once" if o.get("scope") == "all" else "of a layer"
+        return f"Setting more and more units {scope} {how} ({order})"
+
+    def start_phrase(self) -> str:
+        return "with none ablated"
+
+    def end_phrase(self) -> str:
+        return "with all ablated"
+
+    def middle(self, curves: dict[str, pd.DataFrame]) -> str:
+        halves, fraction = [], math.nan
+        for layer, part in curves.items():
+            at = part.iloc[int((part[self.x] - 0.5).abs().to_numpy().argmin())]  # nearest to half
+            fraction = float(at[self.x])
+            halves.append(f"{percent(at['mean'])} in {layer}")
+        return f"with {percent(fraction, 0)} of the units ablated it is {names(halves, 6)}"
+
+    def moral(self) -> str:
+        return ("A network that relies less on single directions keeps a larger area; Morcos et "
+                "al. found that networks which generalize better do.")
 
 
 @register_probe(
@@ -375,6 +448,19 @@ class NoiseResult(_CurveResult):
 
     def title(self) -> str:
         return "activation noise; band: range over draws"
+
+    def doing(self) -> str:
+        return ("Adding Gaussian noise to the units of a layer, with a standard deviation of "
+                "scale × each unit's own")
+
+    def start_phrase(self) -> str:
+        return "without noise"
+
+    def end_phrase(self) -> str:
+        return f"at scale {number(float(self.table[self.x].max()))}"
+
+    def moral(self) -> str:
+        return "A layer whose accuracy holds under noise does not rely on a few precise directions."
 
 
 @register_probe(

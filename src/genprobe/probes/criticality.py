@@ -82,7 +82,8 @@ from .. import params as P
 from .. import progress
 from ..engine.variants import Edit, VariantEvaluator, path_edit
 from ..errors import ConfigError, check_choice
-from ..results import Result
+from ..figures import BLUE, SEQUENTIAL, VERMILLION, new_figure, styled
+from ..results import Result, names, number, percent
 from ..subject import Subject
 from .common import Split, check_int, check_split, check_subject, split_data, trained_check
 from .registry import Option, register_probe
@@ -106,6 +107,9 @@ of magnitude across modules (the authors' linear grid 0.1, …, 1 cannot resolve
 bisection refines inside these brackets; the grid brackets it and draws the heatmap."""
 FLOOR_RATIO = 1e-4
 """σ below (smallest grid σ) × FLOOR_RATIO counts as σ → 0: an α feasible only there is infeasible."""
+MAX_VALLEY_PANELS = 12
+"""The figure draws the valleys of at most this many modules, the most critical (the bars show
+every module): more panels are unreadable, and slow to lay out."""
 
 
 # ----------------------------------------------------------------------------- search
@@ -434,61 +438,108 @@ class CriticalityResult(Result):
         return self.modules[["module", "criticality", "alpha_star", "sigma_star", "distance",
                              "loss_at_star", "evaluations"]]
 
+    @styled
     def plot(self):
         """Per module, the valley (loss over α (x) and σ (y), ε contour, σ*(α) dots), and μ_i bars."""
-        from matplotlib.figure import Figure
-
         mods = list(self.modules["module"])
         n = len(mods)
-        cols = min(4, max(n, 1))
-        rows = math.ceil(n / cols) + 1
-        fig = Figure(figsize=(3.2 * cols, 2.6 * rows), layout="constrained")
+        shown = mods
+        if n > MAX_VALLEY_PANELS:  # the most critical, in forward order (∞ first, then μ)
+            top = self.modules["criticality"].rank(method="first", ascending=False) <= MAX_VALLEY_PANELS
+            shown = [m for m, keep in zip(mods, top, strict=True) if keep]
+        cols = min(4, max(len(shown), 1))
+        rows = math.ceil(len(shown) / cols) + 1
+        fig = new_figure(3.2 * cols + 1.0, 2.8 * rows + 0.6)
         gs = fig.add_gridspec(rows, cols)
         eps = self.summary["epsilon"]
         grid = self.table[self.table["stage"] == "grid"]
         vmax = max(float(grid["loss_mean"].max()) if len(grid) else 1.0, eps, 1e-12)
         im = None
-        for i, name in enumerate(mods):
+        mu_of = dict(zip(self.modules["module"], self.modules["criticality"], strict=True))
+        for i, name in enumerate(shown):
             ax = fig.add_subplot(gs[i // cols, i % cols])
             im = _valley_panel(ax, grid[grid["module"] == name], self.alphas, name, eps, vmax)
+            ax.set_title(f"{name} (μ_i = {mu_of[name]:.3g})")
+        options = self.meta.get("options", {})
         if im is not None:
-            label = f"{self.meta.get('options', {}).get('split', 'train')} {self.meta.get('options', {}).get('loss', 'loss')}"
-            fig.colorbar(im, ax=fig.axes, shrink=0.6, label=label)
-        fig.suptitle(f"valley of each module: loss at θ_i = (1−α)θ⁰ + αθᶠ + noise of scale σ. "
+            fig.colorbar(im, ax=fig.axes, shrink=0.6,
+                         label=f"{options.get('split', 'train')} {options.get('loss', 'loss')}")
+        which = "each module" if len(shown) == n else f"the {len(shown)} most critical of {n} modules"
+        fig.suptitle(f"Valley of {which}: loss at θ_i = (1−α)θ⁰ + αθᶠ + noise of scale σ.\n"
                      f"White line: loss = ε ({eps:.3g}); red dots: σ*(α), the largest σ meeting ε; "
-                     "μ_i = min over α of α²‖θᶠ−θ⁰‖² / σ*²", fontsize=8)
+                     "μ_i = min over α of α²‖θᶠ−θ⁰‖² / σ*²")
         bx = fig.add_subplot(gs[rows - 1, :])
         mu = self.modules["criticality"].to_numpy(dtype=float)
-        finite = np.where(np.isfinite(mu), mu, np.nan)
-        top = np.nanmax(finite) if np.isfinite(finite).any() else 1.0
-        bx.bar(range(n), np.where(np.isfinite(mu), mu, top * 1.1), color=np.where(
-            np.isfinite(mu), "tab:blue", "tab:red"))
-        bx.set_xticks(range(n), mods, rotation=45, ha="right", fontsize=7)
-        bx.set_ylabel("μ_i")
-        bx.set_title(f"module criticality (network μ = {self.summary['network_criticality']:.4g}; "
-                     "red = ∞)")
+        finite = mu[np.isfinite(mu)]
+        top = float(finite.max()) if len(finite) else 1.0
+        bx.bar(range(n), np.where(np.isfinite(mu), mu, top * 1.1),
+               color=np.where(np.isfinite(mu), BLUE, VERMILLION))
+        positive = finite[finite > 0]
+        if len(positive) and positive.max() / positive.min() > 100:  # orders of magnitude apart
+            bx.set_yscale("log")
+        bx.set_xticks(range(n), mods, rotation=45 if n > 4 else 0, ha="right" if n > 4 else "center")
+        bx.set_ylabel("module criticality μ_i")
+        infinite = "; red = ∞" if not np.isfinite(mu).all() else ""
+        bx.set_title(f"module criticality (network μ = Σ μ_i = {self.summary['network_criticality']:.4g}"
+                     f"{infinite})")
         return fig
+
+    def reading(self) -> str:
+        """Network criticality and the bound's term; the most and least critical modules; the
+        modules with μ_i = 0 (robust) or ∞."""
+        mods = self.modules
+        options = self.meta.get("options", {})
+        split, loss = options.get("split", "train"), options.get("loss", "error")
+        total, m = self.summary["network_criticality"], int(self.summary["n_examples"])
+        eps = self.summary["epsilon"]
+        eps_text = percent(eps) if loss == "error" else number(eps)
+        text = (f"Network criticality μ = Σ μ_i = {number(total)} over {len(mods)} modules, so the "
+                f"generalization bound's term √(μ/m) is {number(self.summary['bound'])} for "
+                f"m = {m} {split} examples, at ε = {eps_text} ({split} {loss}).")
+        mu = mods["criticality"]
+        finite = mods[np.isfinite(mu)]
+        if len(finite) > 1 and finite["criticality"].max() > 0:
+            hi = finite.loc[finite["criticality"].idxmax()]
+            lo = finite.loc[finite["criticality"].idxmin()]
+            share = hi["criticality"] / finite["criticality"].sum()
+            text += (f" The most critical module is {hi['module']} (μ_i = {number(hi['criticality'])},"
+                     f" {percent(share, 0)} of the finite total); the least critical is "
+                     f"{lo['module']} (μ_i = {number(lo['criticality'])}).")
+        zero = list(mods.loc[mu == 0, "module"])
+        if zero:
+            text += (f" {names(zero)} {'has' if len(zero) == 1 else 'have'} μ_i = 0: rewinding "
+                     f"{'it' if len(zero) == 1 else 'each'} fully to its initial values keeps the "
+                     f"{split} {loss} within ε (robust).")
+        inf = list(mods.loc[np.isinf(mu), "module"])
+        if inf:
+            text += (f" {names(inf)} {'has' if len(inf) == 1 else 'have'} μ_i = ∞: no point of "
+                     f"{'its' if len(inf) == 1 else 'their'} valley met ε.")
+        text += (" A low μ_i means a low, wide valley from θ⁰ to θᶠ: the module tolerates being "
+                 "rewound and perturbed.")
+        return text
 
 
 def _valley_panel(ax, grid: pd.DataFrame, alphas: pd.DataFrame, name: str, eps: float, vmax: float):
     m = grid.pivot_table(index="sigma", columns="alpha", values="loss_mean", aggfunc="mean")
     m = m.sort_index()
     values = np.ma.masked_invalid(m.to_numpy(dtype=float))  # valley="search" leaves holes
-    im = ax.imshow(values, origin="lower", aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
+    im = ax.imshow(values, origin="lower", aspect="auto", cmap=SEQUENTIAL, vmin=0.0, vmax=vmax)
     if values.shape[0] > 1 and values.shape[1] > 1 and values.count() and values.min() <= eps <= values.max():
-        ax.contour(values, levels=[eps], colors="white", linewidths=1.2)
+        ax.contour(values, levels=[eps], colors="white", linewidths=1.4)
     a_vals, s_vals = list(m.columns), list(m.index)
-    ax.set_xticks(range(len(a_vals))[::2], [f"{a:.1f}" for a in a_vals][::2], fontsize=7)
-    step = max(1, math.ceil(len(s_vals) / 6))  # at most ~6 readable σ labels
-    ax.set_yticks(range(len(s_vals))[::step], [_sigma_label(s) for s in s_vals][::step], fontsize=7)
+    step = max(1, math.ceil(len(a_vals) / 6))  # at most ~6 readable labels per axis
+    ax.set_xticks(range(len(a_vals))[::step], [f"{a:.1f}" for a in a_vals][::step])
+    step = max(1, math.ceil(len(s_vals) / 6))
+    ax.set_yticks(range(len(s_vals))[::step], [_sigma_label(s) for s in s_vals][::step])
     star = alphas[(alphas["module"] == name) & alphas["feasible"] & (alphas["sigma_star"] > 0)]
     if len(star) and len(a_vals) > 1 and len(s_vals) > 1:
         ax.plot(np.interp(star["alpha"], a_vals, range(len(a_vals))),
                 np.interp(np.log10(star["sigma_star"]), np.log10(np.maximum(s_vals, 1e-30)),
-                          range(len(s_vals))), "r.", markersize=4)
-    ax.set_title(name, fontsize=8)
-    ax.set_xlabel("α (0 = θ⁰, 1 = θᶠ)", fontsize=7)
-    ax.set_ylabel("noise σ (grid rows)", fontsize=7)
+                          range(len(s_vals))), "o", color=VERMILLION, markeredgecolor="white",
+                markeredgewidth=0.6, markersize=5)
+    ax.set_title(name)
+    ax.set_xlabel("α (0 = θ⁰, 1 = θᶠ)")
+    ax.set_ylabel("noise σ")
     return im
 
 

@@ -38,7 +38,6 @@ import pandas as pd
 import scipy.linalg
 import scipy.sparse.linalg
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from .. import progress
@@ -46,8 +45,9 @@ from ..device import resolve_device
 from ..engine.grams import IMPLEMENTATIONS, Implementation, gram
 from ..engine.gramstore import DiskMatrix, digest, open_store, stream_gram
 from ..errors import ConfigError, DataError, check_choice
+from ..figures import BLUE, GREY, SEQUENTIAL, VERMILLION, new_figure, styled
 from ..memory import resolve_memory_budget
-from ..results import Result
+from ..results import Result, number, percent
 from ..subject import Subject
 from ..values import Data
 from .common import (
@@ -81,7 +81,7 @@ class NTKResult(Result):
     (dense) or the top and bottom ones (Lanczos).
     ``summary`` (final state): ``lambda_max``, ``lambda_min``, ``condition_number``,
     ``max_learning_rate``, ``mean_prediction_accuracy``, ``mean_prediction_accuracy_t`` (with
-    ``time``), ``n``; with checkpoints also ``lambda_max_ratio`` and ``condition_number_ratio``
+    ``time``); with checkpoints also ``lambda_max_ratio`` and ``condition_number_ratio``
     (final over the earliest checkpoint asked for).
     Tensors (final state): ``kernel`` (N, N) or (N, N, K, K), ``kernel_test`` (N_test, N[, K, K])
     — read from the ``out`` files when streamed —, ``eigenvalues`` (descending),
@@ -118,49 +118,73 @@ class NTKResult(Result):
     def brief(self) -> pd.DataFrame:
         return self.table.drop(columns=["epoch"])
 
-    def plot(self) -> Figure:
+    def reading(self) -> str:
+        """The spectrum's extent, what it allows gradient descent, what the kernel predicts, and
+        how λ_max and κ moved over training (with checkpoints)."""
+        s, n = self.summary, int(self.meta.get("n", 0))
+        kappa = s["condition_number"]
+        text = (f"The empirical NTK of {n} training examples has eigenvalues from {number(s['lambda_min'])} "
+                f"to {number(s['lambda_max'])} (condition number κ = {number(kappa)}): full-batch "
+                f"gradient descent on the mean squared error of the linearized network is stable below "
+                f"a learning rate of {number(s['max_learning_rate'])}, and its slowest mode needs "
+                f"about κ times as many steps as its fastest.")
+        acc = s["mean_prediction_accuracy"]
+        if math.isfinite(acc):
+            chance = 1 / max(1, len(set(self.tensors["labels"].tolist())))
+            text += (f" The kernel's mean prediction, the linearized network trained to convergence, "
+                     f"classifies {percent(acc)} of the test sample correctly (chance {percent(chance)}).")
+        if "mean_prediction_accuracy_t" in s and math.isfinite(s["mean_prediction_accuracy_t"]):
+            text += (f" After a training time η·t = {number(self.meta['options']['time'])} it reaches "
+                     f"{percent(s['mean_prediction_accuracy_t'])}.")
+        if "lambda_max_ratio" in s:
+            first = self.table.iloc[0]["state"]
+            text += (f" From epoch {first} to the end of training, λ_max changed by a factor of "
+                     f"{number(s['lambda_max_ratio'])} and κ by {number(s['condition_number_ratio'])}.")
+        return text
+
+    @styled
+    def plot(self):
         """Left: the spectrum of each state (log-log, eigenvalue against rank). Right, with
         checkpoints: λ_max and κ over training."""
+        from matplotlib import colormaps
+
         over_training = len(self.table) > 1
-        fig = Figure(figsize=(10.5 if over_training else 5.5, 4.0), layout="constrained")
+        fig = new_figure(10.5 if over_training else 5.5, 4.0)
         axes = fig.subplots(1, 2 if over_training else 1, squeeze=False)[0]
         spec = self.tables["spectrum"]
         states = list(self.table["state"])
-        colours = [_viridis(i / max(1, len(states) - 1)) for i in range(len(states))]
+        cmap = colormaps[SEQUENTIAL]
+        colours = [cmap(0.85 * i / max(1, len(states) - 1)) for i in range(len(states))]
         ax = axes[0]
         for state, colour in zip(states, colours, strict=True):
             rows = spec[spec["state"] == state]
             positive = rows[rows["eigenvalue"] > 0]
             ax.plot(positive["rank"] + 1, positive["eigenvalue"], ".", ms=3,
-                    color="black" if state == FINAL else colour,
+                    color="black" if state == FINAL and len(states) > 1 else colour,
                     label=state if state == FINAL else f"epoch {state}")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("rank (1 = largest)")
         ax.set_ylabel("eigenvalue of Θ(X, X)")
-        n = int(self.summary.get("n", 0))
-        ax.set_title(f"NTK spectrum, N = {n}, κ = {self.summary['condition_number']:.3g}")
+        n = int(self.meta.get("n", 0))
+        how = "" if spec["state"].eq(FINAL).sum() == n else " (Lanczos: both ends)"
+        ax.set_title(f"NTK spectrum{how}, N = {n}, κ = {number(self.summary['condition_number'])}")
         if len(states) > 1:
-            ax.legend(fontsize=8, markerscale=3)
+            ax.legend(markerscale=3)
         if over_training:
             ax = axes[1]
             epochs = [float("nan") if s == FINAL else float(s) for s in states]
             last = max([e for e in epochs if not math.isnan(e)], default=0.0)
             x = [last + 1 if math.isnan(e) else e for e in epochs]
-            ax.plot(x, self.table["lambda_max"], "o-", color="#0072B2", label="λ_max")
-            ax.plot(x, self.table["condition_number"], "s--", color="#D55E00", label="κ")
+            ax.plot(x, self.table["lambda_max"], "o-", color=BLUE, label="λ_max")
+            ax.plot(x, self.table["condition_number"], "s--", color=VERMILLION, label="κ")
             ax.set_yscale("log")
             ax.set_xticks(x, [s if s == FINAL else str(s) for s in states])
             ax.set_xlabel("epoch")
             ax.set_title("λ_max and κ over training")
-            ax.legend(fontsize=8)
+            ax.grid(True, which="major", color=GREY, alpha=0.2)
+            ax.legend()
         return fig
-
-
-def _viridis(t: float):
-    from matplotlib import colormaps
-
-    return colormaps["viridis"](0.85 * t)
 
 
 @register_probe(
@@ -268,7 +292,6 @@ def ntk(
                                             "max_learning_rate", "mean_prediction_accuracy")}
     if time is not None:
         summary["mean_prediction_accuracy_t"] = float(final["mean_prediction_accuracy_t"])
-    summary["n"] = float(len(train))
     if epochs:
         first = table.iloc[0]
         summary["lambda_max_ratio"] = float(final["lambda_max"] / first["lambda_max"])
@@ -280,6 +303,7 @@ def ntk(
                         "trace_outputs": trace_outputs, "ridge": ridge, "time": time,
                         "out": None if out is None else str(out), "seed": seed,
                         "implementation": implementation},
+            "n": len(train), "n_test": 0 if test is None else len(test),
             "outputs": outputs_k, "states": [s for s, _ in states],
             "kernel_files": files.get(FINAL, {}), "seconds": seconds,
             "self_check": _self_check(subject, train, final_kernels.get("kernel"), files.get(FINAL),

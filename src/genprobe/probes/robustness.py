@@ -32,7 +32,8 @@ from .. import params as P
 from .. import progress
 from ..engine.variants import Edit, VariantEvaluator, replace_edit, stack_edits
 from ..errors import StateError, check_choice
-from ..results import Result
+from ..figures import BLUE, SEQUENTIAL, VERMILLION, new_figure, styled
+from ..results import Result, names, number, percent, points
 from ..subject import Subject
 from .common import (
     Checkpoints,
@@ -94,38 +95,90 @@ class RobustnessResult(Result):
         m["moved"] = mods["moved"].to_numpy()
         return m.reset_index().rename(columns={"index": "module"})
 
+    @styled
     def plot(self):
         """The paper's robustness heatmap (colour = error, annotated) and ``moved`` per module."""
-        from matplotlib.figure import Figure
+        from matplotlib.patches import Patch
 
         m = self.map
         mods = self.modules.set_index("module").reindex(m.index)
         rows, cols = m.shape
-        fig = Figure(figsize=(3.0 + 0.8 * cols + 3.0, 1.8 + 0.4 * rows), layout="constrained")
+        fig = new_figure(3.0 + 0.8 * cols + 3.0, 1.8 + 0.4 * rows)
         gs = fig.add_gridspec(1, 3, width_ratios=[max(cols, 1), 0.2, 2.5])
         ax = fig.add_subplot(gs[0, 0])
         values = 100.0 * m.to_numpy(dtype=float)  # percent, the unit of the cells and the bar
-        im = ax.imshow(values, cmap="viridis", aspect="auto", vmin=0.0,
+        im = ax.imshow(values, cmap=SEQUENTIAL, aspect="auto", vmin=0.0,
                        vmax=max(float(np.nanmax(values)) if np.isfinite(values).any() else 100.0, 1e-4))
         for i in range(rows):
             for j in range(cols):
                 v = values[i, j]
                 if math.isfinite(v):
-                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7,
+                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=8,
                             color="black" if v > 0.6 * im.norm.vmax else "white")
         ax.set_xticks(range(cols), [c if c == RERANDOMIZE else f"τ={c}" for c in m.columns],
                       rotation=45, ha="right")
-        labels = [f"{n} *" if not bool(mods.loc[n, "robust"]) else n for n in m.index]
+        robust = mods["robust"].to_numpy(dtype=bool)
+        labels = [n if ok else f"{n} *" for n, ok in zip(m.index, robust, strict=True)]
         ax.set_yticks(range(rows), labels)
+        ax.set_xlabel("re-initialized to checkpoint τ (epoch), or re-randomized")
         split = self.meta.get("options", {}).get("split", "test")
         ax.set_title(f"{split} error (%) after re-initializing one module; * = critical")
         fig.colorbar(im, cax=fig.add_subplot(gs[0, 1]), label=f"{split} error (%)")
         bx = fig.add_subplot(gs[0, 2], sharey=ax)
-        bx.barh(range(rows), mods["moved"].to_numpy(dtype=float), color="tab:gray")
+        bx.barh(range(rows), mods["moved"].to_numpy(dtype=float),
+                color=[BLUE if ok else VERMILLION for ok in robust])
         bx.set_xlabel("‖θᶠ − θ⁰‖ / ‖θ⁰‖")
-        bx.set_title("moved")
+        bx.set_title("how far each module moved", pad=20)
         bx.tick_params(labelleft=False)
+        bx.legend(handles=[Patch(color=BLUE, label="robust"), Patch(color=VERMILLION, label="critical")],
+                  loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, borderaxespad=0.1,
+                  handlelength=1.2, columnspacing=1.0)
         return fig
+
+    def reading(self) -> str:
+        """Which modules are critical and robust, with the errors that decided it; how much
+        worse re-randomizing is; which modules moved most."""
+        mods = self.modules
+        options = self.meta.get("options", {})
+        split = options.get("split", "test")
+        base = self.summary["base_error"]
+        critical = mods[~mods["robust"]].sort_values("error", ascending=False)
+        robust = mods[mods["robust"]]
+        parts = []
+        if len(critical):
+            worst = critical.iloc[0]
+            verb = "is" if len(critical) == 1 else "are"
+            text = (f"{names(list(critical['module']))} {verb} critical: re-initializing "
+                    f"{worst['module']} to its initial values (θ⁰) raises the {split} error from "
+                    f"{percent(base)} to {percent(worst['error'])}")
+            others = [f"{r.module} to {percent(r.error)}" for r in critical.iloc[1:4].itertuples()]
+            parts.append(text + (f" ({', '.join(others)})" if others else ""))
+        if len(robust):
+            verb = "is" if len(robust) == 1 else "are"
+            low, high = percent(robust["error"].min()), percent(robust["error"].max())
+            parts.append(f"{names(list(robust['module']))} {verb} robust: re-initializing "
+                         f"{'it' if len(robust) == 1 else 'any one of them'} raises the {split} error "
+                         f"by less than {points(options.get('threshold', 0.01))} (to "
+                         f"{low if low == high else f'between {low} and {high}'})")
+        else:
+            parts.append(f"no module is robust: re-initializing any one of them raises the {split} "
+                         f"error by at least {points(options.get('threshold', 0.01))}")
+        text = "; ".join(parts) + "."
+        rr, ri = self.summary["mean_delta_error_rerandomize"], self.summary["mean_delta_error_reinit"]
+        if math.isfinite(rr):
+            text += (f" Re-randomizing a module (a fresh draw from the initial distribution instead "
+                     f"of its own initial values) raises the {split} error by {points(rr)} on "
+                     f"average, against {points(ri)} for re-initializing it.")
+        moved = mods.dropna(subset=["moved"])
+        if len(moved):
+            top = moved.loc[moved["moved"].idxmax()]
+            text += (f" {top['module']} moved furthest from its initial values "
+                     f"(‖θᶠ − θ⁰‖ / ‖θ⁰‖ = {number(top['moved'])})")
+            if moved["robust"].any() and (~moved["robust"]).any():
+                text += (f"; critical modules moved {number(moved.loc[~moved['robust'], 'moved'].mean())}"
+                         f" on average, robust ones {number(moved.loc[moved['robust'], 'moved'].mean())}")
+            text += "."
+        return text
 
 
 @register_probe(

@@ -25,7 +25,8 @@ from .. import progress
 from ..engine.activations import activation_stats
 from ..engine.variants import Edit, VariantEvaluator, masks_edit
 from ..errors import ConfigError
-from ..results import Result
+from ..figures import new_figure, styled
+from ..results import Result, number, percent, points
 from ..subject import Subject
 from .ablation import layer_sites, selectivity_index
 from .common import Split, check_int, check_split, check_subject, split_data
@@ -54,26 +55,56 @@ class SelectivityResult(Result):
                     max_importance=("importance", "max")).reset_index()
         return out
 
+    @styled
     def plot(self):
         """Selectivity histogram per layer, and importance against selectivity."""
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(10.0, 4.0), layout="constrained")
+        fig = new_figure(10.0, 4.2)
         ax, bx = fig.subplots(1, 2)
         bins = np.linspace(0.0, 1.0, 21)
         for layer, part in self.table.groupby("layer", sort=False):
-            ax.hist(part["selectivity"].clip(0, 1), bins=bins, histtype="step", label=layer)
-            bx.scatter(part["selectivity"], part["importance"], s=8, label=layer)
-        ax.set_xlabel("class selectivity")
+            ax.hist(part["selectivity"].clip(0, 1), bins=bins, histtype="step", linewidth=1.6,
+                    label=layer)
+            bx.scatter(part["selectivity"], part["importance"], s=10, alpha=0.8, label=layer)
+        ax.set_xlabel("class selectivity (0: no class preference, 1: one class only)")
         ax.set_ylabel("units")
-        ax.set_title(f"mean selectivity {self.summary['mean_selectivity']:.3f}")
-        ax.legend(fontsize=7)
+        ax.set_title(f"class selectivity of each unit (mean {self.summary['mean_selectivity']:.3f})")
+        ax.legend(loc="best")
         bx.axhline(0.0, color="black", lw=0.8)
         bx.set_xlabel("class selectivity")
-        bx.set_ylabel("accuracy drop when the unit alone is zeroed")
+        split = self.meta.get("options", {}).get("split", "test")
+        bx.set_ylabel(f"{split} accuracy drop, the unit alone zeroed")
         bx.set_title(f"importance vs selectivity (Spearman ρ = "
                      f"{self.summary['selectivity_importance_spearman']:.3f})")
         return fig
+
+    def reading(self) -> str:
+        """Mean selectivity and its spread over layers; the most important single unit; how well
+        selectivity predicts importance."""
+        t = self.table
+        split = self.meta.get("options", {}).get("split", "test")
+        layers = self.brief().set_index("layer")
+        high = int((t["selectivity"] > 0.8).sum())
+        text = (f"Mean class selectivity over {len(t)} units in {len(layers)} "
+                f"layer{'s' if len(layers) != 1 else ''} is {number(self.summary['mean_selectivity'])}"
+                " (0 = no class preference, 1 = fires for one class only)")
+        if len(layers) > 1:
+            lo, hi = layers["mean_selectivity"].idxmin(), layers["mean_selectivity"].idxmax()
+            text += (f", from {number(layers.loc[lo, 'mean_selectivity'])} in {lo} to "
+                     f"{number(layers.loc[hi, 'mean_selectivity'])} in {hi}")
+        text += (f"; {high} unit{'s' if high != 1 else ''} ({percent(high / len(t), 0)}) "
+                 f"exceed{'s' if high == 1 else ''} 0.8.")
+        if t["importance"].notna().any():
+            top = t.loc[t["importance"].idxmax()]
+            text += (f" Zeroing one unit alone lowers the {split} accuracy by at most "
+                     f"{points(top['importance'])} (unit {int(top['unit'])} of {top['layer']}); the "
+                     f"mean drop over units is {points(t['importance'].mean(), 2)}.")
+            rho = self.summary["selectivity_importance_spearman"]
+            if math.isfinite(rho):
+                how = "poorly" if abs(rho) < 0.3 else "moderately" if abs(rho) < 0.6 else "well"
+                text += (f" Selectivity predicts that importance {how}: Spearman ρ = {rho:.3f} "
+                         f"over {len(t)} units (Morcos et al.: selective units are no more "
+                         "important).")
+        return text
 
 
 @register_probe(

@@ -37,8 +37,9 @@ from .. import progress
 from ..engine.grams import IMPLEMENTATIONS, Implementation, cosine_from_gram, gram, resolve_loss
 from ..errors import DataError, StateError, check_choice
 from ..evaluate import logits, per_example
+from ..figures import BLACK, DIVERGING, GREY, VERMILLION, new_figure, styled
 from ..params import split_state
-from ..results import Result
+from ..results import Result, number
 from ..subject import Subject
 from ..values import Data
 from .common import Checkpoints, check_int, check_subject, sample, select_checkpoints
@@ -132,26 +133,27 @@ class StiffnessResult(Result):
             raise StateError(f"no state {checkpoint!r} in this result; states: {self.meta.get('states')}")
         return t.pivot(index="class_a", columns="class_b", values=value)
 
+    @styled
     def plot(self):
         """Class stiffness heatmap, stiffness vs input distance, and within/between-class
         stiffness over training (when checkpoints were computed)."""
-        from matplotlib.figure import Figure
-
         states = self.over_training
         trained = len(states) > 1
-        fig = Figure(figsize=(5.0 * (3 if trained else 2), 4.2), layout="constrained")
+        fig = new_figure(5.0 * (3 if trained else 2), 4.4)
+        fig.get_layout_engine().set(wspace=0.08)  # the colour bar's label clear of the next panel
         axes = fig.subplots(1, 3 if trained else 2)
         c = self.class_matrix(FINAL)
         values = c.to_numpy(dtype=float)
         lim = max(float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0, 1e-6)
-        im = axes[0].imshow(values, cmap="RdBu_r", vmin=-lim, vmax=lim)
-        axes[0].set_xticks(range(len(c.columns)), [str(v) for v in c.columns])
-        axes[0].set_yticks(range(len(c.index)), [str(v) for v in c.index])
+        im = axes[0].imshow(values, cmap=DIVERGING, vmin=-lim, vmax=lim)
+        step = max(1, math.ceil(len(c.columns) / 20))  # at most ~20 class labels per axis
+        axes[0].set_xticks(range(len(c.columns))[::step], [str(v) for v in c.columns][::step])
+        axes[0].set_yticks(range(len(c.index))[::step], [str(v) for v in c.index][::step])
         pairs = self.meta.get("options", {}).get("pairs", "")
         axes[0].set_xlabel("class of x₂" + (" (test)" if pairs == "train-test" else ""))
         axes[0].set_ylabel("class of x₁")
         axes[0].set_title(f"class stiffness (cosine), {pairs}")
-        fig.colorbar(im, ax=axes[0], shrink=0.8)
+        fig.colorbar(im, ax=axes[0], shrink=0.8, label="mean cos(g₁, g₂)")
         curve = self.distance_curve
         ax = axes[1]
         final_curve = curve.loc[curve["checkpoint"] == FINAL, "cosine"].to_numpy()
@@ -165,37 +167,72 @@ class StiffnessResult(Result):
             mid = (0.5 * (part["bin_low"] + part["bin_high"])).to_numpy()
             values = part["cosine"].to_numpy(dtype=float)
             sure = part["pairs"].to_numpy() >= MIN_BIN_PAIRS
-            line = ax.plot(mid, np.where(sure, values, np.nan), marker="o", ms=3,
-                           label="final" if label == FINAL else f"epoch {label}")[0]
-            ax.plot(mid[~sure], values[~sure], ls="none", marker="o", ms=4, mfc="none",
+            line = ax.plot(mid, np.where(sure, values, np.nan), marker="o",
+                           label="cosine, final" if label == FINAL else f"cosine, epoch {label}")[0]
+            ax.plot(mid[~sure], values[~sure], ls="none", marker="o", ms=5, mfc="none",
                     color=line.get_color())
         final = curve[curve["checkpoint"] == FINAL]
         sure = (final["pairs"] >= MIN_BIN_PAIRS).to_numpy()
         ax.plot((0.5 * (final["bin_low"] + final["bin_high"])).to_numpy(),
-                np.where(sure, final["sign"].to_numpy(dtype=float), np.nan), ls="--", color="gray",
-                label="sign (final)")
+                np.where(sure, final["sign"].to_numpy(dtype=float), np.nan), ls="--", color=GREY,
+                label="sign, final")
         if not sure.all():
-            ax.plot([], [], ls="none", marker="o", mfc="none", color="gray",
+            ax.plot([], [], ls="none", marker="o", mfc="none", color=GREY,
                     label=f"hollow: bin of < {MIN_BIN_PAIRS} pairs")
-        ax.axhline(0.0, color="black", lw=0.8)
+        ax.axhline(0.0, color=BLACK, lw=0.8)
         xi = self.summary.get("critical_length", math.nan)
         if math.isfinite(xi):
-            ax.axvline(xi, color="tab:red", lw=0.8, ls=":", label=f"ξ = {xi:.3g}")
+            ax.axvline(xi, color=VERMILLION, lw=1.2, ls=":", label=f"critical length ξ = {xi:.3g}")
         ax.set_xlabel(f"input distance ({self.meta.get('options', {}).get('distance', '')})")
         ax.set_ylabel("mean stiffness")
         ax.set_title("stiffness vs distance")
-        ax.legend(fontsize=7)
+        ax.legend(loc="best")
         if trained:
             ax = axes[2]
             seq = states[states["checkpoint"] != FINAL]
             ax.plot(seq["epoch"], seq["within_class"], marker="o", label="within class")
             ax.plot(seq["epoch"], seq["between_class"], marker="o", label="between classes")
-            ax.axhline(0.0, color="black", lw=0.8)
+            ax.axhline(0.0, color=BLACK, lw=0.8)
             ax.set_xlabel("epoch")
             ax.set_ylabel("cosine stiffness")
             ax.set_title("stiffness over training")
-            ax.legend(fontsize=7)
+            ax.legend(loc="best")
         return fig
+
+    def reading(self) -> str:
+        """Within- against between-class stiffness, the critical length, and how both moved over
+        training (when checkpoints were computed)."""
+        options = self.meta.get("options", {})
+        within, between = self.summary["within_class"], self.summary["between_class"]
+        pairs = options.get("pairs", "train-train")
+        if abs(between) < 0.05:
+            effect = "and leaves the loss of other classes' examples about unchanged"
+        elif between > 0:
+            effect = "and lowers the loss of other classes' examples too"
+        else:
+            effect = "but raises the loss of other classes' examples"
+        text = (f"Within-class cosine stiffness is {number(within)} and between-class "
+                f"{number(between)} ({pairs} pairs of {int(self.summary['n_rows'])} × "
+                f"{int(self.summary['n_cols'])} examples): a gradient step on one example "
+                f"{'lowers' if within > 0 else 'does not lower'} the loss of others of its class, "
+                f"{effect}.")
+        xi = self.summary["critical_length"]
+        distance = options.get("distance", "cosine")
+        if math.isfinite(xi):
+            text += (f" Mean stiffness falls with the input distance of the pair and first crosses "
+                     f"zero at the critical length ξ = {number(xi)} ({distance} distance).")
+        else:
+            text += (f" Mean stiffness does not cross zero over the observed {distance} distances "
+                     "(no critical length).")
+        seq = self.over_training
+        seq = seq[seq["checkpoint"] != FINAL]
+        if len(seq) > 1:
+            first, last = seq.iloc[0], seq.iloc[-1]
+            text += (f" Over training, within-class stiffness went from {number(first['within_class'])}"
+                     f" at epoch {int(first['epoch'])} to {number(last['within_class'])} at epoch "
+                     f"{int(last['epoch'])}, between-class from {number(first['between_class'])} to "
+                     f"{number(last['between_class'])}.")
+        return text
 
 
 # ----------------------------------------------------------------------------- sampling
