@@ -43,9 +43,11 @@ LABELS = "labels.safetensors"
 RESUME = "resume.safetensors"
 CHECKPOINT_DIR = "checkpoints"
 PROBES_DIR = "probes"
-REPORT_FILES = ("report.html",)
+REPORT_FILES = ("report.html", "report.json")
 """Files ``genprobe report`` may write into a run."""
-RUN_FILES = (CONFIG, FINAL, METRICS, LABELS, RESUME, *REPORT_FILES)
+RECORD = "record.json"
+"""A sweep's record of one of its runs (:mod:`genprobe.sweep`)."""
+RUN_FILES = (CONFIG, FINAL, METRICS, LABELS, RESUME, RECORD, *REPORT_FILES)
 """The files a run directory may hold (besides ``checkpoints/``, ``probes/`` and the marker)."""
 _CHECKPOINT = re.compile(r"epoch-(\d+)\.safetensors$")
 _TMP = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")  # outputs.tmp_name
