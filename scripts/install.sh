@@ -17,6 +17,16 @@ if [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
   fi
 fi
 
+# The report test renders pages in headless Chromium (Debian's package; --dev only).
+if [ "${1:-}" = "--dev" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null \
+      || echo "install.sh: could not install chromium; the report's browser test will be skipped" >&2
+  else
+    echo "install.sh: run 'sudo apt-get install chromium' for the report's browser test" >&2
+  fi
+fi
+
 # The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[${extras}]"
