@@ -84,10 +84,11 @@ def test_corrupt_run_directory(tmp_path, capsys):
     assert code == 2 and "corrupt" in err and len(err.strip().splitlines()) == 1
 
 
-def test_module_entry_point_and_demo(tmp_path):
-    code, out, err = run_cli("demo", "--epochs", "2", "--out", tmp_path / "demo", cwd=tmp_path)
+def test_module_entry_point_and_demo_help(tmp_path):
+    """`python -m genprobe` works; the demo itself (minutes) runs in tests/test_report.py (slow)."""
+    code, out, err = run_cli("demo", "--help", cwd=tmp_path)
     assert code == 0, err
-    assert "test_error" in out
+    assert "--quick" in out and "--out" in out
 
 
 def test_readme_lists_exactly_the_registered_probes():

@@ -4,6 +4,7 @@ Every registered probe (:mod:`genprobe.probes.registry`) is exported here under 
 result class: ``gp.robustness``, ``gp.RobustnessResult``, ... (``gp.list_probes()`` names them).
 """
 
+from . import kernels, measures
 from ._version import __version__
 from .errors import (
     ConfigError,
@@ -15,8 +16,11 @@ from .errors import (
     StateError,
 )
 from .evaluate import Metrics, evaluate
+from .kernels import NTKPhaseResult, ntk_phase
+from .measures import rank_correlation
 from .params import Unit
 from .probes.registry import get_probe, list_probes
+from .report import report
 from .results import Result, load
 from .subject import Subject
 from .values import Data
@@ -24,7 +28,8 @@ from .values import Data
 __all__ = [
     "ConfigError", "Data", "DataError", "GenprobeError", "Metrics", "ModuleSelectionError",
     "OutputError", "Result", "RunError", "StateError", "Subject", "Unit", "__version__", "evaluate",
-    "get_probe", "list_probes", "load",
+    "get_probe", "kernels", "list_probes", "load", "measures", "NTKPhaseResult", "ntk_phase",
+    "rank_correlation", "report",
 ]
 
 for _name in list_probes():

@@ -168,8 +168,6 @@ def _probe_options(kwargs: dict) -> dict:
 
 
 def _run_probe(spec, run: Path, out: Path | None, data_dir: Path | None, options: dict) -> None:
-    import pandas as pd
-
     from . import outputs
     from .results import result_file
     from .subject import Subject
@@ -181,6 +179,13 @@ def _run_probe(spec, run: Path, out: Path | None, data_dir: Path | None, options
     _on_interrupt = lambda: f"nothing of this {spec.name} run was written ({out} is unchanged)"  # noqa: E731
     result = spec.function(subject, **options)
     result.save(out, figure=True)
+    _echo_result(result, out)
+
+
+def _echo_result(result, out: Path) -> None:
+    """Print a saved result's compact table, its summary and where it was written."""
+    import pandas as pd
+
     with pd.option_context("display.max_rows", 60, "display.width", 160,
                            "display.float_format", "{:.4g}".format):
         typer.echo(result.brief().to_string(index=False))
@@ -209,7 +214,8 @@ def probes() -> None:
 
 @app.command()
 def measures(
-    sweep: Path = typer.Argument(..., help="A sweep directory written by `genprobe sweep`."),
+    sweep: Path = typer.Argument(..., metavar="SWEEP",
+                                 help="A sweep directory written by `genprobe sweep`."),
     target: str = typer.Option("gap", help="Column the measures should rank the models by."),
     out: Path | None = typer.Option(None, help="Figure file (.png; an .svg is written beside "
                                     "it). Default: SWEEP/measures.png."),
@@ -233,9 +239,9 @@ def measures(
         grid.add_column(column, justify="left" if column == "measure" else "right",
                         no_wrap=column == "measure")
     for row in shown.itertuples(index=False):
-        grid.add_row(row.measure, *(f"{v:+.3f}" if column != "cmi" else f"{v:.3f}"
-                                    for column, v in zip(M.RANKING_COLUMNS[1:4], row[1:4],
-                                                         strict=True)), str(row.n_models))
+        cells = [f"{v:+.3f}" if column != "cmi" else f"{v:.3f}"
+                 for column, v in zip(M.RANKING_COLUMNS[1:4], row[1:4], strict=True)]
+        grid.add_row(row.measure, *(c if "nan" not in c else "-" for c in cells), str(row.n_models))
     Console(soft_wrap=True).print(grid)
     save_figure(M.plot_rank_correlation(table, ranking), png.with_suffix(""))
     typer.echo(f"wrote {png} and {png.with_suffix('.svg')}")
@@ -364,38 +370,88 @@ def archs() -> None:
         typer.echo(f"{name:12s} {options}")
 
 
+def _number_list(text: str, flag: str, kind: type) -> list:
+    """``"0.5,1,1.5"`` -> ``[0.5, 1.0, 1.5]`` (ConfigError naming `flag` on a bad item)."""
+    try:
+        return [kind(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: write comma-separated {kind.__name__}s, e.g. "
+                          f"{flag} {'1,2,4' if kind is int else '0.5,1.5,2.5'}") from None
+
+
+@app.command("ntk-phase")
+def ntk_phase(
+    arch: str = typer.Option("fcn", help="fcn, cnn-flatten or cnn-gap (infinite width)."),
+    dataset: str = typer.Option("digits", help="Built-in dataset (see `genprobe datasets`)."),
+    sigma_w2: str = typer.Option("0.5,1,1.25,1.5,1.75,2,2.5,3", "--sigma-w2",
+                                 help="Comma-separated weight variances σ_w²."),
+    depths: str = typer.Option("1,2,4,8,16,32,64,100", help="Comma-separated depths (hidden layers)."),
+    sigma_b2: float = typer.Option(0.18, "--sigma-b2", help="Bias variance σ_b²."),
+    activation: str = typer.Option("erf", help="erf or relu."),
+    n_train: int = typer.Option(256, help="Training examples (class-balanced, seeded)."),
+    n_test: int | None = typer.Option(1000, help="Test examples (at most the test split)."),
+    ridge: float = typer.Option(1e-4, help="Relative ridge of the mean prediction (× tr Θ/N)."),
+    filter_size: int = typer.Option(3, help="Convolution width of the CNNs."),
+    seed: int = typer.Option(0, help="Seed of the subsets."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    data_dir: Path | None = typer.Option(None, help=DATA_DIR_HELP),
+    out: Path | None = typer.Option(None, help="Result directory (default runs/ntk-phase-ARCH-DATASET)."),
+) -> None:
+    """NTK phase diagram (Xiao, Pennington & Schoenholz 2020): condition number and mean-prediction
+    test accuracy of the infinite-width NTK over (σ_w², depth). Writes the result and figure.png."""
+    from . import outputs
+    from .kernels import ntk_phase as compute
+    from .results import result_file
+
+    out = Path(out) if out is not None else Path("runs") / f"ntk-phase-{arch}-{dataset}"
+    widths = _number_list(sigma_w2, "--sigma-w2", float)
+    layers = _number_list(depths, "--depths", int)
+    outputs.check_replaceable(out, "result", result_file, "result directory")  # before the work
+    global _on_interrupt
+    _on_interrupt = lambda: f"nothing of this ntk-phase run was written ({out} is unchanged)"  # noqa: E731
+    result = compute(arch=arch, sigma_w2=widths, depths=layers, sigma_b2=sigma_b2,
+                     activation=activation, data=dataset, n_train=n_train, n_test=n_test,
+                     ridge=ridge, seed=seed, filter_size=filter_size, data_dir=data_dir,
+                     device=device)
+    result.save(out, figure=True)
+    _echo_result(result, out)
+
+
+@app.command()
+def report(
+    path: Path = typer.Argument(..., metavar="RUN|SWEEP",
+                                help="A run directory (`genprobe train`) or a sweep directory (`genprobe sweep`)."),
+    out: Path | None = typer.Option(None, help="HTML file to write (default PATH/report.html); "
+                                    "the JSON export goes beside it (.json)."),
+) -> None:
+    """Write a self-contained HTML report (figures inline, nothing fetched) and its JSON export:
+    per run, the training curves and every probe's figure with a plain-language reading; per
+    sweep, how well each measure ranks the runs by generalization gap."""
+    from .report import report as write_report
+
+    page = write_report(path, out)
+    typer.echo(f"wrote {page} and {page.with_suffix('.json')}")
+
+
 @app.command()
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Where to write the demo run and its probe results."),
-    epochs: int = typer.Option(10, help="Training epochs of the demo model."),
+    out: Path | None = typer.Option(None, help="Sweep directory to write (default runs/demo, or "
+                                    "runs/demo-quick with --quick); a second run reuses what is done."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer epochs and smaller probe samples "
+                               "(under 2 minutes on 2 cores)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
-    """The one-command tour: train a small FCN on the built-in digits, then run every probe."""
-    from .probes.registry import get_probe, list_probes
-    from .subject import Subject
-    from .zoo.train import TrainConfig, read_metrics, train_run
+    """The one-command tour: train an fcn, a cnn with global average pooling, a resnet and an fcn
+    on corrupted labels on the built-in digits, run every registered probe on each, rank the
+    measures by generalization gap, and write the report (prints its path)."""
+    from .report.demo import DEFAULT_OUT, DEFAULT_QUICK_OUT, run_demo
 
-    cfg = TrainConfig(arch="fcn", dataset="digits", arch_options={"width": 256, "depth": 3},
-                      epochs=epochs, checkpoints="every", device=device)
-    run = out / "fcn-digits"
-    typer.echo(f"training {cfg.arch} (3 hidden layers of 256) on {cfg.dataset} for {epochs} epochs -> {run}")
-    _interrupt_note(run)
-    train_run(cfg, run, overwrite=True, progress=True)
-    metrics = read_metrics(run)
-    typer.echo(metrics[["epoch", "train_loss", "train_error", "test_loss", "test_error"]]
-               .to_string(index=False, float_format="{:.4f}".format))
-    subject = Subject.load(run)
+    where = out or (DEFAULT_QUICK_OUT if quick else DEFAULT_OUT)
     global _on_interrupt
-    _on_interrupt = lambda: (f"the trained run {run} is complete; finished probe results are in "  # noqa: E731
-                             f"{run / 'probes'}/; run `genprobe demo --out {out}` again for the rest")
-    for name in list_probes():
-        spec = get_probe(name)
-        typer.echo(f"\n== {name}: {spec.summary}")
-        options = {"device": device} if "device" in spec.parameters() else {}
-        result = spec.function(subject, **options, **spec.demo)
-        result.save(run / "probes" / name, figure=True)
-        typer.echo("  " + "  ".join(f"{k}={v:.4g}" for k, v in result.summary.items()))
-    typer.echo(f"\nresults and figures in {run / 'probes'}/")
+    _on_interrupt = lambda: (f"finished models and probe results are kept in {where}; "  # noqa: E731
+                             f"`genprobe demo{' --quick' if quick else ''}"
+                             f"{f' --out {out}' if out else ''}` goes on from there")
+    run_demo(where, quick=quick, device=device, echo=typer.echo)
 
 
 @app.command()
@@ -412,8 +468,7 @@ def sweep(
                                        "ray; default: a local Ray instance)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
-    """Train a family of models and probe every one: one row per run in SWEEP/table.parquet.
-    Re-running it skips finished work (resumes a killed sweep) and retries failed runs."""
+    """Train a grid of models and probe each (SWEEP/table.parquet); re-run to resume or retry."""
     import pandas as pd
 
     from .sweep import SweepConfig, default_out, run_sweep
@@ -430,7 +485,7 @@ def sweep(
     _on_interrupt = kept
     outcome = run_sweep(cfg, out, jobs=jobs, threads=threads, executor=executor, address=address,
                         device=device)
-    shown = [c for c in ("run", *outcome.table.attrs["genprobe"]["hyperparameters"], "test_error",
+    shown = [c for c in ("run", *outcome.table.attrs["hyperparameters"], "test_error",
                          "gap", "status") if c in outcome.table.columns]
     with pd.option_context("display.max_rows", 60, "display.width", 160,
                            "display.float_format", "{:.4g}".format):
