@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from genprobe.cli import main
+from invoke import call
 
 
 def run_cli(*args, cwd=None):
@@ -15,17 +15,6 @@ def run_cli(*args, cwd=None):
     p = subprocess.run([sys.executable, "-m", "genprobe", *map(str, args)], capture_output=True,
                        text=True, cwd=cwd, env=env, timeout=600)
     return p.returncode, p.stdout, p.stderr
-
-
-def call(args, capsys):
-    """Run the CLI in-process (fast): (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_help_and_listings(capsys):

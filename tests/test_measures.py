@@ -19,11 +19,11 @@ from torch import nn
 import genprobe as gp
 import genprobe.measures as M
 from foreign import make_subject
-from genprobe.cli import main
 from genprobe.errors import ConfigError
 from genprobe.probes.common import generator
 from genprobe.probes.registry import get_probe, list_probes
 from genprobe.zoo.models import NTKLinear
+from invoke import call
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -574,28 +574,18 @@ def _sweep(tmp_path, *, table: bool = True):
     return sweep
 
 
-def _call(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_cli_prints_the_ranking_and_writes_the_figure(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "160")
     sweep = _sweep(tmp_path)
-    code, out, err = _call(["measures", sweep], capsys)
+    code, out, err = call(["measures", sweep], capsys)
     assert code == 0, err
     assert "baseline.m" in out and "probe.z" in out and "granulated_tau" in out
     assert "lr, width, noise" in out
     assert (sweep / "measures.png").stat().st_size > 0 and (sweep / "measures.svg").is_file()
-    code, _, err = _call(["measures", sweep], capsys)  # its own figure: replaced
+    code, _, err = call(["measures", sweep], capsys)  # its own figure: replaced
     assert code == 0, err
     custom = tmp_path / "ranking.png"
-    code, _, err = _call(["measures", sweep, "--out", custom], capsys)
+    code, _, err = call(["measures", sweep, "--out", custom], capsys)
     assert code == 0 and custom.is_file() and custom.with_suffix(".svg").is_file()
 
 
@@ -626,7 +616,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(case, message, tmp_path, capsys):
         args += ["--out", tmp_path / "figure.jpg"]
     elif case == "bad_target":
         args += ["--target", "accuracy"]
-    code, _, err = _call(args, capsys)
+    code, _, err = call(args, capsys)
     assert code == 2
     assert message in err and err.count("\n") == 1 and err.startswith("genprobe: error:")
     if case in ("missing", "unmarked", "no_table"):

@@ -23,6 +23,7 @@ from torch.func import functional_call
 import genprobe as gp
 from foreign import FOREIGN, TOKENS, make_subject
 from genprobe.errors import ConfigError, DataError, OutputError
+from invoke import call
 
 
 def jacobians(model: nn.Module, state: dict, x: torch.Tensor) -> torch.Tensor:
@@ -233,23 +234,15 @@ def test_too_large_without_out_says_the_budget(subject):
 
 
 def test_cli_kernel_dir(tmp_path, capsys):
-    from genprobe.cli import main
-
-    def call(*args):
-        try:
-            main([str(a) for a in args])
-            return 0, capsys.readouterr()
-        except SystemExit as exc:
-            return exc.code or 0, capsys.readouterr()
-
     run = tmp_path / "run"
-    code, _ = call("train", "--arch", "fcn", "--dataset", "digits", "--epochs", "1", "--opt", "width=16",
-                   "--opt", "depth=1", "--out", run)
+    code, _, _ = call(["train", "--arch", "fcn", "--dataset", "digits", "--epochs", "1", "--opt",
+                       "width=16", "--opt", "depth=1", "--out", run], capsys)
     assert code == 0
-    code, out = call("probe", "ntk", run, "--n", "30", "--kernel-dir", tmp_path / "k", "--time", "100")
-    assert code == 0, out.err
+    code, out, err = call(["probe", "ntk", run, "--n", "30", "--kernel-dir", tmp_path / "k",
+                           "--time", "100"], capsys)
+    assert code == 0, err
     back = gp.load(run / "probes" / "ntk")
     assert back.kernel.shape == (30, 30) and (tmp_path / "k" / "kernel.npy").is_file()
-    assert "mean_prediction_accuracy_t=" in out.out
-    code, out = call("probe", "ntk", run, "--ridge", "-1")
-    assert code == 2 and "ridge" in out.err and len(out.err.strip().splitlines()) == 1
+    assert "mean_prediction_accuracy_t=" in out
+    code, out, err = call(["probe", "ntk", run, "--ridge", "-1"], capsys)
+    assert code == 2 and "ridge" in err and len(err.strip().splitlines()) == 1

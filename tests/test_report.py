@@ -19,6 +19,7 @@ from genprobe.errors import ConfigError, OutputError, RunError
 from genprobe.probes.registry import get_probe, list_probes
 from genprobe.report import html as H
 from genprobe.results import names, number, percent, points
+from invoke import call
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,18 +120,6 @@ def test_a_probe_registered_later_appears_without_changes(probed_run, tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
-def _cli(args, capsys):
-    from genprobe.cli import main
-
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_bad_inputs_are_one_typed_line(probed_run, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.txt").write_text("x")
@@ -141,7 +130,7 @@ def test_bad_inputs_are_one_typed_line(probed_run, tmp_path, capsys):
     for path, extra, error, message in cases:
         with pytest.raises(error, match=message):
             gp.report(path, *(extra[1:] if extra else []))
-        code, _, err = _cli(["report", path, *extra], capsys)
+        code, _, err = call(["report", path, *extra], capsys)
         assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
@@ -152,7 +141,7 @@ def test_a_run_without_probe_results_says_which_command_makes_them(tmp_path, cap
                                 arch_options={"width": 8, "depth": 1}, device="cpu"), tmp_path / "bare")
     with pytest.raises(RunError, match=r"no probe results yet.*genprobe probe NAME"):
         gp.report(run)
-    code, _, err = _cli(["report", run], capsys)
+    code, _, err = call(["report", run], capsys)
     assert code == 2 and "genprobe probe NAME" in err
     assert not (run / "report.html").exists() and not (run / "report.json").exists()
 
@@ -163,7 +152,7 @@ def test_out_is_replaced_only_when_genprobe_wrote_it(probed_run, tmp_path, capsy
     with pytest.raises(OutputError, match="not written by genprobe"):
         gp.report(probed_run, mine)
     assert mine.read_text() == "<html>my notes</html>" and not (tmp_path / "mine.json").exists()
-    code, _, err = _cli(["report", probed_run, "--out", mine], capsys)
+    code, _, err = call(["report", probed_run, "--out", mine], capsys)
     assert code == 2 and "not written by genprobe" in err and err.count("\n") == 1
     theirs = tmp_path / "theirs.html"  # the page would be ours, but the JSON beside it is not
     (tmp_path / "theirs.json").write_text('{"mine": 1}')
@@ -413,7 +402,7 @@ def test_demo_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    code, _, err = _cli(["demo", "--quick", "--out", folder], capsys)
+    code, _, err = call(["demo", "--quick", "--out", folder], capsys)
     assert code == 2 and err.count("\n") == 1 and "not a genprobe sweep directory" in err, err
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 

@@ -29,7 +29,6 @@ import pytest
 import yaml
 
 import genprobe.zoo.train as T
-from genprobe.cli import main
 from genprobe.errors import ConfigError, OutputError
 from genprobe.probes import registry
 from genprobe.sweep import (
@@ -39,6 +38,7 @@ from genprobe.sweep import (
     run_sweep,
 )
 from genprobe.zoo.train import TrainConfig
+from invoke import call
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,17 +81,6 @@ def reference(tmp_path_factory):
     outcome = run_sweep(SweepConfig.from_dict(tiny()), out, progress=False)
     assert (outcome.runs, outcome.done, outcome.failed, outcome.reused) == (2, 2, 0, 0)
     return out
-
-
-def call(args, capsys):
-    """The CLI in-process: (exit code, stdout, stderr)."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 class Counter:
