@@ -200,7 +200,7 @@ class NTKResult(Result):
              Option("out", Path, "Stream the kernels into this directory (any N; resumable).",
                     flag="kernel-dir"),
              Option("implementation", str, "Gram route: auto, layerwise, vmap or loop.")),
-    demo={"n": 200}, tiny={"n": 6, "n_test": 4, "checkpoints": "all", "time": 10.0})
+    demo={"n": 200, "checkpoints": "all"}, tiny={"n": 6, "n_test": 4, "checkpoints": "all", "time": 10.0})
 def ntk(
     subject: Subject,
     *,
