@@ -148,7 +148,7 @@ def test_over_checkpoints(subject):
 
 
 def test_streamed_equals_in_memory_exactly(subject, tmp_path):
-    budget = 20_000  # several blocks
+    budget = 750_000  # blocks of 10 examples: chunks of 5
     mem = gp.ntk(subject, n=30, n_test=10, memory_budget=budget)
     disk = gp.ntk(subject, n=30, n_test=10, memory_budget=budget, out=tmp_path / "k")
     assert torch.equal(disk.kernel, mem.kernel) and torch.equal(disk.kernel_test, mem.kernel_test)
@@ -160,7 +160,8 @@ def test_streamed_equals_in_memory_exactly(subject, tmp_path):
     assert torch.equal(again.kernel, mem.kernel)
 
 
-def test_lanczos_when_the_dense_spectrum_does_not_fit(subject, tmp_path):
+def test_lanczos_when_the_dense_spectrum_does_not_fit(tmp_path):
+    subject = make_subject("nested", dtype=torch.float64, n_train=60, n_test=30)
     dense = gp.ntk(subject, n=40, n_test=0)
     small = gp.ntk(subject, n=40, n_test=10, memory_budget=8 * 40 * 40 - 1, out=tmp_path / "k")
     assert small.table["spectrum"].iloc[-1] == "lanczos"
@@ -178,7 +179,7 @@ KILLED = textwrap.dedent("""
     import genprobe as gp
     torch.set_num_threads(1)
     s = make_subject("residual_bn", dtype=torch.float64, n_train=40, n_test=30, checkpoints=2)
-    gp.ntk(s, n=40, n_test=0, memory_budget=12_000, out={out!r})
+    gp.ntk(s, n=40, n_test=0, memory_budget=750_000, out={out!r})
 """)
 
 
@@ -200,8 +201,8 @@ def test_sigkill_then_resume_gives_the_same_kernel(subject, tmp_path):
     proc.wait()
     done = json.loads(record.read_text())
     assert 3 <= len(done["done"]) and not done["complete"], "killed too late to test a resume"
-    resumed = gp.ntk(subject, n=40, n_test=0, memory_budget=12_000, out=out)
-    whole = gp.ntk(subject, n=40, n_test=0, memory_budget=12_000, out=tmp_path / "whole")
+    resumed = gp.ntk(subject, n=40, n_test=0, memory_budget=750_000, out=out)
+    whole = gp.ntk(subject, n=40, n_test=0, memory_budget=750_000, out=tmp_path / "whole")
     assert torch.equal(resumed.kernel, whole.kernel)
 
 

@@ -443,12 +443,28 @@ def _eigenvalues(square: np.ndarray, dense: bool) -> np.ndarray:
         return w[::-1].copy()
     k = min(LANCZOS_K, m - 2)
     op = scipy.sparse.linalg.LinearOperator((m, m), matvec=lambda v: _matvec(square, v), dtype=np.float64)
-    top = scipy.sparse.linalg.eigsh(op, k=k, which="LA", return_eigenvectors=False)
+    top = _lanczos(op, k, "largest")
     shift = float(top.max())
     flipped = scipy.sparse.linalg.LinearOperator(
         (m, m), matvec=lambda v: shift * v.ravel() - _matvec(square, v), dtype=np.float64)
-    bottom = shift - scipy.sparse.linalg.eigsh(flipped, k=k, which="LA", return_eigenvectors=False)
+    bottom = shift - _lanczos(flipped, k, "smallest")
     return np.concatenate([np.sort(top)[::-1], np.sort(bottom)[::-1]])
+
+
+def _lanczos(op, k: int, which: str) -> np.ndarray:
+    """The k largest eigenvalues of symmetric `op` (ARPACK); when some do not converge (clustered
+    eigenvalues, e.g. a rank-deficient kernel's zeros), those that did, with a warning."""
+    m = op.shape[0]
+    try:
+        return scipy.sparse.linalg.eigsh(op, k=k, which="LA", ncv=min(m, max(2 * k + 1, 4 * k)),
+                                         maxiter=max(1000, 20 * m), return_eigenvectors=False)
+    except scipy.sparse.linalg.ArpackNoConvergence as exc:
+        if len(exc.eigenvalues) == 0:
+            raise DataError(f"the Lanczos solver found none of the {which} {k} eigenvalues of the "
+                            "kernel; give it the memory for a dense spectrum (memory_budget)") from None
+        logger.warning("ntk: Lanczos converged on %d of the %s %d eigenvalues; reporting those",
+                       len(exc.eigenvalues), which, k)
+        return np.asarray(exc.eigenvalues, dtype=np.float64).real
 
 
 def _matvec(square: np.ndarray, v: np.ndarray) -> np.ndarray:
