@@ -163,7 +163,7 @@ def test_streamed_equals_in_memory_exactly(subject, tmp_path):
 def test_lanczos_when_the_dense_spectrum_does_not_fit(tmp_path):
     subject = make_subject("nested", dtype=torch.float64, n_train=60, n_test=30)
     dense = gp.ntk(subject, n=40, n_test=0)
-    small = gp.ntk(subject, n=40, n_test=10, memory_budget=8 * 40 * 40 - 1, out=tmp_path / "k")
+    small = gp.ntk(subject, n=40, n_test=10, memory_budget=16 * 40 * 40 - 1, out=tmp_path / "k")
     assert small.table["spectrum"].iloc[-1] == "lanczos"
     ev = dense.eigenvalues.numpy()
     top, bottom = small.eigenvalues[:10].numpy(), small.eigenvalues[10:].numpy()
