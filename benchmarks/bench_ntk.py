@@ -133,11 +133,12 @@ def part_scale(args) -> None:
     subject = gp.Subject(model, train=data.train, test=data.test, num_classes=10)
     t_load = time.perf_counter() - t0
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        kernels = Path(args.kernel_dir) if args.kernel_dir else Path(tmp) / "kernels"
         t1 = time.perf_counter()
-        r = gp.ntk(subject, n=args.n, n_test=args.n_test, out=Path(tmp) / "kernels",
+        r = gp.ntk(subject, n=args.n, n_test=args.n_test, out=kernels,
                    memory_budget=int(args.memory_gib * 2**30))
         total = time.perf_counter() - t1
-        size = (Path(tmp) / "kernels" / "kernel.npy").stat().st_size
+        size = (kernels / "kernel.npy").stat().st_size
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (Linux: KiB)
     print(json.dumps({"n": args.n, "threads": torch.get_num_threads(), "load_s": round(t_load, 1),
                       "ntk_s": round(total, 1), "phases_s": r.meta.get("seconds"),
@@ -156,6 +157,8 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=0, help="scale: test examples for the mean prediction")
     ap.add_argument("--memory-gib", type=float, default=7.0, help="scale: memory budget")
     ap.add_argument("--tmp", default=None, help="scale: folder for the kernel files")
+    ap.add_argument("--kernel-dir", default=None,
+                    help="scale: keep the kernel files here (a second run resumes / reuses them)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--methods", default="loop,vmap,genprobe,genprobe-traced")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
