@@ -437,8 +437,8 @@ def _eigenvalues(square: np.ndarray, dense: bool) -> np.ndarray:
             square.rows(0, m, out=a)  # straight from the file
         else:
             a[:] = square
-        # torch's LAPACK (MKL's syevd on x86: 2.2x scipy-OpenBLAS's at N = 8,000 here; scipy's
-        # evd died with SIGSEGV at N = 30,000); it works on its own copy: two copies in all
+        # torch's LAPACK: 2.2x scipy's evd at N = 8,000 here; it works on its own copy (two copies
+        # in all). At N = 30,000 both died with SIGSEGV inside OpenBLAS (benchmarks/RESULTS.md)
         w = torch.linalg.eigvalsh(torch.from_numpy(a)).numpy()
         del a
         return w[::-1].copy()
