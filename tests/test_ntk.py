@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 import genprobe as gp
+from genprobe.engine import lapack
 from foreign import FOREIGN, TOKENS, make_subject
 from genprobe.errors import ConfigError, DataError, OutputError
 from invoke import call
@@ -163,13 +164,27 @@ def test_streamed_equals_in_memory_exactly(subject, tmp_path):
 def test_lanczos_when_the_dense_spectrum_does_not_fit(tmp_path):
     subject = make_subject("nested", dtype=torch.float64, n_train=60, n_test=30)
     dense = gp.ntk(subject, n=40, n_test=0)
-    small = gp.ntk(subject, n=40, n_test=10, memory_budget=16 * 40 * 40 - 1, out=tmp_path / "k")
+    small = gp.ntk(subject, n=40, n_test=10, memory_budget=lapack.resident_bytes(40) - 1, out=tmp_path / "k")
     assert small.table["spectrum"].iloc[-1] == "lanczos"
     ev = dense.eigenvalues.numpy()
     top, bottom = small.eigenvalues[:10].numpy(), small.eigenvalues[10:].numpy()
     np.testing.assert_allclose(top, ev[:10], rtol=1e-8)
     np.testing.assert_allclose(bottom, ev[-10:], rtol=1e-6, atol=1e-9 * ev[0])
     assert math.isnan(small.summary["mean_prediction_accuracy"])
+
+
+def test_a_dense_spectrum_needs_half_a_copy_in_place_and_two_copies_without(tmp_path, monkeypatch):
+    subject = make_subject("nested", dtype=torch.float64, n_train=60, n_test=30)
+    budget = lapack.resident_bytes(40)
+    one = gp.ntk(subject, n=40, n_test=10, memory_budget=budget, out=tmp_path / "k")
+    assert one.table["spectrum"].iloc[-1] == "dense"
+    assert one.summary == gp.ntk(subject, n=40, n_test=10, memory_budget=budget).summary
+    monkeypatch.setattr(lapack, "_routines", lambda: None)  # torch.linalg: a second copy
+    two = gp.ntk(subject, n=40, n_test=10, memory_budget=budget, out=tmp_path / "k")
+    assert two.table["spectrum"].iloc[-1] == "lanczos"
+    both = gp.ntk(subject, n=40, n_test=10, memory_budget=16 * 40 * 40, out=tmp_path / "k")
+    assert both.summary["lambda_min"] == pytest.approx(one.summary["lambda_min"], rel=1e-9)
+    assert both.summary["mean_prediction_accuracy"] == one.summary["mean_prediction_accuracy"]
 
 
 KILLED = textwrap.dedent("""

@@ -8,6 +8,8 @@ model's own parameters or the data. ``None`` means :func:`default_memory_budget`
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 
 from .errors import ConfigError
@@ -54,5 +56,17 @@ def resolve_memory_budget(memory_budget: int | float | None, device: torch.devic
     return int(memory_budget)
 
 
+def return_freed_memory() -> None:
+    """Hand the heap pages that freed temporaries left behind back to the operating system.
+
+    glibc keeps them (the grams engine's blocks left ~0.7 GiB resident after a 10,000-example
+    kernel, benchmarks/RESULTS.md); call this before a phase that needs one large buffer. A no-op
+    where the C library has no ``malloc_trim``."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 __all__ = ["DEFAULT_MEMORY_CAP", "DEFAULT_MEMORY_FRACTION", "FALLBACK_MEMORY_BUDGET",
-           "available_memory", "default_memory_budget", "resolve_memory_budget"]
+           "available_memory", "default_memory_budget", "resolve_memory_budget", "return_freed_memory"]

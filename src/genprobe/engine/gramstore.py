@@ -165,6 +165,25 @@ class DiskMatrix:
                 got += n
         return out
 
+    def upper_into(self, out: np.ndarray) -> np.ndarray:
+        """The upper triangle of this square matrix (row i, columns i..) read into `out` (C-ordered
+        float64 of its shape); the rest of `out` is not touched."""
+        m = self.shape[0]
+        if self.ndim != 2 or self.shape[1] != m or out.shape != self.shape or not out.flags.c_contiguous:
+            raise ValueError(f"upper_into needs a square matrix and a C-ordered buffer of its shape, "
+                             f"got {self.shape} and {out.shape}")
+        with open(self.path, "rb", buffering=0) as f:
+            for i in range(m):
+                view = memoryview(out[i, i:]).cast("B")
+                got = 0
+                while got < len(view):
+                    n = os.preadv(f.fileno(), [view[got:]], self.offset + i * self._row + 8 * i + got)
+                    if not n:
+                        raise OutputError(f"{self.path} is shorter than its header says; it is "
+                                          "damaged: delete it and run again")
+                    got += n
+        return out
+
     def __getitem__(self, key):
         rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
         if not isinstance(rows, slice) or rows.step not in (None, 1):

@@ -21,9 +21,12 @@ and at each requested checkpoint, on a class-balanced seeded sample X of the tra
 Any N: the kernel is built block by block within the memory budget. When it does not fit in
 memory (N² · 8 bytes traced, N²K² · 8 untraced), ``out=DIR`` streams it block by block into
 memory-mapped files (:mod:`genprobe.engine.gramstore`): a killed run continues from the blocks
-written. The spectrum is dense (LAPACK) when two copies of the matrix fit the memory budget;
-otherwise the top and bottom ``LANCZOS_K`` eigenvalues come from a Lanczos solver (ARPACK) over
-the file, and the mean prediction, which needs a dense solve, is NaN (logged and in ``meta``).
+written. The spectrum is dense (LAPACK, in place: :mod:`genprobe.engine.lapack`) when the upper
+triangle of the square matrix fits the memory budget (~4·N² bytes: 3.4 GiB at N = 30,000) — the
+solve of the mean prediction and the eigendecomposition take turns on that one buffer; otherwise
+the top and bottom ``LANCZOS_K`` eigenvalues come from a Lanczos solver (ARPACK) over the file,
+and the mean prediction, which needs a dense solve, is NaN (logged). The prediction at ``time``
+needs the eigenvectors too: two copies.
 """
 
 from __future__ import annotations
@@ -35,18 +38,18 @@ from time import perf_counter
 
 import numpy as np
 import pandas as pd
-import scipy.linalg
 import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
 from .. import progress
 from ..device import resolve_device
+from ..engine import lapack
 from ..engine.grams import IMPLEMENTATIONS, Implementation, gram
 from ..engine.gramstore import DiskMatrix, digest, open_store, stream_gram
 from ..errors import ConfigError, DataError, check_choice
 from ..figures import BLUE, GREY, SEQUENTIAL, VERMILLION, new_figure, styled
-from ..memory import resolve_memory_budget
+from ..memory import resolve_memory_budget, return_freed_memory
 from ..results import Result, number, percent
 from ..subject import Subject
 from ..values import Data
@@ -65,8 +68,9 @@ logger = logging.getLogger(__name__)
 FINAL = "final"
 LANCZOS_K = 10
 """Eigenvalues at each end of the spectrum when it comes from the Lanczos solver."""
-ROW_CHUNK = 1024
-"""Rows of a streamed kernel read at a time (matrix–vector products, the trace)."""
+CHUNK_BYTES = 32 * 2**20
+"""Bytes of a streamed kernel read at a time (matrix products, the trace): rows of a 30,000-wide
+kernel are 240 KB, so 1,024 of them would be 0.23 GiB on top of the N x N buffer."""
 
 
 class NTKResult(Result):
@@ -273,6 +277,7 @@ def ntk(
         kernel, kernel_test = _kernels(subject, state, label, train, test, store, options, files)
         seconds["kernel"] += perf_counter() - start
         start = perf_counter()
+        return_freed_memory()  # the engine's blocks: the analysis needs one N x N buffer
         stats = _analyse(kernel, kernel_test, train, test, subject.num_classes, trace_outputs,
                          outputs_k, ridge, time, budget)
         seconds["analysis"] += perf_counter() - start
@@ -379,9 +384,13 @@ def _analyse(kernel, kernel_test, train: Data, test: Data | None, classes: int, 
     n = len(train)
     square = _square(kernel)
     m = square.shape[0]
-    # dense: two copies of the square matrix fit (an in-memory kernel fitted the budget already)
-    dense = 16 * m * m <= budget or not isinstance(kernel, DiskMatrix)
-    eigs = _eigenvalues(square, dense)
+    # dense: the working copies of the square matrix fit (an in-memory kernel fitted the budget)
+    dense = lapack.resident_bytes(m) <= budget or not isinstance(kernel, DiskMatrix)
+    work = lapack.symmetric_buffer(m) if dense else None  # the solve, then the spectrum, in place
+    predictions = _predictions(kernel, kernel_test, square, work, train, test, classes, traced,
+                               outputs_k, ridge, time, budget) if test is not None else {}
+    eigs = _eigenvalues(square, work)
+    del work
     lam_max, lam_min = float(eigs[0]), float(eigs[-1])
     stats = {"lambda_max": lam_max, "lambda_min": lam_min,
              "condition_number": lam_max / lam_min if lam_min > 0 else math.inf,
@@ -390,25 +399,38 @@ def _analyse(kernel, kernel_test, train: Data, test: Data | None, classes: int, 
              "mean_eigenvalue": float(np.mean(eigs)) if dense else _trace(square) / m,
              "mean_prediction_accuracy": math.nan, "mean_prediction_accuracy_t": math.nan,
              "spectrum": "dense" if dense else "lanczos", "eigenvalues": eigs}
-    if test is None:
-        return stats
-    if not dense:
+    return {**stats, **predictions}
+
+
+def _predictions(kernel, kernel_test, square, work, train: Data, test: Data, classes: int,
+                 traced: bool, outputs_k: int, ridge: float, time: float | None, budget: int) -> dict:
+    """Test accuracy of the mean prediction (and at `time`), solving in the buffer `work`."""
+    n, m = len(train), square.shape[0]
+    if work is None:
         logger.warning("ntk: the mean prediction needs the %d x %d kernel in memory (%.2f GiB), more "
-                       "than the memory budget; it is NaN", m, m, 16 * m * m / 2**30)
-        return stats
+                       "than the memory budget; it is NaN", m, m, lapack.resident_bytes(m) / 2**30)
+        return {}
+    stats = {}
     y = np.eye(classes)[train.y.numpy()] - 1.0 / classes  # mean-centred one-hot (N, C)
     full = not traced and outputs_k == classes
     targets = y.reshape(-1, 1) if full else y  # (N·K, 1) in (example, output) order, or (N, C)
-    cross = _square(kernel_test) if full else (np.asarray(kernel_test) if traced else
+    cross = _square(kernel_test) if full else (kernel_test if traced else
                                                np.asarray(kernel_test).diagonal(axis1=2, axis2=3).mean(-1))
     system = square if (traced or full) else np.asarray(kernel).diagonal(axis1=2, axis2=3).mean(-1)
-    stats["mean_prediction_accuracy"] = _accuracy(cross @ _solve(system, targets, ridge), test.y, classes, full)
-    if time is not None:
-        w, v = scipy.linalg.eigh(np.asarray(system), check_finite=False)
+    if system is not square:
+        work = lapack.symmetric_buffer(len(system))
+    stats["mean_prediction_accuracy"] = _accuracy(_times(cross, _solve(system, work, targets, ridge)),
+                                                  test.y, classes, full)
+    if time is not None and isinstance(system, DiskMatrix) and 16 * m * m > budget:
+        logger.warning("ntk: the prediction at time=%g needs the eigenvectors of the %d x %d kernel "
+                       "(two copies, %.2f GiB), more than the memory budget; it is NaN", time, m, m,
+                       16 * m * m / 2**30)
+    elif time is not None:
+        w, v = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(_fill(work, system)), UPLO="U"))
         c = time / n
         safe = np.where(w > 0, w, 1.0)
         gain = np.where(w > 0, -np.expm1(-c * safe) / safe, c)  # (1 − e^{−cλ})/λ → c as λ → 0
-        stats["mean_prediction_accuracy_t"] = _accuracy(cross @ (v @ (gain[:, None] * (v.T @ targets))),
+        stats["mean_prediction_accuracy_t"] = _accuracy(_times(cross, v @ (gain[:, None] * (v.T @ targets))),
                                                         test.y, classes, full)
     return stats
 
@@ -418,37 +440,40 @@ def _accuracy(pred: np.ndarray, labels: Tensor, classes: int, full: bool) -> flo
     return float((pred.argmax(1) == labels.numpy()).mean())
 
 
-def _solve(system: np.ndarray, targets: np.ndarray, ridge: float) -> np.ndarray:
-    a = np.array(system, dtype=np.float64)
-    a[np.diag_indices_from(a)] += ridge * float(np.mean(np.diag(a)))
+def _fill(work: np.ndarray, matrix) -> np.ndarray:
+    """`work` holding the upper triangle of the symmetric `matrix` (in memory, or read straight
+    from its file): all that :mod:`genprobe.engine.lapack` reads, half the resident memory."""
+    if isinstance(matrix, DiskMatrix):
+        return matrix.upper_into(work)
+    for i in range(len(matrix)):
+        work[i, i:] = matrix[i, i:]
+    return work
+
+
+def _solve(system, work: np.ndarray, targets: np.ndarray, ridge: float) -> np.ndarray:
+    """(Θ + r·I)⁻¹ targets, r = ridge · mean(diag Θ), factoring in the buffer `work`."""
+    a = _fill(work, system)
+    diagonal = np.einsum("ii->i", a)
+    diagonal += ridge * float(diagonal.mean())
     try:
-        factor = scipy.linalg.cho_factor(a, overwrite_a=True, check_finite=False)
+        return lapack.cho_solve_(a, targets)
     except np.linalg.LinAlgError:
         raise DataError(f"the NTK Θ(X, X) is not positive definite for the mean-prediction solve at "
                         f"ridge={ridge:g}; pass a larger ridge (e.g. ridge={max(ridge * 100, 1e-4):g})") from None
-    return scipy.linalg.cho_solve(factor, targets, check_finite=False)
 
 
-def _eigenvalues(square: np.ndarray, dense: bool) -> np.ndarray:
-    """Descending eigenvalues: all of them (LAPACK) or the Lanczos ends (module docstring)."""
+def _eigenvalues(square, work: np.ndarray | None) -> np.ndarray:
+    """Descending eigenvalues: all of them (LAPACK, in the buffer `work`) or, without a buffer,
+    the Lanczos ends (module docstring)."""
     m = square.shape[0]
-    if dense:
-        a = np.empty((m, m), dtype=np.float64)
-        if isinstance(square, DiskMatrix):
-            square.rows(0, m, out=a)  # straight from the file
-        else:
-            a[:] = square
-        # torch's LAPACK: 2.2x scipy's evd at N = 8,000 here; it works on its own copy (two copies
-        # in all). At N = 30,000 both died with SIGSEGV inside OpenBLAS (benchmarks/RESULTS.md)
-        w = torch.linalg.eigvalsh(torch.from_numpy(a)).numpy()
-        del a
-        return w[::-1].copy()
+    if work is not None:
+        return lapack.eigvalsh_(_fill(work, square))[::-1].copy()
     k = min(LANCZOS_K, m - 2)
-    op = scipy.sparse.linalg.LinearOperator((m, m), matvec=lambda v: _matvec(square, v), dtype=np.float64)
+    op = scipy.sparse.linalg.LinearOperator((m, m), matvec=lambda v: _times(square, v.ravel()), dtype=np.float64)
     top = _lanczos(op, k, "largest")
     shift = float(top.max())
     flipped = scipy.sparse.linalg.LinearOperator(
-        (m, m), matvec=lambda v: shift * v.ravel() - _matvec(square, v), dtype=np.float64)
+        (m, m), matvec=lambda v: shift * v.ravel() - _times(square, v.ravel()), dtype=np.float64)
     bottom = shift - _lanczos(flipped, k, "smallest")
     return np.concatenate([np.sort(top)[::-1], np.sort(bottom)[::-1]])
 
@@ -469,17 +494,21 @@ def _lanczos(op, k: int, which: str) -> np.ndarray:
         return np.asarray(exc.eigenvalues, dtype=np.float64).real
 
 
-def _matvec(square: np.ndarray, v: np.ndarray) -> np.ndarray:
-    v = v.ravel()
-    out = np.empty(square.shape[0])
-    for i in range(0, square.shape[0], ROW_CHUNK):
-        out[i:i + ROW_CHUNK] = square[i:i + ROW_CHUNK] @ v
-    return out
+def _times(matrix, b: np.ndarray) -> np.ndarray:
+    """matrix @ b, reading a file-backed matrix CHUNK_BYTES at a time."""
+    if not isinstance(matrix, DiskMatrix):
+        return matrix @ b
+    step = _chunk_rows(matrix)
+    return np.concatenate([matrix[i:i + step] @ b for i in range(0, len(matrix), step)])
 
 
-def _trace(square: np.ndarray) -> float:
-    return float(sum(np.trace(square[i:i + ROW_CHUNK, i:i + ROW_CHUNK])
-                     for i in range(0, square.shape[0], ROW_CHUNK)))
+def _trace(square) -> float:
+    step = _chunk_rows(square)
+    return float(sum(np.trace(square[i:i + step, i:i + step]) for i in range(0, square.shape[0], step)))
+
+
+def _chunk_rows(matrix) -> int:
+    return max(1, CHUNK_BYTES // (8 * int(np.prod(matrix.shape[1:]))))
 
 
 def _self_check(subject: Subject, train: Data, kernel: Tensor | None, files: dict | None,
