@@ -18,7 +18,7 @@ parameters, at initialization), streamed to disk with ``gp.ntk(out=...)``, with 
 spectrum: wall time of each phase and peak resident memory of the whole process.
 
     python benchmarks/bench_ntk.py --part resnet --threads 2
-    python benchmarks/bench_ntk.py --part scale --n 30000 --threads 2 --memory-gib 7
+    python benchmarks/bench_ntk.py --part scale --n 30000 --n-test 1000 --threads 2 --memory-gib 4
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def main() -> None:
     ap.add_argument("--arch", choices=sorted(ARCHS), default="resnet")
     ap.add_argument("--n", type=int, default=None, help="examples (resnet: 64; scale: 30000)")
     ap.add_argument("--n-test", type=int, default=0, help="scale: test examples for the mean prediction")
-    ap.add_argument("--memory-gib", type=float, default=7.0, help="scale: memory budget")
+    ap.add_argument("--memory-gib", type=float, default=4.0, help="scale: memory budget")
     ap.add_argument("--tmp", default=None, help="scale: folder for the kernel files")
     ap.add_argument("--kernel-dir", default=None,
                     help="scale: keep the kernel files here (a second run resumes / reuses them)")
