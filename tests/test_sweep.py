@@ -404,15 +404,23 @@ def test_sigkill_at_arbitrary_moments_with_two_jobs(reference, tmp_path):
     code = ("import sys; from genprobe.sweep import SweepConfig, run_sweep; "
             "run_sweep(SweepConfig.from_yaml(sys.argv[1]), sys.argv[2], progress=False)")
 
-    def files() -> int:  # the runs' files: progress of the work itself
-        return sum(1 for _ in (out / "runs").rglob("*")) if (out / "runs").exists() else 0
+    def files() -> frozenset:  # the runs' files, sizes and times: progress of the work itself
+        # (a count alone missed progress that replaces files, so a run could finish unkilled)
+        found = set()
+        for path in (out / "runs").rglob("*") if (out / "runs").exists() else ():
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # replaced while we looked
+                continue
+            found.add((str(path), st.st_size, st.st_mtime_ns))
+        return frozenset(found)
 
     kills, pause = 0, random.Random(0)
     while kills < 6:
         before = files()
         proc = subprocess.Popen([sys.executable, "-c", code, config, out], start_new_session=True,
                                 stderr=subprocess.DEVNULL, env=os.environ | {"OMP_NUM_THREADS": "1"})
-        while proc.poll() is None and files() <= before:
+        while proc.poll() is None and files() == before:
             time.sleep(0.005)
         if proc.poll() is not None:
             break
