@@ -154,16 +154,19 @@ class DiskMatrix:
         elif out.shape != (stop - start, *self.shape[1:]) or not out.flags.c_contiguous:
             raise ValueError(f"out must be C-contiguous float64 of shape {(stop - start, *self.shape[1:])}")
         with open(self.path, "rb", buffering=0) as f:
-            f.seek(self.offset + start * self._row)
-            view = memoryview(out).cast("B")
-            got = 0
-            while got < len(view):
-                n = f.readinto(view[got:])
-                if not n:
-                    raise OutputError(f"{self.path} is shorter than its header says; it is damaged: "
-                                      "delete it and run again")
-                got += n
+            self._read(f, out, start * self._row)
         return out
+
+    def _read(self, f, out: np.ndarray, at: int) -> None:
+        """Fill the contiguous `out` with the bytes at `at` past the header of the open file `f`."""
+        view = memoryview(out).cast("B")
+        got = 0
+        while got < len(view):
+            n = os.preadv(f.fileno(), [view[got:]], self.offset + at + got)
+            if not n:
+                raise OutputError(f"{self.path} is shorter than its header says; it is damaged: "
+                                  "delete it and run again")
+            got += n
 
     def upper_into(self, out: np.ndarray) -> np.ndarray:
         """The upper triangle of this square matrix (row i, columns i..) read into `out` (C-ordered
@@ -174,14 +177,7 @@ class DiskMatrix:
                              f"got {self.shape} and {out.shape}")
         with open(self.path, "rb", buffering=0) as f:
             for i in range(m):
-                view = memoryview(out[i, i:]).cast("B")
-                got = 0
-                while got < len(view):
-                    n = os.preadv(f.fileno(), [view[got:]], self.offset + i * self._row + 8 * i + got)
-                    if not n:
-                        raise OutputError(f"{self.path} is shorter than its header says; it is "
-                                          "damaged: delete it and run again")
-                    got += n
+                self._read(f, out[i, i:], i * self._row + 8 * i)
         return out
 
     def __getitem__(self, key):
