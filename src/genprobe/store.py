@@ -3,7 +3,8 @@
 Layout of a run directory::
 
     config.yaml                    the full training config, genprobe version, data provenance
-    checkpoints/epoch-0000.safetensors   θ⁰, before any step; then one per scheduled epoch
+    checkpoints/epoch-0000.safetensors   θ⁰, before any step; then one per scheduled epoch, up to
+                                   the last trained (a run with a stop target may end early)
     final.safetensors              θ^F, the state after the last epoch
     metrics.parquet                per epoch: train/test loss and error, learning rate, seconds
     labels.safetensors             the training labels used (after corruption) and the corrupted indices

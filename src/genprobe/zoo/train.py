@@ -67,6 +67,15 @@ class TrainConfig:
 
     ``checkpoints``: ``"every"`` (each epoch), ``"log:N"`` (about N log-spaced epochs), or a
     comma-separated list of epochs ("1,2,5,10"). Epoch 0 (θ⁰) and the last epoch are always kept.
+
+    ``stop_loss`` / ``stop_error``: train to a target rather than for a fixed time (as Jiang et
+    al. 2020 trained every model to a training cross-entropy of 0.01). Training stops at the end
+    of the first epoch whose training-set cross-entropy (the ``train_loss`` of metrics.parquet) is
+    ``<= stop_loss``, or whose training 0-1 error (``train_error``, against the possibly corrupted
+    labels) is ``<= stop_error``; with both set, once both are met. ``epochs`` is then the most
+    epochs trained, and the learning-rate schedule still spans ``epochs``. The epoch it stops at is
+    the run's last: it is checkpointed and saved as final; checkpoints planned after it are never
+    written (:func:`training_outcome` says whether a run reached its target).
     """
 
     arch: str = "fcn"
@@ -87,6 +96,8 @@ class TrainConfig:
     checkpoints: str = "every"
     data_dir: str | None = None
     device: str = "auto"
+    stop_loss: float | None = None
+    stop_error: float | None = None
 
     # -- (de)serialisation -------------------------------------------------------
 
@@ -155,6 +166,12 @@ class TrainConfig:
             raise ConfigError(f"momentum must be a number in [0, 1), got {self.momentum!r}")
         if not isinstance(self.checkpoints, (str, int)) or isinstance(self.checkpoints, bool):
             raise ConfigError(f"checkpoints must be 'every', 'log:N' or a list like '1,2,5', got {self.checkpoints!r}")
+        if self.stop_loss is not None and not (_number(self.stop_loss) and self.stop_loss > 0):
+            raise ConfigError(f"stop_loss must be a positive finite number (a training cross-entropy "
+                              f"such as 0.01), got {self.stop_loss!r}")
+        if self.stop_error is not None and not (_number(self.stop_error) and 0 < self.stop_error < 1):
+            raise ConfigError(f"stop_error must be a number in (0, 1) (a training error such as 0.01), "
+                              f"got {self.stop_error!r}")
         if self.data_dir is not None and not isinstance(self.data_dir, (str, os.PathLike)):
             raise ConfigError(f"data_dir must be a folder path, got {self.data_dir!r}")
         self.checkpoint_epochs()
@@ -182,6 +199,11 @@ class TrainConfig:
             if bad:
                 raise ConfigError(f"checkpoint epoch {bad[0]} is outside 0..{self.epochs}")
         return sorted(epochs | {0, self.epochs})
+
+    def stop_targets(self) -> dict[str, float]:
+        """{metrics column: target} of the stop options that are set (empty: train all epochs)."""
+        targets = {"train_loss": self.stop_loss, "train_error": self.stop_error}
+        return {column: target for column, target in targets.items() if target is not None}
 
     def learning_rate(self, epoch: int) -> float:
         """Learning rate used during `epoch` (1-based)."""
@@ -442,8 +464,18 @@ class _FreshRun:
             self.aside = None
 
 
+def _reached(targets: dict[str, float], row: Mapping[str, Any]) -> bool:
+    """Whether one epoch's metrics meet every stop target (False when there is none)."""
+    return bool(targets) and all(float(row[column]) <= target for column, target in targets.items())
+
+
 def _train_epochs(config, out, model, optimizer, splits, device, start, rows, progress) -> None:
+    """Train epochs `start`..`config.epochs`, or until the stop targets are met: a resumed run
+    whose last saved epoch met them (interrupted before final was written) trains no further."""
     record = set(config.checkpoint_epochs())
+    targets = config.stop_targets()
+    if start > 1 and _reached(targets, rows[-1]):
+        return
     x, y = splits.train.x.to(device), splits.train.y.to(device)
     steps = math.ceil(len(y) / config.batch_size)
     bars = progress_bars.task("training", total=config.epochs) if progress else \
@@ -467,13 +499,41 @@ def _train_epochs(config, out, model, optimizer, splits, device, start, rows, pr
                 optimizer.step()
             seconds = time.perf_counter() - began
             rows.append({"epoch": epoch, "lr": lr, "seconds": seconds, **_epoch_metrics(model, splits, device)})
-            if epoch in record:
+            stop = _reached(targets, rows[-1])
+            if epoch in record or stop:
                 store.write_state(store.checkpoint_path(out, epoch), state_of(model))
             store.write_metrics(out, pd.DataFrame(rows))
             _save_resume(out, epoch, model, optimizer)
             bar.advance(1, description=f"epoch {epoch} test err {rows[-1]['test_error']:.4f}")
+            if stop:
+                log.info("%s reached %s at epoch %d", out, _criterion(config), epoch)
+                break
 
 
 def read_metrics(run: str | Path) -> pd.DataFrame:
     """The per-epoch metrics of a run (RunError when missing or corrupt)."""
     return store.read_metrics(run)
+
+
+def _criterion(config: TrainConfig) -> str:
+    names = {"train_loss": "train loss", "train_error": "train error"}
+    return " and ".join(f"{names[column]} ≤ {target:g}" for column, target in config.stop_targets().items())
+
+
+def training_outcome(config: TrainConfig, metrics: pd.DataFrame) -> dict[str, Any]:
+    """How a run's training ended, from its config and per-epoch metrics (:func:`read_metrics`):
+    ``epochs_run`` (the last epoch in `metrics`), ``converged`` (None when neither ``stop_loss``
+    nor ``stop_error`` is set, else whether the last epoch meets the target(s)) and ``criterion``
+    (``"train loss ≤ 0.01"``, ``""`` when none)."""
+    if metrics.empty or "epoch" not in metrics.columns:
+        raise RunError("training_outcome needs a run's per-epoch metrics: one row or more, with an 'epoch' column")
+    last = metrics.loc[metrics["epoch"].idxmax()]
+    targets = config.stop_targets()
+    missing = [column for column in targets if column not in metrics.columns]
+    if missing:
+        raise RunError(f"the metrics of a run have no {missing[0]!r} column, so its stop target cannot be checked")
+    return {"epochs_run": int(last["epoch"]), "converged": _reached(targets, last) if targets else None,
+            "criterion": _criterion(config)}
+
+
+__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "build", "read_metrics", "train_run", "training_outcome"]
