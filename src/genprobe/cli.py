@@ -271,7 +271,7 @@ def train(
     arch: str | None = typer.Option(None, help="Architecture (see `genprobe archs`)."),
     dataset: str | None = typer.Option(None, help="Dataset (see `genprobe datasets`)."),
     out: Path | None = typer.Option(None, help="Run directory to write (default runs/ARCH-DATASET)."),
-    epochs: int | None = typer.Option(None, help="Training epochs [10]."),
+    epochs: int | None = typer.Option(None, help="Training epochs [10] (the most, with --stop-loss/--stop-error)."),
     lr: float | None = typer.Option(None, help="Peak learning rate [0.05]."),
     batch_size: int | None = typer.Option(None, help="Minibatch size [128]."),
     optimizer: str | None = typer.Option(None, help="sgd or adam [sgd]."),
@@ -280,6 +280,8 @@ def train(
     schedule: str | None = typer.Option(None, help="cosine, constant or step [cosine]."),
     label_noise: float | None = typer.Option(None, help="Fraction of training labels replaced by random ones [0]."),
     checkpoints: str | None = typer.Option(None, help="every, log:N, or epochs like 1,2,5 [every]."),
+    stop_loss: float | None = typer.Option(None, help="Stop after the first epoch whose training cross-entropy is <= this, e.g. 0.01."),
+    stop_error: float | None = typer.Option(None, help="Stop after the first epoch whose training error is <= this, in (0, 1)."),
     n_train: int | None = typer.Option(None, help="Use a seeded subset of this many training examples."),
     n_test: int | None = typer.Option(None, help="Use a seeded subset of this many test examples."),
     opt: list[str] | None = typer.Option(None, "--opt", help="Architecture option KEY=VALUE (repeatable), e.g. --opt width=256."),
@@ -291,12 +293,14 @@ def train(
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ) -> None:
     """Train an architecture on a dataset, writing a run directory with checkpoints and metrics."""
-    from .zoo.train import TrainConfig, read_metrics, train_run
+    from . import store
+    from .zoo.train import TrainConfig, read_metrics, train_run, training_outcome
 
     flags = dict(arch=arch, dataset=dataset, epochs=epochs, lr=lr, batch_size=batch_size,
                  optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, schedule=schedule,
                  label_noise=label_noise, checkpoints=checkpoints, n_train=n_train, n_test=n_test,
-                 seed=seed, device=device, data_dir=str(data_dir) if data_dir else None)
+                 stop_loss=stop_loss, stop_error=stop_error, seed=seed, device=device,
+                 data_dir=str(data_dir) if data_dir else None)
     if resume is not None:
         _check_resume_flags(resume, config, out, overwrite, flags, opt, data_opt)
         _interrupt_note(resume)
@@ -310,9 +314,13 @@ def train(
         out = out or Path("runs") / f"{cfg.arch}-{cfg.dataset}"
         _interrupt_note(out)
         path = train_run(cfg, out, overwrite=overwrite, progress=True)
-    last = read_metrics(path).iloc[-1]
+    metrics = read_metrics(path)
+    last = metrics.iloc[-1]
+    outcome = training_outcome(TrainConfig.from_dict(store.read_config(path)), metrics)
+    target = "" if outcome["converged"] is None else \
+        f"; {'reached' if outcome['converged'] else 'did not reach'} {outcome['criterion']}"
     typer.echo(f"{path}: epoch {int(last.epoch)} train error {last.train_error:.4f} "
-               f"test error {last.test_error:.4f} test loss {last.test_loss:.4f}")
+               f"test error {last.test_error:.4f} test loss {last.test_loss:.4f}{target}")
 
 
 def _check_resume_flags(run: Path, config, out, overwrite, flags: dict, opt, data_opt) -> None:
