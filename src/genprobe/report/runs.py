@@ -64,12 +64,30 @@ def check_has_results(run: Path) -> None:
 
 
 def training_reading(config: dict, metrics: pd.DataFrame) -> str:
-    """One paragraph on the training run: final errors, the gap, label corruption."""
+    """One paragraph on the training run: final errors, the gap, whether it reached its stop
+    target (``stop_loss`` / ``stop_error``), label corruption."""
+    import dataclasses
+
+    from ..zoo.train import TrainConfig, training_outcome
+
     last = metrics.iloc[-1]
     text = (f"{config.get('arch')} trained on {config.get('dataset')} for {int(last['epoch'])} epochs "
             f"reaches a train error of {percent(last['train_error'])} and a test error of "
             f"{percent(last['test_error'])}: a generalization gap of "
             f"{points(last['test_error'] - last['train_error'])}.")
+    train = TrainConfig(**{f.name: config[f.name] for f in dataclasses.fields(TrainConfig) if f.name in config})
+    outcome = training_outcome(train, metrics)
+    if outcome["converged"] is not None:
+        targets = {c.replace("_", " "): (float(last[c]), t) for c, t in train.stop_targets().items()}
+        n, most = outcome["epochs_run"], train.epochs
+        if outcome["converged"]:
+            met = " and ".join(f"{name} {value:.3g} ≤ {t:g}" for name, (value, t) in targets.items())
+            text += f" It stopped at epoch {n} of at most {most}: {met}."
+        else:
+            values = ", ".join(f"{name} {value:.3g}" if len(targets) > 1 else f"{value:.3g}"
+                               for name, (value, _) in targets.items())
+            text += (f" It did not reach {outcome['criterion']} in "
+                     f"{f'{n} of at most {most}' if n < most else most} epochs (last {values}).")
     best = metrics.loc[metrics["test_error"].idxmin()]
     if int(best["epoch"]) != int(last["epoch"]):
         text += (f" The test error was lowest at epoch {int(best['epoch'])} "
