@@ -321,3 +321,182 @@ def test_ctrl_c_during_train_exits_130_and_the_run_resumes(tmp_path):
         assert exc.code in (0, None)
     assert list(read_metrics(run).epoch) == list(range(201))
     assert (run / "final.safetensors").is_file() and not (run / "resume.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- training to a target
+
+# A tiny network on the Gaussian mixture: its train loss falls below 0.1 within about 10 epochs.
+FITS = dict(arch="fcn", dataset="gaussian", n_train=200, n_test=100, batch_size=32, lr=0.1,
+            arch_options={"width": 16, "depth": 1}, device="cpu", epochs=30)
+
+
+def stopped_at(config, metrics, column, target):
+    """The stopping rule, checked from outside: the last epoch meets `target`, the one before does not."""
+    last, before = metrics.iloc[-1], metrics.iloc[-2]
+    return int(last.epoch) < config.epochs and last[column] <= target < before[column]
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    config = TrainConfig(**FITS, stop_loss=0.1, checkpoints="2,4,6,25")
+    return config, train_run(config, tmp_path_factory.mktemp("stopped") / "run")
+
+
+def test_training_stops_at_the_first_epoch_that_reaches_stop_loss(stopped):
+    from genprobe.zoo.train import training_outcome
+
+    config, run = stopped
+    metrics = read_metrics(run)
+    assert stopped_at(config, metrics, "train_loss", 0.1), metrics
+    last = int(metrics.epoch.iloc[-1])
+    assert list(metrics.epoch) == list(range(last + 1))
+    assert sorted(store.list_checkpoints(run)) == sorted({0, 2, 4, 6, last})  # never 25 or 30
+    final = store.read_state(run / "final.safetensors")
+    checkpoint = store.read_state(store.checkpoint_path(run, last))
+    assert all(torch.equal(final[k], checkpoint[k]) for k in final)
+    assert not (run / "resume.safetensors").exists()
+    assert store.read_config(run)["stop_loss"] == 0.1 and store.read_config(run)["stop_error"] is None
+    assert training_outcome(config, metrics) == {"epochs_run": last, "converged": True,
+                                                 "criterion": "train loss ≤ 0.1"}
+    with pytest.raises(RunError, match="already finished"):
+        train_run(TrainConfig(), run, resume=True)
+    # the learning-rate schedule still spans `epochs`, not the epochs actually trained
+    assert list(metrics.lr.iloc[1:]) == [config.learning_rate(e) for e in range(1, last + 1)]
+
+
+def test_a_stopped_run_loads_and_probes_its_checkpoints(stopped):
+    _, run = stopped
+    last = int(read_metrics(run).epoch.iloc[-1])
+    s = gp.Subject.load(run)
+    assert sorted(s.checkpoints) == sorted({0, 2, 4, 6, last})
+    assert torch.equal(s.checkpoints[last]["layers.1.weight"], s.final["layers.1.weight"])
+    r = gp.robustness(s, checkpoints="all", rerandomize=False, device="cpu")
+    assert sorted(r.table.loc[r.table.kind == "reinit", "epoch"].dropna().unique()) == sorted({0, 2, 4, 6, last})
+
+
+def test_a_target_not_reached_trains_every_epoch(tmp_path):
+    from genprobe.zoo.train import training_outcome
+
+    config = TrainConfig(**{**FITS, "epochs": 3}, stop_loss=1e-3)
+    metrics = read_metrics(train_run(config, tmp_path / "run"))
+    assert list(metrics.epoch) == [0, 1, 2, 3] and metrics.train_loss.iloc[-1] > 1e-3
+    assert training_outcome(config, metrics) == {"epochs_run": 3, "converged": False,
+                                                 "criterion": "train loss ≤ 0.001"}
+    assert training_outcome(TrainConfig(**FITS), metrics) == {"epochs_run": 3, "converged": None,
+                                                              "criterion": ""}
+
+
+def test_both_targets_stop_once_both_are_met(tmp_path):
+    from genprobe.zoo.train import training_outcome
+
+    loss_only = read_metrics(train_run(TrainConfig(**FITS, stop_loss=0.3), tmp_path / "loss"))
+    error_only = read_metrics(train_run(TrainConfig(**FITS, stop_error=0.02), tmp_path / "error"))
+    both = TrainConfig(**FITS, stop_loss=0.3, stop_error=0.02)
+    metrics = read_metrics(train_run(both, tmp_path / "both"))
+    assert stopped_at(TrainConfig(**FITS), error_only, "train_error", 0.02)
+    last, before = metrics.iloc[-1], metrics.iloc[-2]
+    assert last.train_loss <= 0.3 and last.train_error <= 0.02
+    assert before.train_loss > 0.3 or before.train_error > 0.02
+    assert last.epoch == max(loss_only.epoch.iloc[-1], error_only.epoch.iloc[-1])
+    assert loss_only.epoch.iloc[-1] != error_only.epoch.iloc[-1]  # so that "both" is tested
+    assert training_outcome(both, metrics) == {"epochs_run": int(last.epoch), "converged": True,
+                                               "criterion": "train loss ≤ 0.3 and train error ≤ 0.02"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"stop_loss": 0.0}, "stop_loss must be a positive finite number"),
+    ({"stop_loss": -1.0}, "stop_loss must be a positive finite number"),
+    ({"stop_loss": float("nan")}, "stop_loss must be a positive finite number"),
+    ({"stop_loss": float("inf")}, "stop_loss must be a positive finite number"),
+    ({"stop_loss": "0.01"}, "stop_loss must be a positive finite number"),
+    ({"stop_loss": True}, "stop_loss must be a positive finite number"),
+    ({"stop_error": 0.0}, r"stop_error must be a number in \(0, 1\)"),
+    ({"stop_error": 1.0}, r"stop_error must be a number in \(0, 1\)"),
+    ({"stop_error": 1.5}, r"stop_error must be a number in \(0, 1\)"),
+    ({"stop_error": float("nan")}, r"stop_error must be a number in \(0, 1\)"),
+])
+def test_bad_stop_targets_are_one_clear_error(change, message, tmp_path):
+    with pytest.raises(ConfigError, match=message) as info:
+        train_run(TrainConfig(**{**TINY, **change}), tmp_path / "out")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict({**TINY, **change})
+
+
+def test_an_interrupted_target_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    config = dict(FITS, stop_loss=0.1, arch_options={"width": 16, "depth": 1, "dropout": 0.1})
+    whole = train_run(TrainConfig(**config), tmp_path / "whole")
+    final = store.read_state(whole / "final.safetensors")
+
+    def same_as_whole(run):
+        resumed = store.read_state(run / "final.safetensors")
+        assert all(torch.equal(final[k], resumed[k]) for k in final)
+        pd.testing.assert_frame_equal(read_metrics(whole).drop(columns="seconds"),
+                                      read_metrics(run).drop(columns="seconds"))
+        assert sorted(store.list_checkpoints(run)) == sorted(store.list_checkpoints(whole))
+
+    early = tmp_path / "early"  # interrupted in epoch 2, long before the target
+    with interrupted_in_epoch_2(), pytest.raises(KeyboardInterrupt):
+        train_run(TrainConfig(**config), early)
+    assert int(read_metrics(early).epoch.iloc[-1]) == 1
+    train_run(TrainConfig(), early, resume=True)
+    same_as_whole(early)
+
+    late = tmp_path / "late"  # interrupted after the stopping epoch was saved, before final
+    original = store.write_state
+
+    def no_final(path, state):
+        if path.name == "final.safetensors":
+            raise KeyboardInterrupt
+        original(path, state)
+
+    monkeypatch.setattr(store, "write_state", no_final)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(TrainConfig(**config), late)
+    monkeypatch.setattr(store, "write_state", original)
+    assert (late / "resume.safetensors").is_file() and not (late / "final.safetensors").exists()
+    train_run(TrainConfig(), late, resume=True)  # trains no further
+    same_as_whole(late)
+
+
+def test_train_command_stop_flags_round_trip_through_config_yaml(tmp_path, capsys):
+    from invoke import call
+
+    base = ["--arch", "fcn", "--dataset", "gaussian", "--n-train", "200", "--n-test", "100",
+            "--batch-size", "32", "--lr", "0.1", "--opt", "width=16", "--opt", "depth=1",
+            "--device", "cpu", "--epochs", "30"]
+    code, out, err = call(["train", *base, "--stop-loss", "0.1", "--out", tmp_path / "flags"], capsys)
+    assert code == 0, err
+    assert "reached train loss ≤ 0.1" in out
+    saved = store.read_config(tmp_path / "flags")
+    assert saved["stop_loss"] == 0.1 and saved["stop_error"] is None
+    assert TrainConfig.from_dict(saved).stop_loss == 0.1
+    assert read_metrics(tmp_path / "flags").epoch.iloc[-1] < 30
+
+    config = tmp_path / "target.yaml"
+    config.write_text("arch: fcn\ndataset: gaussian\nn_train: 200\nn_test: 100\nbatch_size: 32\n"
+                      "arch_options: {width: 16, depth: 1}\ndevice: cpu\nepochs: 2\nstop_error: 0.001\n")
+    code, out, err = call(["train", config, "--out", tmp_path / "yaml"], capsys)
+    assert code == 0, err
+    assert "did not reach train error ≤ 0.001" in out
+    assert store.read_config(tmp_path / "yaml")["stop_error"] == 0.001
+
+    code, _, err = call(["train", *base, "--stop-error", "2", "--out", tmp_path / "bad"], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "stop_error must be a number in (0, 1)" in lines[0]
+    assert not (tmp_path / "bad").exists()
+
+
+def test_the_training_reading_says_whether_the_target_was_reached(stopped):
+    from genprobe.report.runs import training_reading
+
+    _, run = stopped
+    config, metrics = store.read_config(run), read_metrics(run)
+    last = metrics.iloc[-1]
+    text = training_reading(config, metrics)
+    assert f"stopped at epoch {int(last.epoch)} of at most 30: train loss {last.train_loss:.3g} ≤ 0.1." in text
+    text = training_reading(config | {"stop_loss": 1e-3}, metrics)
+    assert (f"did not reach train loss ≤ 0.001 in {int(last.epoch)} of at most 30 epochs "
+            f"(last {last.train_loss:.3g})") in text
+    assert "stop" not in training_reading(config | {"stop_loss": None}, metrics)
