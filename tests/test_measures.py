@@ -1,18 +1,15 @@
 """Generalization measures (genprobe.measures): each baseline against a literal computation on a
-tiny hand-built network, the rank correlations against scipy and plain loops over models and
-pairs (ties included), bad inputs, and the `genprobe measures` command."""
+tiny hand-built network, the measure registry and user-defined measures, bad inputs, and the
+`genprobe measures` command (the ranking itself: tests/test_ranking.py)."""
 
 from __future__ import annotations
 
 import itertools
 import logging
 import math
-from collections import defaultdict
 
 import numpy as np
-import pandas as pd
 import pytest
-import scipy.stats
 import torch
 from torch import nn
 
@@ -24,6 +21,7 @@ from genprobe.probes.common import generator
 from genprobe.probes.registry import get_probe, list_probes
 from genprobe.zoo.models import NTKLinear
 from invoke import call
+from test_ranking import _sweep_like
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,236 +79,6 @@ def _literal_deviation(subject: gp.Subject, sigma: float, samples: int, seed: in
                  for k, v in params.items()}
         errors.append(error(noisy))
     return abs(float(np.mean(errors)) - error(params))
-
-
-# ----------------------------------------------------------------------------- Kendall τ-b
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_kendall_tau_b_matches_scipy_with_ties(seed):
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(2, 40))
-    table = pd.DataFrame({"gap": rng.integers(0, 4, n) / 10,
-                          "m.ties": rng.integers(0, 3, n).astype(float),
-                          "m.smooth": rng.normal(size=n),
-                          "m.infinite": np.where(rng.random(n) < 0.3, -np.inf, rng.normal(size=n))})
-    ranking = M.rank_correlation(table).set_index("measure")
-    for name in ("m.ties", "m.smooth", "m.infinite"):
-        expected = scipy.stats.kendalltau(table[name], table["gap"]).statistic
-        got = ranking.loc[name, "kendall_tau"]
-        if math.isnan(expected):
-            assert math.isnan(got)
-        else:
-            assert got == pytest.approx(expected, abs=1e-12), name
-
-
-def test_constant_columns_give_nan_never_an_exception():
-    table = pd.DataFrame({"lr": [0.1, 0.1, 0.2, 0.2], "width": [8, 16, 8, 16],
-                          "gap": [0.1, 0.2, 0.3, 0.4], "m.const": [1.0] * 4,
-                          "m.x": [1.0, 2.0, 3.0, 5.0]})
-    ranking = M.rank_correlation(table).set_index("measure")
-    assert ranking.loc["m.const", ["kendall_tau", "granulated_tau", "cmi"]].isna().all()
-    assert math.isnan(scipy.stats.kendalltau(table["m.const"], table["gap"]).statistic)
-    assert ranking.loc["m.x", "kendall_tau"] == pytest.approx(1.0)
-    flat = table.assign(gap=0.2)
-    assert M.rank_correlation(flat)[["kendall_tau", "granulated_tau", "cmi"]].isna().all().all()
-
-
-# ----------------------------------------------------------------------------- granulated τ
-
-
-def _grid(seeds: int = 1, seed: int = 0) -> pd.DataFrame:
-    """A 2×2×2 grid over (lr, width, noise) × seeds, gaps and measures with ties."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for lr, width, noise, s in itertools.product([0.1, 0.01], [8, 32], [0.0, 0.2], range(seeds)):
-        rows.append({"run": f"run{len(rows)}", "lr": lr, "width": width, "noise": noise, "seed": s,
-                     "train_error": 0.0, "test_error": 0.0, "gap": rng.integers(0, 3) / 10,
-                     "baseline.m": float(rng.integers(0, 3)), "probe.z": rng.normal()})
-    table = pd.DataFrame(rows)
-    table["test_error"] = table["gap"]
-    return table
-
-
-def test_granulated_tau_by_hand_on_a_2x2x2_grid():
-    table = _grid(seeds=1, seed=3)
-    axes = ["lr", "width", "noise"]
-    ranking = M.rank_correlation(table)
-    assert ranking.attrs["hyperparameters"] == axes
-    for measure in ("baseline.m", "probe.z"):
-        psi = {}
-        for axis in axes:  # 4 groups of the 2 models differing in `axis` alone
-            signs = []
-            for _, group in table.groupby([a for a in axes if a != axis]):
-                (m1, g1), (m2, g2) = group[[measure, "gap"]].to_numpy()
-                signs.append(_sign(m1 - m2) * _sign(g1 - g2))  # τ of two models; 0 on a tie
-            psi[axis] = np.mean(signs)
-        row = ranking.set_index("measure").loc[measure]
-        assert row["granulated_tau"] == pytest.approx(np.mean(list(psi.values())), abs=1e-12)
-        assert ranking.attrs["granulated_by_axis"][measure] == pytest.approx(psi, abs=1e-12)
-
-
-def test_granulated_tau_with_seeds_and_a_missing_model_against_a_loop():
-    table = _grid(seeds=3, seed=5).drop(index=[4]).reset_index(drop=True)
-    axes = ["lr", "width", "noise"]
-    ranking = M.rank_correlation(table, hyperparameters=axes).set_index("measure")
-    for measure in ("baseline.m", "probe.z"):
-        psi = []
-        for axis in axes:
-            taus = []
-            for _, group in table.groupby([a for a in axes if a != axis]):
-                if group[axis].nunique() < 2:
-                    continue
-                tau = scipy.stats.kendalltau(group[measure], group["gap"]).statistic
-                taus.append(0.0 if math.isnan(tau) else tau)
-            psi.append(np.mean(taus))
-        assert ranking.loc[measure, "granulated_tau"] == pytest.approx(np.mean(psi), abs=1e-12)
-
-
-# ----------------------------------------------------------------------------- CMI
-
-
-def _literal_cmi(table: pd.DataFrame, measure: str, axes: list[str], size: int = 2) -> float:
-    """Jiang et al.'s normalized CMI by a plain loop over ordered pairs of distinct models,
-    minimized over conditioning sets of `size` hyper-parameters."""
-    mu, g = table[measure].to_numpy(), table["gap"].to_numpy()
-    hp = table[axes].to_numpy()
-    n = len(table)
-    best = math.inf
-    for subset in itertools.combinations(range(len(axes)), size):
-        counts = defaultdict(float)
-        for i in range(n):
-            for j in range(n):
-                if i != j:
-                    cell = (tuple(hp[i, list(subset)]), tuple(hp[j, list(subset)]))
-                    counts[cell, _sign(g[i] - g[j]), _sign(mu[i] - mu[j])] += 1
-        total = sum(counts.values())
-        mi = entropy = 0.0
-        for cell in {c for c, _, _ in counts}:
-            n_cell = sum(v for (c, _, _), v in counts.items() if c == cell)
-            p_gap = {a: sum(v for (c, b, _), v in counts.items() if c == cell and b == a) / n_cell
-                     for a in (-1, 0, 1)}
-            p_mu = {a: sum(v for (c, _, b), v in counts.items() if c == cell and b == a) / n_cell
-                    for a in (-1, 0, 1)}
-            for a in (-1, 0, 1):
-                for b in (-1, 0, 1):
-                    p = counts.get((cell, a, b), 0.0) / n_cell
-                    if p > 0:
-                        mi += n_cell / total * p * math.log(p / (p_gap[a] * p_mu[b]))
-            entropy -= n_cell / total * sum(p * math.log(p) for p in p_gap.values() if p > 0)
-        if entropy > 1e-12:
-            best = min(best, mi / entropy)
-    return best
-
-
-@pytest.mark.parametrize("seed", range(3))
-def test_cmi_matches_a_literal_loop_over_pairs(seed):
-    rng = np.random.default_rng(seed)
-    rows = [{"a": a, "b": b, "c": c, "gap": rng.integers(0, 4) / 10,
-             "m.ties": float(rng.integers(0, 3)), "m.smooth": rng.normal()}
-            for a, b, c, _ in itertools.product([0, 1], [1, 2, 3], ["x", "y"], range(2))]
-    table = pd.DataFrame(rows).drop(index=rng.choice(24, 3, replace=False)).reset_index(drop=True)
-    ranking = M.rank_correlation(table).set_index("measure")
-    for measure in ("m.ties", "m.smooth"):
-        expected = _literal_cmi(table, measure, ["a", "b", "c"])
-        assert ranking.loc[measure, "cmi"] == pytest.approx(expected, abs=1e-12)
-        assert 0.0 <= expected <= 1.0
-
-
-def test_cmi_of_the_gap_itself_is_one_and_blind_to_direction():
-    table = _grid(seeds=2, seed=1)
-    table["m.same"] = 3.0 * table["gap"] + 1.0
-    table["m.reversed"] = -table["gap"]
-    ranking = M.rank_correlation(table, measures=["m.same", "m.reversed"]).set_index("measure")
-    assert ranking.loc["m.same", "cmi"] == pytest.approx(1.0, abs=1e-12)
-    assert ranking.loc["m.reversed", "cmi"] == pytest.approx(1.0, abs=1e-12)
-    assert ranking.loc["m.reversed", "kendall_tau"] == pytest.approx(-1.0)
-
-
-def test_cmi_with_one_hyperparameter_conditions_on_it():
-    rng = np.random.default_rng(7)
-    table = pd.DataFrame({"lr": np.repeat([0.1, 0.01, 0.001], 4), "gap": rng.integers(0, 3, 12) / 10,
-                          "m.x": rng.integers(0, 3, 12).astype(float)})
-    ranking = M.rank_correlation(table)
-    assert ranking.attrs["cmi_conditioning"]["m.x"] == ["lr"]
-    assert ranking["cmi"][0] == pytest.approx(_literal_cmi(table, "m.x", ["lr"], size=1), abs=1e-12)
-
-
-def test_cmi_falls_back_to_single_hyperparameters_when_no_pair_scores():
-    rng = np.random.default_rng(11)  # one model per configuration: a pair leaves one pair per cell
-    table = pd.DataFrame([{"lr": lr, "width": w, "gap": rng.integers(0, 4) / 10,
-                           "m.x": float(rng.integers(0, 4))}
-                          for lr, w in itertools.product([0.1, 0.01, 0.001], [8, 16, 32])])
-    assert _literal_cmi(table, "m.x", ["lr", "width"], size=2) == math.inf
-    ranking = M.rank_correlation(table)
-    expected = _literal_cmi(table, "m.x", ["lr", "width"], size=1)
-    assert ranking["cmi"][0] == pytest.approx(expected, abs=1e-12) and math.isfinite(expected)
-    assert len(ranking.attrs["cmi_conditioning"]["m.x"]) == 1
-
-
-# ----------------------------------------------------------------------------- table handling
-
-
-def test_nan_measures_drop_those_models_only():
-    table = _grid(seeds=2, seed=2)
-    table.loc[[1, 6, 11], "probe.z"] = np.nan
-    table.loc[[3], "gap"] = np.nan
-    ranking = M.rank_correlation(table).set_index("measure")
-    assert ranking.loc["baseline.m", "n_models"] == 15
-    assert ranking.loc["probe.z", "n_models"] == 12
-    kept = table.drop(index=[1, 3, 6, 11])
-    alone = M.rank_correlation(kept, measures=["probe.z"], hyperparameters=["lr", "width", "noise"])
-    assert ranking.loc["probe.z", ["kendall_tau", "granulated_tau", "cmi"]].to_numpy() == \
-        pytest.approx(alone.iloc[0][["kendall_tau", "granulated_tau", "cmi"]].to_numpy(dtype=float))
-
-
-def test_default_columns():
-    table = _grid(seeds=2)
-    table["loss_gap"] = 0.1
-    table["status"] = "done"
-    table["error"] = ""
-    table["constant_hp"] = 5
-    ranking = M.rank_correlation(table)
-    assert list(ranking["measure"]) == ["baseline.m", "probe.z"]
-    assert ranking.attrs["hyperparameters"] == ["lr", "width", "noise"]  # not run, seed, metrics
-    table.attrs["hyperparameters"] = ["width", "seed", "lr"]
-    assert M.rank_correlation(table).attrs["hyperparameters"] == ["width", "lr"]
-    explicit = M.rank_correlation(table, hyperparameters=["width", "seed"])
-    assert explicit.attrs["hyperparameters"] == ["width", "seed"]
-    assert list(explicit.columns) == ["measure", "kendall_tau", "granulated_tau", "cmi", "n_models"]
-
-
-def test_unhashable_hyperparameter_values_are_compared_by_value():
-    table = pd.DataFrame({"blocks": [[1, 2], [1, 2], [2, 2], [2, 2]], "lr": [0.1, 0.2, 0.1, 0.2],
-                          "gap": [0.1, 0.2, 0.3, 0.4], "m.x": [1.0, 2.0, 4.0, 3.0]})
-    as_text = table.assign(blocks=table["blocks"].map(str))
-    got, expected = M.rank_correlation(table), M.rank_correlation(as_text)
-    assert got.attrs["hyperparameters"] == ["blocks", "lr"]
-    pd.testing.assert_frame_equal(got, expected)
-
-
-@pytest.mark.parametrize("call, message", [
-    (lambda t: M.rank_correlation(t, target="generalization"), "unknown target column 'generalization'"),
-    (lambda t: M.rank_correlation(t.drop(columns=["baseline.m", "probe.z"])), "no measure columns"),
-    (lambda t: M.rank_correlation(t, measures=["baseline.nope"]), "unknown measure column 'baseline.nope'"),
-    (lambda t: M.rank_correlation(t, measures=[]), "measures=[]"),
-    (lambda t: M.rank_correlation(t, hyperparameters=["depth"]), "unknown hyper-parameter column 'depth'"),
-    (lambda t: M.rank_correlation(t, measures=["run"]), "column 'run' is not numeric"),
-    (lambda t: M.rank_correlation(t, hyperparameters=["gap"]), "cannot be both"),
-    (lambda t: M.rank_correlation(t.to_dict()), "takes a pandas DataFrame"),
-])
-def test_rank_correlation_bad_inputs(call, message):
-    with pytest.raises(ConfigError) as info:
-        call(_grid())
-    assert message in str(info.value) and "\n" not in str(info.value)
-
-
-def test_plot_has_the_bars_and_one_scatter_per_measure():
-    table = _grid(seeds=2)
-    figure = M.plot_rank_correlation(table, M.rank_correlation(table))
-    titles = [ax.get_title() for ax in figure.axes]
-    assert len(figure.axes) == 3 and titles[0].startswith("how well each measure ranks 16 models")
-    assert any(t.startswith("baseline.m") for t in titles) and any(t.startswith("probe.z") for t in titles)
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -568,8 +336,9 @@ def _sweep(tmp_path, *, table: bool = True):
     sweep.mkdir()
     (sweep / MARK).write_text("written by genprobe: a sweep directory\n")
     if table:
-        grid = _grid(seeds=2)
-        grid.attrs["hyperparameters"] = ["lr", "width", "noise", "seed"]
+        grid = _sweep_like(24)
+        grid.loc[3, "status"] = "failed"
+        grid.attrs["hyperparameters"] = ["lr", "width"]
         grid.to_parquet(sweep / "table.parquet")
     return sweep
 
@@ -579,8 +348,11 @@ def test_cli_prints_the_ranking_and_writes_the_figure(tmp_path, capsys, monkeypa
     sweep = _sweep(tmp_path)
     code, out, err = call(["measures", sweep], capsys)
     assert code == 0, err
-    assert "baseline.m" in out and "probe.z" in out and "granulated_tau" in out
-    assert "lr, width, noise" in out
+    assert "baseline.dist_from_init" in out and "criticality.network_criticality" in out
+    assert "granulated τ" in out and "95% bootstrap intervals" in out and "lr, width" in out
+    assert "23 models" in out and "r3: status failed" in out
+    assert "criticality.evaluations" not in out.split("not measures")[0]  # not ranked
+    assert "not scored: stiffness.critical_length: defined on 3 of 23 models" in out
     assert (sweep / "measures.png").stat().st_size > 0 and (sweep / "measures.svg").is_file()
     code, _, err = call(["measures", sweep], capsys)  # its own figure: replaced
     assert code == 0, err
@@ -596,6 +368,8 @@ def test_cli_prints_the_ranking_and_writes_the_figure(tmp_path, capsys, monkeypa
     ("foreign_out", "genprobe did not write it"),
     ("bad_suffix", "must name a .png file"),
     ("bad_target", "unknown target column 'accuracy'"),
+    ("bad_level", "level must be a number strictly between 0 and 1"),
+    ("too_few", "min_models must be an integer >= 2"),
 ])
 def test_cli_bad_inputs_exit_2_with_one_line(case, message, tmp_path, capsys):
     args = ["measures"]
@@ -616,9 +390,66 @@ def test_cli_bad_inputs_exit_2_with_one_line(case, message, tmp_path, capsys):
         args += ["--out", tmp_path / "figure.jpg"]
     elif case == "bad_target":
         args += ["--target", "accuracy"]
+    elif case == "bad_level":
+        args += ["--level", "1.5"]
+    elif case == "too_few":
+        args += ["--min-models", "1"]
     code, _, err = call(args, capsys)
     assert code == 2
     assert message in err and err.count("\n") == 1 and err.startswith("genprobe: error:")
     if case in ("missing", "unmarked", "no_table"):
         assert "genprobe sweep" in err
     assert mine.read_text() == "not genprobe's"
+
+
+# ----------------------------------------------------------------------------- the registry
+
+
+def test_a_registered_measure_is_computed_and_ranked():
+    subject = _mlp_subject()
+    gp.register_measure("first_weight", lambda s: float(s.final["0.weight"].abs().sum()),
+                        direction=-1)
+    gp.register_measure("broken", lambda s: torch.tensor(1.0))
+    try:
+        values = M.compute(subject, baselines=False)
+        assert values["user.first_weight"] == pytest.approx(
+            float(subject.final["0.weight"].abs().sum()))
+        assert math.isnan(values["user.broken"])
+        ranked, skipped = M.classify(["user.first_weight", "user.other", "baseline.params",
+                                      "baseline.nope", "criticality.epsilon"])
+        assert ranked == {"user.first_weight": -1, "baseline.params": 1}
+        assert "not registered" in skipped["user.other"]
+        assert "not one of the registered baselines" in skipped["baseline.nope"]
+        assert "not a measure" in skipped["criticality.epsilon"]
+    finally:
+        M.unregister_measure("first_weight")
+        M.unregister_measure("broken")
+    assert "user.first_weight" not in M.compute(subject, baselines=False)
+
+
+def test_every_probe_declares_its_measures_and_they_are_summary_keys():
+    for name in list_probes():
+        spec = get_probe(name)
+        assert spec.measures, name
+        assert all(d in (-1, 0, 1) for d in spec.measures.values())
+    assert get_probe("robustness").data_split({}) == "test"
+    assert get_probe("robustness").data_split({"split": "train"}) == "train"
+    assert get_probe("stiffness").data_split({"pairs": "train-test"}) == "test"
+    assert get_probe("criticality").data_split({}) == "train"
+    assert get_probe("ntk").measure_direction("mean_prediction_accuracy") is None
+    assert get_probe("ablation").measure_direction("auc:layers.3") == -1
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: gp.register_measure("a b", lambda s: 0.0), "must be a simple identifier"),
+    (lambda: gp.register_measure("a", 3.0), "must be callable"),
+    (lambda: gp.register_measure("a", lambda s: 0.0, direction=2), "direction must be -1, 0 or +1"),
+    (lambda: M.import_measure("a", "math"), "is not an import path"),
+    (lambda: M.import_measure("a", "no_such_module_here:f"), "cannot import module"),
+    (lambda: M.import_measure("a", "math:nothing"), "has no 'nothing'"),
+    (lambda: M.import_measure("a", "math:pi"), "is a float, not a function"),
+])
+def test_measure_registration_bad_inputs(call, message):
+    with pytest.raises(ConfigError) as info:
+        call()
+    assert message in str(info.value) and "\n" not in str(info.value)

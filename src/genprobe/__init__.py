@@ -4,7 +4,7 @@ Every registered probe (:mod:`genprobe.probes.registry`) is exported here under 
 result class: ``gp.robustness``, ``gp.RobustnessResult``, ... (``gp.list_probes()`` names them).
 """
 
-from . import kernels, measures
+from . import kernels, measures, ranking
 from ._version import __version__
 from .errors import (
     ConfigError,
@@ -17,9 +17,10 @@ from .errors import (
 )
 from .evaluate import Metrics, evaluate
 from .kernels import NTKPhaseResult, ntk_phase
-from .measures import rank_correlation
+from .measures import register_measure
 from .params import Unit
 from .probes.registry import get_probe, list_probes
+from .ranking import rank_correlation
 from .report import report
 from .results import Result, load
 from .subject import Subject
@@ -29,7 +30,7 @@ __all__ = [
     "ConfigError", "Data", "DataError", "GenprobeError", "Metrics", "ModuleSelectionError",
     "OutputError", "Result", "RunError", "StateError", "Subject", "Unit", "__version__", "evaluate",
     "get_probe", "kernels", "list_probes", "load", "measures", "NTKPhaseResult", "ntk_phase",
-    "rank_correlation", "report",
+    "rank_correlation", "ranking", "register_measure", "report",
 ]
 
 for _name in list_probes():

@@ -5,10 +5,10 @@ Two halves:
 - :func:`baselines` and :func:`compute` turn one trained network (a :class:`~genprobe.Subject`)
   into scalar *measures*: the baselines of Jiang et al. 2020 (below) and the ``summary`` of any
   registered probe, keyed ``"baseline.<name>"`` and ``"<probe>.<key>"``.
-- :func:`rank_correlation` scores every measure column of a table with one row per model
-  (a sweep's ``table.parquet``) against the generalization gap: Kendall's τ-b, Jiang et al.'s
-  granulated τ, and the conditional mutual information (CMI) score of the PGDL competition.
-  :func:`plot_rank_correlation` draws it.
+- the measure registry: which columns are measures, with their expected direction
+  (:func:`classify`), and user-defined measures (:func:`register_measure`); a probe's
+  registration names its own (:class:`genprobe.probes.registry.ProbeSpec`). How well each
+  measure ranks a family of models is :mod:`genprobe.ranking`.
 
 References: Y. Jiang, B. Neyshabur, H. Mobahi, D. Krishnan, S. Bengio, "Fantastic
 generalization measures and where to find them", ICLR 2020 (arXiv:1912.02178) — the measures'
@@ -84,19 +84,17 @@ deviation changes with σ alone, not with fresh noise. The perturbed networks ar
 split (the whole split, also when a subset ``n`` is measured). When no σ up to 2¹⁰ moves the
 error that far (a network already at chance), both PAC-Bayes measures are NaN with a warning.
 
-Rank correlation
-----------------
-See :func:`rank_correlation` for Kendall's τ-b, the granulated τ and the CMI score, and where
-each follows or departs from the papers' and the competition's code.
+Every baseline is expected to grow with the generalization gap (direction +1), as Jiang et al.
+state of complexity measures.
 """
 
 from __future__ import annotations
 
 import inspect
-import itertools
 import logging
 import math
 import operator
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -519,11 +517,14 @@ _BASELINES = baselines  # compute() takes an argument named `baselines`
 
 def compute(subject, *, probes: Mapping[str, Mapping[str, Any] | None] | None = None,
             baselines: bool | Mapping[str, Any] = True, seed: int = 0,
-            device: str | torch.device = "auto") -> dict[str, float]:
+            device: str | torch.device = "auto", user: bool = True) -> dict[str, float]:
     """Every scalar measure of `subject`: the :func:`baselines` (``baseline.*``; a mapping of
-    options for them, or False for none) and, for each named registered probe, its result's
+    options for them, or False for none), for each named registered probe its result's
     ``summary`` keyed ``"<probe>.<key>"``, run with the given options (``seed`` and ``device``
-    filled in where the probe takes them and they are not given). Every name and option is
+    filled in where the probe takes them and they are not given), and with `user` every
+    user-defined measure (:func:`register_measure`, ``user.<name>``; NaN with a logged warning
+    naming it when its function fails). The summaries hold more than measures: which keys are
+    ranked is :func:`classify`'s decision. Every name and option is
     checked before any work starts (ConfigError naming the registered probes / accepted options).
     """
     from .probes.registry import get_probe
@@ -552,6 +553,10 @@ def compute(subject, *, probes: Mapping[str, Mapping[str, Any] | None] | None = 
     for name, spec, options in runs:
         result = spec.function(subject, **options)
         out |= {f"{name}.{key}": float(value) for key, value in result.summary.items()}
+    for spec in (_USER.values() if user else ()):
+        out[spec.column], why = evaluate_measure(spec, subject)
+        if why is not None:
+            logger.warning("%s is NaN: %s", spec.column, why)
     return out
 
 
@@ -568,271 +573,161 @@ def _options(what: str, options, accepted: Mapping[str, Any]) -> dict[str, Any]:
     return dict(options)
 
 
-# ----------------------------------------------------------------------------- rank correlation
+# ----------------------------------------------------------------------------- the measure registry
 
-NOT_HYPERPARAMETERS = ("run", "status", "error", "gap", "loss_gap", "seed", "seconds",
-                       "wall_seconds")
-"""Columns never taken as hyper-parameters by default, besides measures (names with a ".") and
-``train_*`` / ``test_*`` metrics. The seed is the randomness a ranking averages over, not a
-hyper-parameter axis: pass ``hyperparameters=`` naming it to make it one."""
-RANKING_COLUMNS = ("measure", "kendall_tau", "granulated_tau", "cmi", "n_models")
-
-
-def rank_correlation(table: pd.DataFrame, *, target: str = "gap",
-                     measures: Sequence[str] | None = None,
-                     hyperparameters: Sequence[str] | None = None) -> pd.DataFrame:
-    """How well each measure ranks the models of `table` by `target` (the generalization gap).
-
-    `table`: one row per model — hyper-parameter columns, ``gap`` (test error − train error, as
-    fractions), other metrics, and measure columns. Defaults: `measures` = every column whose
-    name contains ``"."`` (``probe.key``, ``baseline.x``); `hyperparameters` = the list in
-    ``table.attrs["hyperparameters"]`` if present (as ``genprobe sweep`` writes it), else every
-    other column that is not a metric (:data:`NOT_HYPERPARAMETERS`, ``train_*``, ``test_*``);
-    either way without ``seed`` unless named explicitly, and without columns that take a single
-    value. Rows whose target is NaN are left out; for each measure, rows where it is NaN too
-    (``n_models`` counts those kept).
-
-    Returns one row per measure, in the order given: ``measure``, ``kendall_tau``,
-    ``granulated_tau``, ``cmi``, ``n_models``; ``.attrs`` holds ``target``, ``hyperparameters``,
-    ``granulated_by_axis`` ({measure: {hyper-parameter: ψ}}) and ``cmi_conditioning``
-    ({measure: the hyper-parameters of the minimizing conditioning set}). A measure (or target)
-    that takes one value over the models has no ranking: NaN in all three (as scipy's τ), as
-    has one with fewer than two models.
-
-    - ``kendall_tau``: Kendall's τ-b between measure and target over all models, ties corrected
-      as ``scipy.stats.kendalltau`` (Jiang et al.'s τ is τ-a, Σ sign·sign / n(n−1); they agree
-      without ties).
-    - ``granulated_tau``: Jiang et al.'s Ψ = mean over hyper-parameters i of ψ_i, ψ_i the mean,
-      over the groups of models equal in every other hyper-parameter, of τ within the group.
-      Within a group τ is τ-b, and 0 where the measure or the target is constant in the group
-      (τ-a's value there: a measure that does not change along an axis tells nothing about
-      it, and must not drop out of that axis's mean as if it had not been asked). Groups
-      with fewer than two models or one value of hyper-parameter i are skipped (an incomplete
-      grid), axes with no group too.
-    - ``cmi``: the PGDL score. Over ordered pairs (i, j) of distinct models, V_g = sign(g_i −
-      g_j), V_μ = sign(μ_i − μ_j) (−1, 0 or +1), U_S = the values of the hyper-parameters S of
-      both models; Î(S) = I(V_μ; V_g | U_S) / H(V_g | U_S), and cmi = min over S of Î(S). Like
-      the competition, S ranges over the pairs of hyper-parameters. A set whose cells leave no
-      uncertainty in V_g (H = 0: e.g. both hyper-parameters of a 2-axis grid with one model
-      per configuration, every cell then holding one pair) has no score and is skipped; when
-      no pair scores (or there are fewer than two hyper-parameters), single hyper-parameters
-      are tried, then the empty set (the plain normalized mutual information) — where the
-      competition's code returns ∞ or NaN. Where we differ from the competition's code, and
-      why: the conditional quantities are expectations over U_S, weighted by the share of
-      pairs in each cell as in Jiang et al.'s definition (the code averages cells without
-      weights, which over-weights sparse cells in an unbalanced sweep); each model is paired
-      only with the others (the code also pairs every model with itself, adding
-      always-agreeing pairs that inflate the score); ties are their own sign (the code counts
-      a tie as "−", so a tie in the gap agrees with a tie in the measure). The score does not
-      see the direction: a measure and its negation score the same.
-    """
-    if not isinstance(table, pd.DataFrame):
-        raise ConfigError(f"rank_correlation takes a pandas DataFrame, got {type(table).__name__}")
-    columns = [str(c) for c in table.columns]
-    if target not in table.columns:
-        raise ConfigError(f"unknown target column {target!r}; the table has: {', '.join(columns)}")
-    if measures is None:
-        measures = [c for c in columns if "." in c and c != target]
-        if not measures:
-            raise ConfigError("the table has no measure columns (names containing '.', like "
-                              "'baseline.params' or 'robustness.critical_fraction'); pass "
-                              "measures=[...]")
-    measures = _columns(table, measures, "measure")
-    if not measures:
-        raise ConfigError("measures=[] names no measure column; pass at least one")
-    target_values = _numeric(table, target)
-    rows = ~np.isnan(target_values)
-    hp = _hyperparameters(table, rows, target, measures, hyperparameters)
-    codes = {h: pd.factorize(_axis_values(table, h), use_na_sentinel=False)[0] for h in hp}
-    out, by_axis, conditioning = [], {}, {}
-    for name in measures:
-        values = _numeric(table, name)
-        keep = rows & ~np.isnan(values)
-        mu, g = values[keep], target_values[keep]
-        kept = {h: c[keep] for h, c in codes.items()}
-        tau = granulated = cmi = math.nan
-        if len(mu) >= 2 and len(np.unique(mu)) > 1 and len(np.unique(g)) > 1:
-            tau = _tau_b(mu, g)
-            granulated, by_axis[name] = _granulated_tau(mu, g, kept)
-            cmi, conditioning[name] = _cmi(mu, g, kept)
-        out.append((name, tau, granulated, cmi, int(keep.sum())))
-    ranking = pd.DataFrame(out, columns=list(RANKING_COLUMNS))
-    ranking.attrs = {"target": target, "hyperparameters": hp, "granulated_by_axis": by_axis,
-                     "cmi_conditioning": conditioning}
-    return ranking
+DATA_BASELINES = ("pacbayes_sharpness", "pacbayes_flatness", "inverse_margin")
+"""Baselines computed from data (the ``split`` option of :func:`baselines`); the others read the
+weights alone."""
+USER_PREFIX = "user."
+"""Column prefix of user-defined measures: ``gp.register_measure("NAME", f)`` is ``user.NAME``."""
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _columns(table: pd.DataFrame, names, what: str) -> list[str]:
-    if isinstance(names, str):
-        names = [names]
-    names = list(names)
-    missing = [c for c in names if c not in table.columns]
-    if missing:
-        raise ConfigError(f"unknown {what} column {missing[0]!r}; the table has: "
-                          f"{', '.join(map(str, table.columns))}")
-    return names
+@dataclass(frozen=True)
+class MeasureSpec:
+    """A registered measure: its table column, the expected direction (+1 when a larger value is
+    expected to go with a larger generalization gap, −1 the reverse, 0 no stated expectation),
+    what it is computed from, and for a user-defined measure its function (a Subject -> float)
+    and where the function lives (``"package.module:function"``, when importable)."""
+
+    column: str
+    direction: int
+    source: str
+    function: Callable[[Any], float] | None = None
+    path: str | None = None
 
 
-def _numeric(table: pd.DataFrame, column: str) -> np.ndarray:
+_USER: dict[str, MeasureSpec] = {}
+
+
+def register_measure(name: str, function: Callable[[Any], float], *, direction: int = 0,
+                     source: str | None = None) -> MeasureSpec:
+    """Register a user-defined measure ``user.<name>``: `function(subject) -> float`, computed
+    by :func:`compute` on every subject and ranked by :func:`genprobe.ranking.rank_correlation`
+    with the built-in ones. `direction`: +1 when a larger value is expected to go with a larger
+    generalization gap, −1 the reverse, 0 (default) no stated expectation. Registering a name
+    again replaces it. In a sweep, name the function by its import path instead (the sweep
+    config's ``measures: {name: "package.module:function"}``): workers are other processes."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"a measure's name must be a simple identifier (letters, digits, _), "
+                          f"got {name!r}")
+    if not callable(function):
+        raise ConfigError(f"measure {name!r}: the function must be callable (a Subject -> float), "
+                          f"got {type(function).__name__}")
+    if direction not in (-1, 0, 1) or isinstance(direction, bool):
+        raise ConfigError(f"measure {name!r}: direction must be -1, 0 or +1, got {direction!r}")
+    module, qualname = getattr(function, "__module__", None), getattr(function, "__qualname__", "")
+    path = f"{module}:{qualname}" if module and "<" not in qualname else None
+    spec = MeasureSpec(USER_PREFIX + name, int(direction),
+                       source or f"user function {path or repr(function)}", function, path)
+    _USER[name] = spec
+    return spec
+
+
+def unregister_measure(name: str) -> None:
+    """Forget the user-defined measure `name` (no error when it is not registered)."""
+    _USER.pop(name, None)
+
+
+def user_measures() -> dict[str, MeasureSpec]:
+    """The user-defined measures registered in this process, by name."""
+    return dict(_USER)
+
+
+def import_measure(name: str, path: str, *, direction: int = 0) -> MeasureSpec:
+    """The measure ``user.<name>`` whose function is at import path ``"package.module:function"``
+    (ConfigError, one line, when the name is not an identifier or the path does not resolve to a
+    callable): how a sweep config names its measures."""
+    import importlib
+
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"measure name {name!r} must be a simple identifier (letters, digits, _)")
+    if not isinstance(path, str) or path.count(":") != 1 or not all(path.split(":")):
+        raise ConfigError(f"measure {name!r}: {path!r} is not an import path; write "
+                          "'package.module:function'")
+    module_name, attribute = path.split(":")
     try:
-        values = pd.to_numeric(table[column], errors="raise")
-    except (ValueError, TypeError):
-        raise ConfigError(f"column {column!r} is not numeric (dtype {table[column].dtype}); a "
-                          "measure and the target must be numbers") from None
-    return values.to_numpy(dtype=np.float64, na_value=np.nan)
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure is the user's path or module
+        raise ConfigError(f"measure {name!r}: cannot import module {module_name!r} "
+                          f"({first_line(exc, 120)}); is it on PYTHONPATH?") from None
+    function: Any = module
+    for part in attribute.split("."):
+        function = getattr(function, part, None)
+        if function is None:
+            raise ConfigError(f"measure {name!r}: module {module_name!r} has no {attribute!r}")
+    if not callable(function):
+        raise ConfigError(f"measure {name!r}: {path} is a {type(function).__name__}, not a "
+                          "function of a Subject")
+    return MeasureSpec(USER_PREFIX + name, direction, f"user function {path}", function, path)
 
 
-def _hyperparameters(table, rows, target, measures, given) -> list[str]:
-    if given is not None:
-        names = _columns(table, given, "hyper-parameter")
-    else:
-        listed = table.attrs.get("hyperparameters")
-        if listed is not None:
-            names = _columns(table, listed, "hyper-parameter (from table.attrs)")
+def evaluate_measure(spec: MeasureSpec, subject) -> tuple[float, str | None]:
+    """(value, None), or (NaN, one line saying why) when the function raises or returns
+    anything but a finite real number (a NaN, a tensor, a string ...)."""
+    name = spec.column
+    try:
+        value = spec.function(subject)
+    except Exception as exc:  # noqa: BLE001 - a user's function may raise anything
+        return math.nan, f"{name}: the function raised {type(exc).__name__}: {first_line(exc, 160)}"
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return math.nan, (f"{name}: the function returned a {type(value).__name__}, not a number "
+                          "(return a Python float)")
+    if not math.isfinite(float(value)):
+        return math.nan, f"{name}: the function returned {float(value)!r}, not a finite number"
+    return float(value), None
+
+
+def classify(columns: Sequence[str], *, probes: Mapping[str, Mapping[str, Any] | None] | None = None,
+             baselines: Mapping[str, Any] | None = None,
+             user: Mapping[str, Mapping[str, Any]] | None = None,
+             ) -> tuple[dict[str, int], dict[str, str]]:
+    """Which of `columns` are registered measures that may be ranked: ``({column: expected
+    direction}, {column: why it is not ranked})``, for the columns whose name has a ``"."``.
+
+    `probes`: the options each probe ran with (a sweep's ``probes``; default: each probe's own
+    defaults) — a probe's measures computed from the test split are not ranked (they contain the
+    target). `baselines`: the options of :func:`baselines` (its ``split``). `user`: user measures
+    named by a table (``{name: {"direction": d}}``), besides those registered in this process.
+    """
+    from .probes.registry import get_probe, list_probes
+
+    ranked: dict[str, int] = {}
+    skipped: dict[str, str] = {}
+    known_probes = set(list_probes())
+    user_directions = {n: int(dict(v or {}).get("direction", 0)) for n, v in (user or {}).items()}
+    user_directions |= {n: s.direction for n, s in _USER.items()}
+    for column in map(str, columns):
+        if "." not in column:
+            continue
+        group, key = column.split(".", 1)
+        if column.startswith(PREFIX):
+            if key not in BASELINES:
+                skipped[column] = "not one of the registered baselines"
+            elif key in DATA_BASELINES and dict(baselines or {}).get("split", "train") == "test":
+                skipped[column] = "computed from the test split (the target's data)"
+            else:
+                ranked[column] = 1
+        elif column.startswith(USER_PREFIX):
+            if key in user_directions:
+                ranked[column] = user_directions[key]
+            else:
+                skipped[column] = "a user measure that is not registered (gp.register_measure)"
+        elif group in known_probes:
+            spec = get_probe(group)
+            direction = spec.measure_direction(key)
+            options = dict((probes or {}).get(group) or {})
+            if direction is None:
+                skipped[column] = ("not a measure: the probe reports it about the run (its own "
+                                   "error or loss, a count, a size, or a transform of another key)")
+            elif spec.data_split(options) == "test":
+                skipped[column] = ("computed from the test split (the target's data); run the "
+                                   "probe with split: train to rank it")
+            else:
+                ranked[column] = direction
         else:
-            names = [str(c) for c in table.columns if "." not in str(c) and c != target
-                     and c not in measures and c not in NOT_HYPERPARAMETERS
-                     and not str(c).startswith(("train_", "test_"))]
-        names = [h for h in names if h != "seed"]
-    clash = [h for h in names if h == target or h in measures]
-    if clash:
-        raise ConfigError(f"column {clash[0]!r} cannot be both a hyper-parameter and the target "
-                          "or a measure")
-    return [h for h in names if _axis_values(table, h)[rows].nunique(dropna=False) > 1]
-
-
-def _axis_values(table: pd.DataFrame, column: str) -> pd.Series:
-    """A hyper-parameter column with unhashable values (lists, dicts) as their repr."""
-    values = table[column]
-    if values.dtype != object:
-        return values
-    return values.map(lambda v: repr(v) if isinstance(v, (list, dict, set)) else v)
-
-
-def _signs(v: np.ndarray) -> np.ndarray:
-    """(n, n) int8: sign(v_i − v_j), by comparison (infinite values order correctly)."""
-    return (v[:, None] > v[None, :]).astype(np.int8) - (v[:, None] < v[None, :]).astype(np.int8)
-
-
-def _tau_b(x: np.ndarray, y: np.ndarray) -> float:
-    """Kendall's τ-b: Σ_{i<j} sign(Δx)·sign(Δy) / √(pairs not tied in x · pairs not tied in y)."""
-    upper = np.triu_indices(len(x), 1)
-    sx, sy = _signs(x)[upper], _signs(y)[upper]
-    denominator = math.sqrt(float(np.count_nonzero(sx)) * float(np.count_nonzero(sy)))
-    if denominator == 0.0:
-        return math.nan
-    return float(np.dot(sx.astype(np.int64), sy)) / denominator
-
-
-def _cells(codes: Sequence[np.ndarray], n: int) -> np.ndarray:
-    """One int per model naming its combination of the given hyper-parameter codes."""
-    if not codes:
-        return np.zeros(n, dtype=np.int64)
-    return np.unique(np.stack(codes, axis=1), axis=0, return_inverse=True)[1].reshape(-1)
-
-
-def _granulated_tau(mu, g, codes: Mapping[str, np.ndarray]) -> tuple[float, dict[str, float]]:
-    per_axis = {}
-    for h, axis in codes.items():
-        group = _cells([c for o, c in codes.items() if o != h], len(mu))
-        taus = []
-        for gid in np.unique(group):
-            idx = np.flatnonzero(group == gid)
-            if len(idx) < 2 or len(np.unique(axis[idx])) < 2:
-                continue
-            tau = _tau_b(mu[idx], g[idx])
-            taus.append(0.0 if math.isnan(tau) else tau)
-        if taus:
-            per_axis[h] = float(np.mean(taus))
-    return (float(np.mean(list(per_axis.values()))) if per_axis else math.nan), per_axis
-
-
-def _cmi(mu, g, codes: Mapping[str, np.ndarray]) -> tuple[float, list[str]]:
-    n = len(mu)
-    first, second = np.nonzero(~np.eye(n, dtype=bool))  # ordered pairs i ≠ j
-    vg = _signs(g)[first, second].astype(np.int64) + 1  # 0, 1, 2 for −, tie, +
-    vm = _signs(mu)[first, second].astype(np.int64) + 1
-    names = list(codes)
-    for size in range(min(2, len(names)), -1, -1):  # pairs; smaller sets only if none scores
-        best, best_set = math.inf, []
-        for subset in itertools.combinations(names, size):
-            cell = _cells([codes[h] for h in subset], n)
-            cells = int(cell.max()) + 1
-            pair_cell = cell[first] * cells + cell[second]
-            joint = np.bincount(pair_cell * 9 + vg * 3 + vm, minlength=cells * cells * 9)
-            joint = joint.reshape(-1, 3, 3).astype(np.float64)
-            joint = joint[joint.sum(axis=(1, 2)) > 0]  # (cells, V_g, V_μ) pair counts
-            ratio = _normalized_cmi(joint)
-            if ratio < best:
-                best, best_set = ratio, list(subset)
-        if math.isfinite(best):
-            return best, best_set
-    return math.nan, []
-
-
-def _normalized_cmi(joint: np.ndarray) -> float:
-    """I(V_μ; V_g | U) / H(V_g | U) from pair counts (cells, V_g, V_μ); ∞ when H = 0."""
-    total = joint.sum()
-    cell = joint.sum(axis=(1, 2), keepdims=True)
-    gap = joint.sum(axis=2, keepdims=True)
-    measure = joint.sum(axis=1, keepdims=True)
-    nz, gz = joint > 0, gap > 0
-    with np.errstate(divide="ignore", invalid="ignore"):  # 0/0 only where masked out
-        mi = float(np.sum(joint[nz] * np.log((joint * cell / (gap * measure))[nz]))) / total
-        entropy = float(-np.sum(gap[gz] * np.log((gap / cell)[gz]))) / total
-    return mi / entropy if entropy > 1e-12 else math.inf
-
-
-# ----------------------------------------------------------------------------- figure
-
-
-def plot_rank_correlation(table: pd.DataFrame, ranking: pd.DataFrame, *,
-                          target: str | None = None):
-    """A matplotlib Figure: the rank correlations as bars (τ-b, granulated τ, CMI per measure,
-    sorted by τ), then one small scatter of target against measure per measure. `ranking`:
-    the output of :func:`rank_correlation` on `table` (its ``attrs["target"]`` is the default
-    `target`)."""
-    from .figures import BLUE, GREEN, GREY, ORANGE, new_figure, style
-
-    target = target or ranking.attrs.get("target", "gap")
-    if target not in table.columns:
-        raise ConfigError(f"unknown target column {target!r} for the figure")
-    ordered = ranking.sort_values("kendall_tau", ascending=False, na_position="last")
-    names = list(ordered["measure"])
-    ncols = min(4, max(1, len(names)))
-    nrows = math.ceil(len(names) / ncols)
-    with style():
-        fig = new_figure(3.2 * ncols, 0.35 * len(names) + 1.6 + 2.6 * nrows)
-        grid = fig.add_gridspec(1 + nrows, ncols,
-                                height_ratios=[0.3 * len(names) + 1.0] + [2.4] * nrows)
-        ax = fig.add_subplot(grid[0, :])
-        y = np.arange(len(names))
-        bars = (("kendall_tau", "Kendall τ-b", BLUE), ("granulated_tau", "granulated τ", ORANGE),
-                ("cmi", "CMI (PGDL score)", GREEN))
-        for i, (column, label, colour) in enumerate(bars):
-            ax.barh(y + (i - 1) * 0.27, ordered[column].to_numpy(dtype=float), height=0.27,
-                    color=colour, label=label)
-        ax.axvline(0.0, color=GREY, linewidth=0.8)
-        ax.set_yticks(y, names)
-        ax.invert_yaxis()
-        ax.set_xlim(-1.0, 1.0)
-        ax.set_xlabel(f"rank correlation with {target} (CMI in [0, 1])")
-        ax.legend(loc="lower right")
-        ax.set_title(f"how well each measure ranks {len(table)} models by {target}")
-        g = table[target].to_numpy(dtype=np.float64, na_value=np.nan)
-        for k, (name, tau) in enumerate(zip(names, ordered["kendall_tau"], strict=True)):
-            sx = fig.add_subplot(grid[1 + k // ncols, k % ncols])
-            mu = table[name].to_numpy(dtype=np.float64, na_value=np.nan)
-            ok = ~(np.isnan(mu) | np.isnan(g))
-            sx.scatter(mu[ok], g[ok], s=14, color=BLUE, alpha=0.8)
-            if ok.any() and (mu[ok] > 0).all() and mu[ok].max() > 100 * mu[ok].min():
-                sx.set_xscale("log")
-            sx.set_title(f"{name}\nτ = {tau:.2f}" if math.isfinite(tau) else f"{name}\nτ undefined",
-                         fontsize=8)
-            sx.tick_params(labelsize=7)
-            if k % ncols == 0:
-                sx.set_ylabel(target)
-    return fig
+            skipped[column] = "not a registered measure (pass measures=[...] to rank it anyway)"
+    return ranked, skipped
 
 
 # ----------------------------------------------------------------------------- sweep directories
@@ -886,7 +781,7 @@ def figure_paths(sweep: str | Path, out: str | Path | None = None) -> tuple[Path
     return png, svg
 
 
-__all__ = ["BASELINES", "LAYERS", "Layer", "NOT_HYPERPARAMETERS", "RANKING_COLUMNS",
-           "SigmaSearch", "baselines", "compute", "figure_paths", "layers", "log_path_norm",
-           "parameter_scales", "plot_rank_correlation", "rank_correlation", "read_sweep_table",
-           "sigma_search"]
+__all__ = ["BASELINES", "DATA_BASELINES", "LAYERS", "Layer", "MeasureSpec", "SigmaSearch",
+           "USER_PREFIX", "baselines", "classify", "compute", "evaluate_measure", "figure_paths",
+           "import_measure", "layers", "log_path_norm", "parameter_scales", "read_sweep_table",
+           "register_measure", "sigma_search", "unregister_measure", "user_measures"]

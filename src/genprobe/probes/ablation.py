@@ -308,7 +308,9 @@ class AblationResult(_CurveResult):
              Option("orders", int, "Random orders (mean and range)."),
              Option("steps", int, "Levels of each curve."),
              Option("scope", str, "per-layer, or all (every layer at once).")),
-    demo={"orders": 3}, tiny={"orders": 2, "steps": 3})
+    demo={"orders": 3}, tiny={"orders": 2, "steps": 3},
+    # Morcos et al.: networks that generalize worse degrade faster as units are ablated
+    measures={"auc_all": -1, "auc:*": -1})
 def ablation(
     subject: Subject,
     *,
@@ -470,7 +472,8 @@ class NoiseResult(_CurveResult):
                     "activation module.", multiple=True),
              Option("scales", float, "Noise scale (repeatable) [0, 0.25, 0.5, 1, 2, 4].", multiple=True),
              Option("draws", int, "Noise draws per scale (the same at every scale).")),
-    demo={"draws": 2}, tiny={"draws": 2, "scales": [0.0, 0.5, 2.0]})
+    demo={"draws": 2}, tiny={"draws": 2, "scales": [0.0, 0.5, 2.0]},
+    measures={"auc_all": -1, "auc:*": -1})
 def activation_noise(
     subject: Subject,
     *,

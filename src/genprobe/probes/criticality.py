@@ -564,7 +564,10 @@ def _sigma_label(s: float) -> str:
              Option("sigmas", float, "σ grid value in (0, 1] (repeatable) [0.001 ... 1, half-decades].",
                     multiple=True)),
     demo={"samples": 4, "n": 500},
-    tiny={"samples": 2, "alphas": [0.0, 0.5, 1.0], "sigmas": [0.01, 0.1], "refine": 1})
+    tiny={"samples": 2, "alphas": [0.0, 0.5, 1.0], "sigmas": [0.01, 0.1], "refine": 1},
+    # Chatterji et al.: lower criticality, better generalization; bound is √(μ/m), a transform
+    # of network_criticality at fixed m; epsilon and trained_* are the network's training fit
+    measures={"network_criticality": 1, "max_module_criticality": 1})
 def criticality(
     subject: Subject,
     *,

@@ -72,6 +72,15 @@ class ProbeSpec:
     ``paper``: the citation; ``options``: its own command-line options; ``demo``: the options
     the demo runs it with; ``tiny``: options for a few-second run on a tiny model (the shared
     probe tester); ``needs_init``: whether it needs θ⁰.
+
+    ``measures``: which keys of the result's ``summary`` are measures of generalization (fnmatch
+    patterns like ``"auc:*"``), each with its expected direction: +1 when a larger value is
+    expected to go with a larger generalization gap, −1 the reverse, 0 when the paper states no
+    expectation. Other summary keys (the trained network's own error or loss, counts, sizes,
+    self-check quantities, values that are a fixed transform of another key) are reported but
+    never ranked. ``data(options)``: which data the measures are computed from under the given
+    options, ``"train"`` or ``"test"`` (default: the probe's ``split`` option); a measure
+    computed from the test split contains the target of a ranking and is not ranked.
     """
 
     name: str
@@ -83,6 +92,26 @@ class ProbeSpec:
     demo: dict[str, Any] = field(default_factory=dict)
     tiny: dict[str, Any] = field(default_factory=dict)
     needs_init: bool = False
+    measures: dict[str, int] = field(default_factory=dict)
+    data: Callable[[dict[str, Any]], str] | None = None
+
+    def measure_direction(self, key: str) -> int | None:
+        """The expected direction of summary key `key` (see above), None when it is not a
+        measure."""
+        for pattern, direction in self.measures.items():
+            if fnmatch.fnmatchcase(key, pattern):
+                return direction
+        return None
+
+    def data_split(self, options: dict[str, Any] | None = None) -> str:
+        """``"train"`` or ``"test"``: the data the probe's measures come from under `options`."""
+        options = dict(options or {})
+        if self.data is not None:
+            return self.data(options)
+        split = self.parameters().get("split")
+        if split is None:
+            return "train"
+        return str(options.get("split", split.default))
 
     def parameters(self) -> dict[str, inspect.Parameter]:
         """The function's keyword-only options, by name."""
@@ -95,12 +124,17 @@ _PROBES: dict[str, ProbeSpec] = {}
 
 def register_probe(name: str, result: type[Result], *, summary: str, paper: str,
                    options: tuple[Option, ...] = (), demo: dict | None = None,
-                   tiny: dict | None = None, needs_init: bool = False):
+                   tiny: dict | None = None, needs_init: bool = False,
+                   measures: dict[str, int] | None = None,
+                   data: Callable[[dict[str, Any]], str] | None = None):
     """Decorator registering a probe function under `name` (see the module docstring)."""
 
     def decorate(function: Callable[..., Result]) -> Callable[..., Result]:
         spec = ProbeSpec(name, function, result, summary, paper, tuple(options), dict(demo or {}),
-                         dict(tiny or {}), needs_init)
+                         dict(tiny or {}), needs_init, dict(measures or {}), data)
+        bad = [d for d in spec.measures.values() if d not in (-1, 0, 1)]
+        if bad:
+            raise TypeError(f"probe {name!r}: a measure's direction must be -1, 0 or +1, got {bad[0]!r}")
         accepted = spec.parameters()
         for opt in spec.options:
             if opt.name not in accepted:

@@ -188,7 +188,9 @@ class RobustnessResult(Result):
              Option("draws", int, "Re-randomization draws per module."),
              Option("threshold", float, "Robust when re-init to θ⁰ raises the error by less (a fraction)."),
              Option("buffers", str, "BatchNorm statistics: keep (at θ^F) or follow the module.")),
-    demo={}, tiny={"draws": 2})
+    demo={}, tiny={"draws": 2},
+    measures={"critical_fraction": 0, "mean_delta_error_reinit": 0,
+              "mean_delta_error_rerandomize": 0})
 def robustness(
     subject: Subject,
     *,

@@ -113,7 +113,9 @@ class SelectivityResult(Result):
     options=(Option("layers", str, "fnmatch pattern(s) of layers (repeatable); default: every "
                     "activation module.", multiple=True),
              Option("importance", bool, "Also ablate each unit alone (one network per unit).")),
-    demo={}, tiny={"n": 12})
+    demo={}, tiny={"n": 12},
+    measures={"mean_selectivity": 0, "mean_selectivity:*": 0,
+              "selectivity_importance_spearman": 0})
 def selectivity(
     subject: Subject,
     *,

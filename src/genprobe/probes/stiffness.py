@@ -370,7 +370,12 @@ def _state_summary(label: str, epoch: float, classes: pd.DataFrame, curve: pd.Da
              Option("distance", str, "Input distance: cosine or euclidean."),
              Option("bins", int, "Distance bins."),
              Option("implementation", str, "Gram route: auto, layerwise, vmap or loop.")),
-    demo={"per_class": 10, "checkpoints": "all"}, tiny={"per_class": 3, "checkpoints": "all"})
+    demo={"per_class": 10, "checkpoints": "all"}, tiny={"per_class": 3, "checkpoints": "all"},
+    # Fort et al.: gradients that help each other (stiffness > 0), over longer distances, go
+    # with generalization
+    measures={"within_class": -1, "between_class": 0, "within_class_sign": -1,
+              "between_class_sign": 0, "mean_stiffness": -1, "critical_length": -1},
+    data=lambda options: "test" if "test" in str(options.get("pairs", "train-train")) else "train")
 def stiffness(
     subject: Subject,
     *,

@@ -1,0 +1,741 @@
+"""How well each measure ranks a family of models by generalization gap, and how sure that is.
+
+:func:`rank_correlation` scores every measure of a table with one row per model (a sweep's
+``table.parquet``) against the gap: Kendall's τ-b, Jiang et al.'s granulated τ (with each
+hyper-parameter's ψ_i), and the conditional mutual information (CMI) score of the PGDL
+competition — each with a bootstrap interval over models, and a paired bootstrap comparison
+with a reference measure. :func:`plot_rank_correlation` draws it.
+
+What is ranked, and over which models:
+
+- **Measures** are the registered ones (:func:`genprobe.measures.classify`): Jiang et al.'s
+  baselines, each probe's declared measures computed from the training data, and user-defined
+  measures. The run's own training error and loss, counts, sizes, self-check quantities and
+  anything computed from the test split are reported, never ranked, unless named in
+  ``measures=[...]`` (a user's plain DataFrame: any numeric column). Columns identical over the
+  models are scored once, the others listed as its ``aliases``.
+- **Models** are the runs that finished (``status == "done"``), fitted their training target
+  where they had one (``converged`` is not False) and did not collapse (``train_error`` at most
+  ``max_train_error``); the others are left out and listed in ``attrs["excluded"]``.
+- A measure defined (not NaN) on fewer than ``min_models`` models, or on less than
+  ``min_share`` of them, is not scored; its ``note`` says why.
+
+Uncertainty: the models are resampled with replacement ``bootstrap`` times (seeded) and every
+score recomputed on each resample (percentile intervals at ``level``). Where a grid repeats a
+configuration (seeds), whole configurations are resampled, so that the interval reflects how
+many distinct configurations the family has, not how many seeds. A resample is a vector of
+counts (how often each model was drawn), and each score is computed with pair weights
+count_i · count_j over pairs of distinct models: a model drawn twice is not paired with its own
+copy. Measured coverage (``tests/test_ranking.py``): on bivariate-normal families with a known τ,
+the 95% interval of τ-b covers it in 94–98% of families of 12 to 48 models.
+
+Comparison: each measure's score (``compare``, default Kendall's τ-b, oriented by the sign of
+its own point estimate so that a measure that falls with the gap counts as well as one that
+grows) minus the reference's (``reference``, default ``baseline.dist_from_init``, the PGDL
+organisers' baseline), on the same resamples: the difference, its interval, a two-sided
+bootstrap p-value and the p-value adjusted over all scored measures by Holm's step-down
+(Holm–Bonferroni) method. ``attrs["leader"]`` says whether the best measure is separated from
+the next one (their paired difference's interval excludes 0), and, when not, about how many
+models would separate them at the observed spread (the interval's half-width shrinks as
+1/√models).
+
+The CMI score has two conventions (``cmi=``):
+
+- ``"paper"`` (default), Jiang et al.'s definition: over ordered pairs of distinct models,
+  V_g = sign(g_i − g_j), V_μ = sign(μ_i − μ_j) ∈ {−1, 0, +1} (a tie is its own sign),
+  U_S = the values of hyper-parameters S of both models; Î(S) = I(V_μ; V_g | U_S) / H(V_g | U_S),
+  the conditional quantities expectations over U_S weighted by each cell's share of the pairs;
+  the score is min over pairs of hyper-parameters S of Î(S). A set whose cells leave no
+  uncertainty in V_g has no score and is skipped; when no pair scores (or there are fewer than
+  two hyper-parameters) single hyper-parameters are tried, then the empty set.
+- ``"pgdl"``, the competition's scoring program (``scoring_program/mutual_information.py``,
+  ``conditional_mutual_information``, of the PGDL starting kit), exactly on a complete grid:
+  over *all* ordered pairs of models, each model also paired with itself; a tie counts as "−"
+  (V = "+" only when strictly greater), so a tie in the gap agrees with a tie in the measure;
+  per cell of (both models' values of the two hyper-parameters), the mutual information and the
+  gap sign's entropy in bits (the entropy's log of p + 1e-12, as the code has it), each
+  averaged over the cells *without* weights, their ratio minimized over pairs of
+  hyper-parameters only. Where genprobe departs from that code, on inputs the competition never
+  had (its data were complete grids with one model per configuration): a cell with no pair (an
+  incomplete grid, or a bootstrap resample) is left out of the cell means, where the code turns
+  that pair of hyper-parameters into NaN; with fewer than two hyper-parameters the score is NaN
+  (the code returns ∞); cells are keyed by values, not by concatenated strings (the code merges
+  the values 1, 11 of "1"+"11" and "11"+"1"). It is not symmetric: −gap does not score 1.
+
+The paper's score is blind to the sign: a measure and its negation score the same.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import ConfigError
+
+NOT_HYPERPARAMETERS = ("run", "status", "error", "gap", "loss_gap", "seed", "seconds",
+                       "wall_seconds", "converged", "epochs_run")
+"""Columns never taken as hyper-parameters by default, besides measures (names with a ".") and
+``train_*`` / ``test_*`` metrics. The seed is the randomness a ranking averages over, not a
+hyper-parameter axis: pass ``hyperparameters=`` naming it to make it one."""
+SCORES = ("kendall_tau", "granulated_tau", "cmi")
+RANKING_COLUMNS = ("measure", "direction", "kendall_tau", "kendall_tau_low", "kendall_tau_high",
+                   "granulated_tau", "granulated_tau_low", "granulated_tau_high", "cmi",
+                   "cmi_low", "cmi_high", "vs_reference", "vs_reference_low",
+                   "vs_reference_high", "p_value", "p_holm", "n_models", "aliases", "note")
+"""The columns of :func:`rank_correlation`'s table."""
+CMI_CONVENTIONS = ("paper", "pgdl")
+CORRECTION = "Holm–Bonferroni (Holm's step-down), over the scored measures"
+
+
+@dataclass(frozen=True)
+class RankingOptions:
+    """The options of :func:`rank_correlation` that a sweep config's ``ranking:`` may set."""
+
+    bootstrap: int = 1000
+    level: float = 0.95
+    seed: int = 0
+    reference: str | None = "baseline.dist_from_init"
+    compare: str = "kendall_tau"
+    min_models: int = 8
+    min_share: float = 0.5
+    cmi: str = "paper"
+    max_train_error: float = 0.5
+
+    def checked(self) -> RankingOptions:
+        from .probes.common import check_int, check_number
+
+        check_int("bootstrap", self.bootstrap, 0)
+        if isinstance(self.level, bool) or not isinstance(self.level, (int, float)) \
+                or not 0.0 < self.level < 1.0:
+            raise ConfigError(f"level must be a number strictly between 0 and 1 (e.g. 0.95), got "
+                              f"{self.level!r}")
+        check_int("seed", self.seed)
+        check_int("min_models", self.min_models, 2)
+        check_number("min_share", self.min_share, low=0.0, high=1.0)
+        check_number("max_train_error", self.max_train_error, low=0.0, high=1.0)
+        if self.cmi not in CMI_CONVENTIONS:
+            raise ConfigError(f"cmi must be one of {', '.join(CMI_CONVENTIONS)}, got {self.cmi!r}")
+        if self.compare not in SCORES:
+            raise ConfigError(f"compare must be one of {', '.join(SCORES)}, got {self.compare!r}")
+        if self.reference is not None and not isinstance(self.reference, str):
+            raise ConfigError(f"reference must be a measure column or None, got {self.reference!r}")
+        return self
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, Any] | None, source: str = "ranking") -> RankingOptions:
+        """Checked options from a mapping like a sweep config's ``ranking:`` (ConfigError, one
+        line, naming an unknown key)."""
+        options = dict(options or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = [k for k in options if k not in known]
+        if unknown:
+            raise ConfigError(f"{source}: unknown option {unknown[0]!r}; options: "
+                              f"{', '.join(cls.__dataclass_fields__)}")
+        try:
+            return cls(**options).checked()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- which rows, columns
+
+
+def eligible_models(table: pd.DataFrame, *, max_train_error: float = 0.5
+                    ) -> tuple[np.ndarray, dict[str, str]]:
+    """Which rows of `table` a ranking uses, and why each other row is left out: ``(mask,
+    {run: reason})`` — finished runs (``status`` "done", where the column exists) that reached
+    their training target (``converged`` not False) and did not collapse or under-fit
+    (``train_error`` ≤ `max_train_error`). The same rule for ``genprobe measures``, the report
+    and :func:`rank_correlation`."""
+    n = len(table)
+    keep = np.ones(n, dtype=bool)
+    reasons: dict[str, str] = {}
+    names = (table["run"].astype(str).tolist() if "run" in table.columns
+             else [f"row {i}" for i in range(n)])
+
+    def leave_out(mask: np.ndarray, why) -> None:
+        for i in np.flatnonzero(mask & keep):
+            reasons[names[i]] = why(i)
+        keep[mask] = False
+
+    if "status" in table.columns:
+        status = table["status"].astype(str).to_numpy()
+        errors = table["error"].astype(str).tolist() if "error" in table.columns else [""] * n
+        leave_out(status != "done", lambda i: f"status {status[i]}"
+                  + (f": {errors[i]}" if errors[i] not in ("", "None", "nan") else ""))
+    if "converged" in table.columns:
+        converged = table["converged"].to_numpy(dtype=object)
+        epochs = table["epochs_run"].tolist() if "epochs_run" in table.columns else [None] * n
+        leave_out(np.array([not pd.isna(c) and not bool(c) for c in converged], dtype=bool),
+                  lambda i: "did not reach its training target"
+                  + (f" in {int(epochs[i])} epochs" if epochs[i] is not None
+                     and not pd.isna(epochs[i]) else ""))
+    if "train_error" in table.columns:
+        train = pd.to_numeric(table["train_error"], errors="coerce").to_numpy(dtype=np.float64)
+        leave_out(train > max_train_error, lambda i: f"collapsed or under-fit: train error "
+                  f"{train[i]:.3f} > max_train_error {max_train_error:g}")
+    return keep, reasons
+
+
+def _columns(table: pd.DataFrame, names, what: str) -> list[str]:
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    missing = [c for c in names if c not in table.columns]
+    if missing:
+        raise ConfigError(f"unknown {what} column {missing[0]!r}; the table has: "
+                          f"{', '.join(map(str, table.columns))}")
+    return names
+
+
+def _numeric(table: pd.DataFrame, column: str) -> np.ndarray:
+    try:
+        values = pd.to_numeric(table[column], errors="raise")
+    except (ValueError, TypeError):
+        raise ConfigError(f"column {column!r} is not numeric (dtype {table[column].dtype}); a "
+                          "measure and the target must be numbers") from None
+    return values.to_numpy(dtype=np.float64, na_value=np.nan)
+
+
+def _hyperparameters(table, rows, target, measures, given) -> list[str]:
+    if given is not None:
+        names = _columns(table, given, "hyper-parameter")
+    else:
+        listed = table.attrs.get("hyperparameters")
+        if listed is not None:
+            names = _columns(table, listed, "hyper-parameter (from table.attrs)")
+        else:
+            names = [str(c) for c in table.columns if "." not in str(c) and c != target
+                     and c not in measures and c not in NOT_HYPERPARAMETERS
+                     and not str(c).startswith(("train_", "test_"))]
+        names = [h for h in names if h != "seed"]
+    clash = [h for h in names if h == target or h in measures]
+    if clash:
+        raise ConfigError(f"column {clash[0]!r} cannot be both a hyper-parameter and the target "
+                          "or a measure")
+    return [h for h in names if _axis_values(table, h)[rows].nunique(dropna=False) > 1]
+
+
+def _axis_values(table: pd.DataFrame, column: str) -> pd.Series:
+    """A hyper-parameter column with unhashable values (lists, dicts) as their repr."""
+    values = table[column]
+    if values.dtype != object:
+        return values
+    return values.map(lambda v: repr(v) if isinstance(v, (list, dict, set)) else v)
+
+
+# ----------------------------------------------------------------------------- weighted scores
+# Every score takes W, a (B, n) array of model weights: row b is one resample's counts (the point
+# estimate is a row of ones; a model where the measure is NaN has weight 0). Pairs (i, j) of
+# distinct models weigh W_bi · W_bj.
+
+
+def _signs(v: np.ndarray) -> np.ndarray:
+    """(n, n) int8: sign(v_i − v_j), by comparison (infinite values order correctly)."""
+    return (v[:, None] > v[None, :]).astype(np.int8) - (v[:, None] < v[None, :]).astype(np.int8)
+
+
+def _quad(W: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """Σ_ij W_bi S_ij W_bj per row b."""
+    return np.einsum("bi,bi->b", W @ S, W)
+
+
+def _tau_b(sx: np.ndarray, sy: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """Kendall's τ-b per row of W: Σ w_i w_j sign·sign / √(Σ w_i w_j |sign x| · Σ w_i w_j |sign y|),
+    ties corrected as ``scipy.stats.kendalltau``; NaN where the measure or the target is constant."""
+    sx, sy = sx.astype(np.float64), sy.astype(np.float64)
+    num = _quad(W, sx * sy)
+    den = np.sqrt(_quad(W, np.abs(sx)) * _quad(W, np.abs(sy)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _cells(codes: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """One int per model naming its combination of the given hyper-parameter codes."""
+    if not codes:
+        return np.zeros(n, dtype=np.int64)
+    return np.unique(np.stack(codes, axis=1), axis=0, return_inverse=True)[1].reshape(-1)
+
+
+def _granulated(sx, sy, codes: Mapping[str, np.ndarray], W) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Ψ and each ψ_h per row of W (Jiang et al.): ψ_h is the mean, over the groups of models
+    equal in every other hyper-parameter that hold ≥ 2 values of h (weight > 0), of τ-b within
+    the group (0 where the measure or the gap is constant there: τ-a's value; a measure that
+    does not move along an axis tells nothing about it and must not drop out of that axis's
+    mean); Ψ is the mean of the ψ_h that have a group."""
+    B, n = W.shape
+    per_axis: dict[str, np.ndarray] = {}
+    for h, axis in codes.items():
+        group = _cells([c for o, c in codes.items() if o != h], n)
+        total, count = np.zeros(B), np.zeros(B)
+        for gid in np.unique(group):
+            idx = np.flatnonzero(group == gid)
+            values = np.unique(axis[idx])
+            if len(values) < 2:
+                continue
+            Wg = W[:, idx]
+            present = np.stack([(Wg[:, axis[idx] == v] > 0).any(axis=1) for v in values], axis=1)
+            valid = present.sum(axis=1) >= 2
+            tau = np.nan_to_num(_tau_b(sx[np.ix_(idx, idx)], sy[np.ix_(idx, idx)], Wg), nan=0.0)
+            total += np.where(valid, tau, 0.0)
+            count += valid
+        if count.any():
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_axis[h] = np.where(count > 0, total / np.where(count > 0, count, 1), np.nan)
+    if not per_axis:
+        return np.full(B, np.nan), per_axis
+    stacked = np.stack(list(per_axis.values()))
+    finite = np.isfinite(stacked)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(finite, stacked, 0.0).sum(axis=0) / finite.sum(axis=0)
+    return np.where(finite.any(axis=0), mean, np.nan), per_axis
+
+
+def _pair_tables(sx, sy, cell: np.ndarray, W: np.ndarray, *, self_pairs: bool,
+                 tie_sign: int | None) -> np.ndarray:
+    """(B, cells², 3, 3) weighted pair counts by (cell of i, cell of j), V_g, V_μ. `tie_sign`:
+    None keeps a tie as its own category; −1 counts a tie as "−" (the competition's code).
+    `self_pairs`: also pair every model with itself (weight W_i², the competition's code)."""
+    from scipy import sparse
+
+    n = len(cell)
+    cells = int(cell.max()) + 1
+    vg, vm = sy.astype(np.int64), sx.astype(np.int64)
+    if tie_sign is not None:
+        vg, vm = np.where(vg == 0, tie_sign, vg), np.where(vm == 0, tie_sign, vm)
+    key = ((cell[:, None] * cells + cell[None, :]) * 9 + (vg + 1) * 3 + (vm + 1)).reshape(-1)
+    onehot = sparse.csr_matrix((np.ones(n * n), (np.arange(n * n), key)),
+                               shape=(n * n, cells * cells * 9))
+    out = np.empty((W.shape[0], cells * cells * 9))
+    step = max(1, 2**22 // max(n * n, 1))
+    for start in range(0, W.shape[0], step):
+        w = W[start:start + step]
+        pairs = w[:, :, None] * w[:, None, :]
+        if not self_pairs:
+            pairs[:, np.arange(n), np.arange(n)] = 0.0
+        out[start:start + step] = (onehot.T @ pairs.reshape(len(w), -1).T).T
+    return out.reshape(W.shape[0], cells * cells, 3, 3)
+
+
+def _normalized_cmi(joint: np.ndarray) -> np.ndarray:
+    """I(V_μ; V_g | U) / H(V_g | U) per row from pair weights (B, cells, V_g, V_μ), the
+    expectations over U weighted by each cell's share of the pairs; ∞ where H = 0."""
+    total = joint.sum(axis=(1, 2, 3))
+    cell = joint.sum(axis=(2, 3), keepdims=True)
+    gap = joint.sum(axis=3, keepdims=True)
+    measure = joint.sum(axis=2, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mi = np.where(joint > 0, joint * np.log(joint * cell / (gap * measure)), 0.0)
+        h = np.where(gap > 0, -gap * np.log(gap / cell), 0.0)
+        mi, h = mi.sum(axis=(1, 2, 3)) / total, h.sum(axis=(1, 2, 3)) / total
+        return np.where(h > 1e-12, mi / np.where(h > 1e-12, h, 1.0), np.inf)
+
+
+def _cmi_paper(sx, sy, codes: Mapping[str, np.ndarray], W) -> tuple[np.ndarray, list[str]]:
+    """The CMI score per row of W (module docstring, ``"paper"``) and the point estimate's
+    minimizing conditioning set (row 0)."""
+    names, n = list(codes), W.shape[1]
+    best, chosen = np.full(W.shape[0], np.inf), []
+    for size in range(min(2, len(names)), -1, -1):  # pairs; smaller sets only where none scores
+        todo = ~np.isfinite(best)
+        if not todo.any():
+            break
+        level, level_set = np.full(W.shape[0], np.inf), [None] * W.shape[0]
+        for subset in itertools.combinations(names, size):
+            cell = _cells([codes[h] for h in subset], n)
+            joint = _pair_tables(sx, sy, cell, W, self_pairs=False, tie_sign=None)
+            ratio = _normalized_cmi(joint)
+            if ratio[0] < level[0]:
+                level_set[0] = list(subset)
+            level = np.minimum(level, ratio)
+        if todo[0] and np.isfinite(level[0]):
+            chosen = level_set[0]
+        best = np.where(todo, level, best)
+    return np.where(np.isfinite(best), best, np.nan), chosen
+
+
+def _cmi_pgdl(sx, sy, codes: Mapping[str, np.ndarray], W) -> tuple[np.ndarray, list[str]]:
+    """The competition's score per row of W (module docstring, ``"pgdl"``): for each pair of
+    hyper-parameters, the cells are the (value of i, value of j) combinations of both
+    hyper-parameters over ordered pairs (i, j) of models, every model also paired with itself;
+    V = "+" when g_i > g_j (μ_i > μ_j) and "−" otherwise (a tie is "−"); per cell, in bits,
+    MI of its 2×2 table and H_g = −Σ p log2(p + 1e-12); the score is mean over cells of MI /
+    mean over cells of H_g (cells unweighted), minimized over the pairs of hyper-parameters."""
+    names, n = list(codes), W.shape[1]
+    best, chosen = np.full(W.shape[0], np.inf), []
+    for subset in itertools.combinations(names, 2):
+        cell = _cells([codes[h] for h in subset], n)
+        joint = _pair_tables(sx, sy, cell, W, self_pairs=True, tie_sign=-1)[:, :, ::2, ::2]
+        size = joint.sum(axis=(2, 3), keepdims=True)  # (B, cells, 1, 1)
+        present = size[:, :, 0, 0] > 0
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p = joint / size
+            rows, cols = p.sum(axis=3, keepdims=True), p.sum(axis=2, keepdims=True)
+            mi = np.where(joint > 0, p * np.log2(p / (rows * cols)), 0.0).sum(axis=(2, 3))
+            h = -(rows * np.log2(rows + 1e-12)).sum(axis=(2, 3))
+            cells = present.sum(axis=1)
+            ratio = (np.where(present, mi, 0.0).sum(axis=1) / cells) / \
+                (np.where(present, h, 0.0).sum(axis=1) / cells)
+        ratio = np.where(cells > 0, ratio, np.inf)
+        if ratio[0] < best[0]:
+            chosen = list(subset)
+        best = np.fmin(best, ratio)
+    return np.where(np.isfinite(best), best, np.nan), chosen
+
+
+# ----------------------------------------------------------------------------- the ranking
+
+
+def _interval(replicates: np.ndarray, level: float) -> tuple[float, float]:
+    finite = replicates[np.isfinite(replicates)]
+    if len(finite) < max(2, len(replicates) // 2):
+        return math.nan, math.nan
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(finite, [a, 1.0 - a])
+    return float(lo), float(hi)
+
+
+def _p_value(difference: np.ndarray) -> float:
+    """Two-sided bootstrap p-value of a zero difference."""
+    finite = difference[np.isfinite(difference)]
+    if len(finite) == 0:
+        return math.nan
+    below, above = np.mean(finite <= 0), np.mean(finite >= 0)
+    return float(min(1.0, 2.0 * min(below, above)))
+
+
+def holm(p: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjusted p-values (NaN stays NaN)."""
+    p = np.asarray(p, dtype=np.float64)
+    out = np.full_like(p, np.nan)
+    idx = np.flatnonzero(np.isfinite(p))
+    order = idx[np.argsort(p[idx], kind="stable")]
+    m, running = len(order), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def _resample(n: int, clusters: np.ndarray, B: int, seed: int) -> np.ndarray:
+    """(1 + B, n) weights: a row of ones (the point estimate), then B resamples of the clusters
+    with replacement (each model weighs its cluster's count)."""
+    rng = np.random.default_rng(seed)
+    k = int(clusters.max()) + 1 if n else 0
+    counts = rng.multinomial(k, np.full(k, 1.0 / k), size=B).astype(np.float64) if k and B \
+        else np.zeros((0, k))
+    return np.vstack([np.ones((1, n)), counts[:, clusters]]) if n else np.ones((1 + B, 0))
+
+
+def rank_correlation(table: pd.DataFrame, *, target: str = "gap",
+                     measures: Sequence[str] | None = None,
+                     hyperparameters: Sequence[str] | None = None,
+                     bootstrap: int = 1000, level: float = 0.95, seed: int = 0,
+                     reference: str | None = "baseline.dist_from_init",
+                     compare: str = "kendall_tau", min_models: int = 8, min_share: float = 0.5,
+                     cmi: str = "paper", max_train_error: float = 0.5) -> pd.DataFrame:
+    """How well each measure ranks the models of `table` by `target` (the generalization gap),
+    with bootstrap intervals and a comparison with a reference measure (module docstring).
+
+    `table`: one row per model — hyper-parameter columns, ``gap`` (test error − train error, as
+    fractions), other metrics, and measure columns; a sweep's table also has ``status``,
+    ``converged`` and ``train_error``, which choose the models (:func:`eligible_models`).
+    `measures`: default, the registered measures among the columns
+    (:func:`genprobe.measures.classify`, using the probe options in ``table.attrs["probes"]``
+    that a sweep writes); any numeric columns when given. `hyperparameters`: default, the list
+    in ``table.attrs["hyperparameters"]`` (a sweep writes it), else every other column that is
+    not a metric (:data:`NOT_HYPERPARAMETERS`, ``train_*``, ``test_*``); either way without
+    ``seed`` unless named, and without columns that take one value over the models.
+
+    Returns one row per measure (:data:`RANKING_COLUMNS`), the scored ones first by |`compare`|
+    (largest first), then those not scored: ``direction`` (expected sign: +1 a larger value
+    should go with a larger gap, −1 the reverse, 0 no stated expectation), each score with
+    ``_low`` / ``_high`` bounds, ``vs_reference`` (oriented `compare` score minus the
+    reference's) with its bounds, ``p_value`` and ``p_holm``, ``n_models`` (models where the
+    measure is defined), ``aliases`` (columns identical to it over the models, not listed
+    again) and ``note`` (why a measure is not scored). ``.attrs``: ``target``,
+    ``hyperparameters``, ``granulated_by_axis`` ({measure: {h: ψ_h}}) with
+    ``granulated_by_axis_interval`` ({measure: {h: [low, high]}}), ``cmi_conditioning``,
+    ``excluded`` ({run: reason}), ``not_ranked`` ({column: reason}), ``leader``, ``n_models``,
+    ``resampling`` and ``options``.
+    """
+    if not isinstance(table, pd.DataFrame):
+        raise ConfigError(f"rank_correlation takes a pandas DataFrame, got {type(table).__name__}")
+    opts = RankingOptions(bootstrap, level, seed, reference, compare, min_models, min_share, cmi,
+                          max_train_error).checked()
+    columns = [str(c) for c in table.columns]
+    if target not in table.columns:
+        raise ConfigError(f"unknown target column {target!r}; the table has: {', '.join(columns)}")
+    directions: dict[str, int] = {}
+    not_ranked: dict[str, str] = {}
+    if measures is None:
+        from .measures import classify
+
+        attrs = table.attrs
+        directions, not_ranked = classify([c for c in columns if c != target],
+                                          probes=attrs.get("probes"),
+                                          baselines=attrs.get("baselines"),
+                                          user=attrs.get("user_measures"))
+        measures = list(directions)
+        if not measures:
+            raise ConfigError("the table has no registered measure columns ('baseline.*', a "
+                              "probe's measures, 'user.*'); pass measures=[...] to rank others")
+    else:
+        measures = _columns(table, measures, "measure")
+        if not measures:
+            raise ConfigError("measures=[] names no measure column; pass at least one")
+        from .measures import classify
+
+        known, _ = classify(measures)
+        directions = {m: known.get(m, 0) for m in measures}
+    keep, excluded = eligible_models(table, max_train_error=opts.max_train_error)
+    target_all = _numeric(table, target)
+    keep &= ~np.isnan(target_all)
+    data = table[keep].reset_index(drop=True)
+    values = {m: _numeric(data, m) for m in measures}
+    g = target_all[keep]
+    n = len(g)
+    hp = _hyperparameters(data, np.ones(n, dtype=bool), target, measures, hyperparameters) if n \
+        else []
+    codes = {h: pd.factorize(_axis_values(data, h), use_na_sentinel=False)[0] for h in hp}
+    cell = _cells(list(codes.values()), n)
+    repeated = n > 0 and len(np.unique(cell)) < n and len(codes) > 0
+    clusters = cell if repeated else np.arange(n)
+    W = _resample(n, clusters, opts.bootstrap, opts.seed)
+    sy = _signs(g)
+    cmi_score = _cmi_paper if opts.cmi == "paper" else _cmi_pgdl
+
+    rows: dict[str, dict[str, Any]] = {}
+    replicates: dict[str, np.ndarray] = {}
+    by_axis, by_axis_interval, conditioning = {}, {}, {}
+    aliases: dict[str, list[str]] = {}
+    seen: dict[bytes, str] = {}
+    needed = max(opts.min_models, math.ceil(opts.min_share * n))
+    for name in measures:
+        mu = values[name]
+        defined = ~np.isnan(mu)
+        row = {c: math.nan for c in RANKING_COLUMNS}
+        row.update(measure=name, direction=directions.get(name, 0), n_models=int(defined.sum()),
+                   aliases="", note="")
+        rows[name] = row
+        fingerprint = np.where(defined, mu, np.inf).tobytes() + defined.tobytes()
+        if fingerprint in seen and defined.any():
+            aliases.setdefault(seen[fingerprint], []).append(name)
+            row["note"] = f"identical to {seen[fingerprint]} over the models"
+            continue
+        seen[fingerprint] = name
+        if row["n_models"] < needed:
+            row["note"] = (f"defined on {row['n_models']} of {n} models; scoring needs at least "
+                           f"{needed} (min_models {opts.min_models}, min_share {opts.min_share:g})")
+            continue
+        if len(np.unique(mu[defined])) < 2 or len(np.unique(g[defined])) < 2:
+            row["note"] = ("constant over the models" if len(np.unique(mu[defined])) < 2 else
+                           f"the {target} is constant over these models")
+            continue
+        Wm = W * defined[None, :]
+        sx = _signs(np.where(defined, mu, 0.0))
+        kept_codes = dict(codes)
+        tau = _tau_b(sx, sy, Wm)
+        gran, psi = _granulated(sx, sy, kept_codes, Wm)
+        score, chosen = cmi_score(sx, sy, kept_codes, Wm)
+        for key, rep in (("kendall_tau", tau), ("granulated_tau", gran), ("cmi", score)):
+            row[key] = float(rep[0])
+            row[f"{key}_low"], row[f"{key}_high"] = _interval(rep[1:], opts.level)
+        by_axis[name] = {h: float(v[0]) for h, v in psi.items() if np.isfinite(v[0])}
+        by_axis_interval[name] = {h: list(_interval(v[1:], opts.level)) for h, v in psi.items()
+                                  if np.isfinite(v[0])}
+        conditioning[name] = chosen
+        point = {"kendall_tau": tau, "granulated_tau": gran, "cmi": score}[opts.compare]
+        sign = 1.0 if opts.compare == "cmi" or not point[0] < 0 else -1.0
+        replicates[name] = sign * point
+    for name, names in aliases.items():
+        rows[name]["aliases"] = ", ".join(names)
+
+    ref = opts.reference
+    if ref is not None and ref in replicates:
+        p = {}
+        for name, rep in replicates.items():
+            diff = rep - replicates[ref]
+            row = rows[name]
+            row["vs_reference"] = float(diff[0])
+            row["vs_reference_low"], row["vs_reference_high"] = _interval(diff[1:], opts.level)
+            p[name] = _p_value(diff[1:]) if name != ref else math.nan
+        adjusted = holm(list(p.values()))
+        for (name, value), q in zip(p.items(), adjusted, strict=True):
+            rows[name]["p_value"], rows[name]["p_holm"] = value, float(q)
+    elif ref is not None and ref in rows:
+        rows[ref]["note"] = rows[ref]["note"] or "the reference, not scored"
+
+    order = sorted(rows, key=lambda m: (m not in replicates,
+                                        -replicates[m][0] if m in replicates else 0.0))
+    ranking = pd.DataFrame([rows[m] for m in order], columns=list(RANKING_COLUMNS))
+    ranking["direction"] = ranking["direction"].astype(int)
+    ranking["n_models"] = ranking["n_models"].astype(int)
+    ranking.attrs = {
+        "target": target, "hyperparameters": hp, "n_models": n,
+        "granulated_by_axis": by_axis, "granulated_by_axis_interval": by_axis_interval,
+        "cmi_conditioning": conditioning, "excluded": excluded, "not_ranked": not_ranked,
+        "resampling": (f"whole configurations of ({', '.join(hp)})" if repeated else "models"),
+        "leader": _leader(order, replicates, opts, n), "options": asdict(opts),
+        "correction": CORRECTION}
+    return ranking
+
+
+def _leader(order: list[str], replicates: Mapping[str, np.ndarray], opts: RankingOptions,
+            n: int) -> dict[str, Any]:
+    """Whether the best-scored measure is separated from the next one: their paired bootstrap
+    difference of the oriented `compare` score, its interval, and when it includes 0, about how
+    many models would separate them at the observed spread."""
+    scored = [m for m in order if m in replicates]
+    if not scored:
+        return {}
+    out: dict[str, Any] = {"best": scored[0], "score": opts.compare,
+                           "value": float(replicates[scored[0]][0])}
+    if len(scored) < 2:
+        out["separated"] = None
+        return out
+    diff = replicates[scored[0]] - replicates[scored[1]]
+    low, high = _interval(diff[1:], opts.level)
+    out |= {"second": scored[1], "difference": float(diff[0]), "low": low, "high": high,
+            "separated": bool(math.isfinite(low) and low > 0)}
+    if not out["separated"] and diff[0] > 0 and math.isfinite(high):
+        half = (high - low) / 2.0
+        out["models_needed"] = int(math.ceil(n * (half / diff[0]) ** 2))
+    return out
+
+
+def rank_sweep(table: pd.DataFrame, **overrides: Any) -> pd.DataFrame:
+    """:func:`rank_correlation` of a sweep's table with the sweep's own ``ranking`` options
+    (``table.attrs["ranking"]``, from its config) updated by `overrides` (None values ignored):
+    the one rule ``genprobe measures`` and the report share."""
+    options = dict(table.attrs.get("ranking") or {})
+    options |= {k: v for k, v in overrides.items() if v is not None}
+    RankingOptions.from_mapping({k: v for k, v in options.items() if k != "target"
+                                 and k in RankingOptions.__dataclass_fields__}, "ranking")
+    return rank_correlation(table, **options)
+
+
+_SCORE_NAMES = {"kendall_tau": "Kendall's τ", "granulated_tau": "granulated τ", "cmi": "CMI"}
+
+
+def _with_interval(row: Mapping[str, Any], score: str, signed: bool = True) -> str:
+    value, low, high = row[score], row[f"{score}_low"], row[f"{score}_high"]
+    fmt = "{:+.2f}" if signed else "{:.2f}"
+    text = fmt.format(value)
+    if math.isfinite(low) and math.isfinite(high):
+        text += f" [{fmt.format(low)}, {fmt.format(high)}]"
+    return text
+
+
+def headline(ranking: pd.DataFrame) -> str:
+    """One paragraph that says what the ranking supports: the best measure when its interval
+    separates it from the next one, and otherwise that the family is too small to separate them
+    (with about how many models would at the observed spread)."""
+    attrs = ranking.attrs
+    n, target = attrs.get("n_models", 0), attrs.get("target", "gap")
+    options = attrs.get("options", {})
+    level = options.get("level", 0.95)
+    excluded = attrs.get("excluded", {})
+    left = (f" ({len(excluded)} run{'s' if len(excluded) != 1 else ''} left out: did not finish, "
+            f"did not fit the training data, or collapsed)") if excluded else ""
+    scored = ranking.dropna(subset=[options.get("compare", "kendall_tau")])
+    leader = attrs.get("leader", {})
+    if scored.empty or not leader:
+        notes = ranking["note"].replace("", np.nan).dropna()
+        why = f" ({notes.iloc[0]})" if len(notes) else ""
+        return (f"Over {n} models{left}, no measure could be scored against the {target}{why}.")
+    score = leader.get("score", "kendall_tau")
+    best = scored.iloc[0]
+    name = _SCORE_NAMES[score]
+    text = (f"Over {n} models{left}, {best['measure']} has the strongest {name} with the "
+            f"{target}: {_with_interval(best, score, score != 'cmi')} ({level:.0%} bootstrap "
+            f"interval, resampling {attrs.get('resampling', 'models')}).")
+    if leader.get("separated") is None:
+        return text + " It is the only measure scored."
+    second = scored.iloc[1]
+    difference = (f"{leader['difference']:+.2f} [{leader['low']:+.2f}, {leader['high']:+.2f}]"
+                  if math.isfinite(leader.get("low", math.nan)) else f"{leader['difference']:+.2f}")
+    if leader["separated"]:
+        return text + (f" It is separated from the next, {second['measure']} "
+                       f"({_with_interval(second, score, score != 'cmi')}): the paired difference "
+                       f"is {difference}.")
+    text += (f" Its interval does not separate it from the next, {second['measure']} "
+             f"({_with_interval(second, score, score != 'cmi')}; paired difference "
+             f"{difference}): this family is too small to tell them apart")
+    needed = leader.get("models_needed")
+    if needed:
+        text += f"; at the observed spread about {needed} models would"
+    return text + "."
+
+
+# ----------------------------------------------------------------------------- figure
+
+
+def plot_rank_correlation(table: pd.DataFrame, ranking: pd.DataFrame, *,
+                          target: str | None = None, limit: int | None = None):
+    """A matplotlib Figure: each scored measure's Kendall τ-b, granulated τ and CMI with their
+    bootstrap intervals (error bars), largest |τ| first, then one scatter of target against
+    measure per measure. `ranking`: :func:`rank_correlation` of `table`; `limit`: at most this
+    many measures (the strongest)."""
+    from .figures import BLUE, GREEN, GREY, ORANGE, new_figure, style
+
+    target = target or ranking.attrs.get("target", "gap")
+    if target not in table.columns:
+        raise ConfigError(f"unknown target column {target!r} for the figure")
+    scored = ranking.dropna(subset=["kendall_tau"])
+    if limit is not None:
+        scored = scored.iloc[:limit]
+    names = list(scored["measure"])
+    ncols = min(4, max(1, len(names)))
+    nrows = math.ceil(len(names) / ncols)
+    keep, _ = eligible_models(table, max_train_error=ranking.attrs.get("options", {}).get(
+        "max_train_error", 0.5))
+    used = table[keep]
+    with style():
+        fig = new_figure(3.2 * ncols + 2.6, 0.35 * max(len(names), 1) + 1.6 + 2.6 * nrows)
+        grid = fig.add_gridspec(1 + nrows, ncols,
+                                height_ratios=[0.3 * max(len(names), 1) + 1.0] + [2.4] * nrows)
+        ax = fig.add_subplot(grid[0, :])
+        y = np.arange(len(names))
+        bars = (("kendall_tau", "Kendall τ-b", BLUE), ("granulated_tau", "granulated τ", ORANGE),
+                ("cmi", "CMI (PGDL score)", GREEN))
+        for i, (column, label, colour) in enumerate(bars):
+            value = scored[column].to_numpy(dtype=float)
+            low = scored[f"{column}_low"].to_numpy(dtype=float)
+            high = scored[f"{column}_high"].to_numpy(dtype=float)
+            errors = np.nan_to_num(np.vstack([value - low, high - value]), nan=0.0).clip(min=0.0)
+            ax.barh(y + (i - 1) * 0.27, value, height=0.27, color=colour, label=label,
+                    xerr=errors, error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": GREY})
+        ax.axvline(0.0, color=GREY, linewidth=0.8)
+        ax.set_yticks(y, names)
+        ax.invert_yaxis()
+        ax.set_xlim(-1.0, 1.0)
+        level = ranking.attrs.get("options", {}).get("level", 0.95)
+        ax.set_xlabel(f"rank correlation with {target} (CMI in [0, 1]); bars: "
+                      f"{level:.0%} bootstrap intervals")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax.set_title(f"how well each measure ranks {len(used)} models by {target}")
+        g = used[target].to_numpy(dtype=np.float64, na_value=np.nan)
+        for k, (name, tau) in enumerate(zip(names, scored["kendall_tau"], strict=True)):
+            sx = fig.add_subplot(grid[1 + k // ncols, k % ncols])
+            mu = used[name].to_numpy(dtype=np.float64, na_value=np.nan)
+            ok = ~(np.isnan(mu) | np.isnan(g))
+            sx.scatter(mu[ok], g[ok], s=14, color=BLUE, alpha=0.8)
+            if ok.any() and (mu[ok] > 0).all() and mu[ok].max() > 100 * mu[ok].min():
+                sx.set_xscale("log")
+            sx.set_title(f"{name}\nτ = {tau:+.2f}", fontsize=8)
+            sx.tick_params(labelsize=7)
+            if k % ncols == 0:
+                sx.set_ylabel(target)
+    return fig
+
+
+__all__ = ["CMI_CONVENTIONS", "NOT_HYPERPARAMETERS", "RANKING_COLUMNS", "RankingOptions",
+           "SCORES", "eligible_models", "headline", "holm", "plot_rank_correlation",
+           "rank_correlation", "rank_sweep"]
