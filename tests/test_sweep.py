@@ -14,6 +14,7 @@ import fcntl
 import functools
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -263,6 +264,32 @@ def test_failed_run_is_recorded_and_the_sweep_goes_on(tmp_path, capsys, monkeypa
     assert code == 1 and train.calls == 1
 
 
+def test_user_measures_join_the_table_and_the_ranking(tmp_path, caplog):
+    import genprobe as gp
+
+    measures = {"weight_norm": {"function": "user_measures:weight_norm", "direction": 1},
+                **{name: f"user_measures:{name}" for name in ("raises", "nan", "tensor", "text")}}
+    config = tiny(grid={"width": [4, 6, 8, 12]}, measures=measures, ranking={"min_models": 4})
+    outcome = run_sweep(SweepConfig.from_dict(config), tmp_path / "s", progress=False)
+    assert outcome.done == 4 and outcome.failed == 0  # a failing measure does not fail the run
+    table = read_table(tmp_path / "s")
+    assert table["user.weight_norm"].notna().all() and table["user.weight_norm"].nunique() == 4
+    for name in ("raises", "nan", "tensor", "text"):
+        assert table[f"user.{name}"].isna().all()
+    record = json.loads((tmp_path / "s" / "runs" / table.run[0] / "record.json").read_text())
+    errors = record["measure_errors"]
+    assert errors["user.raises"] == ("user.raises: the function raised ValueError: this measure "
+                                     "always fails")
+    assert "returned nan, not a finite number" in errors["user.nan"]
+    assert "returned a Tensor, not a number" in errors["user.tensor"]
+    assert "returned a str, not a number" in errors["user.text"]
+    assert all("\n" not in line for line in errors.values())
+    ranking = gp.ranking.rank_sweep(table, bootstrap=50, max_train_error=1.0).set_index("measure")
+    assert ranking.loc["user.weight_norm", "direction"] == 1
+    assert math.isfinite(ranking.loc["user.weight_norm", "kendall_tau"])
+    assert "defined on 0 of 4 models" in ranking.loc["user.raises", "note"]
+
+
 def test_sweep_of_the_tiny_example(tmp_path, capsys):
     code, stdout, err = call(["sweep", EXAMPLES / "tiny.yaml", "--out", tmp_path / "s"], capsys)
     assert code == 0, err
@@ -481,6 +508,16 @@ BAD = [
     ({}, ["--executor", "ray", "--address", "nowhere"], "write host:port"),
     ({}, ["--executor", "ray", "--address", "CLOSED"], "cannot be reached"),
     ({}, ["--executor", "ray", "NO-RAY"], "pip install 'genprobe[ray]'"),
+    ({"measures": {"m": "nowhere_at_all.module:f"}}, [], "measure 'm': cannot import module "
+     "'nowhere_at_all.module'"),
+    ({"measures": {"m": "user_measures:missing"}}, [], "module 'user_measures' has no 'missing'"),
+    ({"measures": {"m": "user_measures:NOT_A_FUNCTION"}}, [], "is a int, not a function"),
+    ({"measures": {"m": "user_measures"}}, [], "is not an import path; write 'package.module:function'"),
+    ({"measures": {"bad name": "user_measures:nan"}}, [], "must be a simple identifier"),
+    ({"measures": {"m": {"function": "user_measures:nan", "direction": 2}}}, [], "direction must be"),
+    ({"ranking": {"level": 1.5}}, [], "level must be a number strictly between 0 and 1"),
+    ({"ranking": {"min_models": 1}}, [], "min_models must be an integer >= 2"),
+    ({"ranking": {"bootstrp": 10}}, [], "unknown option 'bootstrp'"),
 ]
 
 

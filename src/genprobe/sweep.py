@@ -12,6 +12,10 @@ A sweep config (YAML) names the runs and the probes::
     runs: [{lr: 0.5, width: 512}]        # an explicit list, instead of or besides the grid
     probes: {robustness: {draws: 1}, stiffness: {per_class: 10}}   # registered probes, options
     baselines: true                      # or false, or options of genprobe.measures.baselines
+    measures:                            # user-defined measures: a function of a Subject -> float
+      sharpness: mypackage.measures:sharpness          # column user.sharpness
+      margin: {function: "mypackage.measures:margin", direction: -1}
+    ranking: {min_models: 8, bootstrap: 1000}   # options of genprobe.ranking.rank_correlation
     figures: true                        # save each probe's figure.png (false: faster)
     jobs: 2                              # optional defaults of --jobs and --threads
     threads: 1
@@ -81,7 +85,8 @@ TABLE_META = "table.json"
 RUNS_DIR = "runs"
 RECORD = store.RECORD
 LOCK = ".lock"
-KEYS = ("name", "train", "grid", "runs", "probes", "baselines", "figures", "jobs", "threads")
+KEYS = ("name", "train", "grid", "runs", "probes", "baselines", "measures", "ranking", "figures",
+        "jobs", "threads")
 """The keys of a sweep config."""
 METRICS = ("train_error", "test_error", "train_loss", "test_loss")
 """The final-epoch metrics of each run (from its ``metrics.parquet``)."""
@@ -119,7 +124,8 @@ def _train_fields() -> list[str]:
 def _float_fields() -> list[str]:
     from .zoo.train import TrainConfig
 
-    return [f.name for f in dataclasses.fields(TrainConfig) if f.type in ("float", float)]
+    return [f.name for f in dataclasses.fields(TrainConfig)
+            if f.type in ("float", float, "float | None")]
 
 
 def _jsonable(value: Any) -> Any:
@@ -147,6 +153,8 @@ class SweepConfig:
     runs: list[dict[str, Any]] = field(default_factory=list)
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)
     baselines: dict[str, Any] | None = field(default_factory=dict)
+    measures: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ranking: dict[str, Any] = field(default_factory=dict)
     figures: bool = True
     name: str = "sweep"
     jobs: int | None = None
@@ -201,7 +209,9 @@ class SweepConfig:
             raise ConfigError(f"{source}: figures must be true or false, got {figures!r}")
         config = cls(train=dict(train), grid={k: list(v) for k, v in grid.items()},
                      runs=[dict(r) for r in runs], probes=_probes(data.get("probes"), source),
-                     baselines=_baselines(data.get("baselines", True), source), figures=figures,
+                     baselines=_baselines(data.get("baselines", True), source),
+                     measures=_user_measures(data.get("measures"), source),
+                     ranking=_ranking(data.get("ranking"), source), figures=figures,
                      name=name, jobs=data.get("jobs"), threads=data.get("threads"), source=source)
         from .executors import check_jobs
 
@@ -216,6 +226,7 @@ class SweepConfig:
         return _jsonable({"name": self.name, "train": self.train, "grid": self.grid, "runs": self.runs,
                           "probes": self.probes,
                           "baselines": False if self.baselines is None else self.baselines,
+                          "measures": self.measures, "ranking": self.ranking,
                           "figures": self.figures})
 
     def expand(self) -> list[SweepRun]:
@@ -313,6 +324,50 @@ def _baselines(value, source: str) -> dict[str, Any] | None:
         if option not in accepted:
             raise _unknown(source, f"option {option!r} of baselines", option, accepted,
                            "its options")
+    return dict(value)
+
+
+def _user_measures(value, source: str) -> dict[str, dict[str, Any]]:
+    """{name: {"function": "package.module:function", "direction": d}}, each import path resolved
+    now (ConfigError, one line, before any work)."""
+    from .measures import import_measure
+
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: measures must map names to import paths, like "
+                          "{sharpness: 'mypackage.measures:sharpness'}, got " f"{value!r}")
+    out = {}
+    for name, entry in value.items():
+        if isinstance(entry, str):
+            entry = {"function": entry}
+        if not isinstance(entry, Mapping) or set(entry) - {"function", "direction"} \
+                or "function" not in entry:
+            raise ConfigError(f"{source}: measure {name!r} must be 'package.module:function' or "
+                              f"{{function: ..., direction: -1|0|1}}, got {entry!r}")
+        direction = entry.get("direction", 0)
+        if direction not in (-1, 0, 1) or isinstance(direction, bool):
+            raise ConfigError(f"{source}: measure {name!r}: direction must be -1, 0 or +1, got "
+                              f"{direction!r}")
+        try:
+            import_measure(name, entry["function"], direction=direction)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        out[str(name)] = {"function": entry["function"], "direction": int(direction)}
+    return out
+
+
+def _ranking(value, source: str) -> dict[str, Any]:
+    """Options of :func:`genprobe.ranking.rank_correlation` for ``genprobe measures`` and the
+    report, checked now."""
+    from .ranking import RankingOptions
+
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{source}: ranking must be a mapping of options, like {{min_models: 8}}, "
+                          f"got {value!r}")
+    RankingOptions.from_mapping(value, f"{source}, ranking")
     return dict(value)
 
 
@@ -492,8 +547,8 @@ def _unit(out: Path, run: SweepRun, config: SweepConfig, device: str, threads: i
     """Everything a worker needs to do one run (plain data: it crosses process boundaries)."""
     return {"out": str(out), "run": run.id, "train": run.config.to_dict() | {"device": device},
             "hyperparameters": run.hyperparameters, "probes": config.probes,
-            "baselines": config.baselines, "figures": config.figures, "device": device,
-            "threads": threads}
+            "baselines": config.baselines, "measures": config.measures,
+            "figures": config.figures, "device": device, "threads": threads}
 
 
 def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
@@ -508,8 +563,10 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
     record: dict[str, Any] = {
         "run": unit["run"], "status": "failed", "error": None,
         "hyperparameters": unit["hyperparameters"], "metrics": {}, "measures": {},
-        "probes": unit["probes"], "baselines": unit["baselines"], "figures": unit["figures"],
-        "device": unit["device"], "threads": unit["threads"], "genprobe_version": __version__}
+        "probes": unit["probes"], "baselines": unit["baselines"],
+        "user_measures": unit.get("measures", {}), "measure_errors": {},
+        "figures": unit["figures"], "device": unit["device"], "threads": unit["threads"],
+        "genprobe_version": __version__}
     phase = "training"
     try:
         (run / RECORD).unlink(missing_ok=True)  # a failed or outdated record is redone
@@ -529,6 +586,15 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
             values = measures.baselines(subject.get(), **options)
             record["measures"].update({k if k.startswith("baseline.") else f"baseline.{k}": float(v)
                                        for k, v in values.items()})
+        for name, entry in unit.get("measures", {}).items():
+            phase = f"measure user.{name}"
+            from .measures import evaluate_measure, import_measure
+
+            spec = import_measure(name, entry["function"], direction=entry["direction"])
+            record["measures"][spec.column], why = evaluate_measure(spec, subject.get())
+            if why is not None:  # the run goes on: one line names the measure
+                record["measure_errors"][spec.column] = why
+                log.warning("run %s: %s", unit["run"], why)
         record["status"] = "done"
     except Exception as exc:  # a failed run is recorded, and the sweep goes on
         kind = "" if isinstance(exc, GenprobeError) else f"{type(exc).__name__}: "
@@ -592,9 +658,16 @@ def _train(run: Path, unit: dict[str, Any]) -> None:
         train_run(config, run, overwrite=run.is_dir() and any(run.iterdir()))
 
 
-def _final_metrics(run: Path) -> dict[str, float]:
-    last = store.read_metrics(run).sort_values("epoch").iloc[-1]
-    return {"epoch": int(last["epoch"]), **{k: float(last[k]) for k in METRICS}}
+def _final_metrics(run: Path) -> dict[str, Any]:
+    """The last epoch's metrics, and whether the run reached its training target
+    (``converged``: None when it had none; ``epochs_run``)."""
+    from .zoo.train import TrainConfig, training_outcome
+
+    metrics = store.read_metrics(run).sort_values("epoch")
+    last = metrics.iloc[-1]
+    outcome = training_outcome(TrainConfig.from_dict(store.read_config(run)), metrics)
+    return {"epoch": int(last["epoch"]), **{k: float(last[k]) for k in METRICS},
+            "converged": outcome["converged"], "epochs_run": int(outcome["epochs_run"])}
 
 
 def _probe(run: Path, name: str, options: dict, subject: _LazySubject, device: str,
@@ -656,12 +729,16 @@ def varying(runs: list[SweepRun]) -> list[str]:
             if len({json.dumps(r.hyperparameters.get(n, "<absent>"), sort_keys=True) for r in runs}) > 1]
 
 
-def build_table(runs: list[SweepRun], records: dict[str, dict]) -> pd.DataFrame:
+def build_table(runs: list[SweepRun], records: dict[str, dict],
+                config: SweepConfig | None = None) -> pd.DataFrame:
     """One row per recorded run, in the order of `runs`: ``run``, the hyper-parameters that
     vary, the final ``train_error``, ``test_error``, ``train_loss``, ``test_loss``, ``gap`` (test −
     train error), ``loss_gap``, every measure (``probe.key``, ``baseline.*``), ``status``,
-    ``error`` and ``seconds`` (wall time of the run's last attempt). ``table.attrs`` names the
-    column groups (``hyperparameters``, ``metrics``, ``measures``) and counts the runs."""
+    ``error`` and ``seconds`` (wall time of the run's last attempt), ``converged`` (whether it
+    reached its training target; missing without one) and ``epochs_run``. ``table.attrs`` names
+    the column groups (``hyperparameters``, ``metrics``, ``measures``), counts the runs, and with
+    `config` holds its ``probes``, ``baselines``, ``user_measures`` and ``ranking`` options (what
+    :func:`genprobe.ranking.rank_correlation` reads to decide which columns are measures)."""
     hyper = varying(runs)
     rows = [(r, records[r.id]) for r in runs if r.id in records]
     measures: dict[str, None] = {}
@@ -675,6 +752,10 @@ def build_table(runs: list[SweepRun], records: dict[str, dict]) -> pd.DataFrame:
         columns[k] = pd.Series(metric[k], dtype="float64")
     columns["gap"] = columns["test_error"] - columns["train_error"]
     columns["loss_gap"] = columns["test_loss"] - columns["train_loss"]
+    columns["converged"] = pd.Series([rec.get("metrics", {}).get("converged") for _, rec in rows],
+                                     dtype="boolean")
+    columns["epochs_run"] = pd.Series([rec.get("metrics", {}).get("epochs_run") for _, rec in rows],
+                                      dtype="Int64")
     for name in measures:
         columns[name] = pd.Series([rec["measures"].get(name, math.nan) for _, rec in rows],
                                   dtype="float64")
@@ -683,9 +764,12 @@ def build_table(runs: list[SweepRun], records: dict[str, dict]) -> pd.DataFrame:
     columns["seconds"] = pd.Series([rec.get("seconds", math.nan) for _, rec in rows], dtype="float64")
     table = pd.DataFrame(columns)
     table.attrs = {"hyperparameters": hyper, "metrics": [*METRICS, *GAPS],
-                               "measures": list(measures), "runs": len(runs),
-                               "done": sum(rec["status"] == "done" for _, rec in rows),
-                               "failed": sum(rec["status"] == "failed" for _, rec in rows)}
+                   "measures": list(measures), "runs": len(runs),
+                   "done": sum(rec["status"] == "done" for _, rec in rows),
+                   "failed": sum(rec["status"] == "failed" for _, rec in rows)}
+    if config is not None:  # what the ranking needs to decide which columns are measures
+        table.attrs |= {"probes": config.probes, "baselines": config.baselines,
+                        "user_measures": config.measures, "ranking": config.ranking}
     return table
 
 
@@ -807,6 +891,7 @@ def _current(record: dict[str, Any] | None, config: SweepConfig) -> bool:
     return (record is not None and record.get("status") == "done"
             and _jsonable(record.get("probes")) == _jsonable(config.probes)
             and _jsonable(record.get("baselines")) == _jsonable(config.baselines)
+            and _jsonable(record.get("user_measures", {})) == _jsonable(config.measures)
             and (record.get("figures", False) or not config.figures))
 
 
@@ -878,18 +963,18 @@ def run_sweep(config: SweepConfig | str | Path, out: str | Path | None = None, *
         reused = sum(_current(records.get(r.id), config) for r in runs)
         todo = [_unit(out, r, config, device, threads) for r in runs
                 if not _current(records.get(r.id), config)]
-        _write_table(out, build_table(runs, records))
+        _write_table(out, build_table(runs, records, config))
         log.info("sweep %s: %d runs, %d done before, %d to do (%s)", out, len(runs), reused,
                  len(todo), runner.describe())
-        _execute(runner, todo, runs, records, out, reused, progress, on_run)
-        _write_table(out, build_table(runs, records))
+        _execute(runner, todo, runs, records, out, reused, progress, on_run, config)
+        _write_table(out, build_table(runs, records, config))
     table = read_table(out)  # as every reader will see it (parquet's own dtypes)
     done = int((table.status == "done").sum())
     return SweepOutcome(out=out, table=table, runs=len(runs), done=done,
                         failed=int((table.status == "failed").sum()), reused=reused)
 
 
-def _execute(runner, todo, runs, records, out, reused, show, on_run) -> None:
+def _execute(runner, todo, runs, records, out, reused, show, on_run, config) -> None:
     """Run the units of `todo` on `runner`, keeping the records and the table up to date."""
     import contextlib
 
@@ -919,7 +1004,7 @@ def _execute(runner, todo, runs, records, out, reused, show, on_run) -> None:
             state["running"] -= 1
             state["done" if record["status"] == "done" else "failed"] += 1
             bar.advance(1, description=describe())
-            _write_table(out, build_table(runs, records))
+            _write_table(out, build_table(runs, records, config))
             if on_run is not None:
                 on_run(record)
 

@@ -1,0 +1,32 @@
+"""User-defined measures for the tests (a sweep config names them as "user_measures:NAME")."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def weight_norm(subject) -> float:
+    """Σ ‖θ^F‖² over floating-point entries of the final state."""
+    return float(sum(v.double().square().sum() for v in subject.final.values()
+                     if v.is_floating_point()))
+
+
+def raises(subject) -> float:
+    raise ValueError("this measure always fails")
+
+
+def nan(subject) -> float:
+    return math.nan
+
+
+def tensor(subject):
+    return torch.tensor(1.0)
+
+
+def text(subject):
+    return "1.0"
+
+
+NOT_A_FUNCTION = 3
