@@ -197,8 +197,9 @@ def tiny_sweep(tmp_path_factory):
         "train": {"arch": "fcn", "dataset": "gaussian", "dataset_options": {"dim": 8, "num_classes": 3},
                   "n_train": 96, "n_test": 48, "epochs": 2, "batch_size": 32, "depth": 1},
         "grid": {"width": [8, 16], "label_noise": [0.0, 0.5]},
-        "probes": {"robustness": {"draws": 1}, "ablation": {"orders": 1, "steps": 3}},
-        "baselines": False, "figures": True})
+        "probes": {"robustness": {"draws": 1, "split": "train"},
+                   "ablation": {"orders": 1, "steps": 3, "split": "train"}},
+        "baselines": False, "figures": True, "ranking": {"min_models": 4, "bootstrap": 200}})
     out = tmp_path_factory.mktemp("sweep") / "sweep"
     run_sweep(config, out, jobs=1, threads=1, device="cpu", progress=False)
     return out
@@ -210,15 +211,24 @@ def test_sweep_report_ranks_the_measures_and_renders_offline(tiny_sweep):
     assert page == tiny_sweep / "report.html"
     doc = json.loads(page.with_suffix(".json").read_text())["sweep"]
     table = pd.read_parquet(tiny_sweep / "table.parquet")
-    expected = gp.rank_correlation(table[table["status"] == "done"].reset_index(drop=True),
-                                   measures=doc["measures"])
+    expected = gp.rank_correlation(table, min_models=4, bootstrap=200)
     got = pd.DataFrame(doc["ranking"])
     assert list(got["measure"]) == list(expected["measure"])
     np.testing.assert_array_equal(got["kendall_tau"].astype(float), expected["kendall_tau"])
+    np.testing.assert_array_equal(got["kendall_tau_low"].astype(float), expected["kendall_tau_low"])
+    assert set(got["measure"]) == {"robustness.critical_fraction",
+                                   "robustness.mean_delta_error_reinit",
+                                   "robustness.mean_delta_error_rerandomize", "ablation.auc_all",
+                                   *[m for m in got["measure"] if m.startswith("ablation.auc:")]}
+    assert "robustness.base_error" in doc["not_measures"]
     assert doc["runs_done"] == 4 and len(doc["runs"]) == 4
-    full = expected[expected["n_models"] == 4].dropna(subset=["kendall_tau"])
-    best = full.loc[full["kendall_tau"].abs().idxmax()]
-    assert f"is {best['measure']}: Kendall's τ = {best['kendall_tau']:.2f}" in doc["ranking_reading"]
+    assert doc["ranking_reading"] == gp.ranking.headline(expected)
+    # the hyper-parameters that vary are columns of the runs' table in the page
+    assert sorted(doc["hyperparameters"]) == ["label_noise", "width"]
+    html = page.read_text()
+    runs = html[html.index('<section id="runs">'):]
+    head = runs[:runs.index("</thead>")]
+    assert ">width</th>" in head and ">label_noise</th>" in head
     # one ranking figure, then per run its training curves and one figure per probe
     _assert_clean(page, images=1 + 4 * (1 + 2))
 

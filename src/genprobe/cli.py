@@ -219,31 +219,78 @@ def measures(
     target: str = typer.Option("gap", help="Column the measures should rank the models by."),
     out: Path | None = typer.Option(None, help="Figure file (.png; an .svg is written beside "
                                     "it). Default: SWEEP/measures.png."),
+    bootstrap: int | None = typer.Option(None, help="Bootstrap resamples of the models for "
+                                         "the intervals [sweep's ranking option, else 1000]."),
+    level: float | None = typer.Option(None, help="Confidence level of the intervals, in (0, 1) "
+                                       "[0.95]."),
+    reference: str | None = typer.Option(None, help="Measure every other is compared with "
+                                         "[baseline.dist_from_init]."),
+    min_models: int | None = typer.Option(None, help="Score a measure only when defined on at "
+                                          "least this many models [8]."),
+    min_share: float | None = typer.Option(None, help="... and on at least this share of them "
+                                           "[0.5]."),
+    cmi: str | None = typer.Option(None, help="CMI convention: paper (Jiang et al.'s definition) "
+                                   "or pgdl (the competition's scoring program) [paper]."),
+    max_train_error: float | None = typer.Option(None, help="Leave out runs whose training error "
+                                                 "is above this (collapsed or under-fit) [0.5]."),
+    seed: int | None = typer.Option(None, help="Seed of the bootstrap [0]."),
 ) -> None:
-    """Rank every measure of a sweep by how well it predicts the generalization gap (Kendall τ-b,
-    Jiang et al.'s granulated τ, the PGDL CMI score); print the table and write the figure."""
+    """Rank every registered measure of a sweep by how well it predicts the generalization gap
+    (Kendall τ-b, Jiang et al.'s granulated τ, the PGDL CMI score), each with a bootstrap
+    interval and compared with a reference measure; print the table and write the figure.
+    Options default to the sweep config's `ranking:`."""
+    import pandas as pd
     from rich.console import Console
     from rich.table import Table
 
     from . import measures as M
+    from . import ranking as R
     from .figures import save_figure
 
     table = M.read_sweep_table(sweep)
     png, _ = M.figure_paths(sweep, out)  # refuse a foreign file before any work
-    ranking = M.rank_correlation(table, target=target)
-    shown = ranking.sort_values("kendall_tau", ascending=False, na_position="last")
-    hp = ranking.attrs["hyperparameters"]
-    grid = Table(title=f"{len(table)} models of {sweep}; target {target}; hyper-parameters: "
-                       f"{', '.join(hp) or 'none'}")
-    for column in M.RANKING_COLUMNS:
+    ranking = R.rank_sweep(table, target=target, bootstrap=bootstrap, level=level,
+                           reference=reference, min_models=min_models, min_share=min_share,
+                           cmi=cmi, max_train_error=max_train_error, seed=seed)
+    attrs = ranking.attrs
+    options = attrs["options"]
+    hp = attrs["hyperparameters"]
+    console = Console(soft_wrap=True)
+    grid = Table(title=f"{attrs['n_models']} models of {sweep}; target {target}; hyper-parameters: "
+                       f"{', '.join(hp) or 'none'}; {options['level']:.0%} bootstrap intervals "
+                       f"({options['bootstrap']} resamples of {attrs['resampling']}); CMI: "
+                       f"{options['cmi']} convention; sorted by |{options['compare']}|")
+    columns = ["measure", "dir", "Kendall τ-b", "granulated τ", "CMI",
+               f"vs {options['reference']}", "p (Holm)", "models"]
+    for column in columns:
         grid.add_column(column, justify="left" if column == "measure" else "right",
                         no_wrap=column == "measure")
-    for row in shown.itertuples(index=False):
-        cells = [f"{v:+.3f}" if column != "cmi" else f"{v:.3f}"
-                 for column, v in zip(M.RANKING_COLUMNS[1:4], row[1:4], strict=True)]
-        grid.add_row(row.measure, *(c if "nan" not in c else "-" for c in cells), str(row.n_models))
-    Console(soft_wrap=True).print(grid)
-    save_figure(M.plot_rank_correlation(table, ranking), png.with_suffix(""))
+    scored = ranking.dropna(subset=["kendall_tau"])
+    for _, row in scored.iterrows():
+        name = row["measure"] + (f" (= {row['aliases']})" if row["aliases"] else "")
+        vs = R._with_interval({"v": row["vs_reference"], "v_low": row["vs_reference_low"],
+                               "v_high": row["vs_reference_high"]}, "v") \
+            if pd.notna(row["vs_reference"]) else "-"
+        grid.add_row(name, f"{row['direction']:+d}" if row["direction"] else "0",
+                     R._with_interval(row, "kendall_tau"), R._with_interval(row, "granulated_tau")
+                     if pd.notna(row["granulated_tau"]) else "-",
+                     R._with_interval(row, "cmi", signed=False) if pd.notna(row["cmi"]) else "-",
+                     vs, f"{row['p_holm']:.3f}" if pd.notna(row["p_holm"]) else "-",
+                     str(row["n_models"]))
+    console.print(grid)
+    console.print(R.headline(ranking))
+    unscored = ranking[ranking["kendall_tau"].isna()]
+    for _, row in unscored.iterrows():
+        console.print(f"not scored: {row['measure']}: {row['note']}")
+    if attrs["excluded"]:
+        console.print(f"left out ({len(attrs['excluded'])} runs):")
+        for run, why in attrs["excluded"].items():
+            console.print(f"  {run}: {why}")
+    if attrs["not_ranked"]:
+        console.print(f"{len(attrs['not_ranked'])} columns are not measures and were not ranked "
+                      f"({', '.join(sorted(attrs['not_ranked'])[:8])}"
+                      f"{', ...' if len(attrs['not_ranked']) > 8 else ''})")
+    save_figure(R.plot_rank_correlation(table, ranking), png.with_suffix(""))
     typer.echo(f"wrote {png} and {png.with_suffix('.svg')}")
 
 

@@ -52,6 +52,7 @@ code { background: #f0f0f0; padding: 0 0.2rem; }
 details { margin: 0.5rem 0; }
 summary { cursor: pointer; color: #0072B2; }
 nav ul { columns: 2; }
+.scroll { overflow-x: auto; max-width: 100%; }
 .note { color: #8a4b00; }
 .failed { color: #b00020; font-weight: bold; }
 """

@@ -61,43 +61,52 @@ def _read_config(sweep: Path) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def ranking_reading(ranking: pd.DataFrame, n_models: int) -> str:
-    """One paragraph on the ranking: the measures most and least correlated with the gap."""
-    target = ranking.attrs.get("target", "gap")
-    hp = ranking.attrs.get("hyperparameters", [])
-    scored = ranking.dropna(subset=["kendall_tau"])
-    varied = f"varying {names(list(hp), 6)}" if hp else "with no varied hyper-parameter"
-    if scored.empty:
-        return (f"Over {n_models} finished runs ({varied}), no measure has a rank correlation with "
-                f"the {target}: each is constant over the runs, or the {target} is.")
-    scored = scored[scored["n_models"] == scored["n_models"].max()]  # τ over the most runs
-    order = scored.reindex(scored["kendall_tau"].abs().sort_values(ascending=False, kind="stable").index)
-    best, worst = order.iloc[0], order.iloc[-1]
-    direction = "grows" if best["kendall_tau"] > 0 else "falls"
-    granulated = ("" if not math.isfinite(best["granulated_tau"]) else
-                  f", granulated τ {best['granulated_tau']:.2f}")
-    cmi = "" if not math.isfinite(best["cmi"]) else f", CMI {best['cmi']:.2f}"
-    over = "" if int(best["n_models"]) == n_models else f" (over the {int(best['n_models'])} runs where it is defined)"
-    text = (f"Over {n_models} finished runs ({varied}), the measure most correlated with the "
-            f"{target} is {best['measure']}{over}: Kendall's τ = {best['kendall_tau']:.2f}"
-            f"{granulated}{cmi} (it {direction} as the {target} grows). The least correlated is "
-            f"{worst['measure']} (τ = {worst['kendall_tau']:.2f}).")
-    positive = int((scored["kendall_tau"] > 0).sum())
-    text += (f" {positive} of {len(scored)} measures grow with the {target}, "
-             f"{len(scored) - positive} fall or do not move.")
-    if n_models < 10:
-        pairs = n_models * (n_models - 1) // 2
-        text += (f" With only {n_models} models ({pairs} pairs) these correlations are coarse; a "
-                 "larger sweep ranks the measures reliably.")
-    return text
+def ranking_reading(ranking: pd.DataFrame, n_models: int | None = None) -> str:
+    """One paragraph on the ranking (:func:`genprobe.ranking.headline`): the best measure only
+    when its interval separates it from the next."""
+    from ..ranking import headline
+
+    return headline(ranking)
 
 
 def strongest(ranking: pd.DataFrame, limit: int = PLOTTED_MEASURES) -> pd.DataFrame:
-    """The `limit` rows of `ranking` with the largest |Kendall τ| (undefined τ last)."""
-    order = ranking["kendall_tau"].abs().sort_values(ascending=False, na_position="last", kind="stable")
-    top = ranking.loc[order.index[:limit]]
+    """The `limit` scored rows of `ranking` (sorted strongest first)."""
+    top = ranking.dropna(subset=["kendall_tau"]).iloc[:limit]
     top.attrs = dict(ranking.attrs)
     return top
+
+
+RANKING_SHOWN = ("measure", "direction", "kendall_tau", "kendall_tau_low", "kendall_tau_high",
+                 "granulated_tau", "granulated_tau_low", "granulated_tau_high", "cmi", "cmi_low",
+                 "cmi_high", "vs_reference", "vs_reference_low", "vs_reference_high", "p_holm",
+                 "n_models", "aliases")
+
+
+def _ranking_table(ranking: pd.DataFrame) -> pd.DataFrame:
+    """The scored measures with each score as "value [low, high]", strongest first."""
+    scored = ranking.dropna(subset=["kendall_tau"])
+
+    def cell(row, score, signed=True):
+        value, low, high = row[score], row[f"{score}_low"], row[f"{score}_high"]
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            return "–"
+        fmt = "{:+.2f}" if signed else "{:.2f}"
+        bounds = (f" [{fmt.format(low)}, {fmt.format(high)}]"
+                  if math.isfinite(low) and math.isfinite(high) else "")
+        return fmt.format(value) + bounds
+
+    return pd.DataFrame({
+        "measure": [r["measure"] + (f" (= {r['aliases']})" if r["aliases"] else "")
+                    for _, r in scored.iterrows()],
+        "expected": [{1: "+", -1: "−"}.get(int(r["direction"]), "·") for _, r in scored.iterrows()],
+        "Kendall τ-b": [cell(r, "kendall_tau") for _, r in scored.iterrows()],
+        "granulated τ": [cell(r, "granulated_tau") for _, r in scored.iterrows()],
+        "CMI": [cell(r, "cmi", signed=False) for _, r in scored.iterrows()],
+        "vs reference": [cell(r, "vs_reference") for _, r in scored.iterrows()],
+        "p (Holm)": [f"{r['p_holm']:.3f}" if math.isfinite(r["p_holm"]) else "–"
+                     for _, r in scored.iterrows()],
+        "models": [int(r["n_models"]) for _, r in scored.iterrows()],
+    })
 
 
 def _runs_table(table: pd.DataFrame, hyper: list[str]) -> pd.DataFrame:
@@ -117,28 +126,32 @@ def build_sweep(sweep: Path) -> SweepContent:
     """Read a sweep directory into a :class:`SweepContent` (RunError, one line, when it has no
     finished run)."""
     from .. import measures as M
+    from .. import ranking as R
 
     sweep = Path(sweep)
     table = M.read_sweep_table(sweep)
     config = _read_config(sweep)
-    info = table.attrs.get("genprobe", {})
-    hyper = [h for h in info.get("hyperparameters", []) if h in table.columns]
-    measures = [m for m in info.get("measures", [c for c in table.columns if "." in str(c)])
-                if m in table.columns]
+    hyper = [h for h in table.attrs.get("hyperparameters", []) if h in table.columns]
     if "status" not in table.columns or not (table["status"] == "done").any():
         raise RunError(f"sweep {sweep} has no finished runs yet: run `genprobe sweep CONFIG --out "
                        f"{sweep}` (it resumes where it stopped), then `genprobe report {sweep}`")
     done = table[table["status"] == "done"].reset_index(drop=True)
     done.attrs = table.attrs
+    ranked, not_ranked = M.classify([str(c) for c in table.columns],
+                                    probes=table.attrs.get("probes"),
+                                    baselines=table.attrs.get("baselines"),
+                                    user=table.attrs.get("user_measures"))
+    measures = list(ranked)
     doc: dict[str, Any] = {"name": sweep.name, "path": str(sweep), "config": config,
                            "hyperparameters": hyper, "measures": measures,
+                           "not_measures": not_ranked,
                            "runs_total": len(table), "runs_done": len(done),
                            "runs_failed": int((table["status"] == "failed").sum())}
     content = SweepContent(sweep, doc, "")
     ranking = None
     if measures:
         try:
-            ranking = M.rank_correlation(done, target="gap", measures=measures)
+            ranking = R.rank_sweep(table, target="gap")
         except GenprobeError as exc:
             doc["ranking_note"] = f"no ranking: {one_line(exc)}"
     else:
@@ -147,7 +160,7 @@ def build_sweep(sweep: Path) -> SweepContent:
     if ranking is not None:
         doc["ranking"] = ranking.to_dict(orient="records")
         doc["ranking_attrs"] = dict(ranking.attrs)
-        doc["ranking_reading"] = ranking_reading(ranking, len(done))
+        doc["ranking_reading"] = ranking_reading(ranking)
     doc["table"] = table.to_dict(orient="records")
     run_dirs = [sweep / RUNS_DIR / str(r) for r in done["run"]]
     with_results = [d for d in run_dirs if d.is_dir() and probe_dirs(d)]
@@ -155,7 +168,8 @@ def build_sweep(sweep: Path) -> SweepContent:
     total = (1 if ranking is not None else 0) + (sum(count_figures(d) for d in with_results) if draw else 0)
     with progress.task(f"report of {sweep}", total=total) as bar:
         if ranking is not None:
-            content.figures["ranking"] = to_svg(M.plot_rank_correlation(done, strongest(ranking)))
+            content.figures["ranking"] = to_svg(R.plot_rank_correlation(
+                table, ranking, limit=PLOTTED_MEASURES))
             bar.advance()
         doc["runs"] = []
         for run_dir in run_dirs:
@@ -188,18 +202,34 @@ def sweep_body(content: SweepContent) -> list[str]:
     if "ranking" in doc:
         body.append(f'<p class="reading">{H.escape(doc["ranking_reading"])}</p>')
         ranking = pd.DataFrame(doc["ranking"])
-        undefined = list(ranking.loc[ranking["kendall_tau"].isna(), "measure"])
-        ranking = ranking.dropna(subset=["kendall_tau"])
-        ranking = ranking.reindex(ranking["kendall_tau"].abs().sort_values(
-            ascending=False, kind="stable").index)
-        body.append("<p>Kendall's τ-b of each measure with the gap (test − train error) over the "
-                    "finished runs; granulated τ: the mean over hyper-parameters of τ among runs "
-                    "that differ in that one (Jiang et al. 2020); CMI: the conditional mutual "
-                    "information score of the PGDL competition (0 to 1, blind to the sign).</p>")
-        body.append(H.table(ranking, max_rows=len(ranking)))
-        if undefined:
-            body.append(f'<p class="sub">No rank correlation (constant over the runs, or defined '
-                        f'in fewer than two): {H.escape(", ".join(undefined))}.</p>')
+        attrs = doc.get("ranking_attrs", {})
+        options = attrs.get("options", {})
+        unscored = ranking[ranking["kendall_tau"].isna()]
+        cmi = ("the paper's definition (Jiang et al.)" if options.get("cmi", "paper") == "paper"
+               else "the competition's scoring program")
+        body.append(f"<p>Kendall's τ-b of each measure with the gap (test − train error) over "
+                    f"{attrs.get('n_models', '?')} models; granulated τ: the mean over "
+                    f"hyper-parameters of τ among runs that differ in that one (Jiang et al. "
+                    f"2020); CMI: the conditional mutual information score of the PGDL "
+                    f"competition (0 to 1, blind to the sign), as {cmi}. In brackets: "
+                    f"{options.get('level', 0.95):.0%} bootstrap intervals "
+                    f"({options.get('bootstrap', '?')} resamples of "
+                    f"{H.escape(attrs.get('resampling', 'models'))}). Expected: the sign a larger "
+                    f"value should have (· none stated). vs reference: the oriented τ minus "
+                    f"{H.escape(str(options.get('reference')))}'s on the same resamples, with "
+                    f"its p-value adjusted by {H.escape(attrs.get('correction', 'Holm'))}. "
+                    f"Sorted by |τ|.</p>")
+        body.append('<div class="scroll">' + H.table(_ranking_table(ranking),
+                                                      max_rows=len(ranking)) + "</div>")
+        if len(unscored):
+            body.append("<p class=\"sub\">Not scored: " + H.escape("; ".join(
+                f"{r['measure']} ({r['note']})" for _, r in unscored.iterrows())) + ".</p>")
+        if attrs.get("excluded"):
+            body.append("<p class=\"sub\">Runs left out of the ranking: " + H.escape("; ".join(
+                f"{run} ({why})" for run, why in attrs["excluded"].items())) + ".</p>")
+        if doc.get("not_measures"):
+            body.append("<p class=\"sub\">Reported by the probes but not measures, so not "
+                        "ranked: " + H.escape(", ".join(sorted(doc["not_measures"]))) + ".</p>")
         if "ranking" in content.figures:
             shown = min(len(ranking), PLOTTED_MEASURES)
             body.append(H.figure(content.figures["ranking"], "rank correlations and measures "
@@ -212,8 +242,9 @@ def sweep_body(content: SweepContent) -> list[str]:
     body.append('<section id="runs"><h2>Runs</h2>')
     body.append(H.table(_runs_table(table, doc["hyperparameters"]), max_rows=200))
     if doc["measures"] and doc["runs_done"] <= RUN_FIGURES:
-        body.append("<h3>Measures of each run</h3>"
-                    + H.table(_measures_table(table, doc["measures"]), max_rows=len(doc["measures"])))
+        body.append("<h3>Measures of each run</h3><div class=\"scroll\">"
+                    + H.table(_measures_table(table, doc["measures"]), max_rows=len(doc["measures"]))
+                    + "</div>")
     body.append("</section>")
     for run, entry in zip(content.runs, [d for d in doc["runs"] if "error" not in d], strict=True):
         body.append(_run_section(run, entry))
