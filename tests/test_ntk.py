@@ -21,8 +21,8 @@ from torch import nn
 from torch.func import functional_call
 
 import genprobe as gp
-from genprobe.engine import lapack
 from foreign import FOREIGN, TOKENS, make_subject
+from genprobe.engine import lapack
 from genprobe.errors import ConfigError, DataError, OutputError
 from invoke import call
 

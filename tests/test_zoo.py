@@ -129,3 +129,14 @@ def test_resnet_relus_are_named_modules_and_checkpoints_unchanged():
     x = torch.randn(5, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(model(x), _functional_resnet(model, x))
+
+
+def test_vgg_width_scales_every_channel_count():
+    narrow = create_model("vgg", (1, 8, 8), 10, config="8,M,16", width=1)
+    wide = create_model("vgg", (1, 8, 8), 10, config="8,M,16", width=2)
+    channels = [m.out_channels for m in wide.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert channels == [16, 32]
+    assert [m.out_channels for m in narrow.modules() if isinstance(m, torch.nn.Conv2d)] == [8, 16]
+    assert wide(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ConfigError, match="vgg width must be a positive number"):
+        create_model("vgg", (1, 8, 8), 10, width=0)

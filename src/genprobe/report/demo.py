@@ -47,6 +47,9 @@ QUICK: dict[str, dict[str, Any]] = {
 }
 """The quick demo's options, over each probe's registry ``demo`` options (a probe missing here
 runs with its ``demo`` options; an option its function does not take is dropped)."""
+RANKING = {"min_models": len(FAMILY)}
+"""The demo ranks its four models (below the default minimum of 8) to show the ranking and its
+intervals; four models separate no measure from the next, and the report says so."""
 DEFAULT_OUT = Path("runs/demo")
 DEFAULT_QUICK_OUT = Path("runs/demo-quick")
 
@@ -65,7 +68,7 @@ def demo_config(quick: bool = False):
     train = TRAIN | ({"epochs": QUICK_EPOCHS} if quick else {})
     return SweepConfig.from_dict({"name": "demo-quick" if quick else "demo", "train": train,
                                   "runs": FAMILY, "probes": probes, "baselines": True,
-                                  "figures": True}, source="the built-in demo")
+                                  "ranking": RANKING, "figures": True}, source="the built-in demo")
 
 
 def run_demo(out: Path | None = None, *, quick: bool = False, device: str = "auto",
@@ -102,5 +105,5 @@ def run_demo(out: Path | None = None, *, quick: bool = False, device: str = "aut
     return page
 
 
-__all__ = ["DEFAULT_OUT", "DEFAULT_QUICK_OUT", "FAMILY", "QUICK", "QUICK_EPOCHS", "TRAIN",
+__all__ = ["DEFAULT_OUT", "DEFAULT_QUICK_OUT", "FAMILY", "QUICK", "QUICK_EPOCHS", "RANKING", "TRAIN",
            "demo_config", "run_demo"]

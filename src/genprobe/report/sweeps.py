@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 
 RUN_FIGURES = 12
 """Sweeps with at most this many finished runs show every run's figures in their report; larger
-ones show the readings (each run's own report, ``genprobe report SWEEP/runs/ID``, has its figures)."""
+ones show the readings (each run's own report, ``genprobe report SWEEP/runs/ID``, has its figures).
+Such a small family's report opens with each network's readings, then the ranking (which a few
+models can rarely separate); a larger one opens with the ranking."""
 PLOTTED_MEASURES = 12
 """The ranking figure draws the measures most correlated with the gap, at most this many (the
 table lists them all): beyond a dozen scatter panels the figure is unreadable, and slow to draw."""
@@ -193,11 +195,17 @@ def sweep_body(content: SweepContent) -> list[str]:
     """The HTML sections of a sweep's report."""
     doc = content.doc
     table = pd.DataFrame(doc["table"])
-    body = ['<nav><ul><li><a href="#ranking">ranking of the measures</a></li>'
-            '<li><a href="#runs">runs</a></li>'
-            + "".join(f'<li><a href="#{anchor("run-" + r.run.name)}">{H.escape(r.run.name)}</a></li>'
-                      for r in content.runs)
+    networks_first = doc["runs_done"] <= RUN_FIGURES  # a small family: each network is the news
+    runs_nav = "".join(f'<li><a href="#{anchor("run-" + r.run.name)}">{H.escape(r.run.name)}</a></li>'
+                       for r in content.runs)
+    ranking_nav = '<li><a href="#ranking">ranking of the measures</a></li>'
+    body = ['<nav><ul>' + (runs_nav + ranking_nav if networks_first else ranking_nav)
+            + '<li><a href="#runs">runs</a></li>' + ("" if networks_first else runs_nav)
             + '<li><a href="#provenance">provenance</a></li></ul></nav>']
+    run_sections = [_run_section(run, entry) for run, entry in
+                    zip(content.runs, [d for d in doc["runs"] if "error" not in d], strict=True)]
+    if networks_first:
+        body += run_sections
     body.append('<section id="ranking"><h2>How well each measure ranks the runs by generalization gap</h2>')
     if "ranking" in doc:
         body.append(f'<p class="reading">{H.escape(doc["ranking_reading"])}</p>')
@@ -246,8 +254,8 @@ def sweep_body(content: SweepContent) -> list[str]:
                     + H.table(_measures_table(table, doc["measures"]), max_rows=len(doc["measures"]))
                     + "</div>")
     body.append("</section>")
-    for run, entry in zip(content.runs, [d for d in doc["runs"] if "error" not in d], strict=True):
-        body.append(_run_section(run, entry))
+    if not networks_first:
+        body += run_sections
     for entry in doc["runs"]:
         if "error" in entry:
             body.append(f'<section><h2>{H.escape(entry["name"])}</h2><p class="failed">'

@@ -259,12 +259,17 @@ class VGG(ZooModel):
     """VGG-style CNN: 3×3 conv blocks, max-pooling where the config says "M", then a classifier.
 
     ``config``: comma-separated channel counts and "M" (default "32,M,64,M,128,128,M"); pooling
-    layers are skipped once the resolution reaches 1.
+    layers are skipped once the resolution reaches 1. ``width``: a factor on every channel count
+    (rounded, at least 1), so that depth and width can be swept separately.
     """
 
     def __init__(self, input_shape, num_classes, config: str = "32,M,64,M,128,128,M",
-                 batchnorm: bool = False, dropout: float = 0.0, hidden: int = 256):
+                 batchnorm: bool = False, dropout: float = 0.0, hidden: int = 256,
+                 width: float = 1.0):
         super().__init__()
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+            raise ConfigError(f"vgg width must be a positive number (a factor on the channel "
+                              f"counts), got {width!r}")
         if len(input_shape) != 3:
             raise ConfigError(f"arch 'vgg' needs image inputs (C, H, W), got input shape {input_shape}")
         items = [s.strip() for s in str(config).split(",") if s.strip()]
@@ -278,11 +283,12 @@ class VGG(ZooModel):
                     layers.append(nn.MaxPool2d(2))
                     h, w = h // 2, w // 2
                 continue
-            layers.append(nn.Conv2d(c, int(s), 3, padding=1))
+            channels = max(1, round(int(s) * width))
+            layers.append(nn.Conv2d(c, channels, 3, padding=1))
             if batchnorm:
-                layers.append(nn.BatchNorm2d(int(s)))
+                layers.append(nn.BatchNorm2d(channels))
             layers.append(nn.ReLU())
-            c = int(s)
+            c = channels
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(),
                                         nn.Dropout(dropout), nn.Linear(hidden, num_classes))
