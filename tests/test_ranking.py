@@ -539,3 +539,29 @@ def test_bad_ranking_options_are_one_line(kwargs, message):
 def test_no_registered_measure_says_how_to_rank_other_columns():
     with pytest.raises(ConfigError, match=r"pass measures=\[\.\.\.\]"):
         R.rank_correlation(_grid(seeds=2))
+
+
+def test_below_eight_models_there_is_no_interval_and_no_best_measure():
+    """Four models in the order of their gaps: τ = 1 on every resample, so a bootstrap interval
+    would read [1, 1]; the ranking gives the points, no interval, and names no best measure."""
+    table = pd.DataFrame({"gap": [0.1, 0.2, 0.3, 0.4], "m.a": [1.0, 2.0, 3.0, 4.0],
+                          "m.b": [1.0, 3.0, 2.0, 4.0]})
+    ranking = R.rank_correlation(table, measures=["m.a", "m.b"], min_models=4, reference="m.a")
+    first = ranking.iloc[0]
+    assert first["measure"] == "m.a" and first["kendall_tau"] == pytest.approx(1.0)
+    assert ranking[["kendall_tau_low", "kendall_tau_high", "cmi_low", "vs_reference_low",
+                    "p_value"]].isna().all().all()
+    assert "no interval: 4 models" in first["note"]
+    text = R.headline(ranking)
+    assert "With 4 models no interval can be drawn" in text and "too small to call any" in text
+    assert "[" not in text  # no interval is printed
+
+
+def test_the_report_table_reads_nan_back_from_json_as_none():
+    from genprobe.report.sweeps import _ranking_table
+
+    ranking = R.rank_correlation(_sweep_like(), bootstrap=20)
+    records = pd.DataFrame(ranking.astype(object).where(ranking.notna(), None).to_dict("records"))
+    shown = _ranking_table(records)
+    assert len(shown) == ranking["kendall_tau"].notna().sum()
+    assert (shown["Kendall τ-b"] != "–").all()

@@ -268,9 +268,10 @@ def measures(
     scored = ranking.dropna(subset=["kendall_tau"])
     for _, row in scored.iterrows():
         name = row["measure"] + (f" (= {row['aliases']})" if row["aliases"] else "")
-        vs = R._with_interval({"v": row["vs_reference"], "v_low": row["vs_reference_low"],
-                               "v_high": row["vs_reference_high"]}, "v") \
-            if pd.notna(row["vs_reference"]) else "-"
+        vs = ("reference" if row["measure"] == options["reference"] else
+              R._with_interval({"v": row["vs_reference"], "v_low": row["vs_reference_low"],
+                                "v_high": row["vs_reference_high"]}, "v")
+              if pd.notna(row["vs_reference"]) else "-")
         grid.add_row(name, f"{row['direction']:+d}" if row["direction"] else "0",
                      R._with_interval(row, "kendall_tau"), R._with_interval(row, "granulated_tau")
                      if pd.notna(row["granulated_tau"]) else "-",
@@ -287,9 +288,10 @@ def measures(
         for run, why in attrs["excluded"].items():
             console.print(f"  {run}: {why}")
     if attrs["not_ranked"]:
-        console.print(f"{len(attrs['not_ranked'])} columns are not measures and were not ranked "
-                      f"({', '.join(sorted(attrs['not_ranked'])[:8])}"
-                      f"{', ...' if len(attrs['not_ranked']) > 8 else ''})")
+        console.print(f"{len(attrs['not_ranked'])} columns are not ranked (not measures, or "
+                      "computed from the test split; `genprobe.measures.classify` says why): "
+                      f"{', '.join(sorted(attrs['not_ranked'])[:8])}"
+                      f"{', ...' if len(attrs['not_ranked']) > 8 else ''}")
     save_figure(R.plot_rank_correlation(table, ranking), png.with_suffix(""))
     typer.echo(f"wrote {png} and {png.with_suffix('.svg')}")
 

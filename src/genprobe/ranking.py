@@ -21,9 +21,10 @@ What is ranked, and over which models:
   ``min_share`` of them, is not scored; its ``note`` says why.
 
 Uncertainty: the models are resampled with replacement ``bootstrap`` times (seeded) and every
-score recomputed on each resample (percentile intervals at ``level``). Where a grid repeats a
-configuration (seeds), whole configurations are resampled, so that the interval reflects how
-many distinct configurations the family has, not how many seeds. A resample is a vector of
+score recomputed on each resample (bias-corrected percentile intervals at ``level``). Where a grid repeats a
+configuration over seeds (a ``seed`` column that varies within configurations of the
+hyper-parameters), whole configurations are resampled, so that the interval reflects how many
+distinct configurations the family has, not how many seeds. A resample is a vector of
 counts (how often each model was drawn), and each score is computed with pair weights
 count_i · count_j over pairs of distinct models: a model drawn twice is not paired with its own
 copy. Measured coverage (``tests/test_ranking.py``): on bivariate-normal families with a known τ,
@@ -90,6 +91,10 @@ RANKING_COLUMNS = ("measure", "direction", "kendall_tau", "kendall_tau_low", "ke
                    "vs_reference_high", "p_value", "p_holm", "n_models", "aliases", "note")
 """The columns of :func:`rank_correlation`'s table."""
 CMI_CONVENTIONS = ("paper", "pgdl")
+MIN_INTERVAL_MODELS = 8
+"""Below this many models a measure gets its scores but no interval: the bootstrap of a rank
+correlation over so few models is degenerate (four models in the same order as their gaps give
+τ = 1 on every resample, an interval [1, 1] that claims a certainty four models cannot give)."""
 CORRECTION = "Holm–Bonferroni (Holm's step-down), over the scored measures"
 
 
@@ -392,12 +397,21 @@ def _cmi_pgdl(sx, sy, codes: Mapping[str, np.ndarray], W) -> tuple[np.ndarray, l
 # ----------------------------------------------------------------------------- the ranking
 
 
-def _interval(replicates: np.ndarray, level: float) -> tuple[float, float]:
+def _interval(replicates: np.ndarray, level: float, point: float) -> tuple[float, float]:
+    """The bias-corrected percentile interval (Efron's BC) of the bootstrap `replicates` around
+    the estimate `point`: the percentiles Φ(2 z₀ ± z_{(1+level)/2}), z₀ = Φ⁻¹(share of replicates
+    below the estimate, ties counted half). Without bias (z₀ = 0) it is the percentile interval;
+    it matters for the CMI, whose resamples sit above the estimate (an information measured on
+    fewer distinct pairs is biased upward)."""
+    from scipy.stats import norm
+
     finite = replicates[np.isfinite(replicates)]
-    if len(finite) < max(2, len(replicates) // 2):
+    if len(finite) < max(2, len(replicates) // 2) or not math.isfinite(point):
         return math.nan, math.nan
-    a = (1.0 - level) / 2.0
-    lo, hi = np.quantile(finite, [a, 1.0 - a])
+    below = (np.count_nonzero(finite < point) + 0.5 * np.count_nonzero(finite == point)) / len(finite)
+    z0 = norm.ppf(min(max(below, 0.5 / len(finite)), 1.0 - 0.5 / len(finite)))
+    z = norm.ppf((1.0 + level) / 2.0)
+    lo, hi = np.quantile(finite, norm.cdf([2 * z0 - z, 2 * z0 + z]))
     return float(lo), float(hi)
 
 
@@ -505,7 +519,9 @@ def rank_correlation(table: pd.DataFrame, *, target: str = "gap",
         else []
     codes = {h: pd.factorize(_axis_values(data, h), use_na_sentinel=False)[0] for h in hp}
     cell = _cells(list(codes.values()), n)
-    repeated = n > 0 and len(np.unique(cell)) < n and len(codes) > 0
+    seeds = "seed" in data.columns and "seed" not in hp and n > 0
+    repeated = seeds and len(codes) > 0 and len(np.unique(cell)) < n and bool(
+        pd.Series(_axis_values(data, "seed").to_numpy()).groupby(cell).nunique().gt(1).any())
     clusters = cell if repeated else np.arange(n)
     W = _resample(n, clusters, opts.bootstrap, opts.seed)
     sy = _signs(g)
@@ -538,17 +554,26 @@ def rank_correlation(table: pd.DataFrame, *, target: str = "gap",
             row["note"] = ("constant over the models" if len(np.unique(mu[defined])) < 2 else
                            f"the {target} is constant over these models")
             continue
-        Wm = W * defined[None, :]
+        resampled = row["n_models"] >= MIN_INTERVAL_MODELS
+        Wm = (W if resampled else W[:1]) * defined[None, :]
         sx = _signs(np.where(defined, mu, 0.0))
-        kept_codes = dict(codes)
-        tau = _tau_b(sx, sy, Wm)
-        gran, psi = _granulated(sx, sy, kept_codes, Wm)
-        score, chosen = cmi_score(sx, sy, kept_codes, Wm)
+
+        def padded(scores: np.ndarray) -> np.ndarray:  # no resamples: NaN in their place
+            return scores if resampled else np.concatenate([scores, np.full(len(W) - 1, np.nan)])
+
+        tau = padded(_tau_b(sx, sy, Wm))
+        gran, psi = _granulated(sx, sy, codes, Wm)
+        gran, psi = padded(gran), {h: padded(v) for h, v in psi.items()}
+        score, chosen = cmi_score(sx, sy, codes, Wm)
+        score = padded(score)
+        if not resampled:
+            row["note"] = (f"no interval: {row['n_models']} models (a bootstrap interval of a rank "
+                           f"correlation needs at least {MIN_INTERVAL_MODELS})")
         for key, rep in (("kendall_tau", tau), ("granulated_tau", gran), ("cmi", score)):
             row[key] = float(rep[0])
-            row[f"{key}_low"], row[f"{key}_high"] = _interval(rep[1:], opts.level)
+            row[f"{key}_low"], row[f"{key}_high"] = _interval(rep[1:], opts.level, rep[0])
         by_axis[name] = {h: float(v[0]) for h, v in psi.items() if np.isfinite(v[0])}
-        by_axis_interval[name] = {h: list(_interval(v[1:], opts.level)) for h, v in psi.items()
+        by_axis_interval[name] = {h: list(_interval(v[1:], opts.level, v[0])) for h, v in psi.items()
                                   if np.isfinite(v[0])}
         conditioning[name] = chosen
         point = {"kendall_tau": tau, "granulated_tau": gran, "cmi": score}[opts.compare]
@@ -564,7 +589,8 @@ def rank_correlation(table: pd.DataFrame, *, target: str = "gap",
             diff = rep - replicates[ref]
             row = rows[name]
             row["vs_reference"] = float(diff[0])
-            row["vs_reference_low"], row["vs_reference_high"] = _interval(diff[1:], opts.level)
+            row["vs_reference_low"], row["vs_reference_high"] = _interval(diff[1:], opts.level,
+                                                                          diff[0])
             p[name] = _p_value(diff[1:]) if name != ref else math.nan
         adjusted = holm(list(p.values()))
         for (name, value), q in zip(p.items(), adjusted, strict=True):
@@ -601,9 +627,11 @@ def _leader(order: list[str], replicates: Mapping[str, np.ndarray], opts: Rankin
         out["separated"] = None
         return out
     diff = replicates[scored[0]] - replicates[scored[1]]
-    low, high = _interval(diff[1:], opts.level)
+    low, high = _interval(diff[1:], opts.level, diff[0])
     out |= {"second": scored[1], "difference": float(diff[0]), "low": low, "high": high,
             "separated": bool(math.isfinite(low) and low > 0)}
+    if not math.isfinite(low):
+        out["models_needed"] = MIN_INTERVAL_MODELS if n < MIN_INTERVAL_MODELS else None
     if not out["separated"] and diff[0] > 0 and math.isfinite(high):
         half = (high - low) / 2.0
         out["models_needed"] = int(math.ceil(n * (half / diff[0]) ** 2))
@@ -614,11 +642,9 @@ def rank_sweep(table: pd.DataFrame, **overrides: Any) -> pd.DataFrame:
     """:func:`rank_correlation` of a sweep's table with the sweep's own ``ranking`` options
     (``table.attrs["ranking"]``, from its config) updated by `overrides` (None values ignored):
     the one rule ``genprobe measures`` and the report share."""
-    options = dict(table.attrs.get("ranking") or {})
-    options |= {k: v for k, v in overrides.items() if v is not None}
-    RankingOptions.from_mapping({k: v for k, v in options.items() if k != "target"
-                                 and k in RankingOptions.__dataclass_fields__}, "ranking")
-    return rank_correlation(table, **options)
+    options = RankingOptions.from_mapping(table.attrs.get("ranking"), "the sweep's ranking")
+    return rank_correlation(table, **(asdict(options) | {k: v for k, v in overrides.items()
+                                                         if v is not None}))
 
 
 _SCORE_NAMES = {"kendall_tau": "Kendall's τ", "granulated_tau": "granulated τ", "cmi": "CMI"}
@@ -653,9 +679,11 @@ def headline(ranking: pd.DataFrame) -> str:
     score = leader.get("score", "kendall_tau")
     best = scored.iloc[0]
     name = _SCORE_NAMES[score]
+    interval = (f" ({level:.0%} bootstrap interval, resampling "
+                f"{attrs.get('resampling', 'models')})" if math.isfinite(best[f"{score}_low"])
+                else "")
     text = (f"Over {n} models{left}, {best['measure']} has the strongest {name} with the "
-            f"{target}: {_with_interval(best, score, score != 'cmi')} ({level:.0%} bootstrap "
-            f"interval, resampling {attrs.get('resampling', 'models')}).")
+            f"{target}: {_with_interval(best, score, score != 'cmi')}{interval}.")
     if leader.get("separated") is None:
         return text + " It is the only measure scored."
     second = scored.iloc[1]
@@ -665,6 +693,12 @@ def headline(ranking: pd.DataFrame) -> str:
         return text + (f" It is separated from the next, {second['measure']} "
                        f"({_with_interval(second, score, score != 'cmi')}): the paired difference "
                        f"is {difference}.")
+    if not math.isfinite(leader.get("low", math.nan)):
+        return text + (f" The next is {second['measure']} "
+                       f"({_with_interval(second, score, score != 'cmi')}). With {n} models no "
+                       f"interval can be drawn (a bootstrap interval of a rank correlation needs "
+                       f"at least {MIN_INTERVAL_MODELS}): this family is too small to call any "
+                       f"measure the best.")
     text += (f" Its interval does not separate it from the next, {second['measure']} "
              f"({_with_interval(second, score, score != 'cmi')}; paired difference "
              f"{difference}): this family is too small to tell them apart")

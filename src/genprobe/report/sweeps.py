@@ -1,8 +1,9 @@
 """The report of a sweep: how well each measure ranks the runs by generalization gap, the
 measures against the gap, the table of runs, and a section per run.
 
-The ranking is :func:`genprobe.measures.rank_correlation` over the finished runs of the sweep's
-``table.parquet``, drawn by :func:`genprobe.measures.plot_rank_correlation`. Each finished run gets
+The ranking is :func:`genprobe.ranking.rank_sweep` of the sweep's ``table.parquet`` (the runs and
+measures :func:`genprobe.ranking.rank_correlation` chooses, with the sweep's ``ranking`` options),
+drawn by :func:`genprobe.ranking.plot_rank_correlation`. Each finished run gets
 its training reading and every probe's reading; with at most :data:`RUN_FIGURES` finished runs,
 also the figures (folded), so a small sweep's report is one page holding everything.
 """
@@ -88,13 +89,15 @@ def _ranking_table(ranking: pd.DataFrame) -> pd.DataFrame:
     """The scored measures with each score as "value [low, high]", strongest first."""
     scored = ranking.dropna(subset=["kendall_tau"])
 
+    def finite(value) -> bool:  # NaN comes back from the JSON document as None
+        return isinstance(value, (int, float)) and math.isfinite(value)
+
     def cell(row, score, signed=True):
         value, low, high = row[score], row[f"{score}_low"], row[f"{score}_high"]
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not finite(value):
             return "–"
         fmt = "{:+.2f}" if signed else "{:.2f}"
-        bounds = (f" [{fmt.format(low)}, {fmt.format(high)}]"
-                  if math.isfinite(low) and math.isfinite(high) else "")
+        bounds = f" [{fmt.format(low)}, {fmt.format(high)}]" if finite(low) and finite(high) else ""
         return fmt.format(value) + bounds
 
     return pd.DataFrame({
@@ -104,11 +107,32 @@ def _ranking_table(ranking: pd.DataFrame) -> pd.DataFrame:
         "Kendall τ-b": [cell(r, "kendall_tau") for _, r in scored.iterrows()],
         "granulated τ": [cell(r, "granulated_tau") for _, r in scored.iterrows()],
         "CMI": [cell(r, "cmi", signed=False) for _, r in scored.iterrows()],
-        "vs reference": [cell(r, "vs_reference") for _, r in scored.iterrows()],
-        "p (Holm)": [f"{r['p_holm']:.3f}" if math.isfinite(r["p_holm"]) else "–"
+        "vs reference": ["reference" if r["measure"] == ranking.attrs.get("options", {}).get(
+            "reference") else cell(r, "vs_reference") for _, r in scored.iterrows()],
+        "p (Holm)": [f"{r['p_holm']:.3f}" if finite(r["p_holm"]) else "–"
                      for _, r in scored.iterrows()],
         "models": [int(r["n_models"]) for _, r in scored.iterrows()],
     })
+
+
+def _not_ranked_text(not_ranked: dict[str, str]) -> str:
+    """The columns that are not ranked, in two groups: values that are not measures (named), and
+    measures computed from the test split (counted per probe: a probe's per-layer keys are many)."""
+    test = [c for c, why in not_ranked.items() if "test split" in why]
+    other = sorted(c for c in not_ranked if c not in test)
+    parts = []
+    if other:
+        parts.append("Not measures (the run's own error or loss, counts, sizes, transforms of "
+                     "another value), so not ranked: " + ", ".join(other) + ".")
+    if test:
+        probes: dict[str, int] = {}
+        for column in test:
+            probes[column.split(".", 1)[0]] = probes.get(column.split(".", 1)[0], 0) + 1
+        parts.append("Computed from the test split, which holds the target, so not ranked: "
+                     + ", ".join(f"{p} ({k} value{'s' if k != 1 else ''})"
+                                 for p, k in sorted(probes.items()))
+                     + " (run those probes with split: train to rank them).")
+    return " ".join(parts)
 
 
 def _runs_table(table: pd.DataFrame, hyper: list[str]) -> pd.DataFrame:
@@ -227,6 +251,7 @@ def sweep_body(content: SweepContent) -> list[str]:
                     f"{H.escape(str(options.get('reference')))}'s on the same resamples, with "
                     f"its p-value adjusted by {H.escape(attrs.get('correction', 'Holm'))}. "
                     f"Sorted by |τ|.</p>")
+        ranking.attrs = attrs
         body.append('<div class="scroll">' + H.table(_ranking_table(ranking),
                                                       max_rows=len(ranking)) + "</div>")
         if len(unscored):
@@ -236,8 +261,7 @@ def sweep_body(content: SweepContent) -> list[str]:
             body.append("<p class=\"sub\">Runs left out of the ranking: " + H.escape("; ".join(
                 f"{run} ({why})" for run, why in attrs["excluded"].items())) + ".</p>")
         if doc.get("not_measures"):
-            body.append("<p class=\"sub\">Reported by the probes but not measures, so not "
-                        "ranked: " + H.escape(", ".join(sorted(doc["not_measures"]))) + ".</p>")
+            body.append(f'<p class="sub">{H.escape(_not_ranked_text(doc["not_measures"]))}</p>')
         if "ranking" in content.figures:
             shown = min(len(ranking), PLOTTED_MEASURES)
             body.append(H.figure(content.figures["ranking"], "rank correlations and measures "
@@ -248,7 +272,8 @@ def sweep_body(content: SweepContent) -> list[str]:
         body.append(f'<p class="note">{H.escape(doc.get("ranking_note", "no ranking"))}</p>')
     body.append("</section>")
     body.append('<section id="runs"><h2>Runs</h2>')
-    body.append(H.table(_runs_table(table, doc["hyperparameters"]), max_rows=200))
+    body.append('<div class="scroll">' + H.table(_runs_table(table, doc["hyperparameters"]),
+                                                  max_rows=200) + "</div>")
     if doc["measures"] and doc["runs_done"] <= RUN_FIGURES:
         body.append("<h3>Measures of each run</h3><div class=\"scroll\">"
                     + H.table(_measures_table(table, doc["measures"]), max_rows=len(doc["measures"]))
