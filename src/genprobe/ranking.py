@@ -558,14 +558,11 @@ def rank_correlation(table: pd.DataFrame, *, target: str = "gap",
         Wm = (W if resampled else W[:1]) * defined[None, :]
         sx = _signs(np.where(defined, mu, 0.0))
 
-        def padded(scores: np.ndarray) -> np.ndarray:  # no resamples: NaN in their place
-            return scores if resampled else np.concatenate([scores, np.full(len(W) - 1, np.nan)])
-
-        tau = padded(_tau_b(sx, sy, Wm))
+        tau = _padded(_tau_b(sx, sy, Wm), len(W))
         gran, psi = _granulated(sx, sy, codes, Wm)
-        gran, psi = padded(gran), {h: padded(v) for h, v in psi.items()}
+        gran, psi = _padded(gran, len(W)), {h: _padded(v, len(W)) for h, v in psi.items()}
         score, chosen = cmi_score(sx, sy, codes, Wm)
-        score = padded(score)
+        score = _padded(score, len(W))
         if not resampled:
             row["note"] = (f"no interval: {row['n_models']} models (a bootstrap interval of a rank "
                            f"correlation needs at least {MIN_INTERVAL_MODELS})")
@@ -611,6 +608,11 @@ def rank_correlation(table: pd.DataFrame, *, target: str = "gap",
         "leader": _leader(order, replicates, opts, n), "options": asdict(opts),
         "correction": CORRECTION}
     return ranking
+
+
+def _padded(scores: np.ndarray, rows: int) -> np.ndarray:
+    """Scores of the point estimate alone (no resamples) padded with NaN to `rows`."""
+    return np.concatenate([scores, np.full(rows - len(scores), np.nan)])
 
 
 def _leader(order: list[str], replicates: Mapping[str, np.ndarray], opts: RankingOptions,
