@@ -433,6 +433,14 @@ def test_demo_quick_writes_a_report_that_renders_and_reruns_in_place(tmp_path):
     assert any(r["config"]["arch_options"].get("readout") == "gap" for r in doc["runs"])
     for run in doc["runs"]:
         assert [p["probe"] for p in run["probes"]] == list_probes()
+    # the tour opens with what each network shows, then the ranking, which names no best
+    # measure over four models and ranks no test-split value
+    html = page.read_text()
+    assert html.index("<h2>Run ") < html.index('<section id="ranking">')
+    assert "too small to call any measure the best" in doc["ranking_reading"]
+    ranked = {r["measure"] for r in doc["ranking"]}
+    assert ranked and not ranked & {"ablation.base_accuracy", "robustness.base_error",
+                                    "criticality.trained_error", "ntk.mean_prediction_accuracy"}
     if chromium() is not None or os.environ.get("CI", "").lower() == "true":
         _assert_clean(page, images=1 + 4 * (1 + len(list_probes())))
     (tmp_path / "demo" / "notes.txt").write_text("mine")

@@ -18,6 +18,7 @@ full and the quick demo go to different directories by default (``runs/demo`` an
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -101,6 +102,9 @@ def run_demo(out: Path | None = None, *, quick: bool = False, device: str = "aut
     echo(f"demo: {outcome.done} models done, {outcome.failed} failed "
          f"({time.perf_counter() - began:.0f} s); writing the report")
     page = report(out)
+    reading = json.loads(page.with_suffix(".json").read_text())["sweep"].get("ranking_reading")
+    if reading:
+        echo(f"demo: {reading}")
     echo(f"demo: done in {time.perf_counter() - began:.0f} s; the report: {page}")
     return page
 
