@@ -486,11 +486,10 @@ def rank_correlation(table: pd.DataFrame, *, target: str = "gap",
     columns = [str(c) for c in table.columns]
     if target not in table.columns:
         raise ConfigError(f"unknown target column {target!r}; the table has: {', '.join(columns)}")
-    directions: dict[str, int] = {}
+    from .measures import classify
+
     not_ranked: dict[str, str] = {}
     if measures is None:
-        from .measures import classify
-
         attrs = table.attrs
         directions, not_ranked = classify([c for c in columns if c != target],
                                           probes=attrs.get("probes"),
@@ -504,8 +503,6 @@ def rank_correlation(table: pd.DataFrame, *, target: str = "gap",
         measures = _columns(table, measures, "measure")
         if not measures:
             raise ConfigError("measures=[] names no measure column; pass at least one")
-        from .measures import classify
-
         known, _ = classify(measures)
         directions = {m: known.get(m, 0) for m in measures}
     keep, excluded = eligible_models(table, max_train_error=opts.max_train_error)
