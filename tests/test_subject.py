@@ -152,3 +152,50 @@ def test_loading_a_run_leaves_the_global_rng_alone(tiny_run):
     before = torch.get_rng_state()
     gp.Subject.load(tiny_run)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.fixture(scope="module")
+def loaded_runs(tmp_path_factory):
+    """A run of every zoo architecture, trained one epoch on a few digits and loaded from disk."""
+    from genprobe.zoo import list_models
+    from genprobe.zoo.train import TrainConfig, train_run
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    runs = {}
+    try:
+        for arch in list_models():
+            options = {"fcn": {"width": 16, "depth": 1}, "cnn": {"channels": 4, "depth": 3},
+                       "vgg": {"config": "4,M,8"}, "resnet": {"width": 4, "depth": 8},
+                       "transformer": {}}.get(arch, {})
+            config = TrainConfig(arch=arch, dataset="digits", epochs=1, n_train=120, n_test=40,
+                                 batch_size=30, arch_options=options, device="cpu")
+            runs[arch] = train_run(config, tmp_path_factory.mktemp(arch) / "run")
+    finally:
+        torch.set_num_threads(threads)
+    return runs
+
+
+def test_a_loaded_subject_model_carries_the_final_state(loaded_runs):
+    for arch, run in loaded_runs.items():
+        subject = gp.Subject.load(run)
+        state = subject.model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in subject.final.items()), arch
+        assert not all(torch.equal(state[k], v) for k, v in subject.init.items()), arch
+
+
+def test_every_probe_self_check_passes_on_a_loaded_run_of_every_architecture(loaded_runs):
+    from genprobe.probes.registry import get_probe, list_probes
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for arch, run in loaded_runs.items():
+            subject = gp.Subject.load(run)
+            for name in list_probes():
+                spec = get_probe(name)
+                check = spec.function(subject, **spec.tiny).meta.get("self_check")
+                if check is not None:
+                    assert check["passed"], (arch, name, check)
+    finally:
+        torch.set_num_threads(threads)

@@ -52,6 +52,8 @@ class Subject:
             p.requires_grad_(False)
         model = self.model
         self.final = P.canonical_state(model, self.final if self.final is not None else model.state_dict(), "final")
+        with torch.no_grad():  # the Subject's own copy carries θ^F: a user calling it gets it
+            model.load_state_dict(dict(self.final), strict=False)
         self.init = None if self.init is None else P.canonical_state(model, self.init, "init")
         checkpoints = {}
         for epoch, state in dict(self.checkpoints).items():

@@ -520,9 +520,9 @@ def _self_check(subject: Subject, train: Data, kernel: Tensor | None, files: dic
     if kernel is None:
         kernel = torch.from_numpy(np.load(files["kernel"], mmap_mode="r")[:2, :2].copy())
     m = min(2, len(train))
-    params = {k: v.detach().clone().requires_grad_(True)
-              for k, v in dict(subject.model.named_parameters()).items()}
-    state = dict(subject.final)
+    state = dict(subject.final)  # the weights probed, never the module's own
+    params = {k: state[k].detach().clone().requires_grad_(True)
+              for k, _ in subject.model.named_parameters()}
     from torch.func import functional_call
 
     rows = []
