@@ -281,6 +281,75 @@ def test_robustness_reading_states_its_numbers():
         assert piece in text, (piece, text)
 
 
+def _robustness_result(errors: dict[tuple[str, str], float], base: float) -> gp.RobustnessResult:
+    """A robustness result from {(module, target): error}; a module is robust when its re-init
+    to θ⁰ stays within 1 pp of `base`."""
+    table = pd.DataFrame([{"module": m, "target": t, "error": e, "kind": "reinit"}
+                          for (m, t), e in errors.items()])
+    modules = sorted({m for m, _ in errors}, key=list(dict.fromkeys(m for m, _ in errors)).index)
+    reinit = {m: errors[(m, "0")] for m in modules}
+    mods = pd.DataFrame({"module": modules, "moved": np.linspace(0.2, 1.0, len(modules)),
+                         "robust": [reinit[m] - base < 0.01 for m in modules],
+                         "delta_error": [reinit[m] - base for m in modules],
+                         "error": [reinit[m] for m in modules]})
+    summary = {"critical_modules": int((~mods["robust"]).sum()), "base_error": base,
+               "critical_fraction": float((~mods["robust"]).mean()), "base_loss": 0.5,
+               "mean_delta_error_reinit": float(mods["delta_error"].mean()),
+               "mean_delta_error_rerandomize": math.nan}
+    return gp.RobustnessResult(table=table, summary=summary, tables={"modules": mods},
+                               meta={"options": {"split": "test", "threshold": 0.01}})
+
+
+def test_robustness_reading_says_when_a_rewind_lowers_the_error():
+    """The demo's noisy-label network: rewinding layers.3 to epoch 2 lowers the test error from
+    40.6% to 8.1% — the memorization signature, said as a finding, not as 'robust'."""
+    r = _robustness_result({("layers.1", "0"): 0.85, ("layers.1", "2"): 0.30,
+                            ("layers.3", "0"): 0.401, ("layers.3", "2"): 0.081,
+                            ("layers.5", "0"): 0.409, ("layers.5", "2"): 0.40}, base=0.406)
+    text = r.reading()
+    assert "Finding: rewinding layers.3 to its state at epoch 2 lowers the test error from " \
+        "40.6% to 8.1%" in text, text
+    assert "(2 modules lower it by more than 1.0 pp at some checkpoint)" in text
+    assert "memorization" in text
+    # layers.3 re-initialized to θ⁰ sits below the trained error: "raises" would be false
+    assert "leaves the test error within 1.0 pp of 40.6% (at between 40.1% and 40.9%)" in text
+    assert "raises the test error by less than" not in text
+
+
+def test_robustness_reading_has_no_finding_when_every_rewind_hurts():
+    r = _robustness_result({("a", "0"): 0.5, ("a", "3"): 0.2, ("b", "0"): 0.105,
+                            ("b", "3"): 0.101}, base=0.1)
+    text = r.reading()
+    assert "Finding" not in text and "a is critical" in text
+    assert "b is robust: re-initializing it raises the test error by less than 1.0 pp (to 10.5%)" in text
+
+
+@pytest.mark.parametrize("rho, words", [
+    (0.33, "More selective units are moderately more important: Spearman ρ = +0.330"),
+    (-0.35, "More selective units are moderately less important: Spearman ρ = -0.350"),
+    (0.05, "Selectivity and importance are hardly related: Spearman ρ = +0.050"),
+    (-0.8, "More selective units are strongly less important"),
+    (0.2, "More selective units are weakly more important"),
+])
+def test_selectivity_reading_follows_the_sign_and_size_of_rho(rho, words):
+    table = pd.DataFrame({"layer": ["l1"] * 4, "unit": range(4), "selectivity": [0.1, 0.2, 0.5, 0.9],
+                          "importance": [0.01, 0.0, 0.02, 0.005]})
+    r = gp.SelectivityResult(table=table, summary={"mean_selectivity": 0.425,
+                                                   "selectivity_importance_spearman": rho,
+                                                   "base_accuracy": 0.9},
+                             meta={"options": {"split": "test"}})
+    assert words in r.reading(), r.reading()
+
+
+def test_selectivity_reading_without_a_correlation_says_nothing_of_it():
+    table = pd.DataFrame({"layer": ["l1"] * 2, "unit": range(2), "selectivity": [0.1, 0.2],
+                          "importance": [0.01, 0.0]})
+    r = gp.SelectivityResult(table=table, summary={"mean_selectivity": 0.15, "base_accuracy": 0.9,
+                                                   "selectivity_importance_spearman": math.nan},
+                             meta={"options": {"split": "test"}})
+    assert "Spearman" not in r.reading()
+
+
 def test_criticality_reading_states_its_numbers():
     mu = np.array([1234.5, 0.0, 98.7, math.inf])
     mods = pd.DataFrame({"module": ["a", "b", "c", "d"], "criticality": mu})
@@ -362,7 +431,7 @@ def test_selectivity_reading_states_its_numbers():
                   f"{number(means.min())} in {means.idxmin()}", f"{number(means.max())} in {means.idxmax()}",
                   f"{high} unit", f"at most {points(top['importance'])} (unit {int(top['unit'])} of {top['layer']})",
                   f"mean drop over units is {points(table['importance'].mean(), 2)}",
-                  "poorly: Spearman ρ = -0.123"]:
+                  "More selective units are weakly less important: Spearman ρ = -0.123"]:
         assert piece in text, (piece, text)
 
 

@@ -135,9 +135,32 @@ class RobustnessResult(Result):
                   handlelength=1.2, columnspacing=1.0)
         return fig
 
+    def _rewinds_that_help(self, base: float, split: str, threshold: float) -> str:
+        """A finding when rewinding a module to some checkpoint *lowers* the error by more than
+        the threshold: later training made the network worse through that module (with
+        corrupted labels, the signature of memorization)."""
+        if self.table.empty:
+            return ""
+        m = self.map.drop(columns=[RERANDOMIZE], errors="ignore")
+        if m.empty or not np.isfinite(m.to_numpy(dtype=float)).any():
+            return ""
+        stacked = m.stack().dropna()
+        (module, target), best = stacked.idxmin(), float(stacked.min())
+        if not best < base - threshold:
+            return ""
+        helping = sorted({mod for (mod, _), v in stacked.items() if v < base - threshold})
+        when = "its initial values (θ⁰)" if str(target) == "0" else f"its state at epoch {target}"
+        return (f" Finding: rewinding {module} to {when} lowers the {split} error from "
+                f"{percent(base)} to {percent(best)}"
+                + (f" ({len(helping)} modules lower it by more than {points(threshold)} at some "
+                   f"checkpoint)" if len(helping) > 1 else "")
+                + ": training after that point made the network worse through it — with "
+                "corrupted labels, the signature of memorization.")
+
     def reading(self) -> str:
-        """Which modules are critical and robust, with the errors that decided it; how much
-        worse re-randomizing is; which modules moved most."""
+        """Which modules are critical and robust, with the errors that decided it; a rewind that
+        lowers the error (a finding); how much worse re-randomizing is; which modules moved
+        most."""
         mods = self.modules
         options = self.meta.get("options", {})
         split = options.get("split", "test")
@@ -155,15 +178,20 @@ class RobustnessResult(Result):
             parts.append(text + (f" ({', '.join(others)})" if others else ""))
         if len(robust):
             verb = "is" if len(robust) == 1 else "are"
-            low, high = percent(robust["error"].min()), percent(robust["error"].max())
+            low, high = robust["error"].min(), robust["error"].max()
+            span = (percent(low) if percent(low) == percent(high)
+                    else f"between {percent(low)} and {percent(high)}")
+            change = ("leaves the {split} error within {t} of {base} (at {span})" if low < base
+                      else "raises the {split} error by less than {t} (to {span})")
             parts.append(f"{names(list(robust['module']))} {verb} robust: re-initializing "
-                         f"{'it' if len(robust) == 1 else 'any one of them'} raises the {split} error "
-                         f"by less than {points(options.get('threshold', 0.01))} (to "
-                         f"{low if low == high else f'between {low} and {high}'})")
+                         f"{'it' if len(robust) == 1 else 'any one of them'} "
+                         + change.format(split=split, t=points(options.get("threshold", 0.01)),
+                                         base=percent(base), span=span))
         else:
             parts.append(f"no module is robust: re-initializing any one of them raises the {split} "
                          f"error by at least {points(options.get('threshold', 0.01))}")
         text = "; ".join(parts) + "."
+        text += self._rewinds_that_help(base, split, options.get("threshold", 0.01))
         rr, ri = self.summary["mean_delta_error_rerandomize"], self.summary["mean_delta_error_reinit"]
         if math.isfinite(rr):
             text += (f" Re-randomizing a module (a fresh draw from the initial distribution instead "

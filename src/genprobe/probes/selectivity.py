@@ -100,10 +100,16 @@ class SelectivityResult(Result):
                      f"mean drop over units is {points(t['importance'].mean(), 2)}.")
             rho = self.summary["selectivity_importance_spearman"]
             if math.isfinite(rho):
-                how = "poorly" if abs(rho) < 0.3 else "moderately" if abs(rho) < 0.6 else "well"
-                text += (f" Selectivity predicts that importance {how}: Spearman ρ = {rho:.3f} "
-                         f"over {len(t)} units (Morcos et al.: selective units are no more "
-                         "important).")
+                strength = ("hardly at all" if abs(rho) < 0.1 else "weakly" if abs(rho) < 0.3
+                            else "moderately" if abs(rho) < 0.6 else "strongly")
+                if abs(rho) < 0.1:
+                    how = "Selectivity and importance are hardly related"
+                elif rho > 0:
+                    how = f"More selective units are {strength} more important"
+                else:
+                    how = f"More selective units are {strength} less important"
+                text += (f" {how}: Spearman ρ = {rho:+.3f} over {len(t)} units (Morcos et al.: "
+                         "selective units are no more important).")
         return text
 
 
