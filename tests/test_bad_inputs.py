@@ -348,6 +348,11 @@ CASES: list[Case] = [
     cli("config-directory", ["train", "{tmp}/empty"], "empty is a directory", empty_folder),
     cli("config-bad-yaml", ["train", "{tmp}/c.yaml"], "is not valid YAML", config_file("arch: [fcn\n")),
     cli("config-list", ["train", "{tmp}/c.yaml"], "must be a mapping", config_file("- fcn\n- digits\n")),
+    cli("config-duplicate-key", ["train", "{tmp}/c.yaml"], "key 'epochs' appears twice, at lines 3 "
+        "and 4; keep one", config_file("arch: fcn\ndataset: digits\nepochs: 3\nepochs: 5\n")),
+    cli("sweep-duplicate-key", ["sweep", "{tmp}/c.yaml", "--out", "{tmp}/out"], "key 'lr' appears "
+        "twice, at lines 3 and 4", config_file("train: {arch: fcn, dataset: digits}\ngrid:\n  lr: "
+                                                "[0.1]\n  lr: [0.2]\n")),
     cli("config-binary", ["train", "{tmp}/c.yaml"], "cannot be read as YAML text", config_file(b"\xff\xfe\x00\x81")),
     cli("config-unknown-key", ["train", "{tmp}/c.yaml"], "unknown training option 'epoch'",
         config_file(CONFIG_OK + "epoch: 3\n")),

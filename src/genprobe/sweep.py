@@ -164,22 +164,11 @@ class SweepConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> SweepConfig:
         """Read and check a sweep config file (ConfigError, one line, naming what is wrong)."""
+        from .yamlfile import read_mapping
+
         path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"sweep config {path} is a directory; pass a YAML file "
-                              "(e.g. examples/sweeps/tiny.yaml)")
-        if not path.is_file():
-            raise ConfigError(f"sweep config {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"sweep config {path} is not valid YAML: {first_line(exc)}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"sweep config {path} cannot be read as YAML text: "
-                              f"{first_line(exc)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"sweep config {path} must be a mapping with keys train, grid or runs, "
-                              "probes, ...")
+        data = read_mapping(path, "sweep config", "keys train, grid or runs, probes, ... (e.g. "
+                            "examples/sweeps/tiny.yaml)")
         data.setdefault("name", path.stem)
         return cls.from_dict(data, source=f"sweep config {path}")
 

@@ -26,7 +26,6 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import yaml
 from safetensors.torch import save_file
 from torch import nn
 
@@ -116,20 +115,9 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        path = Path(path)
-        if path.is_dir():
-            raise ConfigError(f"config file {path} is a directory; pass a YAML file of training options")
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            d = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {first_line(exc)}") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {path} cannot be read as YAML text: {first_line(exc)}") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"config file {path} must be a mapping of option: value")
-        return cls.from_dict(d)
+        from ..yamlfile import read_mapping
+
+        return cls.from_dict(read_mapping(path, "config file", "training option: value"))
 
     def validated(self) -> TrainConfig:
         """Check every option; raise ConfigError naming the first bad one."""
