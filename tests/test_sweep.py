@@ -518,6 +518,8 @@ BAD = [
     ({"ranking": {"level": 1.5}}, [], "level must be a number strictly between 0 and 1"),
     ({"ranking": {"min_models": 1}}, [], "min_models must be an integer >= 2"),
     ({"ranking": {"bootstrp": 10}}, [], "unknown option 'bootstrp'"),
+    ({"grid": {"lr": [0.1] * 20, "width": list(range(1, 21)), "seed": list(range(10))}}, [],
+     "the sweep has 4,000 runs (20 lr × 10 seed × 20 width), more than 1,000; pass --allow-large"),
 ]
 
 

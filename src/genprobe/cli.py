@@ -524,6 +524,7 @@ def sweep(
     address: str | None = typer.Option(None, help="Ray cluster address host:port (with --executor "
                                        "ray; default: a local Ray instance)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
+    allow_large: bool = typer.Option(False, help="Accept a sweep of more than 1,000 runs."),
 ) -> None:
     """Train a grid of models and probe each (SWEEP/table.parquet); re-run to resume or retry."""
     import pandas as pd
@@ -541,7 +542,7 @@ def sweep(
     global _on_interrupt
     _on_interrupt = kept
     outcome = run_sweep(cfg, out, jobs=jobs, threads=threads, executor=executor, address=address,
-                        device=device)
+                        device=device, allow_large=allow_large)
     shown = [c for c in ("run", *outcome.table.attrs["hyperparameters"], "test_error",
                          "gap", "status") if c in outcome.table.columns]
     with pd.option_context("display.max_rows", 60, "display.width", 160,

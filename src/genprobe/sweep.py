@@ -95,6 +95,9 @@ GAPS = ("gap", "loss_gap")
 NOT_SWEPT = ("device", "data_dir")
 """TrainConfig fields that say where a run computes or finds its data, not what it trains: they
 are not part of its identity, and ``device`` comes from the sweep's ``--device``."""
+LARGE = 1000
+"""A sweep of more runs than this needs an explicit ``allow_large`` (``--allow-large``): a grid
+that large is more often a typo (a list where a value was meant) than a plan."""
 ID_KEYS = (("width", "w"), ("channels", "c"), ("depth", "d"), ("batchnorm", "bn"),
            ("dropout", "do"), ("batch_size", "bs"), ("weight_decay", "wd"))
 """Options shown in a run id when they differ from their defaults (lr, label noise and seed
@@ -218,16 +221,25 @@ class SweepConfig:
                           "measures": self.measures, "ranking": self.ranking,
                           "figures": self.figures})
 
-    def expand(self) -> list[SweepRun]:
+    def size(self) -> int:
+        """How many runs the grid and the explicit runs make (before repeats are merged)."""
+        return (math.prod(len(v) for v in self.grid.values()) if self.grid else 0) + len(self.runs)
+
+    def expand(self, *, allow_large: bool = False) -> list[SweepRun]:
         """The runs, in expansion order: the grid's cartesian product (keys in the config's
         order, the last varying fastest), then the explicit ``runs``. A run that appears twice
         is kept once (its first place). Checks every run's options, data and model (ConfigError,
-        DataError)."""
+        DataError), and refuses more than :data:`LARGE` runs unless `allow_large`."""
         empty = [k for k, v in self.grid.items() if not v]
         if empty or not (self.grid or self.runs):
             why = f"grid key {empty[0]!r} has no values" if empty else "it has neither a grid nor runs"
             raise ConfigError(f"{self.source}: the sweep has zero runs ({why}); give each grid key "
                               "at least one value, or list runs")
+        if self.size() > LARGE and not allow_large:
+            shape = " × ".join(f"{len(v)} {k}" for k, v in self.grid.items())
+            raise ConfigError(f"{self.source}: the sweep has {self.size():,} runs ({shape}"
+                              f"{f' + {len(self.runs)} listed' if self.runs else ''}), more than "
+                              f"{LARGE:,}; pass --allow-large (allow_large=True) if you mean it")
         points: list[tuple[str, dict]] = []
         if self.grid:
             keys = list(self.grid)
@@ -912,7 +924,8 @@ def default_out(config: SweepConfig) -> Path:
 def run_sweep(config: SweepConfig | str | Path, out: str | Path | None = None, *,
               jobs: int | None = None, threads: int | None = None, executor: str = "local",
               address: str | None = None, device: str = "auto",
-              progress: bool = True, on_run: Callable[[dict], None] | None = None) -> SweepOutcome:
+              progress: bool = True, on_run: Callable[[dict], None] | None = None,
+              allow_large: bool = False) -> SweepOutcome:
     """Run a sweep (a :class:`SweepConfig`, or the path of its YAML file) into `out` (default
     :func:`default_out`); see the module docstring.
 
@@ -922,6 +935,7 @@ def run_sweep(config: SweepConfig | str | Path, out: str | Path | None = None, *
     ``executor``: ``local`` (:class:`~genprobe.executors.LocalExecutor`) or ``ray``
     (:class:`~genprobe.executors.RayExecutor`, at ``address`` or a local instance). ``device``:
     where runs train and probes compute. ``on_run(record)`` is called as each run finishes.
+    ``allow_large``: accept more than :data:`LARGE` runs.
 
     Everything is checked before anything is written. A failed run is recorded and the sweep
     goes on; the outcome counts them. Raises OutputError when `out` is not a sweep directory
@@ -932,7 +946,7 @@ def run_sweep(config: SweepConfig | str | Path, out: str | Path | None = None, *
 
     if not isinstance(config, SweepConfig):
         config = SweepConfig.from_yaml(config)
-    runs = config.expand()
+    runs = config.expand(allow_large=allow_large)
     resolve_device(device)
     jobs, threads = check_jobs(jobs if jobs is not None else config.jobs,
                                threads if threads is not None else config.threads)
