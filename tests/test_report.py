@@ -126,7 +126,9 @@ def test_bad_inputs_are_one_typed_line(probed_run, tmp_path, capsys):
     cases = [(tmp_path / "nowhere", [], RunError, "does not exist"),
              (tmp_path / "empty", [], RunError, "neither a run directory"),
              (tmp_path / "file.txt", [], RunError, "is a file"),
-             (probed_run, ["--out", tmp_path / "r.txt"], ConfigError, "name an .html file")]
+             (probed_run, ["--out", tmp_path / "r.txt"], ConfigError, "name an .html file"),
+             (probed_run, ["--out", tmp_path / "missing" / "r.html"], OutputError,
+              "does not exist; create it, or choose another --out")]
     for path, extra, error, message in cases:
         with pytest.raises(error, match=message):
             gp.report(path, *(extra[1:] if extra else []))

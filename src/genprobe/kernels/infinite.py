@@ -129,6 +129,8 @@ def _as_inputs(x, name: str, arch: str, device: torch.device) -> Tensor:
         if t.dim() < 2:
             raise DataError(f"{name} has shape {tuple(t.shape)}; arch 'fcn' needs (N, D) or "
                             "(N, ...) inputs (flattened), with a leading example dimension")
+        if t.shape[0] == 0:
+            raise DataError(f"{name} has shape {tuple(t.shape)}: no examples")
         t = t.reshape(len(t), -1)
     elif t.dim() not in (3, 4):
         raise DataError(f"{name} has shape {tuple(t.shape)}; arch {arch!r} needs (N, C, L) (1-D) "

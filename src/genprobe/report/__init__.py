@@ -24,6 +24,7 @@ are written atomically.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 from pathlib import Path
 
 from .. import outputs, progress, store
@@ -73,6 +74,11 @@ def output_paths(path: Path, out: str | Path | None) -> tuple[Path, Path]:
                                (data, document.written_by_genprobe,
                                 '"generator": "genprobe" as its first key')):
         outputs.check_creatable(file.parent, "report folder")
+        if not file.parent.is_dir():
+            raise OutputError(f"report folder {file.parent} does not exist; create it, or choose "
+                              "another --out")
+        if not os.access(file.parent, os.W_OK | os.X_OK):
+            raise OutputError(f"report folder {file.parent} is not writable; choose another --out")
         if file.is_dir():
             raise OutputError(f"report {file} is a directory; name a file for --out")
         if file.exists() and not owned(file):
