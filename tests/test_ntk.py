@@ -161,6 +161,13 @@ def test_streamed_equals_in_memory_exactly(subject, tmp_path):
     assert torch.equal(again.kernel, mem.kernel)
 
 
+def test_streamed_per_output_kernel_equals_in_memory(subject, tmp_path):
+    mem = gp.ntk(subject, n=12, n_test=6, trace_outputs=False)
+    disk = gp.ntk(subject, n=12, n_test=6, trace_outputs=False, out=tmp_path / "k")
+    assert torch.equal(disk.kernel, mem.kernel) and disk.kernel.dim() == 4
+    assert disk.summary == pytest.approx(mem.summary, rel=1e-12)
+
+
 def test_lanczos_when_the_dense_spectrum_does_not_fit(tmp_path):
     subject = make_subject("nested", dtype=torch.float64, n_train=60, n_test=30)
     dense = gp.ntk(subject, n=40, n_test=0)

@@ -378,7 +378,7 @@ def _square(kernel: np.ndarray) -> np.ndarray:
     if kernel.ndim == 2:
         return kernel
     n, m, k, _ = kernel.shape
-    return np.ascontiguousarray(kernel.transpose(0, 2, 1, 3)).reshape(n * k, m * k)
+    return np.ascontiguousarray(np.asarray(kernel).transpose(0, 2, 1, 3)).reshape(n * k, m * k)
 
 
 def _analyse(kernel, kernel_test, train: Data, test: Data | None, classes: int, traced: bool,
