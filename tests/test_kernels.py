@@ -536,3 +536,27 @@ def test_bad_inputs_raise_one_line(call, error, message):
         call()
     text = str(info.value)
     assert message in text and "\n" not in text, text
+
+
+@pytest.mark.parametrize("activation, sigma_w2", [("relu", 2.5), ("erf", 6.0)])
+def test_the_overflow_depth_is_where_the_kernel_leaves_float64(activation, sigma_w2):
+    """For an fcn the diagonal recursion of the largest input is exact: one layer short of the
+    refused depth the kernel is finite and its largest entry within one layer's growth of 1e300."""
+    from genprobe.kernels.infinite import OVERFLOW, overflow_depth
+
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    at = overflow_depth(x, sigma_w2, 0.18, activation, 100_000)
+    assert at is not None and at > 10
+    last = infinite("fcn", x, depth=at - 1, sigma_w2=sigma_w2, sigma_b2=0.18, activation=activation)
+    top = float(last.ntk.diagonal().max())
+    assert math.isfinite(top) and OVERFLOW / (2 * sigma_w2) < top <= OVERFLOW
+    with pytest.raises(ConfigError, match=f"overflows float64 from depth {at} on"):
+        infinite("fcn", x, depth=at, sigma_w2=sigma_w2, sigma_b2=0.18, activation=activation)
+    assert overflow_depth(x, 1.0, 0.18, "erf", 100_000) is None  # ordered phase: bounded
+
+
+def test_ntk_phase_refuses_an_overflowing_depth_before_any_work():
+    with pytest.raises(ConfigError, match="overflows float64 already at depth 0"):
+        gp.ntk_phase(sigma_w2=[1e308], depths=[1], n_train=10, n_test=10)
+    with pytest.raises(ConfigError, match=r"depth 100000: .* use depths below"):
+        gp.ntk_phase(sigma_w2=[1.0, 2.0], depths=[1, 100_000], n_train=10, n_test=10)

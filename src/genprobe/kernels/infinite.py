@@ -241,6 +241,63 @@ def _input_cov(net: _Net, x1: Tensor, x2: Tensor) -> Tensor:
     return k.reshape(len(x1), len(x2), *net.spatial, *net.spatial) if s > 1 else k
 
 
+OVERFLOW = 1e300
+"""A kernel entry beyond this is refused: float64 ends at 1.8e308, and the spectrum and the
+mean prediction's solve need the margin."""
+
+
+def overflow_depth(x: Tensor, sigma_w2: float, sigma_b2: float, activation: str,
+                   max_depth: int) -> int | None:
+    """The first depth (hidden layers, up to `max_depth`) at which the largest diagonal entry of
+    the NTK of inputs `x` (as the recursion prepares them: (N, D), or (N, C, *S)) passes
+    :data:`OVERFLOW`, or None. The diagonal recursion from the largest x·x/D (per pixel for
+    CNNs, an upper bound there): q₁ = σ_w² m + σ_b², θ₁ = q₁;
+    q_{l+1} = σ_w² E[φ²](q_l) + σ_b², θ_{l+1} = q_{l+1} + σ_w² E[φ'²](q_l) θ_l; at depth d the
+    readout σ_w² E[φ²](q_d) + σ_b² + σ_w² E[φ'²](q_d) θ_d (depth 0: σ_w² m + σ_b²). Scalar
+    Python floats: 100,000 layers take milliseconds."""
+    m = float((x.double() * x.double()).mean(1).max())
+    if activation == "relu":
+        def square(q: float) -> float:
+            return q / 2
+
+        def slope(q: float) -> float:
+            return 0.5
+    else:
+        def square(q: float) -> float:
+            return 2 / math.pi * math.asin(2 * q / (1 + 2 * q)) if math.isfinite(q) else 1.0
+
+        def slope(q: float) -> float:
+            return 4 / math.pi / math.sqrt(1 + 4 * q) if math.isfinite(q) else 0.0
+
+    with np.errstate(all="ignore"):
+        top = sigma_w2 * m + sigma_b2
+        if not top <= OVERFLOW:
+            return 0
+        q = theta = top  # layer 1
+        for depth in range(1, max_depth + 1):  # the readout at depth d is θ_{d+1}
+            q, theta = sigma_w2 * square(q) + sigma_b2, \
+                sigma_w2 * square(q) + sigma_b2 + sigma_w2 * slope(q) * theta
+            if not theta <= OVERFLOW:
+                return depth
+    return None
+
+
+def check_depths(x: Tensor, depths: Sequence[int], sigma_w2: float, sigma_b2: float,
+                 activation: str) -> None:
+    """ConfigError (one line) when the deepest of `depths` takes the NTK of `x` past float64's
+    range (:func:`overflow_depth`), naming the depth where it would."""
+    at = overflow_depth(x, sigma_w2, sigma_b2, activation, max(depths))
+    if at is None:
+        return
+    if at == 0:
+        raise ConfigError(f"sigma_w2 = {sigma_w2:g} overflows float64 already at depth 0 (the "
+                          f"kernel passes {OVERFLOW:g}); use a smaller sigma_w2")
+    raise ConfigError(f"depth {max(depths)}: with sigma_w2 = {sigma_w2:g}, sigma_b2 = "
+                      f"{sigma_b2:g} ({activation}) the NTK overflows float64 from depth {at} on "
+                      f"(its largest diagonal entry passes {OVERFLOW:g}, by the recursion); use "
+                      f"depths below {at}")
+
+
 def _self_variances(net: _Net, x: Tensor, depth: int) -> list[Tensor]:
     """The pre-activation variance K(x, x)(p, p) entering each hidden layer's activation, layers
     1..depth: (N,) for fcn, (N, *S) for CNNs."""
@@ -382,6 +439,8 @@ def infinite_by_depth(
     if a.shape[1:] != b.shape[1:]:
         raise DataError(f"x1 inputs have shape {tuple(a.shape[1:])} but x2 inputs "
                         f"{tuple(b.shape[1:])}; both need the same shape")
+    for x in (a, b):
+        check_depths(x, depths, sigma_w2, sigma_b2, activation)
     net = _Net(arch, tuple(a.shape[2:]), filter_size, sigma_w2, sigma_b2, activation)
     batch_size, column_batch = _block_shape(net, len(a), len(b), batch_size, memory_budget, dev)
 
@@ -455,5 +514,6 @@ def infinite(
                              memory_budget=memory_budget, device=device)[depth]
 
 
-__all__ = ["ACTIVATIONS", "ARCHS", "Activation", "Arch", "InfiniteKernels", "check_hyperparameters",
-           "infinite", "infinite_by_depth"]
+__all__ = ["ACTIVATIONS", "ARCHS", "Activation", "Arch", "InfiniteKernels", "OVERFLOW",
+           "check_depths", "check_hyperparameters", "infinite", "infinite_by_depth",
+           "overflow_depth"]

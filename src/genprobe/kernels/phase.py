@@ -38,7 +38,15 @@ from ..probes.common import check_int, check_number, sample
 from ..results import Result
 from ..values import Data
 from .chaos import critical_sigma_w2, order_to_chaos
-from .infinite import ARCHS, Activation, Arch, check_hyperparameters, infinite, infinite_by_depth
+from .infinite import (
+    ARCHS,
+    Activation,
+    Arch,
+    check_depths,
+    check_hyperparameters,
+    infinite,
+    infinite_by_depth,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -304,6 +312,8 @@ def ntk_phase(
                                    data_dir=data_dir)
     x_train, x_test = _as_arch_inputs(train.x, arch), _as_arch_inputs(test.x, arch)
     x_all = torch.cat([x_train, x_test])
+    for w in sigma_w2s:  # before any work, and before the order-to-chaos root finding
+        check_depths(x_all, depth_list, w, sigma_b2, activation)
     targets = torch.nn.functional.one_hot(train.y, k).double() - 1.0 / k
     crit = critical_sigma_w2(sigma_b2, activation)
     chance = 1.0 / k
