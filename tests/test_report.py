@@ -70,6 +70,50 @@ def test_run_report_renders_every_figure_offline(probed_run):
     assert "<script" not in text
 
 
+def test_a_report_of_results_computed_in_python_on_any_subject(tmp_path):
+    """A researcher's own model, probed from Python: the same self-contained page, from the
+    results themselves (no run directory)."""
+    from foreign import make_subject
+
+    subject = make_subject("nested", n_train=40, n_test=20, checkpoints=2)
+    results = [gp.robustness(subject, **get_probe("robustness").tiny),
+               gp.selectivity(subject, **get_probe("selectivity").tiny),
+               gp.robustness(subject, checkpoints=None, draws=1)]
+    page = gp.report(results, out=tmp_path / "mine.html")
+    doc = json.loads((tmp_path / "mine.json").read_text())
+    assert doc["generator"] == "genprobe" and doc["kind"] == "results"
+    assert [e["probe"] for e in doc["results"]["probes"]] == ["robustness", "selectivity",
+                                                              "robustness-2"]
+    assert doc["results"]["probes"][0]["reading"] == results[0].reading()
+    text = page.read_text()
+    assert text.count('<img class="figure"') == 3 and "Configuration" not in text
+    assert "comes from the results passed to genprobe.report" in text
+    if chromium() is not None:
+        _assert_clean(page, images=3)
+    assert gp.report(results[1], out=tmp_path / "one.html").is_file()  # one result, and again:
+    assert gp.report(results[1], out=tmp_path / "one.html").is_file()  # its own file is replaced
+    with pytest.raises(ConfigError, match="needs out=FILE.html"):
+        gp.report(results)
+    with pytest.raises(ConfigError, match="a Result or a list of Results, got int"):
+        gp.report(3, out=tmp_path / "x.html")
+    (tmp_path / "theirs.html").write_text("a page of the user's own")
+    with pytest.raises(OutputError, match="not written by genprobe"):
+        gp.report(results, out=tmp_path / "theirs.html")
+
+
+def test_a_failed_self_check_is_said_beside_the_reading(probed_run, tmp_path):
+    from genprobe.report.runs import probe_section
+
+    entry = {"probe": "ntk", "reading": "The empirical NTK ...", "summary": {"lambda_max": 1.0},
+             "provenance": {"self_check": {"what": "Θ against a loop", "value": 0.5,
+                                           "tolerance": 1e-4, "passed": False}}}
+    html = probe_section(entry, None, fold=True)
+    failed = html.index("Self-check FAILED: Θ against a loop: 0.5 against a tolerance of 0.0001")
+    assert failed < html.index("<details>")  # not folded away
+    entry["provenance"]["self_check"]["passed"] = True
+    assert "Self-check FAILED" not in probe_section(entry, None, fold=True)
+
+
 def test_report_json_holds_the_same_content(probed_run):
     page = gp.report(probed_run)
     doc = json.loads(page.with_suffix(".json").read_text())

@@ -30,7 +30,7 @@ from pathlib import Path
 from .. import outputs, progress, store
 from .._version import __version__
 from ..errors import ConfigError, OutputError, RunError
-from ..results import machine
+from ..results import Result, machine
 from . import document, html
 from .runs import build_run, count_figures, run_body, summary_line
 
@@ -88,13 +88,18 @@ def output_paths(path: Path, out: str | Path | None) -> tuple[Path, Path]:
     return page, data
 
 
-def report(path: str | Path, out: str | Path | None = None) -> Path:
-    """Write the report of a run or sweep directory `path`; return the HTML file's path.
+def report(path, out: str | Path | None = None) -> Path:
+    """Write the report of a run or sweep directory `path`, or of results computed in Python (a
+    :class:`~genprobe.Result`, or a list of them, on any Subject); return the HTML file's path.
 
-    `out`: the HTML file (default ``PATH/report.html``); the JSON export goes beside it, with
-    ``.json``. Errors (one line each, before any work): `path` is neither a run nor a sweep, a
-    run has no probe results yet, a sweep has no finished runs, `out` exists and genprobe did
-    not write it."""
+    `out`: the HTML file (default ``PATH/report.html``; required for results); the JSON export
+    goes beside it, with ``.json``. Errors (one line each, before any work): `path` is neither a
+    run nor a sweep nor results, a run has no probe results yet, a sweep has no finished runs,
+    `out` is missing for results, its folder does not exist, or it exists and genprobe did not
+    write it."""
+    results = _as_results(path)
+    if results is not None:
+        return _report_results(results, out)
     path = Path(path)
     kind = kind_of(path)
     page, data = output_paths(path, out)
@@ -125,16 +130,53 @@ def report(path: str | Path, out: str | Path | None = None) -> Path:
     return page
 
 
-def _provenance_section(about: dict, config: dict) -> str:
+def _as_results(value) -> list[Result] | None:
+    """`value` as a list of results, or None when it is a path."""
+    if isinstance(value, Result):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, Result) for v in value):
+        return list(value)
+    if isinstance(value, (str, Path)):
+        return None
+    raise ConfigError(f"report takes a run or sweep directory, a Result or a list of Results, got "
+                      f"{type(value).__name__}")
+
+
+def _report_results(results: list[Result], out: str | Path | None) -> Path:
+    from .runs import build_results, results_body
+
+    if out is None:
+        raise ConfigError("a report of results computed in Python needs out=FILE.html (there is "
+                          "no run directory to write it into)")
+    page, data = output_paths(Path("."), out)
+    about = {"generator": "genprobe", "genprobe_version": __version__, "kind": "results",
+             "path": None, "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+             "machine": machine()}
+    with progress.task("report of results", total=len(results)) as bar:
+        content, figures = build_results(results, on_figure=bar.advance)
+    doc = {**about, "results": content}
+    probes = [e["probe"] for e in content["probes"]]
+    body = results_body(content, figures) + [_provenance_section(about, None)]
+    text = html.page("genprobe report", f"{len(probes)} result{'s' if len(probes) != 1 else ''}: "
+                     f"{', '.join(probes)}", body)
+    outputs.write_text_atomic(data, document.dumps(doc))
+    outputs.write_text_atomic(page, text)
+    return page
+
+
+def _provenance_section(about: dict, config: dict | None) -> str:
     from .runs import flatten
 
     report_rows = {"written by": f"genprobe {about['genprobe_version']}", "written at": about["written"],
                    **{f"machine {k}": v for k, v in about["machine"].items()}}
+    source = ("Every number above comes from the files of this directory" if config is not None
+              else "Every number above comes from the results passed to genprobe.report")
     return ('<section id="provenance"><h2>Provenance</h2>'
-            "<p>Every number above comes from the files of this directory; each probe section "
-            "lists the genprobe version, options, seed and machine of its result.</p>"
+            f"<p>{source}; each probe section lists the genprobe version, options, seed and "
+            "machine of its result.</p>"
             "<h3>This report</h3>" + html.key_values(report_rows)
-            + "<h3>Configuration</h3>" + html.key_values(flatten(config)) + "</section>")
+            + ("" if config is None else "<h3>Configuration</h3>" + html.key_values(flatten(config)))
+            + "</section>")
 
 
 __all__ = ["REPORT_HTML", "REPORT_JSON", "SWEEP_MARK", "kind_of", "output_paths", "report"]

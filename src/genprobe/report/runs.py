@@ -8,6 +8,7 @@ probe registered later appears here with no change, with its own figure (``plot(
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,11 @@ def _figure(result: Result, path: Path) -> tuple[str | None, str | None]:
             return saved.read_text(encoding="utf-8"), None
         except (OSError, UnicodeDecodeError) as exc:
             logger.warning("report: %s is unreadable (%s); re-drawing it", saved, exc)
+    return _drawn(result)
+
+
+def _drawn(result: Result) -> tuple[str | None, str | None]:
+    """(SVG text, None) of ``result.plot()``, or (None, why not)."""
     try:
         return to_svg(result.plot()), None
     except NotImplementedError:
@@ -162,8 +168,6 @@ def build_run(run: Path, *, figures: bool = True, on_figure=None,
     """Read a run and its probe results into a :class:`RunContent` (`figures`: include them;
     `on_figure()` is called after each one, for progress; `require_results`: RunError when the
     run has no probe result)."""
-    from ..probes.registry import get_probe, list_probes
-
     run = Path(run)
     config = store.read_config(run)
     metrics = store.read_metrics(run)
@@ -186,21 +190,15 @@ def build_run(run: Path, *, figures: bool = True, on_figure=None,
         content.figures["training"] = to_svg(training_figure(metrics))
         if on_figure:
             on_figure()
-    registered = set(list_probes())
     for name, path in probe_dirs(run):
         entry: dict[str, Any] = {"probe": name, "path": str(path.relative_to(run))}
-        if name in registered:
-            spec = get_probe(name)
-            entry.update(title=spec.summary, paper=spec.paper)
         try:
             result = Result.load(path)
         except RunError as exc:
-            entry["error"] = str(exc)
+            entry.update(_registration(name), error=str(exc))
             doc["probes"].append(entry)
             continue
-        entry.update(reading=_reading(result), summary=result.summary, provenance=provenance(result),
-                     table=result.brief().to_dict(orient="records"),
-                     table_columns=[str(c) for c in result.brief().columns])
+        entry |= result_entry(result)
         if figures:
             svg, why = _figure(result, path)
             if svg is not None:
@@ -213,6 +211,56 @@ def build_run(run: Path, *, figures: bool = True, on_figure=None,
     doc["missing"] = [{"probe": n, "command": f"genprobe probe {n} {run}"} for n in missing_probes(run)]
     content.doc = clean(doc)
     return content
+
+
+def _registration(name: str) -> dict[str, str]:
+    from ..probes.registry import get_probe, list_probes
+
+    if name not in list_probes():
+        return {}
+    spec = get_probe(name)
+    return {"title": spec.summary, "paper": spec.paper}
+
+
+def result_entry(result: Result) -> dict[str, Any]:
+    """A result's section of a report (JSON-able): its probe and paper, reading, summary,
+    provenance and table."""
+    brief = result.brief()
+    return {"probe": result.probe, **_registration(result.probe), "reading": _reading(result),
+            "summary": result.summary, "provenance": provenance(result),
+            "table": brief.to_dict(orient="records"), "table_columns": [str(c) for c in brief.columns]}
+
+
+def build_results(results: Sequence[Result], *, on_figure=None) -> tuple[dict[str, Any], dict[str, str]]:
+    """The report content of results computed in Python (no run directory): ``(doc, figures)``,
+    one entry per result, each figure drawn by its ``plot()``."""
+    doc: dict[str, Any] = {"probes": []}
+    figures: dict[str, str] = {}
+    for result in results:
+        entry = result_entry(result)
+        taken = {e["probe"] for e in doc["probes"]}
+        if entry["probe"] in taken:  # the same probe twice (two options): name them apart
+            entry["probe"] = next(f"{result.probe}-{k}" for k in range(2, len(taken) + 3)
+                                  if f"{result.probe}-{k}" not in taken)
+        svg, why = _drawn(result)
+        if svg is not None:
+            figures[f"probe:{entry['probe']}"] = svg
+        else:
+            entry["figure_note"] = why
+        if on_figure:
+            on_figure()
+        doc["probes"].append(entry)
+    return clean(doc), figures
+
+
+def results_body(doc: dict[str, Any], figures: dict[str, str]) -> list[str]:
+    """The HTML sections of a report of results computed in Python."""
+    body = ['<nav><ul>' + "".join(f'<li><a href="#{anchor("probe-" + e["probe"])}">'
+                                  f'{H.escape(e["probe"])}</a></li>' for e in doc["probes"])
+            + '<li><a href="#provenance">provenance</a></li></ul></nav>']
+    for entry in doc["probes"]:
+        body.append(probe_section(entry, figures.get(f"probe:{entry['probe']}")))
+    return body
 
 
 def count_figures(run: Path) -> int:
@@ -239,10 +287,17 @@ def probe_section(entry: dict[str, Any], svg: str | None, *, level: int = 2, pre
         parts.append(f'<p class="failed">{H.escape(entry["error"])}</p></section>')
         return "\n".join(parts)
     parts.append(f'<p class="reading">{H.escape(entry["reading"])}</p>')
+    check = (entry.get("provenance") or {}).get("self_check") or {}
+    if check.get("passed") is False:  # said beside the reading, never folded away
+        parts.append(f'<p class="failed">Self-check FAILED: {H.escape(check.get("what", ""))}: '
+                     f'{H.escape(check.get("value"))} against a tolerance of '
+                     f'{H.escape(check.get("tolerance"))}. Do not trust the numbers above until it '
+                     "passes.</p>")
     if fold:
         parts.append("<details><summary>figure, tables and provenance</summary>")
     if svg is not None:
-        parts.append(H.figure(svg, f"{name} figure", f"The figure of the result in {entry['path']}/."))
+        where = f" in {entry['path']}/" if entry.get("path") else ""
+        parts.append(H.figure(svg, f"{name} figure", f"The figure of the result{where}."))
     elif entry.get("figure_note"):
         parts.append(f'<p class="note">{H.escape(entry["figure_note"])}</p>')
     parts.append("<h4>Summary measures</h4>" + H.key_values(entry["summary"]))
@@ -307,6 +362,7 @@ def summary_line(doc: dict[str, Any]) -> str:
             f"probes: {names([e['probe'] for e in doc['probes']], 8)}")
 
 
-__all__ = ["RunContent", "build_run", "check_has_results", "count_figures", "flatten",
+__all__ = ["RunContent", "build_results", "build_run", "check_has_results", "count_figures",
+           "flatten", "result_entry", "results_body",
            "missing_probes", "probe_dirs", "probe_section", "provenance", "run_body",
            "summary_line", "training_figure", "training_reading"]
