@@ -77,7 +77,8 @@ def format_value(value: Any) -> str:
 
 
 def table(frame: pd.DataFrame, *, max_rows: int = MAX_ROWS) -> str:
-    """An HTML table of `frame` (its first `max_rows` rows, and a note saying how many more)."""
+    """An HTML table of `frame` (its first `max_rows` rows, and a note saying how many more), in a
+    box that scrolls sideways when the table is wider than the page."""
     shown = frame.head(max_rows)
     text_columns = {c for c in frame.columns if not pd.api.types.is_numeric_dtype(frame[c])
                     or pd.api.types.is_bool_dtype(frame[c])}
@@ -91,14 +92,15 @@ def table(frame: pd.DataFrame, *, max_rows: int = MAX_ROWS) -> str:
         rows.append(f"<tr>{cells}</tr>")
     more = (f'<p class="sub">… and {len(frame) - max_rows} more rows (all of them are in the '
             "JSON export).</p>" if len(frame) > max_rows else "")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>{more}"
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}'
+            f"</tbody></table></div>{more}")
 
 
 def key_values(pairs: Mapping[str, Any]) -> str:
     """A two-column table of name → value."""
     rows = "".join(f'<tr><th class="text">{escape(k)}</th><td class="text">{escape(format_value(v))}</td></tr>'
                    for k, v in pairs.items())
-    return f"<table><tbody>{rows}</tbody></table>"
+    return f'<div class="scroll"><table><tbody>{rows}</tbody></table></div>'
 
 
 def figure(svg: str, alt: str, caption: str = "") -> str:

@@ -198,7 +198,7 @@ def build_run(run: Path, *, figures: bool = True, on_figure=None,
             entry.update(_registration(name), error=str(exc))
             doc["probes"].append(entry)
             continue
-        entry |= result_entry(result)
+        entry = result_entry(result) | entry  # named by its folder, as the run lists it
         if figures:
             svg, why = _figure(result, path)
             if svg is not None:
@@ -276,7 +276,7 @@ def anchor(text: str) -> str:
 def probe_section(entry: dict[str, Any], svg: str | None, *, level: int = 2, prefix: str = "",
                   fold: bool = False) -> str:
     """The HTML section of one probe result: reading, figure, summary, table, provenance
-    (`fold`: all but the reading folded away)."""
+    (`fold`: the tables and provenance folded away; the reading and figure stay in view)."""
     name = entry["probe"]
     h = f"h{level}"
     about = "; ".join(entry[k] for k in ("title", "paper") if entry.get(k))
@@ -293,13 +293,13 @@ def probe_section(entry: dict[str, Any], svg: str | None, *, level: int = 2, pre
                      f'{H.escape(check.get("value"))} against a tolerance of '
                      f'{H.escape(check.get("tolerance"))}. Do not trust the numbers above until it '
                      "passes.</p>")
-    if fold:
-        parts.append("<details><summary>figure, tables and provenance</summary>")
     if svg is not None:
         where = f" in {entry['path']}/" if entry.get("path") else ""
         parts.append(H.figure(svg, f"{name} figure", f"The figure of the result{where}."))
     elif entry.get("figure_note"):
         parts.append(f'<p class="note">{H.escape(entry["figure_note"])}</p>')
+    if fold:
+        parts.append("<details><summary>tables and provenance</summary>")
     parts.append("<h4>Summary measures</h4>" + H.key_values(entry["summary"]))
     if entry.get("table"):
         frame = pd.DataFrame(entry["table"], columns=entry.get("table_columns"))

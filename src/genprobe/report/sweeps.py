@@ -252,8 +252,7 @@ def sweep_body(content: SweepContent) -> list[str]:
                     f"its p-value adjusted by {H.escape(attrs.get('correction', 'Holm'))}. "
                     f"Sorted by |τ|.</p>")
         ranking.attrs = attrs
-        body.append('<div class="scroll">' + H.table(_ranking_table(ranking),
-                                                      max_rows=len(ranking)) + "</div>")
+        body.append(H.table(_ranking_table(ranking), max_rows=len(ranking)))
         if len(unscored):
             body.append("<p class=\"sub\">Not scored: " + H.escape("; ".join(
                 f"{r['measure']} ({r['note']})" for _, r in unscored.iterrows())) + ".</p>")
@@ -272,12 +271,10 @@ def sweep_body(content: SweepContent) -> list[str]:
         body.append(f'<p class="note">{H.escape(doc.get("ranking_note", "no ranking"))}</p>')
     body.append("</section>")
     body.append('<section id="runs"><h2>Runs</h2>')
-    body.append('<div class="scroll">' + H.table(_runs_table(table, doc["hyperparameters"]),
-                                                  max_rows=200) + "</div>")
+    body.append(H.table(_runs_table(table, doc["hyperparameters"]), max_rows=200))
     if doc["measures"] and doc["runs_done"] <= RUN_FIGURES:
-        body.append("<h3>Measures of each run</h3><div class=\"scroll\">"
-                    + H.table(_measures_table(table, doc["measures"]), max_rows=len(doc["measures"]))
-                    + "</div>")
+        body.append("<h3>Measures of each run</h3>"
+                    + H.table(_measures_table(table, doc["measures"]), max_rows=len(doc["measures"])))
     body.append("</section>")
     if not networks_first:
         body += run_sections
