@@ -40,6 +40,10 @@ class Rendered:
     console: list[tuple[str, str]] = field(default_factory=list)
     images: list[dict] = field(default_factory=list)
     title: str = ""
+    overflow: int = 0
+    """How far the page is wider than the window (px): > 0 means a horizontal scrollbar."""
+    screenshot: bytes = b""
+    """A PNG of the window as rendered."""
 
     @property
     def errors(self) -> list[str]:
@@ -105,8 +109,14 @@ _IMAGES = ("JSON.stringify(Array.from(document.images).map(i => ({complete: i.co
            "width: i.naturalWidth, height: i.naturalHeight, alt: i.alt})))")
 
 
-def render(page: Path, *, timeout: float = 60.0, settle: float = 0.5) -> Rendered:
-    """Load `page` (a local file) in headless Chromium; return what it fetched, logged and loaded."""
+_OVERFLOW = "document.documentElement.scrollWidth - document.documentElement.clientWidth"
+
+
+def render(page: Path, *, timeout: float = 60.0, settle: float = 0.5, width: int = 1400,
+           height: int = 900) -> Rendered:
+    """Load `page` (a local file) in headless Chromium in a window `width` × `height` CSS pixels
+    (below 600 px wide, as a phone); return what it fetched, logged and loaded, how far it
+    overflows the window sideways, and a screenshot."""
     exe = chromium()
     if exe is None:
         raise FileNotFoundError("chromium is not installed (apt-get install chromium)")
@@ -133,6 +143,9 @@ def render(page: Path, *, timeout: float = 60.0, settle: float = 0.5) -> Rendere
         session = pipe.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Network", "Runtime", "Log", "Page"):
             pipe.send(f"{domain}.enable", session=session)
+        pipe.send("Emulation.setDeviceMetricsOverride",
+                  {"width": width, "height": height, "deviceScaleFactor": 1,
+                   "mobile": width < 600}, session=session)
         pipe.events.clear()  # about:blank's own events
         pipe.send("Page.navigate", {"url": Path(page).resolve().as_uri()}, session=session)
         pipe.wait_for("Page.loadEventFired", timeout)
@@ -143,6 +156,13 @@ def render(page: Path, *, timeout: float = 60.0, settle: float = 0.5) -> Rendere
         out.title = pipe.send("Runtime.evaluate", {"expression": "document.title",
                                                    "returnByValue": True},
                               session=session)["result"]["value"]
+        out.overflow = int(pipe.send("Runtime.evaluate", {"expression": _OVERFLOW,
+                                                          "returnByValue": True},
+                                     session=session)["result"]["value"])
+        import base64
+
+        out.screenshot = base64.b64decode(pipe.send("Page.captureScreenshot", {"format": "png"},
+                                                    session=session)["data"])
         for event in pipe.events:
             method, params = event.get("method"), event.get("params", {})
             if method == "Network.requestWillBeSent":

@@ -277,6 +277,12 @@ def test_sweep_report_ranks_the_measures_and_renders_offline(tiny_sweep):
     assert ">width</th>" in head and ">label_noise</th>" in head
     # one ranking figure, then per run its training curves and one figure per probe
     _assert_clean(page, images=1 + 4 * (1 + 2))
+    # at a desktop's width and a phone's: nothing runs off the page sideways, every figure loads
+    for width in (1400, 390):
+        shown = render(page, width=width)
+        assert shown.overflow <= 0, f"the page is {shown.overflow} px wider than {width} px"
+        assert all(i["complete"] and i["width"] > 0 for i in shown.images)
+        assert shown.screenshot.startswith(b"\x89PNG") and len(shown.screenshot) > 10_000
 
 
 def test_a_sweep_with_no_finished_run_is_refused(tmp_path):

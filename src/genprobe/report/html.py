@@ -38,6 +38,7 @@ body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; ma
 h1 { font-size: 1.6rem; margin-bottom: 0.2rem; }
 h2 { font-size: 1.3rem; border-bottom: 1px solid #ccc; padding-bottom: 0.2rem; margin-top: 2.2rem; }
 h3 { font-size: 1.1rem; margin-top: 1.6rem; }
+p, li, figcaption { overflow-wrap: anywhere; }  /* run ids and paths are long unbroken words */
 p.sub { color: #555; margin-top: 0; }
 p.reading { font-size: 1.02rem; background: #f4f7fb; border-left: 4px solid #0072B2;
             padding: 0.6rem 0.9rem; }
