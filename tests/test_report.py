@@ -504,6 +504,25 @@ def test_stiffness_reading_states_its_numbers():
     assert "no critical length" in r.reading()
 
 
+@pytest.mark.parametrize("within, between, own, other", [
+    (0.4, 0.2, "lowers the loss of others of its class", "lowers the loss of other classes"),
+    (-0.3, -0.2, "raises the loss of others of its class", "but raises the loss of other classes"),
+    (0.01, 0.0, "barely changes the loss of others of its class", "about unchanged"),
+])
+def test_stiffness_reading_follows_the_signs(within, between, own, other):
+    curve = pd.DataFrame({"checkpoint": "final", "bin_low": [0.0, 0.5], "bin_high": [0.5, 1.0],
+                          "cosine": [0.2, 0.6], "sign": [0.1, 0.5], "pairs": [10, 10]})
+    summary = {"within_class": within, "between_class": between, "critical_length": math.nan,
+               "n_rows": 10, "n_cols": 10}
+    r = gp.StiffnessResult(table=pd.DataFrame(), summary=summary, meta={"options": {}},
+                           tables={"states": pd.DataFrame(columns=["checkpoint"]), "distance": curve})
+    text = r.reading()
+    assert own in text and other in text, text
+    # a stiffness that grows with distance is not said to fall
+    assert "Mean stiffness rises with the input distance of the pair (0.2 for the closest, 0.6 " \
+        "for the farthest); it does not cross zero" in text, text
+
+
 def test_every_registered_probe_reads_its_real_result(probed_run):
     """On real results every reading is one paragraph that quotes at least one of its summary
     numbers (or, for a probe with only the default reading, all of them)."""

@@ -211,19 +211,29 @@ class StiffnessResult(Result):
             effect = "and lowers the loss of other classes' examples too"
         else:
             effect = "but raises the loss of other classes' examples"
+        own = ("lowers" if within >= 0.05 else "raises" if within <= -0.05
+               else "barely changes")
         text = (f"Within-class cosine stiffness is {number(within)} and between-class "
                 f"{number(between)} ({pairs} pairs of {int(self.summary['n_rows'])} × "
                 f"{int(self.summary['n_cols'])} examples): a gradient step on one example "
-                f"{'lowers' if within > 0 else 'does not lower'} the loss of others of its class, "
-                f"{effect}.")
+                f"{own} the loss of others of its class, {effect}.")
         xi = self.summary["critical_length"]
         distance = options.get("distance", "cosine")
+        curve = self.tables.get("distance", pd.DataFrame())
+        if len(curve) and "checkpoint" in curve.columns:
+            curve = curve[curve["checkpoint"] == FINAL]
+        trend = ""
+        if len(curve) > 1 and "cosine" in curve.columns:
+            near, far = float(curve["cosine"].iloc[0]), float(curve["cosine"].iloc[-1])
+            how = "falls" if far < near else "rises" if far > near else "stays"
+            trend = (f"Mean stiffness {how} with the input distance of the pair ({number(near)} "
+                     f"for the closest, {number(far)} for the farthest)")
         if math.isfinite(xi):
-            text += (f" Mean stiffness falls with the input distance of the pair and first crosses "
-                     f"zero at the critical length ξ = {number(xi)} ({distance} distance).")
+            text += (f" {trend or 'Mean stiffness'}{' and' if trend else ''} first crosses zero "
+                     f"at the critical length ξ = {number(xi)} ({distance} distance).")
         else:
-            text += (f" Mean stiffness does not cross zero over the observed {distance} distances "
-                     "(no critical length).")
+            text += (f" {trend + '; it' if trend else 'Mean stiffness'} does not cross zero over "
+                     f"the observed {distance} distances (no critical length).")
         seq = self.over_training
         seq = seq[seq["checkpoint"] != FINAL]
         if len(seq) > 1:
