@@ -523,6 +523,24 @@ def test_stiffness_reading_follows_the_signs(within, between, own, other):
         "for the farthest); it does not cross zero" in text, text
 
 
+@pytest.mark.parametrize("lam_min, ratios, pieces", [
+    (0.5, (91.3, 0.127), ["slowest mode needs about κ times", "λ_max grew 91.3-fold",
+                          "κ shrank to 0.127 times its value"]),
+    (-1e-9, (0.5, 4.0), ["singular at this precision (λ_min ≤ 0)", "λ_max shrank to 0.5 times",
+                         "κ grew 4-fold"]),
+])
+def test_ntk_reading_follows_its_numbers(lam_min, ratios, pieces):
+    kappa = 40.0 / lam_min if lam_min > 0 else math.inf
+    summary = {"lambda_max": 40.0, "lambda_min": lam_min, "condition_number": kappa,
+               "max_learning_rate": 0.05, "mean_prediction_accuracy": math.nan,
+               "lambda_max_ratio": ratios[0], "condition_number_ratio": ratios[1]}
+    r = gp.NTKResult(table=pd.DataFrame({"state": ["0", "final"]}), summary=summary,
+                     meta={"n": 20, "options": {}})
+    text = r.reading()
+    for piece in pieces:
+        assert piece in text, (piece, text)
+
+
 def test_every_registered_probe_reads_its_real_result(probed_run):
     """On real results every reading is one paragraph that quotes at least one of its summary
     numbers (or, for a probe with only the default reading, all of them)."""

@@ -127,11 +127,14 @@ class NTKResult(Result):
         how λ_max and κ moved over training (with checkpoints)."""
         s, n = self.summary, int(self.meta.get("n", 0))
         kappa = s["condition_number"]
+        slowest = ("its slowest mode needs about κ times as many steps as its fastest"
+                   if math.isfinite(kappa) and s["lambda_min"] > 0 else
+                   "the kernel is singular at this precision (λ_min ≤ 0): gradient descent never "
+                   "fits the directions of its zero eigenvalues")
         text = (f"The empirical NTK of {n} training examples has eigenvalues from {number(s['lambda_min'])} "
                 f"to {number(s['lambda_max'])} (condition number κ = {number(kappa)}): full-batch "
                 f"gradient descent on the mean squared error of the linearized network is stable below "
-                f"a learning rate of {number(s['max_learning_rate'])}, and its slowest mode needs "
-                f"about κ times as many steps as its fastest.")
+                f"a learning rate of {number(s['max_learning_rate'])}, and {slowest}.")
         acc = s["mean_prediction_accuracy"]
         if math.isfinite(acc):
             chance = 1 / max(1, len(set(self.tensors["labels"].tolist())))
@@ -142,8 +145,15 @@ class NTKResult(Result):
                      f"{percent(s['mean_prediction_accuracy_t'])}.")
         if "lambda_max_ratio" in s:
             first = self.table.iloc[0]["state"]
-            text += (f" From epoch {first} to the end of training, λ_max changed by a factor of "
-                     f"{number(s['lambda_max_ratio'])} and κ by {number(s['condition_number_ratio'])}.")
+
+            def moved(ratio: float) -> str:
+                if not math.isfinite(ratio):
+                    return f"changed by a factor of {number(ratio)}"
+                return (f"grew {number(ratio)}-fold" if ratio > 1 else
+                        f"shrank to {number(ratio)} times its value" if ratio < 1 else "stayed")
+
+            text += (f" From epoch {first} to the end of training, λ_max "
+                     f"{moved(s['lambda_max_ratio'])} and κ {moved(s['condition_number_ratio'])}.")
         return text
 
     @styled
