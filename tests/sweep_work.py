@@ -11,3 +11,10 @@ def die_on_odd(unit: dict) -> dict:
         os.kill(os.getpid(), signal.SIGKILL)
     return {"n": unit["n"], "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)),
             "omp": os.environ.get("OMP_NUM_THREADS")}
+
+
+def interrupt_myself(unit: dict) -> dict:
+    """Send this worker a Ctrl-C (SIGINT, as a terminal sends to the whole process group) and
+    carry on: a worker leaves Ctrl-C to its parent."""
+    os.kill(os.getpid(), signal.SIGINT)
+    return {"n": unit["n"], "pid": os.getpid()}

@@ -343,6 +343,21 @@ def test_a_worker_that_dies_is_recorded_and_replaced(monkeypatch):
             assert len(record["cores"]) == 1 and record["cores"][0] in available_cores()
 
 
+def test_a_worker_leaves_ctrl_c_to_its_parent(monkeypatch, capfd):
+    from genprobe.executors import LocalExecutor
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    from sweep_work import interrupt_myself
+
+    outcomes = {}
+    LocalExecutor(jobs=2, threads=1).run(
+        [{"n": n} for n in range(3)], interrupt_myself, started=lambda unit: None,
+        finished=lambda unit, record, error: outcomes.setdefault(unit["n"], (record, error)))
+    assert {n: error for n, (_, error) in outcomes.items()} == {0: None, 1: None, 2: None}
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
+
+
 # ----------------------------------------------------------------------------- SIGKILL
 
 

@@ -160,6 +160,15 @@ def _worker_main() -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _ignore_sigint() -> None:
+    """In a worker process before it execs Python: ignore Ctrl-C. A terminal's Ctrl-C goes to the
+    whole process group; the parent alone handles it and stops its workers (SIGTERM, which a
+    worker turns into a resumable interruption). A worker that took it itself printed a
+    KeyboardInterrupt traceback, mid-import when it came while the worker started. Python keeps
+    an ignored SIGINT ignored at start-up."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _Worker:
     """A worker process on `cores`, started with `threads` threads for every numerical library,
     talking over a socket pair (a fresh interpreter: no fork of this process's state, and no
@@ -174,7 +183,7 @@ class _Worker:
         try:
             with _affinity(cores):
                 self.process = subprocess.Popen(argv, env=env, pass_fds=(theirs.fileno(),),
-                                                stdin=subprocess.DEVNULL)
+                                                stdin=subprocess.DEVNULL, preexec_fn=_ignore_sigint)
         finally:
             theirs.close()
         self.conn = Connection(ours.detach())
