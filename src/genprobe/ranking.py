@@ -154,9 +154,9 @@ class RankingOptions:
 def eligible_models(table: pd.DataFrame, *, max_train_error: float = 0.5
                     ) -> tuple[np.ndarray, dict[str, str]]:
     """Which rows of `table` a ranking uses, and why each other row is left out: ``(mask,
-    {run: reason})`` — finished runs (``status`` "done", where the column exists) that reached
-    their training target (``converged`` not False) and did not collapse or under-fit
-    (``train_error`` ≤ `max_train_error`). The same rule for ``genprobe measures``, the report
+    {run: reason})`` — finished runs (``status`` "done", where the column exists) that did not
+    collapse or under-fit (``train_error`` ≤ `max_train_error`) and reached their training
+    target (``converged`` not False); each run left out gets the first reason in that order. The same rule for ``genprobe measures``, the report
     and :func:`rank_correlation`."""
     n = len(table)
     keep = np.ones(n, dtype=bool)
@@ -174,6 +174,10 @@ def eligible_models(table: pd.DataFrame, *, max_train_error: float = 0.5
         errors = table["error"].astype(str).tolist() if "error" in table.columns else [""] * n
         leave_out(status != "done", lambda i: f"status {status[i]}"
                   + (f": {errors[i]}" if errors[i] not in ("", "None", "nan") else ""))
+    if "train_error" in table.columns:
+        train = pd.to_numeric(table["train_error"], errors="coerce").to_numpy(dtype=np.float64)
+        leave_out(train > max_train_error, lambda i: f"collapsed or under-fit: train error "
+                  f"{train[i]:.3f} > max_train_error {max_train_error:g}")
     if "converged" in table.columns:
         converged = table["converged"].to_numpy(dtype=object)
         epochs = table["epochs_run"].tolist() if "epochs_run" in table.columns else [None] * n
@@ -181,10 +185,6 @@ def eligible_models(table: pd.DataFrame, *, max_train_error: float = 0.5
                   lambda i: "did not reach its training target"
                   + (f" in {int(epochs[i])} epochs" if epochs[i] is not None
                      and not pd.isna(epochs[i]) else ""))
-    if "train_error" in table.columns:
-        train = pd.to_numeric(table["train_error"], errors="coerce").to_numpy(dtype=np.float64)
-        leave_out(train > max_train_error, lambda i: f"collapsed or under-fit: train error "
-                  f"{train[i]:.3f} > max_train_error {max_train_error:g}")
     return keep, reasons
 
 
