@@ -518,7 +518,7 @@ def test_unfinished_unconverged_and_collapsed_runs_are_left_out_and_listed():
     assert ranking.set_index("measure").loc["baseline.params", "n_models"] == 13
     kept = R.rank_correlation(table, bootstrap=0, max_train_error=0.9).attrs["excluded"]
     assert list(kept) == ["r0", "r1"]
-    assert "3 runs left out" in R.headline(ranking)
+    assert "3 runs left out: 1 did not finish, 1 collapsed or under-fit, 1 did not reach the training target" in R.headline(ranking)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -667,8 +667,14 @@ def headline(ranking: pd.DataFrame) -> str:
     options = attrs.get("options", {})
     level = options.get("level", 0.95)
     excluded = attrs.get("excluded", {})
-    left = (f" ({len(excluded)} run{'s' if len(excluded) != 1 else ''} left out: did not finish, "
-            f"did not fit the training data, or collapsed)") if excluded else ""
+    kinds: dict[str, int] = {}
+    for why in excluded.values():
+        kind = ("collapsed or under-fit" if why.startswith("collapsed") else
+                "did not reach the training target" if why.startswith("did not reach") else
+                "did not finish")
+        kinds[kind] = kinds.get(kind, 0) + 1
+    left = (f" ({len(excluded)} run{'s' if len(excluded) != 1 else ''} left out: "
+            + ", ".join(f"{k} {kind}" for kind, k in kinds.items()) + ")") if excluded else ""
     scored = ranking.dropna(subset=[options.get("compare", "kendall_tau")])
     leader = attrs.get("leader", {})
     if scored.empty or not leader:
