@@ -395,6 +395,20 @@ def test_the_paired_comparison_detects_a_planted_better_measure_and_not_an_equal
     assert detected >= 18 and false_alarms <= 2
 
 
+def test_the_p_value_agrees_with_the_interval():
+    """0 lies outside the bias-corrected interval at level 1 − α exactly when p < α."""
+    rng = np.random.default_rng(3)
+    for shift, skew in [(0.3, 0.0), (0.1, 0.5), (0.05, -0.4), (0.0, 0.0), (-0.2, 0.3)]:
+        reps = shift + 0.1 * rng.standard_normal(2000) + skew * rng.exponential(0.1, 2000)
+        point = shift + 0.02
+        p = R._p_value(reps, point)
+        for level in (0.8, 0.9, 0.95, 0.99):
+            low, high = R._interval(reps, level, point)
+            outside = low > 0 or high < 0
+            if abs(p - (1 - level)) > 0.01:  # away from the boundary, where quantiles are coarse
+                assert outside == (p < 1 - level), (shift, skew, level, p, low, high)
+
+
 def test_holm_adjusts_step_down():
     p = [0.01, 0.04, 0.03, math.nan, 0.5]
     assert R.holm(p)[[0, 2, 1, 4]] == pytest.approx([0.04, 0.09, 0.09, 0.5])

@@ -408,20 +408,29 @@ def _interval(replicates: np.ndarray, level: float, point: float) -> tuple[float
     finite = replicates[np.isfinite(replicates)]
     if len(finite) < max(2, len(replicates) // 2) or not math.isfinite(point):
         return math.nan, math.nan
-    below = (np.count_nonzero(finite < point) + 0.5 * np.count_nonzero(finite == point)) / len(finite)
-    z0 = norm.ppf(min(max(below, 0.5 / len(finite)), 1.0 - 0.5 / len(finite)))
+    z0 = norm.ppf(_share_below(finite, point))
     z = norm.ppf((1.0 + level) / 2.0)
     lo, hi = np.quantile(finite, norm.cdf([2 * z0 - z, 2 * z0 + z]))
     return float(lo), float(hi)
 
 
-def _p_value(difference: np.ndarray) -> float:
-    """Two-sided bootstrap p-value of a zero difference."""
-    finite = difference[np.isfinite(difference)]
-    if len(finite) == 0:
+def _share_below(finite: np.ndarray, value: float) -> float:
+    """The share of `finite` below `value`, ties counted half, kept within (0, 1)."""
+    share = (np.count_nonzero(finite < value) + 0.5 * np.count_nonzero(finite == value)) / len(finite)
+    return min(max(share, 0.5 / len(finite)), 1.0 - 0.5 / len(finite))
+
+
+def _p_value(replicates: np.ndarray, point: float) -> float:
+    """Two-sided bootstrap p-value of a zero difference, consistent with :func:`_interval`: the
+    smallest 1 − level at which the bias-corrected interval leaves out 0,
+    2 (1 − Φ(|2 z₀ − Φ⁻¹(share of replicates below 0)|)); without bias, twice the smaller tail."""
+    from scipy.stats import norm
+
+    finite = replicates[np.isfinite(replicates)]
+    if len(finite) < max(2, len(replicates) // 2) or not math.isfinite(point):
         return math.nan
-    below, above = np.mean(finite <= 0), np.mean(finite >= 0)
-    return float(min(1.0, 2.0 * min(below, above)))
+    z0 = norm.ppf(_share_below(finite, point))
+    return float(min(1.0, 2.0 * norm.sf(abs(2 * z0 - norm.ppf(_share_below(finite, 0.0))))))
 
 
 def holm(p: Sequence[float]) -> np.ndarray:
@@ -585,7 +594,7 @@ def rank_correlation(table: pd.DataFrame, *, target: str = "gap",
             row["vs_reference"] = float(diff[0])
             row["vs_reference_low"], row["vs_reference_high"] = _interval(diff[1:], opts.level,
                                                                           diff[0])
-            p[name] = _p_value(diff[1:]) if name != ref else math.nan
+            p[name] = _p_value(diff[1:], diff[0]) if name != ref else math.nan
         adjusted = holm(list(p.values()))
         for (name, value), q in zip(p.items(), adjusted, strict=True):
             rows[name]["p_value"], rows[name]["p_holm"] = value, float(q)
