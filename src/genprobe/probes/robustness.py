@@ -181,8 +181,10 @@ class RobustnessResult(Result):
             low, high = robust["error"].min(), robust["error"].max()
             span = (percent(low) if percent(low) == percent(high)
                     else f"between {percent(low)} and {percent(high)}")
-            change = ("leaves the {split} error within {t} of {base} (at {span})" if low < base
-                      else "raises the {split} error by less than {t} (to {span})")
+            change = ("lowers the {split} error (to {span}, from {base})" if high <= base else
+                      "raises the {split} error by less than {t}, or lowers it (to {span}, from "
+                      "{base})" if low < base else
+                      "raises the {split} error by less than {t} (to {span})")
             parts.append(f"{names(list(robust['module']))} {verb} robust: re-initializing "
                          f"{'it' if len(robust) == 1 else 'any one of them'} "
                          + change.format(split=split, t=points(options.get("threshold", 0.01)),
@@ -194,9 +196,14 @@ class RobustnessResult(Result):
         text += self._rewinds_that_help(base, split, options.get("threshold", 0.01))
         rr, ri = self.summary["mean_delta_error_rerandomize"], self.summary["mean_delta_error_reinit"]
         if math.isfinite(rr):
+            def change(delta: float) -> str:
+                return (f"raises the {split} error by {points(delta)}" if delta > 0 else
+                        f"lowers the {split} error by {points(-delta)}" if delta < 0 else
+                        f"leaves the {split} error unchanged")
+
             text += (f" Re-randomizing a module (a fresh draw from the initial distribution instead "
-                     f"of its own initial values) raises the {split} error by {points(rr)} on "
-                     f"average, against {points(ri)} for re-initializing it.")
+                     f"of its own initial values) {change(rr)} on average; re-initializing it "
+                     f"{change(ri).replace(f'the {split} error', 'it')}.")
         moved = mods.dropna(subset=["moved"])
         if len(moved):
             top = moved.loc[moved["moved"].idxmax()]
