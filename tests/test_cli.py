@@ -103,3 +103,22 @@ def test_version_probes_listing_and_probe_help(capsys):
     assert code == 0 and all(name in out for name in genprobe.list_probes())
     code, out, _ = call(["probe", "robustness", "--help"], capsys)
     assert code == 0 and "--draws" in out and "--checkpoints" in out and "RUN" in out
+
+
+def test_a_failed_self_check_comes_first_on_stderr(tiny_run, tmp_path, capsys, monkeypatch):
+    """A probe whose self-check fails says so before its numbers, never only in meta.json."""
+    import genprobe.probes.common as common
+
+    def failing(*args, **kwargs):
+        return {"what": "the engine against a plain evaluation", "value": 0.3, "tolerance": 1e-4,
+                "passed": False}
+
+    args = ["probe", "robustness", tiny_run, "--draws", "1", "--checkpoints", "0", "--out"]
+    code, out, err = call([*args, tmp_path / "passing"], capsys)
+    assert code == 0 and "SELF-CHECK" not in err, err
+    monkeypatch.setattr("genprobe.probes.robustness.trained_check", failing)
+    assert common.trained_check is not failing
+    code, out, err = call([*args, tmp_path / "failing"], capsys)
+    assert code == 0, err
+    assert err.startswith("genprobe: SELF-CHECK FAILED for robustness: the engine against a plain "
+                          "evaluation: 0.3 against a tolerance of 0.0001"), err

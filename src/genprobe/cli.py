@@ -183,9 +183,15 @@ def _run_probe(spec, run: Path, out: Path | None, data_dir: Path | None, options
 
 
 def _echo_result(result, out: Path) -> None:
-    """Print a saved result's compact table, its summary and where it was written."""
+    """Print a saved result's self-check when it failed (first, on stderr), its compact table,
+    its summary and where it was written."""
     import pandas as pd
 
+    check = result.meta.get("self_check") or {}
+    if check.get("passed") is False:
+        print(f"genprobe: SELF-CHECK FAILED for {result.probe}: {check.get('what')}: "
+              f"{check.get('value')} against a tolerance of {check.get('tolerance')}; do not trust "
+              "these numbers", file=sys.stderr)
     with pd.option_context("display.max_rows", 60, "display.width", 160,
                            "display.float_format", "{:.4g}".format):
         typer.echo(result.brief().to_string(index=False))
