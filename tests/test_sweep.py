@@ -321,18 +321,26 @@ def test_core_sets_give_each_job_its_own_cores(monkeypatch):
     assert executors.default_threads(2) == 3 and executors.default_threads(8) == 1
 
 
-@pytest.mark.slow
-def test_a_worker_that_dies_is_recorded_and_replaced(monkeypatch):
-    from genprobe.executors import LocalExecutor, available_cores
+def in_workers(monkeypatch, work: str, count: int) -> dict[int, tuple]:
+    """{n: (record, error)} of units 0..count-1 run by `work` (a function of tests/sweep_work.py)
+    in two worker processes."""
+    import sweep_work
+    from genprobe.executors import LocalExecutor
 
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent),
                                                       os.environ.get("PYTHONPATH", "")]))
-    from sweep_work import die_on_odd
-
-    outcomes = {}
+    outcomes: dict[int, tuple] = {}
     LocalExecutor(jobs=2, threads=1).run(
-        [{"n": n} for n in range(5)], die_on_odd, started=lambda unit: None,
+        [{"n": n} for n in range(count)], getattr(sweep_work, work), started=lambda unit: None,
         finished=lambda unit, record, error: outcomes.setdefault(unit["n"], (record, error)))
+    return outcomes
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_is_recorded_and_replaced(monkeypatch):
+    from genprobe.executors import available_cores
+
+    outcomes = in_workers(monkeypatch, "die_on_odd", 5)
     assert sorted(outcomes) == [0, 1, 2, 3, 4]
     for n, (record, error) in outcomes.items():
         if n % 2:
@@ -344,16 +352,7 @@ def test_a_worker_that_dies_is_recorded_and_replaced(monkeypatch):
 
 
 def test_a_worker_leaves_ctrl_c_to_its_parent(monkeypatch, capfd):
-    from genprobe.executors import LocalExecutor
-
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent),
-                                                      os.environ.get("PYTHONPATH", "")]))
-    from sweep_work import interrupt_myself
-
-    outcomes = {}
-    LocalExecutor(jobs=2, threads=1).run(
-        [{"n": n} for n in range(3)], interrupt_myself, started=lambda unit: None,
-        finished=lambda unit, record, error: outcomes.setdefault(unit["n"], (record, error)))
+    outcomes = in_workers(monkeypatch, "interrupt_myself", 3)
     assert {n: error for n, (_, error) in outcomes.items()} == {0: None, 1: None, 2: None}
     assert "KeyboardInterrupt" not in capfd.readouterr().err
 
