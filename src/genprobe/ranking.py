@@ -718,7 +718,7 @@ def headline(ranking: pd.DataFrame) -> str:
              f"{difference}): this family is too small to tell them apart")
     needed = leader.get("models_needed")
     if needed:
-        text += f"; at the observed spread about {needed} models would"
+        text += f"; at the observed spread about {needed:,} models would"
     return text + "."
 
 
