@@ -608,20 +608,25 @@ def register_measure(name: str, function: Callable[[Any], float], *, direction: 
     generalization gap, −1 the reverse, 0 (default) no stated expectation. Registering a name
     again replaces it. In a sweep, name the function by its import path instead (the sweep
     config's ``measures: {name: "package.module:function"}``): workers are other processes."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ConfigError(f"a measure's name must be a simple identifier (letters, digits, _), "
-                          f"got {name!r}")
+    _check_measure(name, direction)
     if not callable(function):
         raise ConfigError(f"measure {name!r}: the function must be callable (a Subject -> float), "
                           f"got {type(function).__name__}")
-    if direction not in (-1, 0, 1) or isinstance(direction, bool):
-        raise ConfigError(f"measure {name!r}: direction must be -1, 0 or +1, got {direction!r}")
     module, qualname = getattr(function, "__module__", None), getattr(function, "__qualname__", "")
     path = f"{module}:{qualname}" if module and "<" not in qualname else None
     spec = MeasureSpec(USER_PREFIX + name, int(direction),
                        source or f"user function {path or repr(function)}", function, path)
     _USER[name] = spec
     return spec
+
+
+def _check_measure(name, direction) -> None:
+    """ConfigError unless `name` is an identifier and `direction` is -1, 0 or +1."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ConfigError(f"a measure's name must be a simple identifier (letters, digits, _), "
+                          f"got {name!r}")
+    if direction not in (-1, 0, 1) or isinstance(direction, bool):
+        raise ConfigError(f"measure {name!r}: direction must be -1, 0 or +1, got {direction!r}")
 
 
 def unregister_measure(name: str) -> None:
@@ -636,12 +641,11 @@ def user_measures() -> dict[str, MeasureSpec]:
 
 def import_measure(name: str, path: str, *, direction: int = 0) -> MeasureSpec:
     """The measure ``user.<name>`` whose function is at import path ``"package.module:function"``
-    (ConfigError, one line, when the name is not an identifier or the path does not resolve to a
-    callable): how a sweep config names its measures."""
+    (ConfigError, one line, when the name is not an identifier, the direction not -1, 0 or +1, or
+    the path does not resolve to a callable): how a sweep config names its measures."""
     import importlib
 
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ConfigError(f"measure name {name!r} must be a simple identifier (letters, digits, _)")
+    _check_measure(name, direction)
     if not isinstance(path, str) or path.count(":") != 1 or not all(path.split(":")):
         raise ConfigError(f"measure {name!r}: {path!r} is not an import path; write "
                           "'package.module:function'")

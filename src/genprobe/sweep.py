@@ -347,9 +347,6 @@ def _user_measures(value, source: str) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"{source}: measure {name!r} must be 'package.module:function' or "
                               f"{{function: ..., direction: -1|0|1}}, got {entry!r}")
         direction = entry.get("direction", 0)
-        if direction not in (-1, 0, 1) or isinstance(direction, bool):
-            raise ConfigError(f"{source}: measure {name!r}: direction must be -1, 0 or +1, got "
-                              f"{direction!r}")
         try:
             import_measure(name, entry["function"], direction=direction)
         except ConfigError as exc:
