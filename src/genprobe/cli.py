@@ -275,13 +275,9 @@ def measures(
     for _, row in scored.iterrows():
         name = row["measure"] + (f" (= {row['aliases']})" if row["aliases"] else "")
         vs = ("reference" if row["measure"] == options["reference"] else
-              R._with_interval({"v": row["vs_reference"], "v_low": row["vs_reference_low"],
-                                "v_high": row["vs_reference_high"]}, "v")
-              if pd.notna(row["vs_reference"]) else "-")
+              R.format_score(row, "vs_reference", "-"))
         grid.add_row(name, f"{row['direction']:+d}" if row["direction"] else "0",
-                     R._with_interval(row, "kendall_tau"), R._with_interval(row, "granulated_tau")
-                     if pd.notna(row["granulated_tau"]) else "-",
-                     R._with_interval(row, "cmi", signed=False) if pd.notna(row["cmi"]) else "-",
+                     *(R.format_score(row, score, "-") for score in R.SCORES),
                      vs, f"{row['p_holm']:.3f}" if pd.notna(row["p_holm"]) else "-",
                      str(row["n_models"]))
     console.print(grid)

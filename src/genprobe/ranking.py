@@ -658,13 +658,21 @@ def rank_sweep(table: pd.DataFrame, **overrides: Any) -> pd.DataFrame:
 _SCORE_NAMES = {"kendall_tau": "Kendall's τ", "granulated_tau": "granulated τ", "cmi": "CMI"}
 
 
-def _with_interval(row: Mapping[str, Any], score: str, signed: bool = True) -> str:
+def _finite(value) -> bool:
+    """A finite number (NaN comes back from a JSON document as None)."""
+    return isinstance(value, (int, float, np.floating)) and math.isfinite(value)
+
+
+def format_score(row: Mapping[str, Any], score: str, missing: str = "–") -> str:
+    """A ranking row's `score` as ``"+0.42 [+0.21, +0.63]"`` (CMI without a sign; no brackets
+    without an interval; `missing` when the score is NaN or None) — the headline's, the CLI's and
+    the report's one format."""
     value, low, high = row[score], row[f"{score}_low"], row[f"{score}_high"]
-    fmt = "{:+.2f}" if signed else "{:.2f}"
-    text = fmt.format(value)
-    if math.isfinite(low) and math.isfinite(high):
-        text += f" [{fmt.format(low)}, {fmt.format(high)}]"
-    return text
+    if not _finite(value):
+        return missing
+    fmt = "{:.2f}" if score == "cmi" else "{:+.2f}"
+    bounds = f" [{fmt.format(low)}, {fmt.format(high)}]" if _finite(low) and _finite(high) else ""
+    return fmt.format(value) + bounds
 
 
 def headline(ranking: pd.DataFrame) -> str:
@@ -697,7 +705,7 @@ def headline(ranking: pd.DataFrame) -> str:
                 f"{attrs.get('resampling', 'models')})" if math.isfinite(best[f"{score}_low"])
                 else "")
     text = (f"Over {n} models{left}, {best['measure']} has the strongest {name} with the "
-            f"{target}: {_with_interval(best, score, score != 'cmi')}{interval}.")
+            f"{target}: {format_score(best, score)}{interval}.")
     if leader.get("separated") is None:
         return text + " It is the only measure scored."
     second = scored.iloc[1]
@@ -705,16 +713,16 @@ def headline(ranking: pd.DataFrame) -> str:
                   if math.isfinite(leader.get("low", math.nan)) else f"{leader['difference']:+.2f}")
     if leader["separated"]:
         return text + (f" It is separated from the next, {second['measure']} "
-                       f"({_with_interval(second, score, score != 'cmi')}): the paired difference "
+                       f"({format_score(second, score)}): the paired difference "
                        f"is {difference}.")
     if not math.isfinite(leader.get("low", math.nan)):
         return text + (f" The next is {second['measure']} "
-                       f"({_with_interval(second, score, score != 'cmi')}). With {n} models no "
+                       f"({format_score(second, score)}). With {n} models no "
                        f"interval can be drawn (a bootstrap interval of a rank correlation needs "
                        f"at least {MIN_INTERVAL_MODELS}): this family is too small to call any "
                        f"measure the best.")
     text += (f" Its interval does not separate it from the next, {second['measure']} "
-             f"({_with_interval(second, score, score != 'cmi')}; paired difference "
+             f"({format_score(second, score)}; paired difference "
              f"{difference}): this family is too small to tell them apart")
     needed = leader.get("models_needed")
     if needed:
@@ -785,5 +793,5 @@ def plot_rank_correlation(table: pd.DataFrame, ranking: pd.DataFrame, *,
 
 
 __all__ = ["CMI_CONVENTIONS", "NOT_HYPERPARAMETERS", "RANKING_COLUMNS", "RankingOptions",
-           "SCORES", "eligible_models", "headline", "holm", "plot_rank_correlation",
+           "SCORES", "eligible_models", "format_score", "headline", "holm", "plot_rank_correlation",
            "rank_correlation", "rank_sweep"]

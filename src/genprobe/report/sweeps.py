@@ -87,29 +87,20 @@ RANKING_SHOWN = ("measure", "direction", "kendall_tau", "kendall_tau_low", "kend
 
 def _ranking_table(ranking: pd.DataFrame) -> pd.DataFrame:
     """The scored measures with each score as "value [low, high]", strongest first."""
+    from ..ranking import format_score as cell
+
     scored = ranking.dropna(subset=["kendall_tau"])
-
-    def finite(value) -> bool:  # NaN comes back from the JSON document as None
-        return isinstance(value, (int, float)) and math.isfinite(value)
-
-    def cell(row, score, signed=True):
-        value, low, high = row[score], row[f"{score}_low"], row[f"{score}_high"]
-        if not finite(value):
-            return "–"
-        fmt = "{:+.2f}" if signed else "{:.2f}"
-        bounds = f" [{fmt.format(low)}, {fmt.format(high)}]" if finite(low) and finite(high) else ""
-        return fmt.format(value) + bounds
-
     return pd.DataFrame({
         "measure": [r["measure"] + (f" (= {r['aliases']})" if r["aliases"] else "")
                     for _, r in scored.iterrows()],
         "expected": [{1: "+", -1: "−"}.get(int(r["direction"]), "·") for _, r in scored.iterrows()],
         "Kendall τ-b": [cell(r, "kendall_tau") for _, r in scored.iterrows()],
         "granulated τ": [cell(r, "granulated_tau") for _, r in scored.iterrows()],
-        "CMI": [cell(r, "cmi", signed=False) for _, r in scored.iterrows()],
+        "CMI": [cell(r, "cmi") for _, r in scored.iterrows()],
         "vs reference": ["reference" if r["measure"] == ranking.attrs.get("options", {}).get(
             "reference") else cell(r, "vs_reference") for _, r in scored.iterrows()],
-        "p (Holm)": [f"{r['p_holm']:.3f}" if finite(r["p_holm"]) else "–"
+        "p (Holm)": [f"{r['p_holm']:.3f}" if r["p_holm"] is not None and math.isfinite(r["p_holm"])
+                     else "–"
                      for _, r in scored.iterrows()],
         "models": [int(r["n_models"]) for _, r in scored.iterrows()],
     })
