@@ -154,20 +154,14 @@ def build_sweep(sweep: Path) -> SweepContent:
                        f"{sweep}` (it resumes where it stopped), then `genprobe report {sweep}`")
     done = table[table["status"] == "done"].reset_index(drop=True)
     done.attrs = table.attrs
-    ranked, not_ranked = M.classify([str(c) for c in table.columns],
-                                    probes=table.attrs.get("probes"),
-                                    baselines=table.attrs.get("baselines"),
-                                    user=table.attrs.get("user_measures"))
-    measures = list(ranked)
     doc: dict[str, Any] = {"name": sweep.name, "path": str(sweep), "config": config,
-                           "hyperparameters": hyper, "measures": measures,
-                           "not_measures": not_ranked,
+                           "hyperparameters": hyper, "measures": [], "not_measures": {},
                            "runs_total": len(table), "runs_done": len(done),
                            "runs_failed": int((table["status"] == "failed").sum())}
     content = SweepContent(sweep, doc, "")
     ranking = None
-    if measures:
-        try:
+    if any("." in str(c) for c in table.columns):
+        try:  # the ranking decides which columns are measures (genprobe.measures.classify)
             ranking = R.rank_sweep(table, target="gap")
         except GenprobeError as exc:
             doc["ranking_note"] = f"no ranking: {one_line(exc)}"
@@ -175,6 +169,8 @@ def build_sweep(sweep: Path) -> SweepContent:
         doc["ranking_note"] = ("no ranking: the sweep computed no measures (give it probes, or "
                                "baselines: true)")
     if ranking is not None:
+        doc["measures"] = list(ranking["measure"])
+        doc["not_measures"] = dict(ranking.attrs["not_ranked"])
         doc["ranking"] = ranking.to_dict(orient="records")
         doc["ranking_attrs"] = dict(ranking.attrs)
         doc["ranking_reading"] = ranking_reading(ranking)
@@ -202,7 +198,7 @@ def build_sweep(sweep: Path) -> SweepContent:
     content.subtitle = (f"{len(done)} of {len(table)} runs finished"
                         + (f" ({doc['runs_failed']} failed)" if doc["runs_failed"] else "")
                         + (f" · varying {names(hyper, 6)}" if hyper else "")
-                        + f" · {len(measures)} measures")
+                        + f" · {len(doc['measures'])} measures")
     return content
 
 
