@@ -115,10 +115,10 @@ def test_a_failed_self_check_comes_first_on_stderr(tiny_run, tmp_path, capsys, m
 
     args = ["probe", "robustness", tiny_run, "--draws", "1", "--checkpoints", "0", "--out"]
     code, out, err = call([*args, tmp_path / "passing"], capsys)
-    assert code == 0 and "SELF-CHECK" not in err, err
+    assert code == 0 and "Self-check FAILED" not in err, err
     monkeypatch.setattr("genprobe.probes.robustness.trained_check", failing)
     assert common.trained_check is not failing
     code, out, err = call([*args, tmp_path / "failing"], capsys)
     assert code == 0, err
-    assert err.startswith("genprobe: SELF-CHECK FAILED for robustness: the engine against a plain "
+    assert err.startswith("genprobe: robustness: Self-check FAILED: the engine against a plain "
                           "evaluation: 0.3 against a tolerance of 0.0001"), err

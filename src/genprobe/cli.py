@@ -187,11 +187,11 @@ def _echo_result(result, out: Path) -> None:
     its summary and where it was written."""
     import pandas as pd
 
-    check = result.meta.get("self_check") or {}
-    if check.get("passed") is False:
-        print(f"genprobe: SELF-CHECK FAILED for {result.probe}: {check.get('what')}: "
-              f"{check.get('value')} against a tolerance of {check.get('tolerance')}; do not trust "
-              "these numbers", file=sys.stderr)
+    from .results import self_check_failure
+
+    failure = self_check_failure(result.meta.get("self_check"))
+    if failure:
+        print(f"genprobe: {result.probe}: {failure}; do not trust these numbers", file=sys.stderr)
     with pd.option_context("display.max_rows", 60, "display.width", 160,
                            "display.float_format", "{:.4g}".format):
         typer.echo(result.brief().to_string(index=False))

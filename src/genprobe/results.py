@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -53,6 +54,15 @@ def machine() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["cuda_device"] = torch.cuda.get_device_name()
     return info
+
+
+def self_check_failure(check: Mapping[str, Any] | None) -> str | None:
+    """One sentence when a result's ``meta["self_check"]`` failed (None when it passed or there
+    is none): said first wherever the result's numbers are shown."""
+    if not check or check.get("passed") is not False:
+        return None
+    return (f"Self-check FAILED: {check.get('what')}: {check.get('value')} against a tolerance of "
+            f"{check.get('tolerance')}")
 
 
 def number(value: float, digits: int = 3) -> str:

@@ -103,9 +103,7 @@ def report(path, out: str | Path | None = None) -> Path:
     path = Path(path)
     kind = kind_of(path)
     page, data = output_paths(path, out)
-    about = {"generator": "genprobe", "genprobe_version": __version__, "kind": kind,
-             "path": str(path), "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-             "machine": machine()}
+    about = _about(kind, str(path))
     if kind == "run":
         from .runs import check_has_results
 
@@ -130,6 +128,13 @@ def report(path, out: str | Path | None = None) -> Path:
     return page
 
 
+def _about(kind: str, path: str | None) -> dict:
+    """The report's own provenance, first in its JSON export."""
+    return {"generator": "genprobe", "genprobe_version": __version__, "kind": kind, "path": path,
+            "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine()}
+
+
 def _as_results(value) -> list[Result] | None:
     """`value` as a list of results, or None when it is a path."""
     if isinstance(value, Result):
@@ -149,9 +154,7 @@ def _report_results(results: list[Result], out: str | Path | None) -> Path:
         raise ConfigError("a report of results computed in Python needs out=FILE.html (there is "
                           "no run directory to write it into)")
     page, data = output_paths(Path("."), out)
-    about = {"generator": "genprobe", "genprobe_version": __version__, "kind": "results",
-             "path": None, "written": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-             "machine": machine()}
+    about = _about("results", None)
     with progress.task("report of results", total=len(results)) as bar:
         content, figures = build_results(results, on_figure=bar.advance)
     doc = {**about, "results": content}

@@ -18,7 +18,7 @@ import pandas as pd
 from .. import outputs, store
 from ..errors import RunError, one_line
 from ..figures import new_figure, styled, to_svg
-from ..results import Result, names, percent, points, result_file
+from ..results import Result, names, percent, points, result_file, self_check_failure
 from . import html as H
 from .document import clean
 
@@ -287,12 +287,10 @@ def probe_section(entry: dict[str, Any], svg: str | None, *, level: int = 2, pre
         parts.append(f'<p class="failed">{H.escape(entry["error"])}</p></section>')
         return "\n".join(parts)
     parts.append(f'<p class="reading">{H.escape(entry["reading"])}</p>')
-    check = (entry.get("provenance") or {}).get("self_check") or {}
-    if check.get("passed") is False:  # said beside the reading, never folded away
-        parts.append(f'<p class="failed">Self-check FAILED: {H.escape(check.get("what", ""))}: '
-                     f'{H.escape(check.get("value"))} against a tolerance of '
-                     f'{H.escape(check.get("tolerance"))}. Do not trust the numbers above until it '
-                     "passes.</p>")
+    failure = self_check_failure((entry.get("provenance") or {}).get("self_check"))
+    if failure:  # said beside the reading, never folded away
+        parts.append(f'<p class="failed">{H.escape(failure)}. Do not trust the numbers above '
+                     "until it passes.</p>")
     if svg is not None:
         where = f" in {entry['path']}/" if entry.get("path") else ""
         parts.append(H.figure(svg, f"{name} figure", f"The figure of the result{where}."))
