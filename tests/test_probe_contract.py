@@ -29,13 +29,17 @@ def _subject(name: str) -> gp.Subject:
     return make_subject(name, n_train=24, n_test=18, checkpoints=2)
 
 
-def _run(probe: str, subject: gp.Subject, **options):
-    spec = get_probe(probe)
-    tiny = dict(spec.tiny)
+def _options(probe: str, **options) -> dict:
+    """The probe's tiny options updated by `options`."""
+    tiny = dict(get_probe(probe).tiny)
     if {"n", "per_class"} & set(options):  # one way to size the sample at a time
         tiny.pop("n", None)
         tiny.pop("per_class", None)
-    return spec.function(subject, **(tiny | options))
+    return tiny | options
+
+
+def _run(probe: str, subject: gp.Subject, **options):
+    return get_probe(probe).function(subject, **_options(probe, **options))
 
 
 def _fingerprint(module: nn.Module) -> dict:
@@ -218,6 +222,41 @@ def test_bad_input_gives_a_typed_error(probe, options, error, message, nested):
         _run(probe, nested, **options)
     assert isinstance(info.value, GenprobeError)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("probe, options, error, message", list(_bad_cases()))
+def test_bad_input_is_caught_by_the_check_alone(probe, options, error, message, nested):
+    """What a sweep runs before any training (ProbeSpec.check) catches every bad input of the
+    table with the probe's own error."""
+    with pytest.raises(error, match=message):
+        get_probe(probe).check(nested, _options(probe, **options))
+
+
+@pytest.mark.parametrize("probe", PROBES)
+def test_check_stops_before_the_work(probe, nested):
+    """The check-only mode stops at options_checked(): the root model runs on at most 2
+    examples at a time (the probe's own shape checks), never on the probe's data."""
+    spec = get_probe(probe)
+    batches = []
+
+    def count(module, args):
+        if module is not None and type(module) is type(nested.model) and args:
+            batches.append(len(args[0]))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        assert spec.check(nested, dict(spec.tiny)) is None
+    finally:
+        handle.remove()
+    assert max(batches, default=0) <= 2, f"{probe} ran its model on {max(batches)} examples"
+
+
+def test_a_probe_without_the_marker_is_refused(nested):
+    from genprobe.probes.registry import ProbeSpec
+
+    spec = ProbeSpec("fake", lambda subject, **options: None, gp.Result, "s", "p")
+    with pytest.raises(TypeError, match="options_checked"):
+        spec.check(nested, {})
 
 
 def test_figures_say_what_they_show(nested):

@@ -85,15 +85,21 @@ def reference(tmp_path_factory):
 
 
 class Counter:
-    """Wraps a function (keeping its signature) and counts its calls."""
+    """Wraps a function (keeping its signature) and counts the calls that do its work: not a
+    sweep's check of a probe's options, which stops at its options_checked()."""
 
     def __init__(self, function):
         functools.update_wrapper(self, function)
         self.function, self.calls = function, 0
 
     def __call__(self, *args, **kwargs):
-        self.calls += 1
-        return self.function(*args, **kwargs)
+        try:
+            return self.function(*args, **kwargs)
+        except registry.OptionsChecked:
+            self.calls -= 1
+            raise
+        finally:
+            self.calls += 1
 
 
 @pytest.fixture
@@ -374,6 +380,8 @@ KILLED = textwrap.dedent("""
     def stall(original, at):
         @functools.wraps(original)
         def wrapped(*args, **kwargs):
+            if registry._CHECK_ONLY.get():  # the sweep checking options before training
+                return original(*args, **kwargs)
             calls["n"] += 1
             if calls["n"] == at:  # in the second run: say so, then wait to be killed
                 Path(marker).write_text(phase)
@@ -534,6 +542,20 @@ BAD = [
     ({"ranking": {"bootstrp": 10}}, [], "unknown option 'bootstrp'"),
     ({"grid": {"lr": [0.1] * 20, "width": list(range(1, 21)), "seed": list(range(10))}}, [],
      "the sweep has 4,000 runs (20 lr × 10 seed × 20 width), more than 1,000; pass --allow-large"),
+    # each probe's options against each run's model, data and planned checkpoints, before training
+    ({"probes": {"selectivity": {"per_class": "ten"}}}, [], "run fcn-w4-d1-bs16-lr0.05-ln0-s0-"
+     "3cbc7b69: probe 'selectivity': per_class must be an integer >= 1, got 'ten'"),
+    ({"probes": {"ntk": {"n": -5}}}, [], "probe 'ntk': n must be an integer >= 1, got -5"),
+    ({"probes": {"robustness": {"checkpoints": [99]}}}, [],
+     "probe 'robustness': no checkpoint for epoch 99; recorded epochs: [0, 1, 2]"),
+    ({"probes": {"robustness": {"modules": "conv*"}}}, [], "module pattern 'conv*' matches no module"),
+    ({"probes": {"ablation": {"layers": "nosuch"}}}, [], "layer pattern 'nosuch' matches no module"),
+    ({"probes": {"ablation": {"steps": 6}}}, [], "steps=6 is beyond the unit count of a layer (4 units)"),
+    ({"probes": {"stiffness": {"per_class": 40}}}, [], "has only"),
+    ({"probes": {"activation_noise": {"n": 1000}}}, [], "n=1000 is larger than the test split (24"),
+    ({"probes": {"criticality": {"batch_size": 0}}}, [], "batch_size must be an integer >= 1, got 0"),
+    ({"probes": {"ntk": {"n": 48, "memory_budget": 1000}}}, [], "more than the memory budget"),
+    ({"baselines": {"n": -5}}, [], "baselines: n must be an integer >= 1, got -5"),
 ]
 
 
@@ -560,6 +582,18 @@ def test_bad_input_is_one_line_and_writes_nothing(change, args, message, tmp_pat
     assert err.count("\n") == 1 and err.startswith("genprobe: error: "), err
     assert message in err
     assert time.monotonic() - began < 20  # an unreachable cluster is a prompt error, not a hang
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_probe_options_fail_before_any_run_trains(counted, tmp_path):
+    """The second run's model is the one the options do not fit: the check covers every run,
+    and nothing trains before it."""
+    train, _ = counted
+    config = tiny(grid={"width": [8, 4]}, probes={"robustness": {"draws": 1},
+                                                  "selectivity": {"n": 9}, "ablation": {"steps": 6}})
+    with pytest.raises(ConfigError, match=r"run fcn-w4-.*probe 'ablation': steps=6 is beyond"):
+        run_sweep(SweepConfig.from_dict(config), tmp_path / "out", progress=False)
+    assert train.calls == 0
     assert not (tmp_path / "out").exists()
 
 

@@ -116,11 +116,13 @@ from .evaluate import logits as model_logits
 from .probes.common import (
     check_int,
     check_number,
+    check_resources,
     check_split,
     check_subject,
     generator,
     split_data,
 )
+from .probes.registry import options_checked
 
 logger = logging.getLogger(__name__)
 
@@ -437,6 +439,8 @@ def baselines(subject, *, split: str = "train", n: int | None = None, seed: int 
     data = split_data(subject, split, n=n, per_class=None, seed=seed)
     if len(data) == 0:
         raise ConfigError(f"the {split} split is empty: the baselines need data")
+    check_resources(batch_size=batch_size, memory_budget=memory_budget, device=device)
+    options_checked()
     if init is None:
         logger.warning("baseline.dist_from_init and baseline.pacbayes_sharpness are NaN: they need "
                        "the initial state θ⁰ (pass init=<state_dict at init> to Subject)")

@@ -22,9 +22,10 @@ A sweep config (YAML) names the runs and the probes::
 
 Keys in ``train``, ``grid`` and ``runs`` are :class:`~genprobe.zoo.train.TrainConfig` fields or
 options of the run's architecture (``width``, ``depth``, ``batchnorm``, ``dropout`` ... go to
-``arch_options``; ``genprobe archs`` lists them). Everything is checked before any work starts:
-unknown keys (with the closest name), every run's training options, its data and model (each
-distinct dataset is loaded and each distinct model built once), the probes and their option names.
+``arch_options``; ``genprobe archs`` lists them). Everything is checked before any run trains:
+unknown keys (with the closest name), every run's training options, its data and model, and the
+options of the probes and baselines against each run's model, data and planned checkpoints
+(:func:`_check_builds`).
 
 The sweep directory (``OUT``)::
 
@@ -57,6 +58,7 @@ import dataclasses
 import difflib
 import fcntl
 import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -225,11 +227,13 @@ class SweepConfig:
         """How many runs the grid and the explicit runs make (before repeats are merged)."""
         return (math.prod(len(v) for v in self.grid.values()) if self.grid else 0) + len(self.runs)
 
-    def expand(self, *, allow_large: bool = False) -> list[SweepRun]:
+    def expand(self, *, allow_large: bool = False, device: str = "auto") -> list[SweepRun]:
         """The runs, in expansion order: the grid's cartesian product (keys in the config's
         order, the last varying fastest), then the explicit ``runs``. A run that appears twice
-        is kept once (its first place). Checks every run's options, data and model (ConfigError,
-        DataError), and refuses more than :data:`LARGE` runs unless `allow_large`."""
+        is kept once (its first place). Checks every run's options, data and model, and the
+        options of the probes and baselines against each run (on `device`), raising what they
+        would (ConfigError, DataError, StateError, ModuleSelectionError); refuses more than
+        :data:`LARGE` runs unless `allow_large`."""
         empty = [k for k, v in self.grid.items() if not v]
         if empty or not (self.grid or self.runs):
             why = f"grid key {empty[0]!r} has no values" if empty else "it has neither a grid nor runs"
@@ -255,7 +259,8 @@ class SweepConfig:
                 log.info("%s: %s repeats run %s; kept once", self.source, where, rid)
                 continue
             runs[rid] = SweepRun(rid, config, hyperparameters(config))
-        _check_builds(list(runs.values()), self.source)
+        _check_builds(list(runs.values()), self.source, probes=self.probes,
+                      baselines=self.baselines, device=device)
         return list(runs.values())
 
 
@@ -305,8 +310,6 @@ def _probes(value, source: str) -> dict[str, dict[str, Any]]:
 
 def _baselines(value, source: str) -> dict[str, Any] | None:
     """None (off) or the options of ``genprobe.measures.baselines``, checked against it."""
-    import inspect
-
     if value is False or value is None:
         return None
     if value is True:
@@ -501,41 +504,78 @@ def hyperparameters(config) -> dict[str, Any]:
     return _jsonable(flat)
 
 
-def _check_builds(runs: list[SweepRun], source: str) -> None:
-    """Load each distinct dataset once and build each distinct model once, so that missing data
-    or a bad option value is an error now, not a failed run an hour from now."""
+def _check_builds(runs: list[SweepRun], source: str, *, probes: Mapping[str, dict] | None = None,
+                  baselines: Mapping[str, Any] | None = None, device: str = "auto") -> None:
+    """Load each run's data and build its model, and check the options of every probe and of
+    the baselines against them, so that missing data, a bad option value, a module pattern
+    that matches nothing, an unrecorded checkpoint or a sample larger than the data is an error
+    now, not a failed run an hour from now.
+
+    A probe's options are checked by the probe itself (:meth:`ProbeSpec.check`, which stops
+    before its work) on a stand-in subject: the run's model at its initialization, its data
+    (same seed, label noise and subsets), and the checkpoints its config plans, every one at θ⁰;
+    θ^F is θ⁰ nudged by 1e-3 (only shapes, names and epochs matter here). A run that meets a stop
+    target early records fewer checkpoints than planned: a probe asking for a later one fails
+    on that run alone. Data is loaded once per (dataset, seed, label noise), one at a time."""
     import torch
 
     from .data import load_dataset
     from .device import rng_devices
+    from .probes.registry import check_only, get_probe
+    from .subject import Subject
     from .zoo import create_model
 
-    shapes: dict[str, tuple] = {}
-    built: set[str] = set()
+    def data_key(c) -> str:
+        return json.dumps([c.dataset, c.dataset_options, c.data_dir, c.n_train, c.n_test, c.seed,
+                           c.label_noise], sort_keys=True, default=str)
+
+    groups: dict[str, list[SweepRun]] = {}
     for run in runs:
-        c = run.config
-        data_key = json.dumps([c.dataset, c.dataset_options, c.data_dir, c.n_train, c.n_test],
-                              sort_keys=True, default=str)
-        where = f"{source}, run {run.id}"
-        if data_key not in shapes:
-            try:
-                splits = load_dataset(c.dataset, seed=0, data_dir=c.data_dir, n_train=c.n_train,
-                                      n_test=c.n_test, **c.dataset_options)
-            except GenprobeError as exc:
-                raise type(exc)(f"{where}: {exc}") from None
-            shapes[data_key] = (splits.input_shape, splits.num_classes)
-        model_key = json.dumps([c.arch, c.arch_options, shapes[data_key]], sort_keys=True, default=str)
-        if model_key in built:
-            continue
-        with torch.random.fork_rng(devices=rng_devices()):
-            try:
-                create_model(c.arch, *shapes[data_key], **c.arch_options)
-            except GenprobeError as exc:
-                raise type(exc)(f"{where}: {exc}") from None
-            except (TypeError, ValueError, RuntimeError) as exc:
-                raise ConfigError(f"{where}: arch {c.arch!r} with options {dict(c.arch_options)}: "
-                                  f"{first_line(exc)}") from None
-        built.add(model_key)
+        groups.setdefault(data_key(run.config), []).append(run)
+    checks = [(f"probe {name!r}", get_probe(name).function, options)
+              for name, options in (probes or {}).items()]
+    if baselines is not None:
+        from .measures import baselines as baselines_function
+
+        checks.append(("baselines", baselines_function, baselines))
+    for group in groups.values():
+        c = group[0].config
+        try:
+            splits = load_dataset(c.dataset, seed=c.seed, data_dir=c.data_dir, n_train=c.n_train,
+                                  n_test=c.n_test, label_noise=c.label_noise, **c.dataset_options)
+        except GenprobeError as exc:
+            raise type(exc)(f"{source}, run {group[0].id}: {exc}") from None
+        seen: set[str] = set()  # in a group, only the model and the checkpoints matter
+        for run in group:
+            c, where = run.config, f"{source}, run {run.id}"
+            key = json.dumps([c.arch, c.arch_options, c.checkpoint_epochs()], sort_keys=True, default=str)
+            if key in seen:
+                continue
+            seen.add(key)
+            with torch.random.fork_rng(devices=rng_devices()):
+                torch.manual_seed(c.seed)
+                try:
+                    model = create_model(c.arch, splits.input_shape, splits.num_classes, **c.arch_options)
+                except GenprobeError as exc:
+                    raise type(exc)(f"{where}: {exc}") from None
+                except (TypeError, ValueError, RuntimeError) as exc:
+                    raise ConfigError(f"{where}: arch {c.arch!r} with options {dict(c.arch_options)}: "
+                                      f"{first_line(exc)}") from None
+            if not checks:
+                continue
+            init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            final = {k: v + 1e-3 if v.is_floating_point() else v for k, v in init.items()}
+            subject = Subject(model, init=init, final=final,
+                              checkpoints=dict.fromkeys(c.checkpoint_epochs(), init),
+                              train=splits.train, test=splits.test, num_classes=splits.num_classes)
+            for what, function, options in checks:
+                kwargs = dict(options)
+                if "device" in inspect.signature(function).parameters:
+                    kwargs.setdefault("device", device)
+                try:
+                    check_only(function, subject, kwargs, what)
+                except GenprobeError as exc:
+                    raise type(exc)(f"{where}: {what}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- one unit of work
@@ -943,8 +983,8 @@ def run_sweep(config: SweepConfig | str | Path, out: str | Path | None = None, *
 
     if not isinstance(config, SweepConfig):
         config = SweepConfig.from_yaml(config)
-    runs = config.expand(allow_large=allow_large)
     resolve_device(device)
+    runs = config.expand(allow_large=allow_large, device=device)
     jobs, threads = check_jobs(jobs if jobs is not None else config.jobs,
                                threads if threads is not None else config.threads)
     runner = make_executor(executor, jobs=jobs, threads=threads, address=address, device=device)

@@ -44,13 +44,15 @@ from ..evaluate import (
 from ..values import Data
 
 
-def unit_dim(h: Tensor) -> int:
-    """The dim of `h` (n, ...) that indexes units: 1 for a 4-D conv map (n, C, H, W), else the
-    last dim ((n, C) → 1, (n, T, C) → 2). ConfigError for fewer than 2 dims (no unit dim)."""
-    if h.dim() < 2:
-        raise ConfigError(f"an output of shape {tuple(h.shape)} has no unit dim: units need "
+def unit_dim(h: Tensor | tuple[int, ...]) -> int:
+    """The dim of `h` (n, ...), a tensor or its shape, that indexes units: 1 for a 4-D conv map
+    (n, C, H, W), else the last dim ((n, C) → 1, (n, T, C) → 2). ConfigError for fewer than 2
+    dims (no unit dim)."""
+    shape = tuple(h.shape) if isinstance(h, Tensor) else tuple(h)
+    if len(shape) < 2:
+        raise ConfigError(f"an output of shape {shape} has no unit dim: units need "
                           "(n, C), (n, T, C) or (n, C, H, W)")
-    return 1 if h.dim() == 4 else h.dim() - 1
+    return 1 if len(shape) == 4 else len(shape) - 1
 
 
 def per_example_activation(h: Tensor, dim: int | None = None) -> Tensor:

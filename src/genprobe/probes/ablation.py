@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import progress
-from ..engine.activations import UnitStats, activation_stats
+from ..engine.activations import UnitStats, activation_stats, unit_dim
 from ..engine.variants import Edit, VariantEvaluator, activation_noise_edit, masks_edit
 from ..errors import ConfigError, ModuleSelectionError, check_choice
 from ..figures import new_figure, styled
@@ -47,6 +47,7 @@ from ..subject import Subject
 from .common import (
     Split,
     check_int,
+    check_resources,
     check_split,
     check_subject,
     derive_seed,
@@ -54,7 +55,7 @@ from .common import (
     split_data,
     trained_check,
 )
-from .registry import Option, register_probe
+from .registry import Option, options_checked, register_probe
 
 MODES = ("zero", "mean")
 ORDERS = ("random", "selectivity", "norm")
@@ -70,8 +71,10 @@ ALL = "all"
 # ----------------------------------------------------------------------------- shared
 
 
-def layer_sites(subject: Subject, layers, example: Tensor) -> list[str]:
-    """The layers to probe, checked on `example` (a couple of inputs).
+def layer_sites(subject: Subject, layers, example: Tensor) -> dict[str, int]:
+    """The layers to probe and their unit counts ``{layer: C}`` (the size of the output's unit
+    dim, :func:`~genprobe.engine.activations.unit_dim`), in forward order, checked on `example`
+    (a couple of inputs).
 
     Default (``layers=None``): every activation module; a model with none gets every module
     owning parameters whose output has a unit dimension, except the last one (the classifier).
@@ -82,7 +85,7 @@ def layer_sites(subject: Subject, layers, example: Tensor) -> list[str]:
         owners = [u.modules[0] for u in subject.units()]
         sites = [m for m in owners[:-1] if m]
     shapes = _output_shapes(subject, example, sites)
-    usable = []
+    usable = {}
     for site in sites:
         shape = shapes.get(site)
         if not isinstance(shape, tuple) or len(shape) < 2:
@@ -91,20 +94,18 @@ def layer_sites(subject: Subject, layers, example: Tensor) -> list[str]:
                 raise ModuleSelectionError(f"layer {site!r} {what}: its output has no unit dimension "
                                            "(need a tensor (N, C, ...)); choose another layer")
             continue
-        usable.append(site)
+        usable[site] = shape[unit_dim(shape)]
     if not usable:
         raise ModuleSelectionError("no layer with units to probe: the model has no activation "
                                    "modules; name layers whose outputs hold units, e.g. layers='fc1'")
     return usable
 
 
-def train_stats(subject: Subject, layers) -> tuple[list[str], dict[str, UnitStats]]:
-    """The layers to probe and their unit statistics on the training set (the means of
-    mean-ablation, the spreads of the noise, the selectivity order)."""
-    train = subject.data("train")
-    sites = layer_sites(subject, layers, train.x[:2])
-    return sites, activation_stats(subject.model, subject.final, train, sites,
-                                   num_classes=subject.num_classes)
+def train_stats(subject: Subject, sites: Sequence[str]) -> dict[str, UnitStats]:
+    """The unit statistics of `sites` on the training set (the means of mean-ablation, the
+    spreads of the noise, the selectivity order)."""
+    return activation_stats(subject.model, subject.final, subject.data("train"), sites,
+                            num_classes=subject.num_classes)
 
 
 def _output_shapes(subject: Subject, x: Tensor, sites: Sequence[str]) -> dict[str, object]:
@@ -345,8 +346,16 @@ def ablation(
     check_int("orders", orders, 1)
     check_int("steps", steps, 1, optional=True)
     seed = check_int("seed", seed, 0)
-    sites, stats = train_stats(subject, layers)
+    units = layer_sites(subject, layers, subject.data("train").x[:2])
+    sites = list(units)
     data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
+    if scope == "per-layer":
+        levels = {site: _levels(c, steps) for site, c in units.items()}
+    else:
+        fractions = _fractions(steps, min(units.values()))
+    check_resources(batch_size=batch_size, memory_budget=memory_budget, device=device)
+    options_checked()
+    stats = train_stats(subject, sites)
     n_orders = orders if order == "random" else 1
     value = {s: (stats[s].element_mean if mode == "mean" else torch.zeros(stats[s].units, dtype=torch.float64))
              for s in sites}
@@ -356,14 +365,12 @@ def ablation(
              for s in sites for o in range(n_orders)}
     if scope == "per-layer":
         for site in sites:
-            levels = _levels(stats[site].units, steps)
             for o in range(n_orders):
                 rank = ranks[f"rank/{site}/{o}"]
-                masks = _prefix_masks(rank, levels)
+                masks = _prefix_masks(rank, levels[site])
                 edits.append(masks_edit({site: (masks, value[site])}))
-                plan.append((site, {site: levels}, o))
+                plan.append((site, {site: levels[site]}, o))
     else:
-        fractions = _fractions(steps, min(stats[s].units for s in sites))
         for o in range(n_orders):
             per_site = {}
             for site in sites:
@@ -495,8 +502,11 @@ def activation_noise(
     check_int("draws", draws, 1)
     seed = check_int("seed", seed, 0)
     scales = _check_scales(DEFAULT_SCALES if scales is None else scales)
-    sites, stats = train_stats(subject, layers)
+    sites = list(layer_sites(subject, layers, subject.data("train").x[:2]))
     data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
+    check_resources(batch_size=batch_size, memory_budget=memory_budget, device=device)
+    options_checked()
+    stats = train_stats(subject, sites)
     edits: list[Edit] = [Edit(label="base")]
     seeds = {site: derive_seed(seed, "noise", site) for site in sites}
     for site in sites:

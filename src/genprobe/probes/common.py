@@ -82,6 +82,18 @@ def check_number(name: str, value, *, low: float = -math.inf, high: float = math
     return float(value)
 
 
+def check_resources(*, batch_size=None, memory_budget=None, device="auto") -> torch.device:
+    """The resolved device, after checking `batch_size` (an int ≥ 1 or None), `memory_budget`
+    (bytes > 0 or None) and `device` (available here): ConfigError naming the bad one."""
+    from ..device import resolve_device
+    from ..memory import resolve_memory_budget
+
+    check_int("batch_size", batch_size, 1, optional=True)
+    resolved = resolve_device(device)
+    resolve_memory_budget(memory_budget, resolved)
+    return resolved
+
+
 def check_split(split) -> str:
     if split not in SPLITS:
         raise ConfigError(f"unknown split={split!r}; choose one of 'train', 'test'")
@@ -209,4 +221,4 @@ def trained_check(subject, data: Data, base, *, what: str, batch_size: int | Non
     return {"what": what, "value": value, "tolerance": tol, "passed": bool(value <= tol)}
 
 
-__all__ = ["SHARED_HELP", "SPLITS", "check_int", "check_number", "check_split", "derive_seed", "generator", "parse_checkpoints", "sample", "select_checkpoints", "split_data", "trained_check"]
+__all__ = ["SHARED_HELP", "SPLITS", "check_int", "check_number", "check_resources", "check_split", "derive_seed", "generator", "parse_checkpoints", "sample", "select_checkpoints", "split_data", "trained_check"]

@@ -85,8 +85,17 @@ from ..errors import ConfigError, check_choice
 from ..figures import BLUE, SEQUENTIAL, VERMILLION, new_figure, styled
 from ..results import Result, names, number, percent
 from ..subject import Subject
-from .common import Split, check_int, check_split, check_subject, split_data, trained_check
-from .registry import Option, register_probe
+from .common import (
+    Split,
+    check_int,
+    check_number,
+    check_resources,
+    check_split,
+    check_subject,
+    split_data,
+    trained_check,
+)
+from .registry import Option, options_checked, register_probe
 
 logger = logging.getLogger(__name__)
 
@@ -632,6 +641,9 @@ def criticality(
     final = subject.final
     units = subject.units(modules)
     data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
+    check_number("epsilon", epsilon, low=0.0, optional=True)
+    check_resources(batch_size=batch_size, memory_budget=memory_budget, device=device)
+    options_checked()
     ev = VariantEvaluator(subject.model, final, data, batch_size=batch_size, device=device,
                           memory_budget=memory_budget)
     base = ev.evaluate([Edit(label="trained")])[0]

@@ -61,7 +61,7 @@ from .common import (
     sample,
     select_checkpoints,
 )
-from .registry import Option, register_probe
+from .registry import Option, options_checked, register_probe
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +277,7 @@ def ntk(
             f"the kernel of N={len(train)} examples{'' if trace_outputs else f' x K={outputs_k} outputs'} "
             f"needs {_size(need)}, more than the memory budget ({_size(budget)}); "
             f"{how}, or raise memory_budget")
+    options_checked()
     store = open_store(out) if out is not None else None
     states = [(str(e), subject.state(e)) for e in epochs] + [(FINAL, subject.final)]
     options = dict(of="outputs", trace_outputs=trace_outputs, implementation=implementation,

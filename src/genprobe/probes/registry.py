@@ -17,6 +17,7 @@ file in ``genprobe/probes/`` (found by :func:`probe_modules`) plus its tests; th
 
 from __future__ import annotations
 
+import contextvars
 import fnmatch
 import importlib
 import inspect
@@ -113,6 +114,14 @@ class ProbeSpec:
             return "train"
         return str(options.get("split", split.default))
 
+    def check(self, subject, options: dict[str, Any]) -> None:
+        """Check `options` against `subject` (its model, data and recorded checkpoints) the way
+        the probe itself does, and stop where its work would begin: the probe's own checks,
+        run up to its :func:`options_checked`. Raises what the probe would (ConfigError,
+        DataError, StateError, ModuleSelectionError). Cheap: a forward pass or two, never the
+        probe's work, so a sweep checks every run's options before the first run trains."""
+        check_only(self.function, subject, options, f"probe {self.name!r}")
+
     def parameters(self) -> dict[str, inspect.Parameter]:
         """The function's keyword-only options, by name."""
         return {n: p for n, p in inspect.signature(self.function).parameters.items()
@@ -120,6 +129,35 @@ class ProbeSpec:
 
 
 _PROBES: dict[str, ProbeSpec] = {}
+
+_CHECK_ONLY = contextvars.ContextVar("genprobe_probe_check_only", default=False)
+
+
+class OptionsChecked(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by :func:`options_checked` under :meth:`ProbeSpec.check`: the options passed."""
+
+
+def check_only(function: Callable[..., Any], subject, options: dict[str, Any], what: str) -> None:
+    """Run ``function(subject, **options)`` up to its :func:`options_checked` and stop there
+    (see :meth:`ProbeSpec.check`); `what` names it in the TypeError of a function that has no
+    such mark."""
+    token = _CHECK_ONLY.set(True)
+    try:
+        function(subject, **options)
+    except OptionsChecked:
+        return
+    finally:
+        _CHECK_ONLY.reset(token)
+    raise TypeError(f"{what} ran to the end in check-only mode: it must call options_checked() "
+                    "once its options are checked")
+
+
+def options_checked() -> None:
+    """Mark the end of a probe's option checks: everything before this call checks the options
+    against the subject (types, ranges, module and layer names, checkpoints, samples, memory);
+    everything after does the work. Under :meth:`ProbeSpec.check` the probe stops here."""
+    if _CHECK_ONLY.get():
+        raise OptionsChecked
 
 
 def register_probe(name: str, result: type[Result], *, summary: str, paper: str,
@@ -166,5 +204,5 @@ def get_probe(name: str) -> ProbeSpec:
     return _PROBES[name]
 
 
-__all__ = ["NOT_PROBES", "Option", "ProbeSpec", "get_probe", "list_probes", "probe_modules",
-           "register_probe"]
+__all__ = ["NOT_PROBES", "Option", "OptionsChecked", "ProbeSpec", "check_only", "get_probe",
+           "list_probes", "options_checked", "probe_modules", "register_probe"]

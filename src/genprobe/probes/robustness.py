@@ -40,13 +40,14 @@ from .common import (
     Split,
     check_int,
     check_number,
+    check_resources,
     check_split,
     check_subject,
     select_checkpoints,
     split_data,
     trained_check,
 )
-from .registry import Option, register_probe
+from .registry import Option, options_checked, register_probe
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +264,8 @@ def robustness(
     epochs = select_checkpoints(subject, checkpoints)
     units = subject.units(modules)
     data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
+    check_resources(batch_size=batch_size, memory_budget=memory_budget, device=device)
+    options_checked()
     ev = VariantEvaluator(subject.model, subject.final, data, batch_size=batch_size,
                           device=device, memory_budget=memory_budget)
     targets = [0] + [e for e in epochs if e != 0]

@@ -29,8 +29,8 @@ from ..figures import new_figure, styled
 from ..results import Result, number, percent, points
 from ..subject import Subject
 from .ablation import layer_sites, selectivity_index
-from .common import Split, check_int, check_split, check_subject, split_data
-from .registry import Option, register_probe
+from .common import Split, check_int, check_resources, check_split, check_subject, split_data
+from .registry import Option, options_checked, register_probe
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,9 @@ def selectivity(
     if not isinstance(importance, bool):
         raise ConfigError(f"importance must be True or False, got {importance!r}")
     data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
-    sites = layer_sites(subject, layers, data.x[:2])
+    sites = list(layer_sites(subject, layers, data.x[:2]))
+    check_resources(batch_size=batch_size, memory_budget=memory_budget, device=device)
+    options_checked()
     stats = activation_stats(subject.model, subject.final, data, sites, num_classes=subject.num_classes)
     negative = [s for s in sites if float(stats[s].min.min()) < 0]
     for s in negative:

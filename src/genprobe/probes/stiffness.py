@@ -42,8 +42,8 @@ from ..params import split_state
 from ..results import Result, number
 from ..subject import Subject
 from ..values import Data
-from .common import Checkpoints, check_int, check_subject, sample, select_checkpoints
-from .registry import Option, register_probe
+from .common import Checkpoints, check_int, check_resources, check_subject, sample, select_checkpoints
+from .registry import Option, options_checked, register_probe
 
 logger = logging.getLogger(__name__)
 
@@ -434,6 +434,8 @@ def stiffness(
         mask = torch.ones_like(mask).triu(1)
     edges = _edges(dist[mask], bins)
     states = _states(subject, checkpoints)
+    check_resources(memory_budget=memory_budget, device=device)
+    options_checked()
     class_rows, dist_rows, summaries, cos_all = [], [], [], []
     done: list[tuple[dict, Tensor]] = []
     used = None
