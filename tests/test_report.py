@@ -4,6 +4,7 @@ own numbers; and every kind of bad input is one typed line."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -477,6 +478,8 @@ def test_curve_reading_with_every_layer_ending_alike():
                           meta={"options": {"mode": "zero", "order": "random"}},
                           tables={"layers": pd.DataFrame({"layer": ["a", "b"], "units": [2, 2], "dim": 1})})
     assert "is 10.0% in every layer with all ablated" in r.reading()
+    # the same area everywhere: no layer is called both the most and the least fragile
+    assert "The area under the curve (1 = no loss at all) is 0.50 in every layer." in r.reading()
 
 
 def test_selectivity_reading_states_its_numbers():
@@ -527,7 +530,9 @@ def test_stiffness_reading_follows_the_signs(within, between, own, other):
     summary = {"within_class": within, "between_class": between, "critical_length": math.nan,
                "n_rows": 10, "n_cols": 10}
     r = gp.StiffnessResult(table=pd.DataFrame(), summary=summary, meta={"options": {}},
-                           tables={"states": pd.DataFrame(columns=["checkpoint"]), "distance": curve})
+                           tables={"states": pd.DataFrame(columns=["checkpoint", "epoch", "within_class",
+                                                                    "between_class"]),
+                                   "distance": curve})
     text = r.reading()
     assert own in text and other in text, text
     # a stiffness that grows with distance is not said to fall
@@ -551,6 +556,67 @@ def test_ntk_reading_follows_its_numbers(lam_min, ratios, pieces):
     text = r.reading()
     for piece in pieces:
         assert piece in text, (piece, text)
+
+
+NOT_A_NUMBER = re.compile(r"\bnan\b|\binf\b|nan%|inf%|nan pp")
+"""A NaN or an infinity printed as if it were a number (the readings say "undefined", "∞")."""
+
+
+def _readable(text: str) -> str:
+    assert isinstance(text, str) and "\n" not in text and len(text) > 40, text
+    assert not NOT_A_NUMBER.search(text), text
+    return text
+
+
+def _with_nan_column(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+    frame = frame.copy()
+    frame[column] = math.nan
+    return frame
+
+
+@pytest.mark.parametrize("probe", list_probes())
+def test_readings_of_empty_and_nan_results(probe, probed_run):
+    """Every probe's reading, driven with its real result made empty, all-NaN, and NaN in one
+    summary value or one table column at a time: one paragraph, never raising, never printing
+    NaN as a number, and never drawing a conclusion from an undefined value."""
+    result = gp.load(probed_run / "probes" / probe)
+    empty = copy.deepcopy(result)
+    empty.table = empty.table.iloc[:0]
+    empty.tables = {k: v.iloc[:0] for k, v in empty.tables.items()}
+    assert _readable(empty.reading()).endswith("holds no measurements (its table is empty): there "
+                                               "is nothing to read.")
+    blank = copy.deepcopy(result)
+    blank.summary = dict.fromkeys(blank.summary, math.nan)
+    assert "every one is NaN" in _readable(blank.reading())
+    for key in result.summary:
+        one = copy.deepcopy(result)
+        one.summary[key] = math.nan
+        _readable(one.reading())
+    for name in [None, *result.tables]:
+        frame = result.table if name is None else result.tables[name]
+        for column in [c for c in frame.columns if pd.api.types.is_float_dtype(frame[c])]:
+            one = copy.deepcopy(result)
+            if name is None:
+                one.table = _with_nan_column(frame, column)
+            else:
+                one.tables[name] = _with_nan_column(frame, column)
+            _readable(one.reading())
+
+
+def test_undefined_values_draw_no_conclusion(probed_run):
+    ntk = gp.load(probed_run / "probes" / "ntk")
+    ntk.summary["lambda_min"] = math.nan
+    assert "singular" not in ntk.reading() and "slowest mode" not in ntk.reading()
+    ntk.summary["lambda_min"] = -1e-9
+    assert "singular at this precision" in ntk.reading()
+    stiff = gp.load(probed_run / "probes" / "stiffness")
+    stiff.summary["within_class"] = math.nan
+    text = stiff.reading()
+    assert "Within-class cosine stiffness is undefined" in text
+    assert "of others of its class" not in text
+    abl = gp.load(probed_run / "probes" / "ablation")
+    abl.table = _with_nan_column(abl.table, "accuracy")
+    assert "no point of any curve is defined (every accuracy is NaN)" in abl.reading()
 
 
 def test_every_registered_probe_reads_its_real_result(probed_run):

@@ -65,19 +65,32 @@ def self_check_failure(check: Mapping[str, Any] | None) -> str | None:
             f"{check.get('tolerance')}")
 
 
+UNDEFINED = "undefined"
+"""How the readings print a NaN: never as a number."""
+
+
+def _not_finite(value: float) -> str | None:
+    if math.isnan(value):
+        return UNDEFINED
+    if math.isinf(value):
+        return "∞" if value > 0 else "−∞"
+    return None
+
+
 def number(value: float, digits: int = 3) -> str:
-    """A measure as the readings print it: `digits` significant digits (``0.123``, ``2.14e+04``)."""
-    return f"{value:.{digits}g}"
+    """A measure as the readings print it: `digits` significant digits (``0.123``, ``2.14e+04``);
+    ``undefined`` for NaN, ``∞`` for infinity."""
+    return _not_finite(value) or f"{value:.{digits}g}"
 
 
 def percent(fraction: float, digits: int = 1) -> str:
     """A fraction (an error, an accuracy) as the readings print it: ``0.0194`` -> ``1.9%``."""
-    return f"{100.0 * fraction:.{digits}f}%"
+    return _not_finite(fraction) or f"{100.0 * fraction:.{digits}f}%"
 
 
 def points(fraction: float, digits: int = 1) -> str:
     """A difference of two fractions in percentage points: ``0.123`` -> ``12.3 pp``."""
-    return f"{100.0 * fraction:.{digits}f} pp"
+    return _not_finite(fraction) or f"{100.0 * fraction:.{digits}f} pp"
 
 
 def names(items: list[str], limit: int = 4) -> str:
@@ -143,7 +156,19 @@ class Result:
 
     def reading(self) -> str:
         """One plain-language paragraph saying what the numbers show (the report prints it
-        under the figure). Probes override it; this default lists the summary."""
+        under the figure): :meth:`read`, unless the result holds nothing to read (no table
+        with a row, or no summary number defined), which is said as such."""
+        if self.table.empty and all(t.empty for t in self.tables.values()):
+            return (f"This {self.probe} result holds no measurements (its table is empty): there "
+                    "is nothing to read.")
+        if self.summary and all(math.isnan(v) for v in self.summary.values()):
+            return (f"No summary number of this {self.probe} result is defined (every one is "
+                    "NaN): there is nothing to read.")
+        return self.read()
+
+    def read(self) -> str:
+        """The reading of a result with numbers in it; probes override it, this default lists
+        the summary."""
         shown = ", ".join(f"{k} = {number(v)}" for k, v in self.summary.items())
         return f"The {self.probe} result's summary measures: {shown}." if shown else \
             f"The {self.probe} result has no summary measures."

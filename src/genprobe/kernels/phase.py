@@ -91,7 +91,7 @@ class NTKPhaseResult(Result):
                  for w in acc.columns}
         return pd.DataFrame({"depth": acc.index.to_numpy(), **cells})
 
-    def reading(self) -> str:
+    def read(self) -> str:
         """What the diagram shows, in one paragraph."""
         s, crit = self.summary, self.summary["critical_sigma_w2"]
         parts = [f"The ordered/chaotic boundary (χ₁ = 1) is at σ_w² = {crit:.3g}."]

@@ -205,14 +205,18 @@ class _CurveResult(Result):
     def title(self) -> str:
         return ""
 
-    def reading(self) -> str:
+    def read(self) -> str:
         """How far accuracy falls along each layer's curve, and which layers are the most and
         least fragile by the area under the curve."""
         split = self.meta.get("options", {}).get("split", "test")
         base = self.summary["base_accuracy"]
-        curves = {layer: part for layer, part in self.curves().groupby("layer", sort=False)}
+        curves = {layer: part for layer, part in self.curves().dropna(subset=["mean"])
+                  .groupby("layer", sort=False)}
         aucs = {layer: self.summary.get(f"auc:{layer}", math.nan) for layer in curves}
         ends = {layer: float(part["mean"].iloc[-1]) for layer, part in curves.items()}
+        if not ends:
+            return (f"{self.doing()}: no point of any curve is defined (every accuracy is NaN), "
+                    "so there is nothing to read.")
         text = f"{self.doing()}: {split} accuracy, {percent(base)} {self.start_phrase()}, is "
         if len(ends) == 1:
             layer = next(iter(ends))
@@ -227,8 +231,10 @@ class _CurveResult(Result):
         middle = self.middle(curves)
         text += (f"; {middle}." if middle else ".")
         finite = {k: v for k, v in aucs.items() if math.isfinite(v)}
-        if len(finite) > 1:
-            low, high = min(finite, key=finite.get), max(finite, key=finite.get)
+        low, high = (min(finite, key=finite.get), max(finite, key=finite.get)) if finite else (None, None)
+        if len(finite) > 1 and f"{finite[low]:.2f}" == f"{finite[high]:.2f}":
+            text += f" The area under the curve (1 = no loss at all) is {finite[low]:.2f} in every layer."
+        elif len(finite) > 1:
             text += (f" The area under the curve (1 = no loss at all) is {finite[low]:.2f} for "
                      f"{low}, the most fragile layer, and {finite[high]:.2f} for {high}, the least.")
         elif finite:

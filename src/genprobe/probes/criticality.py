@@ -493,13 +493,13 @@ class CriticalityResult(Result):
                      f"{infinite})")
         return fig
 
-    def reading(self) -> str:
+    def read(self) -> str:
         """Network criticality and the bound's term; the most and least critical modules; the
         modules with μ_i = 0 (robust) or ∞."""
         mods = self.modules
         options = self.meta.get("options", {})
         split, loss = options.get("split", "train"), options.get("loss", "error")
-        total, m = self.summary["network_criticality"], int(self.summary["n_examples"])
+        total, m = self.summary["network_criticality"], number(self.summary["n_examples"], 9)
         eps = self.summary["epsilon"]
         eps_text = percent(eps) if loss == "error" else number(eps)
         text = (f"Network criticality μ = Σ μ_i = {number(total)} over {len(mods)} modules, so the "

@@ -122,19 +122,23 @@ class NTKResult(Result):
     def brief(self) -> pd.DataFrame:
         return self.table.drop(columns=["epoch"])
 
-    def reading(self) -> str:
+    def read(self) -> str:
         """The spectrum's extent, what it allows gradient descent, what the kernel predicts, and
         how λ_max and κ moved over training (with checkpoints)."""
         s, n = self.summary, int(self.meta.get("n", 0))
-        kappa = s["condition_number"]
-        slowest = ("its slowest mode needs about κ times as many steps as its fastest"
-                   if math.isfinite(kappa) and s["lambda_min"] > 0 else
-                   "the kernel is singular at this precision (λ_min ≤ 0): gradient descent never "
-                   "fits the directions of its zero eigenvalues")
-        text = (f"The empirical NTK of {n} training examples has eigenvalues from {number(s['lambda_min'])} "
-                f"to {number(s['lambda_max'])} (condition number κ = {number(kappa)}): full-batch "
-                f"gradient descent on the mean squared error of the linearized network is stable below "
-                f"a learning rate of {number(s['max_learning_rate'])}, and {slowest}.")
+        kappa, lam_min, rate = s["condition_number"], s["lambda_min"], s["max_learning_rate"]
+        said = []
+        if math.isfinite(rate):
+            said.append("full-batch gradient descent on the mean squared error of the linearized "
+                        f"network is stable below a learning rate of {number(rate)}")
+        if lam_min > 0 and math.isfinite(kappa):
+            said.append("its slowest mode needs about κ times as many steps as its fastest")
+        elif lam_min <= 0:
+            said.append("the kernel is singular at this precision (λ_min ≤ 0): gradient descent "
+                        "never fits the directions of its zero eigenvalues")
+        text = (f"The empirical NTK of {n} training examples has eigenvalues from {number(lam_min)} "
+                f"to {number(s['lambda_max'])} (condition number κ = {number(kappa)})"
+                + (f": {', and '.join(said)}." if said else "."))
         acc = s["mean_prediction_accuracy"]
         if math.isfinite(acc):
             chance = 1 / max(1, len(set(self.tensors["labels"].tolist())))
@@ -146,14 +150,16 @@ class NTKResult(Result):
         if "lambda_max_ratio" in s:
             first = self.table.iloc[0]["state"]
 
-            def moved(ratio: float) -> str:
-                if not math.isfinite(ratio):
-                    return f"changed by a factor of {number(ratio)}"
-                return (f"grew {number(ratio)}-fold" if ratio > 1 else
-                        f"shrank to {number(ratio)} times its value" if ratio < 1 else "stayed")
+            def moved(what: str, ratio: float) -> list[str]:
+                if math.isnan(ratio):
+                    return []
+                return [f"{what} grew {number(ratio)}-fold" if ratio > 1 else
+                        f"{what} shrank to {number(ratio)} times its value" if ratio < 1 else
+                        f"{what} stayed"]
 
-            text += (f" From epoch {first} to the end of training, λ_max "
-                     f"{moved(s['lambda_max_ratio'])} and κ {moved(s['condition_number_ratio'])}.")
+            changes = moved("λ_max", s["lambda_max_ratio"]) + moved("κ", s.get("condition_number_ratio", math.nan))
+            if changes:
+                text += f" From epoch {first} to the end of training, {' and '.join(changes)}."
         return text
 
     @styled

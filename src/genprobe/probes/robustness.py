@@ -158,7 +158,7 @@ class RobustnessResult(Result):
                 + ": training after that point made the network worse through it — with "
                 "corrupted labels, the signature of memorization.")
 
-    def reading(self) -> str:
+    def read(self) -> str:
         """Which modules are critical and robust, with the errors that decided it; a rewind that
         lowers the error (a finding); how much worse re-randomizing is; which modules moved
         most."""

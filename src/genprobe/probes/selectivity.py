@@ -77,21 +77,21 @@ class SelectivityResult(Result):
                      f"{self.summary['selectivity_importance_spearman']:.3f})")
         return fig
 
-    def reading(self) -> str:
+    def read(self) -> str:
         """Mean selectivity and its spread over layers; the most important single unit; how well
         selectivity predicts importance."""
         t = self.table
         split = self.meta.get("options", {}).get("split", "test")
-        layers = self.brief().set_index("layer")
-        high = int((t["selectivity"] > 0.8).sum())
-        text = (f"Mean class selectivity over {len(t)} units in {len(layers)} "
-                f"layer{'s' if len(layers) != 1 else ''} is {number(self.summary['mean_selectivity'])}"
+        layers = self.brief().set_index("layer").dropna(subset=["mean_selectivity"])
+        high, n_layers = int((t["selectivity"] > 0.8).sum()), t["layer"].nunique()
+        text = (f"Mean class selectivity over {len(t)} units in {n_layers} "
+                f"layer{'s' if n_layers != 1 else ''} is {number(self.summary['mean_selectivity'])}"
                 " (0 = no class preference, 1 = fires for one class only)")
         if len(layers) > 1:
             lo, hi = layers["mean_selectivity"].idxmin(), layers["mean_selectivity"].idxmax()
             text += (f", from {number(layers.loc[lo, 'mean_selectivity'])} in {lo} to "
                      f"{number(layers.loc[hi, 'mean_selectivity'])} in {hi}")
-        text += (f"; {high} unit{'s' if high != 1 else ''} ({percent(high / len(t), 0)}) "
+        text += (f"; {high} unit{'s' if high != 1 else ''} ({percent(high / max(1, len(t)), 0)}) "
                  f"exceed{'s' if high == 1 else ''} 0.8.")
         if t["importance"].notna().any():
             top = t.loc[t["importance"].idxmax()]

@@ -199,29 +199,33 @@ class StiffnessResult(Result):
             ax.legend(loc="best")
         return fig
 
-    def reading(self) -> str:
+    def read(self) -> str:
         """Within- against between-class stiffness, the critical length, and how both moved over
         training (when checkpoints were computed)."""
         options = self.meta.get("options", {})
         within, between = self.summary["within_class"], self.summary["between_class"]
         pairs = options.get("pairs", "train-train")
-        if abs(between) < 0.05:
-            effect = "and leaves the loss of other classes' examples about unchanged"
-        elif between > 0:
-            effect = "and lowers the loss of other classes' examples too"
-        else:
-            effect = "but raises the loss of other classes' examples"
-        own = ("lowers" if within >= 0.05 else "raises" if within <= -0.05
-               else "barely changes")
+        effects = []  # what a gradient step on one example does to the others (NaN: unsaid)
+        if not math.isnan(within):
+            effects.append(("lowers" if within >= 0.05 else "raises" if within <= -0.05
+                            else "barely changes") + " the loss of others of its class")
+        if not math.isnan(between):
+            effects.append("leaves the loss of other classes' examples about unchanged"
+                           if abs(between) < 0.05 else
+                           "lowers the loss of other classes' examples too" if between > 0 else
+                           "raises the loss of other classes' examples")
+        joined = ", but " if len(effects) == 2 and between <= -0.05 else ", and "
         text = (f"Within-class cosine stiffness is {number(within)} and between-class "
-                f"{number(between)} ({pairs} pairs of {int(self.summary['n_rows'])} × "
-                f"{int(self.summary['n_cols'])} examples): a gradient step on one example "
-                f"{own} the loss of others of its class, {effect}.")
+                f"{number(between)} ({pairs} pairs of {number(self.summary['n_rows'], 9)} × "
+                f"{number(self.summary['n_cols'], 9)} examples)"
+                + (f": a gradient step on one example {joined.join(effects)}." if effects else "."))
         xi = self.summary["critical_length"]
         distance = options.get("distance", "cosine")
         curve = self.tables.get("distance", pd.DataFrame())
         if len(curve) and "checkpoint" in curve.columns:
             curve = curve[curve["checkpoint"] == FINAL]
+        if "cosine" in curve.columns:
+            curve = curve.dropna(subset=["cosine"])  # a bin without pairs has no stiffness
         trend = ""
         if len(curve) > 1 and "cosine" in curve.columns:
             near, far = float(curve["cosine"].iloc[0]), float(curve["cosine"].iloc[-1])
@@ -235,12 +239,12 @@ class StiffnessResult(Result):
             text += (f" {trend + '; it' if trend else 'Mean stiffness'} does not cross zero over "
                      f"the observed {distance} distances (no critical length).")
         seq = self.over_training
-        seq = seq[seq["checkpoint"] != FINAL]
+        seq = seq[seq["checkpoint"] != FINAL].dropna(subset=["epoch", "within_class", "between_class"])
         if len(seq) > 1:
             first, last = seq.iloc[0], seq.iloc[-1]
             text += (f" Over training, within-class stiffness went from {number(first['within_class'])}"
-                     f" at epoch {int(first['epoch'])} to {number(last['within_class'])} at epoch "
-                     f"{int(last['epoch'])}, between-class from {number(first['between_class'])} to "
+                     f" at epoch {first['epoch']:.0f} to {number(last['within_class'])} at epoch "
+                     f"{last['epoch']:.0f}, between-class from {number(first['between_class'])} to "
                      f"{number(last['between_class'])}.")
         return text
 
