@@ -5,14 +5,19 @@ A probe module defines its function and result class and registers them once::
     @register_probe("robustness", RobustnessResult, summary="...", paper="Zhang et al. 2019",
                     options=(Option("threshold", float, "Robust when ..."),),
                     demo={}, tiny={"draws": 1})
-    def robustness(subject, *, modules=None, checkpoints="all", seed=0, ...): ...
+    def robustness(subject, *, modules=None, checkpoints="all", seed=0, ...):
+        ...  # check every option against the subject (cheap: no pass over the data)
+        options_checked()  # a sweep's check before training stops here
+        ...  # the work
 
 The command line (:mod:`genprobe.cli`) builds ``genprobe probe NAME`` from the entry: the
 shared options of :mod:`genprobe.probes.common` that the function accepts (``--modules``,
 ``--checkpoints``, ``--seed``, ``--n``, ``--per-class``, ``--split``, ``--device``,
 ``--memory-budget-mb``, ``--batch-size``), then the probe's own ``options``. Adding a probe is one
 file in ``genprobe/probes/`` (found by :func:`probe_modules`) plus its tests; the shared probe tester
-(``tests/test_probe_contract.py``) runs every registered probe with its ``tiny`` options.
+(``tests/test_probe_contract.py``) runs every registered probe with its ``tiny`` options, and checks
+that its bad inputs are caught before :func:`options_checked` and that nothing before it runs the
+model on more than two examples.
 """
 
 from __future__ import annotations
