@@ -32,6 +32,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+PAPER_THREADS = 2
+"""The intra-op thread count of the slow paper and accuracy tests: their trained runs and
+measured numbers depend on it (the order of floating-point reductions), so it is the same on
+every machine, the 2-core CI machine's default."""
+
+
+@pytest.fixture(scope="module")
+def paper_threads():
+    """:data:`PAPER_THREADS` threads for a module of paper-finding tests. Use with
+    ``pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("paper_threads")]``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(PAPER_THREADS)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A finished run directory of a small fcn (2 hidden layers of 16) trained 2 epochs on 120

@@ -9,7 +9,7 @@ import pytest
 from genprobe.zoo.train import read_metrics
 from runs import trained_run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("paper_threads")]
 
 
 @pytest.mark.parametrize("arch, dataset, target", [

@@ -7,6 +7,7 @@ input in its table."""
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 
 import pandas as pd
@@ -108,7 +109,10 @@ def test_probe_contract(probe, model, tmp_path):
     assert isinstance(result, get_probe(probe).result)
     check = result.self_check
     assert check and check["passed"], f"self-check failed: {check}"
-    assert all(math.isfinite(v) or math.isnan(v) or math.isinf(v) for v in result.summary.values())
+    spec = get_probe(probe)
+    assert all(type(v) is float for v in result.summary.values())
+    missing = [p for p in spec.measures if not any(fnmatch.fnmatchcase(k, p) for k in result.summary)]
+    assert not missing, f"declared measures absent from the summary: {missing}"
     assert isinstance(result.brief(), pd.DataFrame) and len(result.brief()) <= len(result.table)
 
     path = result.save(tmp_path / "result", figure=True)

@@ -22,7 +22,7 @@ from scipy.stats import kendalltau
 import genprobe as gp
 from runs import trained_run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("paper_threads")]
 log = logging.getLogger(__name__)
 
 FCN = dict(dataset="digits", epochs=150, n_train=500, weight_decay=0.0, checkpoints="0,150",
@@ -80,7 +80,7 @@ def test_selectivity_is_a_weak_predictor_of_importance(family):
     assert abs(rho) < 0.5
 
 
-@pytest.mark.xfail(strict=True, reason="does not hold on our data: the fcn (2 x 256, digits, 150 "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="does not hold on our data: the fcn (2 x 256, digits, 150 "
                    "epochs) has mean selectivity 0.4555 without BatchNorm and 0.6454 with it "
                    "(the paper: BatchNorm lowers selectivity, on CIFAR-10 CNNs)")
 def test_batchnorm_lowers_selectivity():

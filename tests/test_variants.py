@@ -408,15 +408,17 @@ def test_in_place_elementwise_never_clobbers_a_value_in_use():
             assert_matches(x, naive_logits(s, P.replace(s.final, s.init, u.params)), s.test.y)
 
 
-def test_cpu_chunks_keep_the_largest_activation_small():
-    from genprobe.evaluate import CPU_CHUNK_BYTES, DEFAULT_BATCH_SIZE, MIN_CPU_CHUNK
+@pytest.mark.parametrize("hidden, chunk", [(32768, 64), (4096, 200), (1 << 20, 16)])
+def test_cpu_chunks_keep_the_largest_activation_small(hidden, chunk):
+    """A network whose largest activation is `hidden` float32 values per example: a CPU chunk
+    holds as many examples as keep that activation within 8 MiB (128 KiB each: 64), all 200
+    when they fit, and never fewer than 16 (4 MiB each)."""
+    from genprobe.values import Data
 
-    s = make_subject("residual_bn", n_test=40)
-    ev = VariantEvaluator(s.model, s.final, s.test, device="cpu")
-    total, largest = ev._estimate_bytes(ev._program(frozenset()))
-    assert 0 < largest <= total
-    chunk, _ = ev._chunking(ev._program(frozenset()))
-    assert chunk == min(40, DEFAULT_BATCH_SIZE, max(MIN_CPU_CHUNK, int(CPU_CHUNK_BYTES // largest)))
+    model = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 3))
+    data = Data(torch.randn(200, 4), torch.randint(0, 3, (200,)))
+    ev = VariantEvaluator(model, model.state_dict(), data, device="cpu", memory_budget=1 << 34)
+    assert ev._chunking(ev._program(frozenset()))[0] == chunk
 
 
 # ----------------------------------------------------------------------------- caller's objects
