@@ -102,3 +102,43 @@ def test_lower_layers_never_import_the_command_line():
     offenders = sorted(m for m, deps in graph.items() if "genprobe.cli" in deps and m not in
                        ("genprobe.cli", "genprobe.__main__"))
     assert not offenders, f"modules importing genprobe.cli: {offenders}"
+
+
+def _loaded_after(code: str) -> set[str]:
+    """The heavy top-level packages a fresh interpreter has loaded after running `code`."""
+    import subprocess
+    import sys
+
+    probe = (f"import sys\n{code}\nprint(' '.join(m for m in ('torch', 'pandas', 'scipy', "
+             "'matplotlib', 'rich', 'genprobe.kernels', 'genprobe.report', 'genprobe.measures') "
+             "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_import_genprobe_loads_only_what_is_used():
+    """`import genprobe` loads no heavy package; `gp.Subject` needs torch alone; the probe
+    registry adds pandas, never scipy, matplotlib, the kernels or the report."""
+    assert _loaded_after("import genprobe") == set()
+    assert _loaded_after("import genprobe as gp; gp.Subject") == {"torch"}
+    assert _loaded_after("import genprobe as gp; gp.list_probes(); gp.robustness") == {"torch", "pandas"}
+
+
+def test_lazy_names_resolve_to_the_functions_not_their_modules():
+    import types
+
+    import genprobe as gp
+    import genprobe.evaluate  # noqa: F401 - binding the submodule must not hide gp.evaluate
+    import genprobe.report  # noqa: F401
+
+    assert callable(gp.report) and callable(gp.evaluate)
+    assert not isinstance(gp.report, types.ModuleType) and not isinstance(gp.evaluate, types.ModuleType)
+    assert isinstance(gp.kernels, types.ModuleType) and gp.NTKPhaseResult.__name__ == "NTKPhaseResult"
+    assert {"robustness", "RobustnessResult", "Subject", "report"} <= set(gp.__all__)
+    assert "robustness" in dir(gp)
+    try:
+        gp.no_such_name
+    except AttributeError as exc:
+        assert "no_such_name" in str(exc)
+    else:
+        raise AssertionError("an unknown name resolved")

@@ -2,9 +2,19 @@
 
 Every registered probe (:mod:`genprobe.probes.registry`) is exported here under its name, with its
 result class: ``gp.robustness``, ``gp.RobustnessResult``, ... (``gp.list_probes()`` names them).
+
+``import genprobe`` loads nothing but the error types: every other name is imported on first use
+(PEP 562), so a command, a Ray worker or a notebook pays for torch, pandas, scipy or matplotlib
+only when it uses what needs them.
 """
 
-from . import kernels, measures, ranking
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
+
 from ._version import __version__
 from .errors import (
     ConfigError,
@@ -15,27 +25,90 @@ from .errors import (
     RunError,
     StateError,
 )
-from .evaluate import Metrics, evaluate
-from .kernels import NTKPhaseResult, ntk_phase
-from .measures import register_measure
-from .params import Unit
-from .probes.registry import get_probe, list_probes
-from .ranking import rank_correlation
-from .report import report
-from .results import Result, load
-from .subject import Subject
-from .values import Data
 
-__all__ = [
-    "ConfigError", "Data", "DataError", "GenprobeError", "Metrics", "ModuleSelectionError",
-    "OutputError", "Result", "RunError", "StateError", "Subject", "Unit", "__version__", "evaluate",
-    "get_probe", "kernels", "list_probes", "load", "measures", "NTKPhaseResult", "ntk_phase",
-    "rank_correlation", "ranking", "register_measure", "report",
-]
+if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and editors
+    from . import kernels, measures, ranking
+    from .evaluate import Metrics, evaluate
+    from .kernels import NTKPhaseResult, ntk_phase
+    from .measures import register_measure
+    from .params import Unit
+    from .probes.registry import get_probe, list_probes
+    from .ranking import rank_correlation
+    from .report import report
+    from .results import Result, load
+    from .subject import Subject
+    from .values import Data
 
-for _name in list_probes():
-    _spec = get_probe(_name)
-    globals()[_name] = _spec.function
-    globals()[_spec.result.__name__] = _spec.result
-    __all__ += [_name, _spec.result.__name__]
-del _name, _spec
+_LAZY = {
+    "Subject": ("genprobe.subject", "Subject"), "Data": ("genprobe.values", "Data"),
+    "Unit": ("genprobe.params", "Unit"), "Metrics": ("genprobe.evaluate", "Metrics"),
+    "evaluate": ("genprobe.evaluate", "evaluate"),
+    "get_probe": ("genprobe.probes.registry", "get_probe"),
+    "list_probes": ("genprobe.probes.registry", "list_probes"),
+    "Result": ("genprobe.results", "Result"), "load": ("genprobe.results", "load"),
+    "report": ("genprobe.report", "report"),
+    "kernels": ("genprobe.kernels", None), "NTKPhaseResult": ("genprobe.kernels", "NTKPhaseResult"),
+    "ntk_phase": ("genprobe.kernels", "ntk_phase"),
+    "measures": ("genprobe.measures", None),
+    "register_measure": ("genprobe.measures", "register_measure"),
+    "ranking": ("genprobe.ranking", None),
+    "rank_correlation": ("genprobe.ranking", "rank_correlation"),
+}
+"""name: (module, attribute, or None for the module itself), imported on first use."""
+
+_EAGER = ["ConfigError", "DataError", "GenprobeError", "ModuleSelectionError", "OutputError",
+          "RunError", "StateError", "__version__"]
+
+
+def _submodules() -> set[str]:
+    import pkgutil
+
+    return {m.name for m in pkgutil.iter_modules(__path__)}
+
+
+def _probe_exports() -> dict[str, object]:
+    """Each registered probe's function and result class, by name (imports every probe)."""
+    from .probes.registry import get_probe, list_probes
+
+    out: dict[str, object] = {}
+    for name in list_probes():
+        spec = get_probe(name)
+        out[name] = spec.function
+        out[spec.result.__name__] = spec.result
+    return out
+
+
+def __getattr__(name: str):
+    if name == "__all__":
+        value = [*_EAGER, *_LAZY, *_probe_exports()]
+    elif name in _LAZY:
+        module, attribute = _LAZY[name]
+        value = importlib.import_module(module)
+        value = value if attribute is None else getattr(value, attribute)
+    elif name.startswith("_") or name in _submodules():  # `from . import params`: not ours
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    else:
+        probes = _probe_exports()
+        if name not in probes:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = probes[name]
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__getattr__("__all__")))
+
+
+class _Package(types.ModuleType):
+    """This package's module type: importing ``genprobe.report`` or ``genprobe.evaluate`` binds
+    the submodule on its package, which would hide the function of the same name (``gp.report``,
+    ``gp.evaluate``); those bindings are skipped (the submodules stay in ``sys.modules``)."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name, (None, None))[1] is not None:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -56,10 +56,12 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``genprobe`` console script and ``python -m genprobe``."""
     global _on_interrupt
     logging.basicConfig(level=logging.WARNING, format="genprobe: %(levelname)s: %(message)s")
-    _register_probes()
     _on_interrupt = None
+    args = sys.argv[1:] if argv is None else [str(a) for a in argv]
     try:
-        code = app(args=argv, standalone_mode=False)
+        if "probe" in args:  # its subcommands import every probe: only for `genprobe probe ...`
+            _register_probes()
+        code = app(args=args, standalone_mode=False)
         if code == 130:  # typer turns a KeyboardInterrupt into Exit(130) and returns its code
             raise KeyboardInterrupt
         if isinstance(code, int) and code:

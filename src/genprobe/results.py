@@ -14,6 +14,7 @@ numbers, for the report); extra tables and tensors are exposed as properties (``
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -219,10 +220,26 @@ class Result:
         infs = meta.get("inf_keys", {})
         summary = {k: (math.nan if k in meta["nan_keys"] else math.copysign(math.inf, infs[k]) if k in infs
                        else v) for k, v in meta["summary"].items()}
-        kind = _REGISTRY.get(meta["meta"].get("probe"), Result)
+        kind = result_class(meta["meta"].get("probe"))
         if cls is not Result and not issubclass(kind, cls):
             raise RunError(f"{path} holds a {meta['meta'].get('probe')!r} result, not {cls.probe!r}")
         return kind(table=table, summary=summary, meta=meta["meta"], tables=tables, tensors=tensors)
+
+
+RESULT_HOMES = ("genprobe.probes.registry", "genprobe.kernels")
+"""Where the result classes are defined: importing these registers every one (the probe registry
+imports each probe's module when asked for the probes). ``import genprobe`` imports neither."""
+
+
+def result_class(probe: str | None) -> type[Result]:
+    """The result class registered for `probe` (the base :class:`Result` for an unknown one),
+    importing :data:`RESULT_HOMES` first when it is not registered yet."""
+    if probe not in _REGISTRY:
+        for home in RESULT_HOMES:  # by name: the homes import this module, not the reverse
+            module = importlib.import_module(home)
+            if hasattr(module, "list_probes"):
+                module.list_probes()
+    return _REGISTRY.get(probe, Result)
 
 
 def load(path: str | Path) -> Result:

@@ -38,7 +38,6 @@ from time import perf_counter
 
 import numpy as np
 import pandas as pd
-import scipy.sparse.linalg
 import torch
 from torch import Tensor
 
@@ -488,6 +487,8 @@ def _eigenvalues(square, work: np.ndarray | None) -> np.ndarray:
     m = square.shape[0]
     if work is not None:
         return lapack.eigvalsh_(_fill(work, square))[::-1].copy()
+    import scipy.sparse.linalg
+
     k = min(LANCZOS_K, m - 2)
     op = scipy.sparse.linalg.LinearOperator((m, m), matvec=lambda v: _times(square, v.ravel()), dtype=np.float64)
     top = _lanczos(op, k, "largest")
@@ -501,6 +502,8 @@ def _eigenvalues(square, work: np.ndarray | None) -> np.ndarray:
 def _lanczos(op, k: int, which: str) -> np.ndarray:
     """The k largest eigenvalues of symmetric `op` (ARPACK); when some do not converge (clustered
     eigenvalues, e.g. a rank-deficient kernel's zeros), those that did, with a warning."""
+    import scipy.sparse.linalg
+
     m = op.shape[0]
     try:
         return scipy.sparse.linalg.eigsh(op, k=k, which="LA", ncv=min(m, max(2 * k + 1, 4 * k)),

@@ -19,7 +19,6 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import spearmanr
 
 from .. import progress
 from ..engine.activations import activation_stats
@@ -177,6 +176,8 @@ def selectivity(
     for s, part in table.groupby("layer", sort=False):
         summary[f"mean_selectivity:{s}"] = float(part["selectivity"].mean())
     ok = table[["selectivity", "importance"]].dropna()
+    from scipy.stats import spearmanr
+
     rho = spearmanr(ok["selectivity"], ok["importance"]).statistic if importance and len(ok) > 2 \
         and ok["importance"].nunique() > 1 and ok["selectivity"].nunique() > 1 else math.nan
     summary["selectivity_importance_spearman"] = float(rho)
