@@ -18,3 +18,8 @@ def interrupt_myself(unit: dict) -> dict:
     carry on: a worker leaves Ctrl-C to its parent."""
     os.kill(os.getpid(), signal.SIGINT)
     return {"n": unit["n"], "pid": os.getpid()}
+
+
+def niceness(unit: dict) -> dict:
+    """This worker's scheduling priority (its nice value)."""
+    return {"n": unit["n"], "nice": os.nice(0)}

@@ -236,6 +236,25 @@ def test_ray_gives_the_same_table(reference, tmp_path):
     same(read_table(out), read_table(reference))
 
 
+@pytest.mark.slow
+def test_ray_workers_run_at_the_local_executors_priority(monkeypatch):
+    """Ray starts workers at nice 15; on the instance genprobe starts they run at the parent's
+    priority, as the local executor's do."""
+    pytest.importorskip("ray")
+    from genprobe.executors import LocalExecutor, RayExecutor
+    from sweep_work import niceness
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    seen = {}
+    for executor in (LocalExecutor(jobs=1, threads=1), RayExecutor(jobs=1, threads=1)):
+        with executor:
+            executor.run([{"n": 0}], niceness, started=lambda unit: None,
+                         finished=lambda unit, record, error: seen.update(
+                             {type(executor).__name__: (record or {}).get("nice", error)}))
+    assert seen == {"LocalExecutor": os.nice(0), "RayExecutor": os.nice(0)}
+
+
 def test_changed_probe_options_redo_that_probe_only(reference, tmp_path, counted):
     import shutil
 

@@ -396,7 +396,11 @@ class RayExecutor:
                 try:
                     ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                              logging_level=logging.WARNING, configure_logging=False,
-                             num_cpus=None if self.address else self.jobs * self.threads)
+                             num_cpus=None if self.address else self.jobs * self.threads,
+                             # Ray runs workers at nice 15 by default; on the instance we start,
+                             # at the priority the local executor's workers have (a cluster's
+                             # own setting is its operator's)
+                             _system_config=None if self.address else {"worker_niceness": 0})
                 except Exception as exc:  # Ray raises many types (ConnectionError, RuntimeError, ...)
                     held.drop()  # its retry messages: the one line below says it all
                     where = f" at {self.address}" if self.address else ""
