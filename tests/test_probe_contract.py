@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import genprobe as gp
+from genprobe.device import resolve_device
 from foreign import FOREIGN, TOKENS, make_subject
 from genprobe.errors import ConfigError, DataError, GenprobeError, ModuleSelectionError, StateError
 from genprobe.probes.registry import get_probe, list_probes
@@ -113,6 +114,15 @@ def test_probe_contract(probe, model, tmp_path):
     assert all(type(v) is float for v in result.summary.values())
     missing = [p for p in spec.measures if not any(fnmatch.fnmatchcase(k, p) for k in result.summary)]
     assert not missing, f"declared measures absent from the summary: {missing}"
+    # one shape of meta for every probe: how it was called, where, with which engine
+    meta = result.meta
+    assert {"probe", "genprobe_version", "machine", "options", "seed", "device", "engine",
+            "self_check"} <= set(meta), sorted(meta)
+    assert set(meta["options"]) == set(spec.parameters()), sorted(meta["options"])
+    assert meta["seed"] == meta["options"]["seed"] == 0 and meta["probe"] == probe
+    assert meta["device"] == meta["options"]["device"] == str(resolve_device("auto"))
+    assert isinstance(meta["engine"], str) and meta["engine"]
+    assert {"what", "value", "tolerance", "passed"} <= set(meta["self_check"])
     assert isinstance(result.brief(), pd.DataFrame) and len(result.brief()) <= len(result.table)
 
     path = result.save(tmp_path / "result", figure=True)

@@ -15,29 +15,33 @@ import sys
 import types
 from typing import TYPE_CHECKING
 
-from ._version import __version__
-from .errors import (
-    ConfigError,
-    DataError,
-    GenprobeError,
-    ModuleSelectionError,
-    OutputError,
-    RunError,
-    StateError,
-)
+from ._version import __version__ as __version__
+from .errors import ConfigError as ConfigError
+from .errors import DataError as DataError
+from .errors import GenprobeError as GenprobeError
+from .errors import ModuleSelectionError as ModuleSelectionError
+from .errors import OutputError as OutputError
+from .errors import RunError as RunError
+from .errors import StateError as StateError
 
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and editors
-    from . import kernels, measures, ranking
-    from .evaluate import Metrics, evaluate
-    from .kernels import NTKPhaseResult, ntk_phase
-    from .measures import register_measure
-    from .params import Unit
-    from .probes.registry import get_probe, list_probes
-    from .ranking import rank_correlation
-    from .report import report
-    from .results import Result, load
-    from .subject import Subject
-    from .values import Data
+    from . import kernels as kernels
+    from . import measures as measures
+    from . import ranking as ranking
+    from .evaluate import Metrics as Metrics
+    from .evaluate import evaluate as evaluate
+    from .kernels import NTKPhaseResult as NTKPhaseResult
+    from .kernels import ntk_phase as ntk_phase
+    from .measures import register_measure as register_measure
+    from .params import Unit as Unit
+    from .probes.registry import get_probe as get_probe
+    from .probes.registry import list_probes as list_probes
+    from .ranking import rank_correlation as rank_correlation
+    from .report import report as report
+    from .results import Result as Result
+    from .results import load as load
+    from .subject import Subject as Subject
+    from .values import Data as Data
 
 _LAZY = {
     "Subject": ("genprobe.subject", "Subject"), "Data": ("genprobe.values", "Data"),

@@ -251,12 +251,12 @@ def measures(
     from rich.console import Console
     from rich.table import Table
 
-    from . import measures as M
     from . import ranking as R
     from .figures import save_figure
+    from .sweep import measures_figure_paths, read_table
 
-    table = M.read_sweep_table(sweep)
-    png, _ = M.figure_paths(sweep, out)  # refuse a foreign file before any work
+    table = read_table(sweep)
+    png, _ = measures_figure_paths(sweep, out)  # refuse a foreign file before any work
     ranking = R.rank_sweep(table, target=target, bootstrap=bootstrap, level=level,
                            reference=reference, min_models=min_models, min_share=min_share,
                            cmi=cmi, max_train_error=max_train_error, seed=seed)
@@ -533,14 +533,13 @@ def sweep(
     """Train a grid of models and probe each (SWEEP/table.parquet); re-run to resume or retry."""
     import pandas as pd
 
-    from .sweep import SweepConfig, default_out, run_sweep
+    from .sweep import RECORD, TABLE, SweepConfig, default_out, records, run_dir, run_sweep
 
     cfg = SweepConfig.from_yaml(config)
     out = out or default_out(cfg)
 
     def kept() -> str:
-        records = list((out / "runs").glob("*/record.json")) if out.is_dir() else []
-        return (f"{out} keeps {len(records)} recorded run(s) and the trained epochs of unfinished "
+        return (f"{out} keeps {len(records(out))} recorded run(s) and the trained epochs of unfinished "
                 f"ones; resume with: genprobe sweep {config} --out {out}")
 
     global _on_interrupt
@@ -552,10 +551,10 @@ def sweep(
     with pd.option_context("display.max_rows", 60, "display.width", 160,
                            "display.float_format", "{:.4g}".format):
         typer.echo(outcome.table[shown].to_string(index=False))
-    typer.echo(f"wrote {out / 'table.parquet'}: {outcome.runs} runs, {outcome.done} done "
+    typer.echo(f"wrote {out / TABLE}: {outcome.runs} runs, {outcome.done} done "
                f"({outcome.reused} from before), {outcome.failed} failed")
     if outcome.failed:
         print(f"genprobe: {outcome.failed} of {outcome.runs} runs failed (status and error in "
-              f"{out / 'table.parquet'} and {out}/runs/RUN/record.json); run the same command "
+              f"{out / TABLE} and {run_dir(out, 'RUN') / RECORD}); run the same command "
               "again to retry them", file=sys.stderr)
         raise typer.Exit(1)

@@ -97,11 +97,9 @@ import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
@@ -111,7 +109,7 @@ from . import params as P
 from . import progress
 from .engine.rules import scaled_map
 from .engine.variants import Edit, VariantEvaluator, noise_edit, stack_edits
-from .errors import ConfigError, OutputError, RunError, first_line
+from .errors import ConfigError, first_line
 from .evaluate import logits as model_logits
 from .probes.common import (
     check_int,
@@ -738,58 +736,7 @@ def classify(columns: Sequence[str], *, probes: Mapping[str, Mapping[str, Any] |
     return ranked, skipped
 
 
-# ----------------------------------------------------------------------------- sweep directories
-
-TABLE = "table.parquet"
-FIGURE = "measures"
-"""Stem of the figure ``genprobe measures`` writes into a sweep directory (.png and .svg)."""
-
-
-def _sweep_mark() -> str:
-    from .outputs import MARKS
-
-    return MARKS.get("sweep", ".genprobe-sweep")
-
-
-def read_sweep_table(sweep: str | Path) -> pd.DataFrame:
-    """``SWEEP/table.parquet`` of a sweep directory written by ``genprobe sweep`` (RunError,
-    one line saying which command writes it, when `sweep` is not one or has no table yet)."""
-    sweep = Path(sweep)
-    if not sweep.is_dir() or not (sweep / _sweep_mark()).is_file():
-        what = "does not exist" if not sweep.exists() else "is not a sweep directory"
-        raise RunError(f"{sweep} {what} (no {_sweep_mark()} marker): `genprobe sweep CONFIG.yaml "
-                       "--out DIR` writes one")
-    path = sweep / TABLE
-    if not path.is_file():
-        raise RunError(f"{sweep} has no {TABLE} yet: `genprobe sweep` writes it as its runs "
-                       "finish (run it again on the same config to resume)")
-    try:
-        return pd.read_parquet(path)
-    except Exception as exc:  # noqa: BLE001 - any reader failure: the file is not a table
-        raise RunError(f"{path} cannot be read as a table ({first_line(exc, 120)}); re-run "
-                       "`genprobe sweep` to rewrite it") from None
-
-
-def figure_paths(sweep: str | Path, out: str | Path | None = None) -> tuple[Path, Path]:
-    """The (PNG, SVG) paths ``genprobe measures`` writes: ``SWEEP/measures.png`` / ``.svg``, or
-    `out` (a ``.png`` path; the SVG beside it). OutputError when one exists and genprobe cannot
-    prove it wrote it (only the figure files inside a sweep directory are replaced)."""
-    png = Path(sweep) / f"{FIGURE}.png" if out is None else Path(out)
-    if png.suffix.lower() != ".png":
-        raise ConfigError(f"--out {png} must name a .png file (the .svg is written beside it)")
-    svg = png.with_suffix(".svg")
-    for path in (png, svg):
-        ours = (path.name in (f"{FIGURE}.png", f"{FIGURE}.svg")
-                and (path.parent / _sweep_mark()).is_file())
-        if path.exists() and not (path.is_file() and ours):
-            raise OutputError(f"{path} already exists and genprobe did not write it; choose "
-                              "another --out path")
-        if not path.parent.is_dir():
-            raise OutputError(f"cannot write {path}: folder {path.parent} does not exist")
-    return png, svg
-
-
 __all__ = ["BASELINES", "DATA_BASELINES", "LAYERS", "Layer", "MeasureSpec", "SigmaSearch",
-           "USER_PREFIX", "baselines", "classify", "compute", "evaluate_measure", "figure_paths",
-           "import_measure", "layers", "log_path_norm", "parameter_scales", "read_sweep_table",
+           "USER_PREFIX", "baselines", "classify", "compute", "evaluate_measure",
+           "import_measure", "layers", "log_path_norm", "parameter_scales",
            "register_measure", "sigma_search", "unregister_measure", "user_measures"]

@@ -812,15 +812,69 @@ def build_table(runs: list[SweepRun], records: dict[str, dict],
 
 
 def read_table(sweep: str | Path) -> pd.DataFrame:
-    """The table of a sweep directory (RunError, one line, when missing or unreadable);
-    ``table.attrs`` names its ``hyperparameters``, ``metrics`` and ``measures``."""
-    path = Path(sweep) / TABLE
+    """``SWEEP/table.parquet`` of a sweep directory written by ``genprobe sweep``; RunError (one
+    line, saying which command writes it) when `sweep` is not one, or has no table yet, or the
+    table is unreadable. ``table.attrs`` names its ``hyperparameters``, ``metrics`` and
+    ``measures``."""
+    sweep = Path(sweep)
+    mark = outputs.MARKS["sweep"]
+    if not sweep.is_dir() or not (sweep / mark).is_file():
+        what = "does not exist" if not sweep.exists() else "is not a sweep directory"
+        raise RunError(f"{sweep} {what} (no {mark} marker): `genprobe sweep CONFIG.yaml --out DIR` "
+                       "writes one")
+    path = sweep / TABLE
     if not path.is_file():
-        raise RunError(f"{sweep} has no {TABLE}; is it a sweep directory written by `genprobe sweep`?")
+        raise RunError(f"{sweep} has no {TABLE} yet: `genprobe sweep` writes it as its runs "
+                       "finish (run it again on the same config to resume)")
     try:
         return pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises its own types for every kind of damage
-        raise RunError(f"{path} is unreadable: {first_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises its own types for every kind of damage
+        raise RunError(f"{path} cannot be read as a table ({first_line(exc, 120)}); re-run "
+                       "`genprobe sweep` to rewrite it") from None
+
+
+def run_dir(sweep: str | Path, run: str) -> Path:
+    """The run directory of run id `run` in a sweep directory."""
+    return Path(sweep) / RUNS_DIR / str(run)
+
+
+def records(sweep: str | Path) -> list[Path]:
+    """The ``record.json`` files of a sweep directory's recorded runs."""
+    return sorted((Path(sweep) / RUNS_DIR).glob(f"*/{RECORD}"))
+
+
+FIGURE = "measures"
+"""Stem of the figure ``genprobe measures`` writes into a sweep directory (.png and .svg)."""
+
+
+def measures_figure_paths(sweep: str | Path, out: str | Path | None = None) -> tuple[Path, Path]:
+    """The (PNG, SVG) paths ``genprobe measures`` writes: ``SWEEP/measures.png`` / ``.svg``, or
+    `out` (a ``.png`` path; the SVG beside it). OutputError when one exists and genprobe cannot
+    prove it wrote it (only the figure files inside a sweep directory are replaced)."""
+    png = Path(sweep) / f"{FIGURE}.png" if out is None else Path(out)
+    if png.suffix.lower() != ".png":
+        raise ConfigError(f"--out {png} must name a .png file (the .svg is written beside it)")
+    svg = png.with_suffix(".svg")
+    for path in (png, svg):
+        ours = (path.name in (f"{FIGURE}.png", f"{FIGURE}.svg")
+                and (path.parent / outputs.MARKS["sweep"]).is_file())
+        if path.exists() and not (path.is_file() and ours):
+            raise OutputError(f"{path} already exists and genprobe did not write it; choose "
+                              "another --out path")
+        if not path.parent.is_dir():
+            raise OutputError(f"cannot write {path}: folder {path.parent} does not exist")
+    return png, svg
+
+
+def read_config(sweep: str | Path) -> dict[str, Any] | None:
+    """The normalized config ``SWEEP/sweep.yaml`` of the sweep's last invocation; None when it
+    is missing or unreadable (the next ``genprobe sweep`` rewrites it)."""
+    path = Path(sweep) / SWEEP_FILE
+    try:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        data = None
+    return data if isinstance(data, dict) else None
 
 
 def _write_table(out: Path, table: pd.DataFrame) -> None:
@@ -885,13 +939,6 @@ class _SweepDirectory:
                     and p.is_file():
                 p.unlink(missing_ok=True)
 
-    def previous(self) -> dict[str, Any] | None:
-        path = self.out / SWEEP_FILE
-        try:
-            data = yaml.safe_load(path.read_text()) if path.is_file() else None
-        except (yaml.YAMLError, OSError, UnicodeDecodeError):
-            data = None
-        return data if isinstance(data, dict) else None
 
     def forget_changed_probes(self, config: SweepConfig) -> None:
         """Remove the saved results of every probe whose options differ from the last
@@ -899,7 +946,7 @@ class _SweepDirectory:
         result directory goes only when it is one genprobe wrote."""
         from .results import result_file
 
-        before = self.previous() or {}
+        before = read_config(self.out) or {}
         old = before.get("probes") if isinstance(before.get("probes"), dict) else {}
         changed = [name for name, options in config.probes.items()
                    if name not in old or _jsonable(old[name] or {}) != _jsonable(options)]
@@ -1067,4 +1114,4 @@ def _crashed(out: Path, unit: dict, error: str | None) -> dict[str, Any]:
 
 
 __all__ = ["SweepConfig", "SweepOutcome", "SweepRun", "build_table", "default_out", "hyperparameters",
-           "read_table", "run_id", "run_sweep", "run_unit", "varying"]
+           "measures_figure_paths", "read_config", "read_table", "records", "run_dir", "run_id", "run_sweep", "run_unit", "varying"]

@@ -52,6 +52,7 @@ from .common import (
     check_subject,
     derive_seed,
     generator,
+    result_meta,
     split_data,
     trained_check,
 )
@@ -405,14 +406,14 @@ def ablation(
     layers_table = pd.DataFrame([{"layer": s, "units": stats[s].units, "dim": stats[s].dim} for s in sites]
                                 + ([{"layer": ALL, "units": sum(stats[s].units for s in sites), "dim": -1}]
                                    if scope == "all" else []))
-    meta = {"options": {"layers": layers if layers is None or isinstance(layers, str) else list(layers),
-                        "mode": mode, "order": order, "orders": n_orders, "steps": steps,
-                        "scope": scope, "split": split, "n": n, "per_class": per_class,
-                        "batch_size": batch_size, "device": str(ev.device)},
-            "seed": seed, "sites": sites, "engine": ev.mode, "n_examples": len(data),
-            "mean_source": "training-set mean of each unit (element mean for feature maps)",
-            "self_check": trained_check(subject, data, results[0], batch_size=batch_size, device=device,
-                                        what="k = 0 (no unit ablated) against a plain evaluation")}
+    check = trained_check(subject, data, results[0], batch_size=batch_size, device=device,
+                          what="k = 0 (no unit ablated) against a plain evaluation")
+    meta = result_meta(ablation, dict(
+        layers=layers, mode=mode, order=order, orders=n_orders, steps=steps, scope=scope,
+        split=split, n=n, per_class=per_class, seed=seed, batch_size=batch_size,
+        memory_budget=memory_budget, device=device), device=ev.device, engine=ev.mode,
+        self_check=check, sites=sites, n_examples=len(data),
+        mean_source="training-set mean of each unit (element mean for feature maps)")
     tensors = ranks | {f"mean/{s}": stats[s].element_mean for s in sites}
     return AblationResult(table=table, summary=summary, meta=meta, tables={"layers": layers_table},
                           tensors=tensors)
@@ -535,13 +536,12 @@ def activation_noise(
         extra=[float((zero["accuracy"] - (1.0 - float(results[0].error))).abs().max())] if len(zero) else [],
         what="zero noise and the engine's trained network against a plain evaluation")
     layers_table = pd.DataFrame([{"layer": s, "units": stats[s].units, "dim": stats[s].dim} for s in sites])
-    meta = {"options": {"layers": layers if layers is None or isinstance(layers, str) else list(layers),
-                        "scales": scales, "draws": draws, "split": split, "n": n,
-                        "per_class": per_class, "batch_size": batch_size, "device": str(ev.device)},
-            "seed": seed, "sites": sites, "engine": ev.mode, "n_examples": len(data),
-            "noise_seed": seeds,
-            "std_source": "standard deviation of each unit's per-example activation on the training set",
-            "self_check": check}
+    meta = result_meta(activation_noise, dict(
+        layers=layers, scales=scales, draws=draws, split=split, n=n, per_class=per_class,
+        seed=seed, batch_size=batch_size, memory_budget=memory_budget, device=device),
+        device=ev.device, engine=ev.mode, self_check=check, sites=sites, n_examples=len(data),
+        noise_seed=seeds,
+        std_source="standard deviation of each unit's per-example activation on the training set")
     return NoiseResult(table=table, summary=summary, meta=meta, tables={"layers": layers_table})
 
 

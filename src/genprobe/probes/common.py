@@ -22,10 +22,11 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import zlib
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -207,6 +208,28 @@ def split_data(subject, split: str, *, n: int | None, per_class: int | None, see
                               seed=seed, split=split))
 
 
+def result_meta(function, options: Mapping[str, Any], *, device, engine: str, self_check: dict,
+                **extra: Any) -> dict:
+    """A probe result's ``meta``, one shape for every probe: ``options`` (every keyword option of
+    the probe `function`, as the probe resolved it: epochs for ``checkpoints``, the grids it
+    used, the device it ran on), ``seed``, ``device``, ``engine`` (the engine's route, e.g.
+    ``fx`` or ``layerwise``), ``self_check`` (:func:`trained_check`'s shape), then the probe's
+    own keys `extra`. (:class:`~genprobe.results.Result` adds ``probe``, ``genprobe_version``
+    and ``machine``.) TypeError when `options` lacks an option of `function` or has another:
+    a probe records exactly how it was called."""
+    accepted = [n for n, p in inspect.signature(function).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    missing = [n for n in accepted if n not in options]
+    unknown = [n for n in options if n not in accepted]
+    if missing or unknown:
+        raise TypeError(f"{function.__name__}: meta options missing {missing}, unknown {unknown}")
+    recorded = {n: dict(v) if isinstance(v, Mapping) else v for n, v in options.items()}
+    if "device" in recorded:
+        recorded["device"] = str(device)
+    return {"options": recorded, "seed": int(options["seed"]), "device": str(device),
+            "engine": str(engine), "self_check": self_check, **extra}
+
+
 def trained_check(subject, data: Data, base, *, what: str, batch_size: int | None, device,
                   extra: Sequence[float] = ()) -> dict:
     """A result's ``meta["self_check"]``: the engine's loss and error of the trained network
@@ -221,4 +244,4 @@ def trained_check(subject, data: Data, base, *, what: str, batch_size: int | Non
     return {"what": what, "value": value, "tolerance": tol, "passed": bool(value <= tol)}
 
 
-__all__ = ["SHARED_HELP", "SPLITS", "check_int", "check_number", "check_resources", "check_split", "derive_seed", "generator", "parse_checkpoints", "sample", "select_checkpoints", "split_data", "trained_check"]
+__all__ = ["SHARED_HELP", "SPLITS", "check_int", "check_number", "check_resources", "check_split", "derive_seed", "generator", "parse_checkpoints", "result_meta", "sample", "select_checkpoints", "split_data", "trained_check"]

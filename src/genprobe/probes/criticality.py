@@ -92,6 +92,7 @@ from .common import (
     check_resources,
     check_split,
     check_subject,
+    result_meta,
     split_data,
     trained_check,
 )
@@ -669,16 +670,15 @@ def criticality(
                "bound": math.sqrt(total / len(data)),
                "epsilon": epsilon, "trained_loss": trained, "trained_error": float(base.error),
                "n_examples": len(data), "evaluations": int(sum(j.evaluations for j in jobs))}
-    meta = {"options": {"modules": modules if not isinstance(modules, Mapping) else dict(modules),
-                        "epsilon": epsilon, "loss": loss, "alphas": alphas, "sigmas": sigmas,
-                        "samples": samples, "noise": noise, "split": split,
-                        "n": n, "per_class": per_class, "rtol": rtol, "refine": refine,
-                        "valley": valley,
-                        "batch_size": batch_size, "device": str(ev.device)},
-            "seed": seed, "epsilon_rule": rule, "noise_convention": _NOISE_DOC[noise],
-            "buffers": "keep", "bound_formula": "sqrt(network_criticality / n_examples)",
-            "engine": ev.mode, "fallback_reason": ev.fallback_reason,
-            "self_check": _self_check(subject, data, table, base, loss, batch_size, device)}
+    meta = result_meta(criticality, dict(
+        modules=modules, epsilon=epsilon, loss=loss, alphas=alphas, sigmas=sigmas, samples=samples,
+        noise=noise, split=split, n=n, per_class=per_class, rtol=rtol, refine=refine,
+        valley=valley, seed=seed, batch_size=batch_size, memory_budget=memory_budget,
+        device=device), device=ev.device, engine=ev.mode,
+        self_check=_self_check(subject, data, table, base, loss, batch_size, device),
+        fallback_reason=ev.fallback_reason, epsilon_rule=rule,
+        noise_convention=_NOISE_DOC[noise], buffers="keep",
+        bound_formula="sqrt(network_criticality / n_examples)")
     return CriticalityResult(table=table, summary=summary, meta=meta,
                              tables={"modules": per_module, "alphas": per_alpha})
 

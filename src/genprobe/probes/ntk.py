@@ -57,6 +57,7 @@ from .common import (
     check_int,
     check_number,
     check_subject,
+    result_meta,
     sample,
     select_checkpoints,
 )
@@ -272,7 +273,8 @@ def ntk(
         n_test = len(train) if (n is not None or per_class is not None) else len(subject.data("test"))
     test, test_idx = _sample(subject, "test", n_test, None, seed) if n_test else (None, None)
     outputs_k = _output_count(subject, train)
-    budget = resolve_memory_budget(memory_budget, resolve_device(device))
+    dev = resolve_device(device)
+    budget = resolve_memory_budget(memory_budget, dev)
     rows = len(train) * (1 if trace_outputs else outputs_k)
     need = 8 * rows * rows
     if need > budget and (out is None or not trace_outputs):
@@ -290,10 +292,12 @@ def ntk(
     rows_out, spectra, files = [], [], {}
     final_kernels: dict[str, Tensor] = {}
     final_eigs = None
+    routes = set()
     seconds = {"kernel": 0.0, "analysis": 0.0}
     for label, state in states:
         start = perf_counter()
-        kernel, kernel_test = _kernels(subject, state, label, train, test, store, options, files)
+        kernel, kernel_test, route = _kernels(subject, state, label, train, test, store, options, files)
+        routes.add(route)
         seconds["kernel"] += perf_counter() - start
         start = perf_counter()
         return_freed_memory()  # the engine's blocks: the analysis needs one N x N buffer
@@ -323,15 +327,15 @@ def ntk(
     tensors = {**final_kernels, "eigenvalues": final_eigs, "indices": train_idx, "labels": train.y.clone()}
     if test is not None:
         tensors.update(test_indices=test_idx, test_labels=test.y.clone())
-    meta = {"options": {"n": n, "per_class": per_class, "n_test": n_test, "checkpoints": epochs,
-                        "trace_outputs": trace_outputs, "ridge": ridge, "time": time,
-                        "out": None if out is None else str(out), "seed": seed,
-                        "implementation": implementation},
-            "n": len(train), "n_test": 0 if test is None else len(test),
-            "outputs": outputs_k, "states": [s for s, _ in states],
-            "kernel_files": files.get(FINAL, {}), "seconds": seconds,
-            "self_check": _self_check(subject, train, final_kernels.get("kernel"), files.get(FINAL),
-                                      trace_outputs)}
+    meta = result_meta(ntk, dict(
+        n=n, per_class=per_class, n_test=n_test, checkpoints=epochs, trace_outputs=trace_outputs,
+        ridge=ridge, time=time, out=None if out is None else str(out), seed=seed, device=device,
+        memory_budget=memory_budget, implementation=implementation),
+        device=dev, engine="/".join(sorted(routes)),
+        self_check=_self_check(subject, train, final_kernels.get("kernel"), files.get(FINAL),
+                               trace_outputs),
+        n=len(train), n_test=0 if test is None else len(test), outputs=outputs_k,
+        states=[s for s, _ in states], kernel_files=files.get(FINAL, {}), seconds=seconds)
     return NTKResult(table=table, summary=summary, meta=meta, tables={"spectrum": pd.concat(spectra, ignore_index=True)},
                      tensors=tensors)
 
@@ -362,13 +366,14 @@ def _output_count(subject: Subject, data: Data) -> int:
 
 
 def _kernels(subject, state, label, train: Data, test: Data | None, store, options, files):
-    """Θ(X, X) and Θ(X_test, X) at `state`: in memory (numpy), or streamed into `store`."""
+    """(Θ(X, X), Θ(X_test, X), the grams engine's route) at `state`: in memory (numpy), or
+    streamed into `store` (the route asked for)."""
     if store is None:
         with progress.task(f"ntk: kernel at {label}"):
-            k = gram(subject.model, state, train.x, **options).matrix.numpy()
+            g = gram(subject.model, state, train.x, **options)
             kt = (gram(subject.model, state, test.x, train.x, **options).matrix.numpy()
                   if test is not None else None)
-        return k, kt
+        return g.matrix.numpy(), kt, g.implementation
     fingerprint = {"probe": "ntk", "state": digest(state), "x": digest(train.x),
                    "trace_outputs": options["trace_outputs"], "model": type(subject.model).__name__}
     name = "kernel" if label == FINAL else f"kernel-epoch-{int(label):04d}"
@@ -386,7 +391,7 @@ def _kernels(subject, state, label, train: Data, test: Data | None, store, optio
                              subject.model, state, test.x, train.x, on_block=on_block, **options)
     files[label] = {"kernel": str(store / f"{name}.npy"),
                     **({"kernel_test": str(store / f"{name}-test.npy")} if test is not None else {})}
-    return k, kt
+    return k, kt, options["implementation"]
 
 
 def _square(kernel: np.ndarray) -> np.ndarray:

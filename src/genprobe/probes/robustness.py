@@ -43,6 +43,7 @@ from .common import (
     check_resources,
     check_split,
     check_subject,
+    result_meta,
     select_checkpoints,
     split_data,
     trained_check,
@@ -289,14 +290,14 @@ def robustness(
     table, per_module = _tables(units, targets, epochs, results[1:], init, subject.final, base,
                                 rerandomize, draws, split, threshold)
     summary = _summary(table, per_module, base, rerandomize)
-    meta = {"options": {"modules": modules if not isinstance(modules, Mapping) else dict(modules),
-                        "checkpoints": epochs, "rerandomize": rerandomize, "draws": draws,
-                        "split": split, "n": n, "per_class": per_class, "threshold": threshold,
-                        "buffers": buffers, "batch_size": batch_size, "device": str(ev.device)},
-            "seed": seed, "engine": ev.mode, "fallback_reason": ev.fallback_reason,
-            "not_rerandomized": failed, "n_examples": len(data),
-            "self_check": trained_check(subject, data, base, batch_size=batch_size, device=device,
-                                        what="trained model: the engine against a plain evaluation")}
+    check = trained_check(subject, data, base, batch_size=batch_size, device=device,
+                          what="trained model: the engine against a plain evaluation")
+    meta = result_meta(robustness, dict(
+        modules=modules, checkpoints=epochs, rerandomize=rerandomize, draws=draws, split=split,
+        n=n, per_class=per_class, threshold=threshold, buffers=buffers, seed=seed,
+        batch_size=batch_size, memory_budget=memory_budget, device=device),
+        device=ev.device, engine=ev.mode, self_check=check, fallback_reason=ev.fallback_reason,
+        not_rerandomized=failed, n_examples=len(data))
     return RobustnessResult(table=table, summary=summary, meta=meta,
                             tables={"modules": per_module})
 

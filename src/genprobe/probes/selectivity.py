@@ -28,7 +28,15 @@ from ..figures import new_figure, styled
 from ..results import Result, number, percent, points
 from ..subject import Subject
 from .ablation import layer_sites, selectivity_index
-from .common import Split, check_int, check_resources, check_split, check_subject, split_data
+from .common import (
+    Split,
+    check_int,
+    check_resources,
+    check_split,
+    check_subject,
+    result_meta,
+    split_data,
+)
 from .registry import Option, options_checked, register_probe
 
 logger = logging.getLogger(__name__)
@@ -182,12 +190,12 @@ def selectivity(
         and ok["importance"].nunique() > 1 and ok["selectivity"].nunique() > 1 else math.nan
     summary["selectivity_importance_spearman"] = float(rho)
     summary["base_accuracy"] = base_acc
-    meta = {"options": {"layers": layers if layers is None or isinstance(layers, str) else list(layers),
-                        "split": split, "importance": importance, "n": n, "per_class": per_class,
-                        "batch_size": batch_size, "device": str(ev.device)},
-            "seed": seed, "sites": sites, "negative_layers": negative, "engine": ev.mode,
-            "n_examples": len(data), "self_check": _check(subject, data, sites[0], stats[sites[0]],
-                                                          results, importance, base_acc)}
+    meta = result_meta(selectivity, dict(
+        layers=layers, split=split, importance=importance, n=n, per_class=per_class, seed=seed,
+        batch_size=batch_size, memory_budget=memory_budget, device=device), device=ev.device,
+        engine=ev.mode, self_check=_check(subject, data, sites[0], stats[sites[0]], results,
+                                          importance, base_acc),
+        sites=sites, negative_layers=negative, n_examples=len(data))
     return SelectivityResult(table=table, summary=summary, meta=meta)
 
 

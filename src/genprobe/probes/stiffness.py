@@ -42,7 +42,15 @@ from ..params import split_state
 from ..results import Result, number
 from ..subject import Subject
 from ..values import Data
-from .common import Checkpoints, check_int, check_resources, check_subject, sample, select_checkpoints
+from .common import (
+    Checkpoints,
+    check_int,
+    check_resources,
+    check_subject,
+    result_meta,
+    sample,
+    select_checkpoints,
+)
 from .registry import Option, options_checked, register_probe
 
 logger = logging.getLogger(__name__)
@@ -438,7 +446,7 @@ def stiffness(
         mask = torch.ones_like(mask).triu(1)
     edges = _edges(dist[mask], bins)
     states = _states(subject, checkpoints)
-    check_resources(memory_budget=memory_budget, device=device)
+    dev = check_resources(memory_budget=memory_budget, device=device)
     options_checked()
     class_rows, dist_rows, summaries, cos_all = [], [], [], []
     done: list[tuple[dict, Tensor]] = []
@@ -481,12 +489,11 @@ def stiffness(
                "labels": rd.y.clone(), "col_indices": cols.clone(), "col_labels": cd.y.clone()}
     if len(states) > 1:
         tensors["cosine_over_training"] = torch.stack(cos_all)
-    meta = {"options": {"per_class": per_class, "n": n, "pairs": pairs,
-                        "checkpoints": [s[0] for s in states[:-1]],
-                        "distance": distance, "bins": bins, "device": device,
-                        "memory_budget": memory_budget, "implementation": implementation},
-            "seed": seed, "states": [s[0] for s in states], "engine": used, "loss": "cross_entropy",
-            "self_check": check}
+    meta = result_meta(stiffness, dict(
+        per_class=per_class, n=n, pairs=pairs, checkpoints=[int(s[0]) for s in states[:-1]],
+        distance=distance, bins=bins, seed=seed, device=device, memory_budget=memory_budget,
+        implementation=implementation), device=dev, engine=used, self_check=check,
+        states=[s[0] for s in states], loss="cross_entropy")
     return StiffnessResult(table=table, summary=summary, meta=meta,
                            tables={"distance": curve, "states": over}, tensors=tensors)
 

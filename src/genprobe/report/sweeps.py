@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 
 from .. import progress
 from ..errors import GenprobeError, RunError, one_line
@@ -37,8 +36,6 @@ models can rarely separate); a larger one opens with the ranking."""
 PLOTTED_MEASURES = 12
 """The ranking figure draws the measures most correlated with the gap, at most this many (the
 table lists them all): beyond a dozen scatter panels the figure is unreadable, and slow to draw."""
-RUNS_DIR = "runs"
-SWEEP_FILE = "sweep.yaml"
 RESULT_COLUMNS = ("train_error", "test_error", "gap", "train_loss", "test_loss", "loss_gap")
 
 
@@ -52,16 +49,6 @@ class SweepContent:
     subtitle: str
     figures: dict[str, str] = field(default_factory=dict)
     runs: list[RunContent] = field(default_factory=list)
-
-
-def _read_config(sweep: Path) -> dict[str, Any]:
-    path = sweep / SWEEP_FILE
-    try:
-        config = yaml.safe_load(path.read_text()) if path.is_file() else {}
-    except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
-        logger.warning("report: %s is unreadable (%s)", path, exc)
-        return {}
-    return config if isinstance(config, dict) else {}
 
 
 def ranking_reading(ranking: pd.DataFrame, n_models: int | None = None) -> str:
@@ -142,12 +129,12 @@ def _measures_table(table: pd.DataFrame, measures: list[str]) -> pd.DataFrame:
 def build_sweep(sweep: Path) -> SweepContent:
     """Read a sweep directory into a :class:`SweepContent` (RunError, one line, when it has no
     finished run)."""
-    from .. import measures as M
     from .. import ranking as R
+    from ..sweep import read_config, read_table, run_dir
 
     sweep = Path(sweep)
-    table = M.read_sweep_table(sweep)
-    config = _read_config(sweep)
+    table = read_table(sweep)
+    config = read_config(sweep) or {}
     hyper = [h for h in table.attrs.get("hyperparameters", []) if h in table.columns]
     if "status" not in table.columns or not (table["status"] == "done").any():
         raise RunError(f"sweep {sweep} has no finished runs yet: run `genprobe sweep CONFIG --out "
@@ -175,7 +162,7 @@ def build_sweep(sweep: Path) -> SweepContent:
         doc["ranking_attrs"] = dict(ranking.attrs)
         doc["ranking_reading"] = ranking_reading(ranking)
     doc["table"] = table.to_dict(orient="records")
-    run_dirs = [sweep / RUNS_DIR / str(r) for r in done["run"]]
+    run_dirs = [run_dir(sweep, r) for r in done["run"]]
     with_results = [d for d in run_dirs if d.is_dir() and probe_dirs(d)]
     draw = len(done) <= RUN_FIGURES
     total = (1 if ranking is not None else 0) + (sum(count_figures(d) for d in with_results) if draw else 0)
