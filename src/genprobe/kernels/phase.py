@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import progress
+from ..engine import lapack, spectrum
 from ..errors import ConfigError, DataError, check_choice
 from ..figures import GREY, SEQUENTIAL, SEQUENTIAL_ALT, VERMILLION, new_figure, styled
 from ..probes.common import check_int, check_number, sample
@@ -225,25 +226,25 @@ def _as_arch_inputs(x: Tensor, arch: str) -> Tensor:
 # ----------------------------------------------------------------------------- measures
 
 
-def _spectrum_and_accuracy(theta: Tensor, n_train: int, targets: Tensor, y_test: Tensor,
+def _spectrum_and_accuracy(theta: Tensor, train: Data, test: Data, classes: int,
                            ridge: float) -> tuple[float, float, float, float]:
-    """(κ, λ_max, λ_min, test accuracy) from Θ of [train; test] rows against train columns."""
+    """(κ, λ_max, λ_min, test accuracy of the mean prediction) from Θ of [train; test] rows
+    against train columns (:mod:`genprobe.engine.spectrum`, as the empirical NTK's)."""
     if not torch.isfinite(theta).all():  # e.g. ReLU with σ_w² > 2: Θ grows as (σ_w²/2)^L
         logger.warning("the NTK overflowed float64; its spectrum and accuracy are NaN")
         return math.nan, math.nan, math.nan, math.nan
-    train = theta[:n_train]
-    train = (train + train.T) / 2
-    eig = torch.linalg.eigvalsh(train)
-    lam_min, lam_max = float(eig[0]), float(eig[-1])
-    kappa = lam_max / lam_min if lam_min > 0 else math.inf
-    reg = train + ridge * float(torch.trace(train)) / n_train * torch.eye(n_train, dtype=train.dtype)
+    n = len(train)
+    kernel, cross = theta[:n].cpu().numpy(), theta[n:].cpu().numpy()
     try:
-        prediction = theta[n_train:] @ torch.linalg.solve(reg, targets)
-    except RuntimeError:  # singular with ridge = 0
-        logger.warning("Θ(X, X) + ridge·I is singular (ridge=%g); the test accuracy is NaN", ridge)
-        return kappa, lam_max, lam_min, math.nan
-    accuracy = float((prediction.argmax(1) == y_test).double().mean())
-    return kappa, lam_max, lam_min, accuracy
+        stats = spectrum.analyse(kernel, cross, train, test, classes, traced=True, outputs_k=1,
+                                 ridge=ridge, time=None, budget=0)
+    except DataError:  # Θ + r·I not positive definite (ridge = 0, or a near-constant kernel)
+        logger.warning("Θ(X, X) + ridge·I is not positive definite (ridge=%g); the test accuracy "
+                       "is NaN", ridge)
+        stats = spectrum.ends(spectrum.eigenvalues(kernel, lapack.symmetric_buffer(n)), n)
+        stats["mean_prediction_accuracy"] = math.nan
+    return (stats["condition_number"], stats["lambda_max"], stats["lambda_min"],
+            stats["mean_prediction_accuracy"])
 
 
 def _generalizing_depth(depths: np.ndarray, accuracy: np.ndarray, threshold: float) -> float:
@@ -314,7 +315,6 @@ def ntk_phase(
     x_all = torch.cat([x_train, x_test])
     for w in sigma_w2s:  # before any work, and before the order-to-chaos root finding
         check_depths(x_all, depth_list, w, sigma_b2, activation)
-    targets = torch.nn.functional.one_hot(train.y, k).double() - 1.0 / k
     crit = critical_sigma_w2(sigma_b2, activation)
     chance = 1.0 / k
 
@@ -328,7 +328,7 @@ def ntk_phase(
                                         memory_budget=memory_budget, device=device)
             for d in depth_list:
                 kappa, lam_max, lam_min, acc = _spectrum_and_accuracy(
-                    kernels[d].ntk, len(train), targets, test.y, ridge)
+                    kernels[d].ntk, train, test, k, ridge)
                 rows.append({"sigma_w2": w, "depth": d, "condition_number": kappa,
                              "lambda_max": lam_max, "lambda_min": lam_min, "test_accuracy": acc,
                              "chi1": chaos.chi1, "phase": chaos.phase})

@@ -24,7 +24,7 @@ memory-mapped files (:mod:`genprobe.engine.gramstore`): a killed run continues f
 written. The spectrum is dense (LAPACK, in place: :mod:`genprobe.engine.lapack`) when the upper
 triangle of the square matrix fits the memory budget (~4·N² bytes: 3.4 GiB at N = 30,000) — the
 solve of the mean prediction and the eigendecomposition take turns on that one buffer; otherwise
-the top and bottom ``LANCZOS_K`` eigenvalues come from a Lanczos solver (ARPACK) over the file,
+the top and bottom ``LANCZOS_K`` (:mod:`genprobe.engine.spectrum`) eigenvalues come from a Lanczos solver (ARPACK) over the file,
 and the mean prediction, which needs a dense solve, is NaN (logged). The prediction at ``time``
 needs the eigenvectors too: two copies.
 """
@@ -43,9 +43,9 @@ from torch import Tensor
 
 from .. import progress
 from ..device import resolve_device
-from ..engine import lapack
+from ..engine import spectrum
 from ..engine.grams import IMPLEMENTATIONS, Implementation, gram
-from ..engine.gramstore import DiskMatrix, digest, open_store, stream_gram
+from ..engine.gramstore import digest, open_store, stream_gram
 from ..errors import ConfigError, DataError, check_choice
 from ..figures import BLUE, GREY, SEQUENTIAL, VERMILLION, new_figure, styled
 from ..memory import resolve_memory_budget, return_freed_memory
@@ -66,11 +66,6 @@ from .registry import Option, options_checked, register_probe
 logger = logging.getLogger(__name__)
 
 FINAL = "final"
-LANCZOS_K = 10
-"""Eigenvalues at each end of the spectrum when it comes from the Lanczos solver."""
-CHUNK_BYTES = 32 * 2**20
-"""Bytes of a streamed kernel read at a time (matrix products, the trace): rows of a 30,000-wide
-kernel are 240 KB, so 1,024 of them would be 0.23 GiB on top of the N x N buffer."""
 
 
 class NTKResult(Result):
@@ -301,7 +296,7 @@ def ntk(
         seconds["kernel"] += perf_counter() - start
         start = perf_counter()
         return_freed_memory()  # the engine's blocks: the analysis needs one N x N buffer
-        stats = _analyse(kernel, kernel_test, train, test, subject.num_classes, trace_outputs,
+        stats = spectrum.analyse(kernel, kernel_test, train, test, subject.num_classes, trace_outputs,
                          outputs_k, ridge, time, budget)
         seconds["analysis"] += perf_counter() - start
         rows_out.append({"state": label, "epoch": math.nan if label == FINAL else float(label),
@@ -392,151 +387,6 @@ def _kernels(subject, state, label, train: Data, test: Data | None, store, optio
     files[label] = {"kernel": str(store / f"{name}.npy"),
                     **({"kernel_test": str(store / f"{name}-test.npy")} if test is not None else {})}
     return k, kt, options["implementation"]
-
-
-def _square(kernel: np.ndarray) -> np.ndarray:
-    """The kernel as a square matrix: (N, N), or (N·K, N·K) with rows (example, output)."""
-    if kernel.ndim == 2:
-        return kernel
-    n, m, k, _ = kernel.shape
-    return np.ascontiguousarray(np.asarray(kernel).transpose(0, 2, 1, 3)).reshape(n * k, m * k)
-
-
-def _analyse(kernel, kernel_test, train: Data, test: Data | None, classes: int, traced: bool,
-             outputs_k: int, ridge: float, time: float | None, budget: int) -> dict:
-    """Spectrum, learning rate and mean predictions of one state's kernels."""
-    n = len(train)
-    square = _square(kernel)
-    m = square.shape[0]
-    # dense: the working copies of the square matrix fit (an in-memory kernel fitted the budget)
-    dense = lapack.resident_bytes(m) <= budget or not isinstance(kernel, DiskMatrix)
-    work = lapack.symmetric_buffer(m) if dense else None  # the solve, then the spectrum, in place
-    predictions = _predictions(kernel, kernel_test, square, work, train, test, classes, traced,
-                               outputs_k, ridge, time, budget) if test is not None else {}
-    eigs = _eigenvalues(square, work)
-    del work
-    lam_max, lam_min = float(eigs[0]), float(eigs[-1])
-    stats = {"lambda_max": lam_max, "lambda_min": lam_min,
-             "condition_number": lam_max / lam_min if lam_min > 0 else math.inf,
-             "max_learning_rate": 2 * n / lam_max if lam_max > 0 else math.inf,
-             # the trace is the eigenvalues' sum: read the file again only for the Lanczos ends
-             "mean_eigenvalue": float(np.mean(eigs)) if dense else _trace(square) / m,
-             "mean_prediction_accuracy": math.nan, "mean_prediction_accuracy_t": math.nan,
-             "spectrum": "dense" if dense else "lanczos", "eigenvalues": eigs}
-    return {**stats, **predictions}
-
-
-def _predictions(kernel, kernel_test, square, work, train: Data, test: Data, classes: int,
-                 traced: bool, outputs_k: int, ridge: float, time: float | None, budget: int) -> dict:
-    """Test accuracy of the mean prediction (and at `time`), solving in the buffer `work`."""
-    n, m = len(train), square.shape[0]
-    if work is None:
-        logger.warning("ntk: the mean prediction needs the %d x %d kernel in memory (%.2f GiB), more "
-                       "than the memory budget; it is NaN", m, m, lapack.resident_bytes(m) / 2**30)
-        return {}
-    stats = {}
-    y = np.eye(classes)[train.y.numpy()] - 1.0 / classes  # mean-centred one-hot (N, C)
-    full = not traced and outputs_k == classes
-    targets = y.reshape(-1, 1) if full else y  # (N·K, 1) in (example, output) order, or (N, C)
-    cross = _square(kernel_test) if full else (kernel_test if traced else
-                                               np.asarray(kernel_test).diagonal(axis1=2, axis2=3).mean(-1))
-    system = square if (traced or full) else np.asarray(kernel).diagonal(axis1=2, axis2=3).mean(-1)
-    if system is not square:
-        work = lapack.symmetric_buffer(len(system))
-    stats["mean_prediction_accuracy"] = _accuracy(_times(cross, _solve(system, work, targets, ridge)),
-                                                  test.y, classes, full)
-    if time is not None and isinstance(system, DiskMatrix) and 16 * m * m > budget:
-        logger.warning("ntk: the prediction at time=%g needs the eigenvectors of the %d x %d kernel "
-                       "(two copies, %.2f GiB), more than the memory budget; it is NaN", time, m, m,
-                       16 * m * m / 2**30)
-    elif time is not None:
-        w, v = (t.numpy() for t in torch.linalg.eigh(torch.from_numpy(_fill(work, system)), UPLO="U"))
-        c = time / n
-        safe = np.where(w > 0, w, 1.0)
-        gain = np.where(w > 0, -np.expm1(-c * safe) / safe, c)  # (1 − e^{−cλ})/λ → c as λ → 0
-        stats["mean_prediction_accuracy_t"] = _accuracy(_times(cross, v @ (gain[:, None] * (v.T @ targets))),
-                                                        test.y, classes, full)
-    return stats
-
-
-def _accuracy(pred: np.ndarray, labels: Tensor, classes: int, full: bool) -> float:
-    pred = pred.reshape(len(labels), classes)
-    return float((pred.argmax(1) == labels.numpy()).mean())
-
-
-def _fill(work: np.ndarray, matrix) -> np.ndarray:
-    """`work` holding the upper triangle of the symmetric `matrix` (in memory, or read straight
-    from its file): all that :mod:`genprobe.engine.lapack` reads, half the resident memory."""
-    if isinstance(matrix, DiskMatrix):
-        return matrix.upper_into(work)
-    for i in range(len(matrix)):
-        work[i, i:] = matrix[i, i:]
-    return work
-
-
-def _solve(system, work: np.ndarray, targets: np.ndarray, ridge: float) -> np.ndarray:
-    """(Θ + r·I)⁻¹ targets, r = ridge · mean(diag Θ), factoring in the buffer `work`."""
-    a = _fill(work, system)
-    diagonal = np.einsum("ii->i", a)
-    diagonal += ridge * float(diagonal.mean())
-    try:
-        return lapack.cho_solve_(a, targets)
-    except np.linalg.LinAlgError:
-        raise DataError(f"the NTK Θ(X, X) is not positive definite for the mean-prediction solve at "
-                        f"ridge={ridge:g}; pass a larger ridge (e.g. ridge={max(ridge * 100, 1e-4):g})") from None
-
-
-def _eigenvalues(square, work: np.ndarray | None) -> np.ndarray:
-    """Descending eigenvalues: all of them (LAPACK, in the buffer `work`) or, without a buffer,
-    the Lanczos ends (module docstring)."""
-    m = square.shape[0]
-    if work is not None:
-        return lapack.eigvalsh_(_fill(work, square))[::-1].copy()
-    import scipy.sparse.linalg
-
-    k = min(LANCZOS_K, m - 2)
-    op = scipy.sparse.linalg.LinearOperator((m, m), matvec=lambda v: _times(square, v.ravel()), dtype=np.float64)
-    top = _lanczos(op, k, "largest")
-    shift = float(top.max())
-    flipped = scipy.sparse.linalg.LinearOperator(
-        (m, m), matvec=lambda v: shift * v.ravel() - _times(square, v.ravel()), dtype=np.float64)
-    bottom = shift - _lanczos(flipped, k, "smallest")
-    return np.concatenate([np.sort(top)[::-1], np.sort(bottom)[::-1]])
-
-
-def _lanczos(op, k: int, which: str) -> np.ndarray:
-    """The k largest eigenvalues of symmetric `op` (ARPACK); when some do not converge (clustered
-    eigenvalues, e.g. a rank-deficient kernel's zeros), those that did, with a warning."""
-    import scipy.sparse.linalg
-
-    m = op.shape[0]
-    try:
-        return scipy.sparse.linalg.eigsh(op, k=k, which="LA", ncv=min(m, max(2 * k + 1, 4 * k)),
-                                         maxiter=max(1000, 20 * m), return_eigenvectors=False)
-    except scipy.sparse.linalg.ArpackNoConvergence as exc:
-        if len(exc.eigenvalues) == 0:
-            raise DataError(f"the Lanczos solver found none of the {which} {k} eigenvalues of the "
-                            "kernel; give it the memory for a dense spectrum (memory_budget)") from None
-        logger.warning("ntk: Lanczos converged on %d of the %s %d eigenvalues; reporting those",
-                       len(exc.eigenvalues), which, k)
-        return np.asarray(exc.eigenvalues, dtype=np.float64).real
-
-
-def _times(matrix, b: np.ndarray) -> np.ndarray:
-    """matrix @ b, reading a file-backed matrix CHUNK_BYTES at a time."""
-    if not isinstance(matrix, DiskMatrix):
-        return matrix @ b
-    step = _chunk_rows(matrix)
-    return np.concatenate([matrix[i:i + step] @ b for i in range(0, len(matrix), step)])
-
-
-def _trace(square) -> float:
-    step = _chunk_rows(square)
-    return float(sum(np.trace(square[i:i + step, i:i + step]) for i in range(0, square.shape[0], step)))
-
-
-def _chunk_rows(matrix) -> int:
-    return max(1, CHUNK_BYTES // (8 * int(np.prod(matrix.shape[1:]))))
 
 
 def _self_check(subject: Subject, train: Data, kernel: Tensor | None, files: dict | None,
