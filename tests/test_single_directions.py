@@ -15,7 +15,7 @@ from foreign import FOREIGN, TOKENS, make_subject
 from genprobe.engine.activations import unit_dim
 from genprobe.engine.variants import standard_normal_draws
 from genprobe.errors import ConfigError, ModuleSelectionError
-from genprobe.probes.ablation import selectivity_index
+from genprobe.probes.single_directions import selectivity_index
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

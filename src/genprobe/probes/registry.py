@@ -33,7 +33,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..results import Result
 
-NOT_PROBES = frozenset({"registry", "common"})
+NOT_PROBES = frozenset({"registry", "common", "single_directions"})
 """Modules of :mod:`genprobe.probes` that hold shared machinery, not a probe."""
 
 

@@ -27,7 +27,6 @@ from ..errors import ConfigError
 from ..figures import new_figure, styled
 from ..results import Result, number, percent, points
 from ..subject import Subject
-from .ablation import layer_sites, selectivity_index
 from .common import (
     Split,
     check_int,
@@ -38,6 +37,7 @@ from .common import (
     split_data,
 )
 from .registry import Option, options_checked, register_probe
+from .single_directions import layer_sites, selectivity_index
 
 logger = logging.getLogger(__name__)
 
