@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import genprobe as gp
-from genprobe.device import resolve_device
 from foreign import FOREIGN, TOKENS, make_subject
+from genprobe.device import resolve_device
 from genprobe.errors import ConfigError, DataError, GenprobeError, ModuleSelectionError, StateError
 from genprobe.probes.registry import get_probe, list_probes
 

@@ -13,7 +13,7 @@ from torch import nn
 import genprobe as gp
 from foreign import FOREIGN, TOKENS, make_subject
 from genprobe.engine.activations import unit_dim
-from genprobe.engine.variants import standard_normal_draws
+from genprobe.engine.edits import standard_normal_draws
 from genprobe.errors import ConfigError, ModuleSelectionError
 from genprobe.probes.single_directions import selectivity_index
 

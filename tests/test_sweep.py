@@ -248,10 +248,12 @@ def test_ray_workers_run_at_the_local_executors_priority(monkeypatch):
                                                       os.environ.get("PYTHONPATH", "")]))
     seen = {}
     for executor in (LocalExecutor(jobs=1, threads=1), RayExecutor(jobs=1, threads=1)):
+        outcomes: list[tuple] = []
         with executor:
             executor.run([{"n": 0}], niceness, started=lambda unit: None,
-                         finished=lambda unit, record, error: seen.update(
-                             {type(executor).__name__: (record or {}).get("nice", error)}))
+                         finished=lambda unit, record, error, out=outcomes: out.append((record, error)))
+        (record, error), = outcomes
+        seen[type(executor).__name__] = (record or {}).get("nice", error)
     assert seen == {"LocalExecutor": os.nice(0), "RayExecutor": os.nice(0)}
 
 

@@ -11,11 +11,10 @@ import torch.nn.functional as F
 
 import genprobe.params as P
 from foreign import make_subject
-from genprobe.engine.variants import (
+from genprobe.engine.edits import (
     ActivationContext,
     Edit,
     PathParams,
-    VariantEvaluator,
     activation_noise_edit,
     interpolate_edit,
     mask_edit,
@@ -25,6 +24,7 @@ from genprobe.engine.variants import (
     replace_edit,
     stack_edits,
 )
+from genprobe.engine.variants import VariantEvaluator
 from genprobe.errors import ConfigError, ModuleSelectionError, StateError
 
 # a module per foreign model whose output activations get masked / noised, and the unit dim

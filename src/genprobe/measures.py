@@ -107,8 +107,9 @@ from torch.func import functional_call
 
 from . import params as P
 from . import progress
+from .engine.edits import Edit, noise_edit, stack_edits
 from .engine.rules import scaled_map
-from .engine.variants import Edit, VariantEvaluator, noise_edit, stack_edits
+from .engine.variants import VariantEvaluator
 from .errors import ConfigError, first_line
 from .evaluate import logits as model_logits
 from .probes.common import (

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from .. import progress
 from ..engine.activations import UnitStats
-from ..engine.variants import Edit, VariantEvaluator, masks_edit
+from ..engine.edits import Edit, masks_edit
+from ..engine.variants import VariantEvaluator
 from ..errors import ConfigError, check_choice
 from ..results import names, percent
 from ..subject import Subject

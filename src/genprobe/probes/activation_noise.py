@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 
 from .. import progress
-from ..engine.variants import Edit, VariantEvaluator, activation_noise_edit
+from ..engine.edits import Edit, activation_noise_edit
+from ..engine.variants import VariantEvaluator
 from ..errors import ConfigError
 from ..results import number
 from ..subject import Subject

@@ -21,7 +21,7 @@ Conventions (ours where the paper left a choice open; all recorded in ``meta``):
   trained model's own loss is a ConfigError: no valley can meet it at α = 1, σ → 0.
 - ``noise="absolute"``: u ~ N(0, σ² I). ``noise="relative"``: per parameter tensor k the noise has
   standard deviation σ · ‖θ^α_k‖_F / √numel_k, so that E‖u_k‖² = σ² ‖θ^α_k‖² (the magnitude-aware
-  convention of sharpness measures; the formula is :func:`genprobe.engine.variants.noise_std`,
+  convention of sharpness measures; the formula is :func:`genprobe.engine.edits.noise_std`,
   shared with ``noise_edit``: the scale follows the tensor being perturbed). The objective
   α²d²/σ² is the same formula in both modes.
 - Common random numbers: unit i's draws z ~ N(0, I) (``samples`` of them) are fixed under
@@ -59,7 +59,7 @@ the loss is continuous in σ, since α = 1 is then feasible for small σ).
 
 Every evaluation runs through :class:`genprobe.engine.variants.VariantEvaluator`: the points one
 round of the search asks for are one stacked edit per unit
-(:func:`genprobe.engine.variants.path_edit`, built lazily and split to the memory budget by the
+(:func:`genprobe.engine.edits.path_edit`, built lazily and split to the memory budget by the
 engine), all units in one call; only the part of the forward pass downstream of the unit is
 recomputed.
 """
@@ -80,7 +80,8 @@ from torch import Tensor
 
 from .. import params as P
 from .. import progress
-from ..engine.variants import Edit, VariantEvaluator, path_edit
+from ..engine.edits import Edit, path_edit
+from ..engine.variants import VariantEvaluator
 from ..errors import ConfigError, check_choice
 from ..figures import BLUE, SEQUENTIAL, VERMILLION, new_figure, styled
 from ..results import Result, names, number, percent
@@ -330,7 +331,7 @@ def noise_draws(unit: P.Unit, state: Mapping[str, Tensor], samples: int, seed: i
 def point_params(unit: P.Unit, init: Mapping[str, Tensor], final: Mapping[str, Tensor],
                  z: Mapping[str, Tensor], alpha: float, sigma: float, noise: str) -> dict[str, Tensor]:
     """Unit i's parameters at (α, σ): key → (B, *shape), B = 1 for σ = 0 else the number of draws
-    (the engine's :func:`~genprobe.engine.variants.path_edit`, built in full)."""
+    (the engine's :func:`~genprobe.engine.edits.path_edit`, built in full)."""
     edit, _ = path_edit(unit, init, final, [(alpha, sigma)], z, scale=noise)
     return edit.params.take(range(edit.size))
 

@@ -30,7 +30,8 @@ import pandas as pd
 
 from .. import params as P
 from .. import progress
-from ..engine.variants import Edit, VariantEvaluator, replace_edit, stack_edits
+from ..engine.edits import Edit, replace_edit, stack_edits
+from ..engine.variants import VariantEvaluator
 from ..errors import StateError, check_choice
 from ..figures import BLUE, SEQUENTIAL, VERMILLION, new_figure, styled
 from ..results import Result, names, number, percent, points

@@ -22,7 +22,8 @@ import torch
 
 from .. import progress
 from ..engine.activations import activation_stats
-from ..engine.variants import Edit, VariantEvaluator, masks_edit
+from ..engine.edits import Edit, masks_edit
+from ..engine.variants import VariantEvaluator
 from ..errors import ConfigError
 from ..figures import new_figure, styled
 from ..results import Result, number, percent, points
