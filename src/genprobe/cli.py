@@ -533,7 +533,8 @@ def sweep(
     """Train a grid of models and probe each (SWEEP/table.parquet); re-run to resume or retry."""
     import pandas as pd
 
-    from .sweep import RECORD, TABLE, SweepConfig, default_out, records, run_dir, run_sweep
+    from .sweep import SweepConfig, default_out, run_sweep
+    from .sweep.layout import RECORD, TABLE, records, run_dir
 
     cfg = SweepConfig.from_yaml(config)
     out = out or default_out(cfg)

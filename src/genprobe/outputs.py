@@ -11,6 +11,7 @@ interrupted write never leaves a half-written result, and the previous one survi
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -114,6 +115,23 @@ def _swap_in(tmp: Path, path: Path, kind: str, allowed, what: str) -> None:
 def tmp_name(path: Path) -> Path:
     """The temporary name an atomic write to `path` goes through: ``.NAME.PID.tmp`` beside it."""
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+_TMP_FILE = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")
+_TMP_DIR = re.compile(r"^\.(?P<name>[^/]+?)\.(?:[A-Za-z0-9_]+\.tmp|old-\d+)$")
+
+
+def temporary_file_of(name: str) -> str | None:
+    """The name that `name` is a temporary file of (:func:`tmp_name`), None when it is not one."""
+    match = _TMP_FILE.match(name)
+    return match.group("name") if match else None
+
+
+def temporary_directory_of(name: str) -> str | None:
+    """The name that `name` is a temporary or replaced directory of (:func:`staged_directory`:
+    ``.NAME.XXXX.tmp`` or ``.NAME.old-PID``), None when it is not one."""
+    match = _TMP_DIR.match(name)
+    return match.group("name") if match else None
 
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> None:

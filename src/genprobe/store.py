@@ -51,7 +51,6 @@ RECORD = "record.json"
 RUN_FILES = (CONFIG, FINAL, METRICS, LABELS, RESUME, RECORD, *REPORT_FILES)
 """The files a run directory may hold (besides ``checkpoints/``, ``probes/`` and the marker)."""
 _CHECKPOINT = re.compile(r"epoch-(\d+)\.safetensors$")
-_TMP = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")  # outputs.tmp_name
 
 
 def checkpoint_path(run: Path, epoch: int) -> Path:
@@ -156,14 +155,12 @@ def mark_run(run: Path) -> None:
 
 
 def _is_tmp_of(name: str, names) -> bool:
-    match = _TMP.match(name)
-    return bool(match) and match.group("name") in names
+    return outputs.temporary_file_of(name) in names
 
 
 def _is_checkpoint_name(name: str) -> bool:
     """A checkpoint file's name, or the temporary name of one."""
-    match = _TMP.match(name)
-    return bool(_CHECKPOINT.fullmatch(match.group("name") if match else name))
+    return bool(_CHECKPOINT.fullmatch(outputs.temporary_file_of(name) or name))
 
 
 def _run_entry(run: Path) -> Callable[[str], bool]:

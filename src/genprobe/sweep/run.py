@@ -1,0 +1,158 @@
+"""Running a sweep: expand, check, execute the units, keep the table (see :mod:`genprobe.sweep`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .. import outputs
+from .._version import __version__
+from .config import SweepConfig
+from .layout import (
+    RECORD,
+    RUNS_DIR,
+    _current,
+    _SweepDirectory,
+    _write_table,
+    build_table,
+    read_table,
+)
+from .work import _unit, run_unit
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class SweepOutcome:
+    """What :func:`run_sweep` did: the sweep directory, its table, and how many runs were done
+    before (``reused``), are done now, and failed."""
+
+    out: Path
+    table: pd.DataFrame
+    runs: int
+    done: int
+    failed: int
+    reused: int
+
+    @property
+    def failed_runs(self) -> list[str]:
+        return self.table.loc[self.table.status == "failed", "run"].tolist()
+
+
+def default_out(config: SweepConfig) -> Path:
+    """The default sweep directory: ``sweeps/<name>``."""
+    return Path("sweeps") / config.name
+
+
+def run_sweep(config: SweepConfig | str | Path, out: str | Path | None = None, *,
+              jobs: int | None = None, threads: int | None = None, executor: str = "local",
+              address: str | None = None, device: str = "auto",
+              progress: bool = True, on_run: Callable[[dict], None] | None = None,
+              allow_large: bool = False) -> SweepOutcome:
+    """Run a sweep (a :class:`SweepConfig`, or the path of its YAML file) into `out` (default
+    :func:`default_out`); see the module docstring.
+
+    ``jobs`` / ``threads``: concurrent runs and intra-op threads per run (defaults: the config's,
+    else 1 job and an equal share of the cores). Results depend on the thread count (floating-point
+    summation order), not on the number of jobs; each record keeps its thread count.
+    ``executor``: ``local`` (:class:`~genprobe.executors.LocalExecutor`) or ``ray``
+    (:class:`~genprobe.executors.RayExecutor`, at ``address`` or a local instance). ``device``:
+    where runs train and probes compute. ``on_run(record)`` is called as each run finishes.
+    ``allow_large``: accept more than :data:`LARGE` runs.
+
+    Everything is checked before anything is written. A failed run is recorded and the sweep
+    goes on; the outcome counts them. Raises OutputError when `out` is not a sweep directory
+    genprobe made, or another sweep holds it.
+    """
+    from ..device import resolve_device
+    from ..executors import check_jobs, make_executor
+
+    if not isinstance(config, SweepConfig):
+        config = SweepConfig.from_yaml(config)
+    resolve_device(device)
+    runs = config.expand(allow_large=allow_large, device=device)
+    jobs, threads = check_jobs(jobs if jobs is not None else config.jobs,
+                               threads if threads is not None else config.threads)
+    runner = make_executor(executor, jobs=jobs, threads=threads, address=address, device=device)
+    out = Path(out) if out is not None else default_out(config)
+    _SweepDirectory(out).check()  # before Ray starts
+    with runner, _SweepDirectory(out) as directory:
+        directory.clean()
+        directory.forget_changed_probes(config)
+        directory.write_config(config)
+        records = {r.id: rec for r in runs if (rec := directory.record(r)) is not None}
+        others = sorted({rec.get("threads") for rec in records.values()} - {threads}, key=str)
+        if others:
+            log.warning("runs recorded in %s used %s thread(s) per run, this sweep uses %d: "
+                        "results of different thread counts may differ in their last bits",
+                        out, "/".join(map(str, others)), threads)
+        reused = sum(_current(records.get(r.id), config) for r in runs)
+        todo = [_unit(out, r, config, device, threads) for r in runs
+                if not _current(records.get(r.id), config)]
+        _write_table(out, build_table(runs, records, config))
+        log.info("sweep %s: %d runs, %d done before, %d to do (%s)", out, len(runs), reused,
+                 len(todo), runner.describe())
+        _execute(runner, todo, runs, records, out, reused, progress, on_run, config)
+        _write_table(out, build_table(runs, records, config))
+    table = read_table(out)  # as every reader will see it (parquet's own dtypes)
+    done = int((table.status == "done").sum())
+    return SweepOutcome(out=out, table=table, runs=len(runs), done=done,
+                        failed=int((table.status == "failed").sum()), reused=reused)
+
+
+def _execute(runner, todo, runs, records, out, reused, show, on_run, config) -> None:
+    """Run the units of `todo` on `runner`, keeping the records and the table up to date."""
+    import contextlib
+
+    import torch
+
+    from .. import progress
+
+    state = {"running": 0, "done": reused, "failed": 0}
+
+    def describe() -> str:
+        return f"sweep: {state['done']} done, {state['running']} running, {state['failed']} failed"
+
+    bars = progress.task(describe(), total=len(runs)) if show else \
+        contextlib.nullcontext(progress.Task(None, None))
+    threads = torch.get_num_threads()  # a one-job sweep runs in this process: give it back
+    with bars as bar:
+        bar.advance(reused, description=describe())
+
+        def started(unit: dict) -> None:
+            state["running"] += 1
+            bar.advance(0, description=describe())
+
+        def finished(unit: dict, record: dict | None, error: str | None) -> None:
+            if record is None:  # the unit's process died before it could record anything
+                record = _crashed(out, unit, error)
+            records[unit["run"]] = record
+            state["running"] -= 1
+            state["done" if record["status"] == "done" else "failed"] += 1
+            bar.advance(1, description=describe())
+            _write_table(out, build_table(runs, records, config))
+            if on_run is not None:
+                on_run(record)
+
+        try:
+            runner.run(todo, run_unit, started=started, finished=finished)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _crashed(out: Path, unit: dict, error: str | None) -> dict[str, Any]:
+    record = {"run": unit["run"], "status": "failed", "error": f"crashed: {error}",
+              "hyperparameters": unit["hyperparameters"], "metrics": {}, "measures": {},
+              "probes": unit["probes"], "baselines": unit["baselines"], "figures": unit["figures"],
+              "device": unit["device"], "threads": unit["threads"], "genprobe_version": __version__,
+              "seconds": math.nan}
+    run = out / RUNS_DIR / unit["run"]
+    run.mkdir(parents=True, exist_ok=True)
+    outputs.write_text_atomic(run / RECORD, json.dumps(record, indent=1))
+    return record

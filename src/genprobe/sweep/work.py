@@ -1,0 +1,167 @@
+"""One unit of a sweep's work: train one run (or continue it), probe it, record it (see
+:mod:`genprobe.sweep`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import outputs, store
+from .._version import __version__
+from ..errors import GenprobeError, RunError, one_line
+from .config import SweepConfig, SweepRun, run_id
+from .layout import METRICS, RECORD, RUNS_DIR
+
+log = logging.getLogger(__name__)
+
+def _unit(out: Path, run: SweepRun, config: SweepConfig, device: str, threads: int) -> dict[str, Any]:
+    """Everything a worker needs to do one run (plain data: it crosses process boundaries)."""
+    return {"out": str(out), "run": run.id, "train": run.config.to_dict() | {"device": device},
+            "hyperparameters": run.hyperparameters, "probes": config.probes,
+            "baselines": config.baselines, "measures": config.measures,
+            "figures": config.figures, "device": device, "threads": threads}
+
+
+def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
+    """Do one run of a sweep: train it (or continue it), run each probe not saved yet, the
+    baselines, then write its record atomically and return it. Every failure becomes a
+    ``failed`` record with a one-line error; only an interruption (Ctrl-C) propagates."""
+    import torch
+
+    began = time.perf_counter()
+    torch.set_num_threads(unit["threads"])
+    run = Path(unit["out"]) / RUNS_DIR / unit["run"]
+    record: dict[str, Any] = {
+        "run": unit["run"], "status": "failed", "error": None,
+        "hyperparameters": unit["hyperparameters"], "metrics": {}, "measures": {},
+        "probes": unit["probes"], "baselines": unit["baselines"],
+        "user_measures": unit.get("measures", {}), "measure_errors": {},
+        "figures": unit["figures"], "device": unit["device"], "threads": unit["threads"],
+        "genprobe_version": __version__}
+    phase = "training"
+    try:
+        (run / RECORD).unlink(missing_ok=True)  # a failed or outdated record is redone
+        _clean_stale(run)
+        _train(run, unit)
+        record["metrics"] = _final_metrics(run)
+        subject = _LazySubject(run)
+        for name, options in unit["probes"].items():
+            phase = f"probe {name}"
+            summary = _probe(run, name, options, subject, unit["device"], unit["figures"])
+            record["measures"].update({f"{name}.{k}": v for k, v in summary.items()})
+        if unit["baselines"] is not None:
+            phase = "baselines"
+            from .. import measures
+
+            options = {"device": unit["device"]} | unit["baselines"]
+            values = measures.baselines(subject.get(), **options)
+            record["measures"].update({k if k.startswith("baseline.") else f"baseline.{k}": float(v)
+                                       for k, v in values.items()})
+        for name, entry in unit.get("measures", {}).items():
+            phase = f"measure user.{name}"
+            from ..measures import evaluate_measure, import_measure
+
+            spec = import_measure(name, entry["function"], direction=entry["direction"])
+            record["measures"][spec.column], why = evaluate_measure(spec, subject.get())
+            if why is not None:  # the run goes on: one line names the measure
+                record["measure_errors"][spec.column] = why
+                log.warning("run %s: %s", unit["run"], why)
+        record["status"] = "done"
+    except Exception as exc:  # a failed run is recorded, and the sweep goes on
+        kind = "" if isinstance(exc, GenprobeError) else f"{type(exc).__name__}: "
+        record["error"] = f"{phase}: {kind}{one_line(exc, 300)}"
+        log.warning("run %s failed: %s", unit["run"], record["error"])
+    record["seconds"] = time.perf_counter() - began
+    run.mkdir(parents=True, exist_ok=True)
+    outputs.write_text_atomic(run / RECORD, json.dumps(record, indent=1))
+    return record
+
+
+class _LazySubject:
+    """The run's Subject, loaded at the first probe that is not saved yet."""
+
+    def __init__(self, run: Path) -> None:
+        self.run, self.subject = run, None
+
+    def get(self):
+        if self.subject is None:
+            from ..subject import Subject
+
+            self.subject = Subject.load(self.run)
+        return self.subject
+
+
+def _clean_stale(run: Path) -> None:
+    """Remove the temporary files and directories a killed process left in `run` (this unit is
+    the only writer there: the sweep holds the lock). A temporary directory goes only when it
+    holds nothing but what a result holds."""
+    from ..results import result_file
+
+    for folder in (run, run / store.CHECKPOINT_DIR):
+        for p in folder.iterdir() if folder.is_dir() else []:
+            if outputs.temporary_file_of(p.name) and p.is_file() and not p.is_symlink():
+                p.unlink(missing_ok=True)
+    probes = run / store.PROBES_DIR
+    for p in probes.iterdir() if probes.is_dir() else []:
+        if outputs.temporary_directory_of(p.name) and p.is_dir() and not p.is_symlink() and all(
+                result_file(q.name) or q.name == outputs.MARKS["result"] for q in p.iterdir()):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _train(run: Path, unit: dict[str, Any]) -> None:
+    """Train the run at `run`, continue it if it was interrupted, or leave it if finished."""
+    from ..zoo.train import TrainConfig, train_run
+
+    config = TrainConfig.from_dict(unit["train"])
+    if (run / store.CONFIG).is_file():
+        saved = run_id(TrainConfig.from_dict(store.read_config(run)))
+        if saved != unit["run"]:
+            raise RunError(f"{run} holds a run of another config (id {saved}); move it away")
+    if (run / store.FINAL).is_file():
+        return
+    if (run / store.RESUME).is_file():
+        train_run(config, run, resume=True)
+    else:  # fresh; over what a killed start left (check_run_replaceable proves it is a run's)
+        train_run(config, run, overwrite=run.is_dir() and any(run.iterdir()))
+
+
+def _final_metrics(run: Path) -> dict[str, Any]:
+    """The last epoch's metrics, and whether the run reached its training target
+    (``converged``: None when it had none; ``epochs_run``)."""
+    from ..zoo.train import TrainConfig, training_outcome
+
+    metrics = store.read_metrics(run).sort_values("epoch")
+    last = metrics.iloc[-1]
+    outcome = training_outcome(TrainConfig.from_dict(store.read_config(run)), metrics)
+    return {"epoch": int(last["epoch"]), **{k: float(last[k]) for k in METRICS},
+            "converged": outcome["converged"], "epochs_run": int(outcome["epochs_run"])}
+
+
+def _probe(run: Path, name: str, options: dict, subject: _LazySubject, device: str,
+           figures: bool) -> dict[str, float]:
+    """The summary of probe `name` on the run: from its saved result when that loads, else
+    computed and saved (with its figure when `figures`)."""
+    from ..probes.registry import get_probe
+    from ..results import Result
+
+    path = run / store.PROBES_DIR / name
+    if path.is_dir():
+        try:
+            result = Result.load(path)
+        except RunError:
+            result = None
+        if result is not None and result.probe == name:
+            if figures and not (path / "figure.png").is_file():
+                result.save(path, figure=True)
+            return result.summary
+    spec = get_probe(name)
+    kwargs = dict(options)
+    if "device" in spec.parameters():
+        kwargs.setdefault("device", device)
+    result = spec.function(subject.get(), **kwargs)
+    result.save(path, figure=figures)
+    return result.summary
