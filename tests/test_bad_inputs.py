@@ -623,7 +623,7 @@ CASES: list[Case] = [
     api("load-result-wrong-kind", lambda c: gp.RobustnessResult.load(c.tmp / "res"), RunError,
         "not 'robustness'", with_result),
     # -- API: datasets ----------------------------------------------------------------------------
-    api("dataset-unknown", lambda c: load_dataset("imagenet"), DataError, "unknown dataset 'imagenet'"),
+    api("dataset-unknown", lambda c: load_dataset("imagenet"), DataError, "unknown dataset='imagenet'"),
     api("dataset-seed", lambda c: load_dataset("digits", seed=-1), ConfigError, "seed"),
     api("dataset-label-noise", lambda c: load_dataset("digits", label_noise=2), ConfigError,
         "label_noise"),

@@ -1,4 +1,6 @@
-"""Every registered architecture: forward, backward, no NaN, its own init rule (timm-style)."""
+"""The shared architecture tester: every registered architecture, built for the example input of
+its registry entry, runs forward and backward without NaN and re-randomizes with its own init
+rule (timm-style); a new architecture is tested by registering it."""
 
 import math
 
@@ -8,14 +10,18 @@ import torch
 from genprobe import ConfigError
 from genprobe import params as P
 from genprobe.zoo import create_model, list_models, model_options
+from genprobe.zoo.models import MODELS
 
-SHAPES = {"fcn": (1, 8, 8), "cnn": (1, 8, 8), "vgg": (1, 8, 8), "resnet": (3, 8, 8), "transformer": (1, 8, 8)}
+
+def example(name: str) -> tuple[int, ...]:
+    """The input shape the architecture's registry entry gives the shared tester."""
+    return MODELS.entry(name).example_input
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_forward_backward_no_nan(name):
-    model = create_model(name, SHAPES[name], 10)
-    x = torch.randn(4, *SHAPES[name])
+    model = create_model(name, example(name), 10)
+    x = torch.randn(4, *example(name))
     out = model(x)
     assert out.shape == (4, 10) and torch.isfinite(out).all()
     out.square().mean().backward()
@@ -24,9 +30,9 @@ def test_forward_backward_no_nan(name):
 
 @pytest.mark.parametrize("name", list_models())
 def test_rerandomize_draws_from_the_models_own_init(name):
-    model = create_model(name, SHAPES[name], 10)
+    model = create_model(name, example(name), 10)
     state = P.state_of(model)
-    x = torch.randn(2, *SHAPES[name])
+    x = torch.randn(2, *example(name))
     for unit in P.default_units(model, P.forward_order(model, x[:1])):
         fresh = P.rerandomize(model, state, unit, seed=12345)  # not the seed the model was built under
         assert any(not torch.equal(fresh[k], state[k]) or state[k].std() == 0 for k in unit.params)

@@ -42,10 +42,25 @@ def one_line(exc: BaseException, limit: int = 160) -> str:
     return " ".join(str(exc).split())[:limit] or type(exc).__name__
 
 
+def did_you_mean(name: object, choices) -> str:
+    """``did you mean 'x'? `` for the choice closest to `name` (difflib), or an empty string."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def unknown(name: str, value: object, allowed, error: type[GenprobeError] | None = None) -> GenprobeError:
+    """The error for `value` of `name` not among `allowed`: ``unknown NAME='x'; did you mean
+    'y'? choose one of 'a', 'b'`` (a ConfigError unless `error` says otherwise)."""
+    return (error or ConfigError)(f"unknown {name}={value!r}; {did_you_mean(value, allowed)}"
+                                  f"choose one of {', '.join(map(repr, allowed))}")
+
+
 def check_choice(name: str, value: object, allowed: tuple | list) -> None:
-    """Raise ConfigError naming `name`, the bad `value` and the allowed ones."""
+    """Raise ConfigError naming `name`, the bad `value`, the closest allowed one and all of them."""
     if value not in allowed:
-        raise ConfigError(f"unknown {name}={value!r}; choose one of {', '.join(map(repr, allowed))}")
+        raise unknown(name, value, allowed)
 
 
 class OutputError(GenprobeError):

@@ -209,7 +209,7 @@ IDX_HINT = ("a folder with train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte
             "t10k-images-idx3-ubyte[.gz], t10k-labels-idx1-ubyte[.gz]")
 
 
-@register_dataset("idx")
+@register_dataset("idx", reads_files=True)
 def idx(*, seed: int, data_dir: Path | None) -> RawSplits:
     """MNIST-format IDX files from --data-dir (train-*/t10k-* images and labels, .gz or not)."""
     folder = _check_data_dir("idx", data_dir, IDX_HINT)
@@ -226,7 +226,7 @@ def idx(*, seed: int, data_dir: Path | None) -> RawSplits:
 CIFAR_HINT = "CIFAR-10 python batches data_batch_1..5 and test_batch (or their cifar-10-batches-py folder)"
 
 
-@register_dataset("cifar10")
+@register_dataset("cifar10", reads_files=True)
 def cifar10(*, seed: int, data_dir: Path | None) -> RawSplits:
     """CIFAR-10 python batches from --data-dir: 50,000 train / 10,000 test, (3, 32, 32)."""
     folder = _check_data_dir("cifar10", data_dir, CIFAR_HINT)

@@ -8,7 +8,6 @@ std, corrupts a fraction of the training labels, and converts to tensors.
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import logging
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from ..registry import Registry
 from ..values import Data
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,15 @@ class DatasetSplits:
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """A registry entry: the loading function, its one-line description, and whether it
-    generates ``n_train`` / ``n_test`` samples itself (instead of subsetting a fixed set)."""
+    """A registry entry: the loading function, its one-line description, whether it generates
+    ``n_train`` / ``n_test`` samples itself (instead of subsetting a fixed set), and whether it
+    reads the user's files (``data_dir``) rather than data that ships with genprobe."""
 
     name: str
     fn: Callable[..., RawSplits]
     description: str
     generates_sizes: bool = False
+    reads_files: bool = False
 
     def options(self) -> dict[str, Any]:
         """The dataset's own options and their defaults."""
@@ -90,34 +92,36 @@ class DatasetInfo:
                 if p.kind is p.KEYWORD_ONLY and p.name not in skip}
 
 
-DATASETS: dict[str, DatasetInfo] = {}
-"""Registry, in registration order: name -> :class:`DatasetInfo`."""
+DATASETS: Registry[DatasetInfo] = Registry("dataset", error=DataError)
+"""The datasets, in registration order: name -> :class:`DatasetInfo`."""
 
 
-def register_dataset(name: str, *, generates_sizes: bool = False) -> Callable:
+def register_dataset(name: str, *, generates_sizes: bool = False,
+                     reads_files: bool = False) -> Callable:
     """Decorator registering ``fn(*, seed, data_dir, **options) -> RawSplits`` as `name`.
 
     The first line of the function's docstring is its description (``genprobe datasets``).
+    Every dataset that does not read the user's files (`reads_files`) is loaded offline by the
+    shared dataset tester (``tests/test_data.py``).
     """
 
     def decorator(fn: Callable[..., RawSplits]) -> Callable[..., RawSplits]:
         doc = (fn.__doc__ or "").strip().splitlines()
-        DATASETS[name] = DatasetInfo(name, fn, doc[0] if doc else "", generates_sizes)
+        DATASETS.register(name, DatasetInfo(name, fn, doc[0] if doc else "", generates_sizes,
+                                            reads_files))
         return fn
 
     return decorator
 
 
-def list_datasets(pattern: str | None = None) -> list[str]:
-    """Registered dataset names in registration order, optionally filtered by an fnmatch
-    `pattern` such as ``"mnist*"``."""
-    return [n for n in DATASETS if pattern is None or fnmatch.fnmatch(n, pattern)]
+def list_datasets(pattern: str = "*") -> list[str]:
+    """Registered dataset names in registration order, filtered by an fnmatch `pattern` such
+    as ``"mnist*"``."""
+    return DATASETS.names(pattern)
 
 
 def _info(name: str) -> DatasetInfo:
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; available: {', '.join(DATASETS)}")
-    return DATASETS[name]
+    return DATASETS.entry(name)
 
 
 def describe(name: str) -> str:

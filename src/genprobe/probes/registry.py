@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ConfigError
+from ..registry import Registry
 from ..results import Result
 
 NOT_PROBES = frozenset({"registry", "common", "single_directions"})
@@ -133,7 +133,12 @@ class ProbeSpec:
                 if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-_PROBES: dict[str, ProbeSpec] = {}
+def _load() -> None:
+    for module in probe_modules():
+        importlib.import_module(module)
+
+
+_PROBES: Registry[ProbeSpec] = Registry("probe", load=_load)
 
 _CHECK_ONLY = contextvars.ContextVar("genprobe_probe_check_only", default=False)
 
@@ -184,29 +189,21 @@ def register_probe(name: str, result: type[Result], *, summary: str, paper: str,
                 raise TypeError(f"probe {name!r}: option {opt.name!r} is not a keyword of {function.__name__}")
         if result.probe != name:
             raise TypeError(f"probe {name!r}: its result class says probe={result.probe!r}")
-        _PROBES[name] = spec
+        _PROBES.register(name, spec)
         return function
 
     return decorate
 
 
-def _load() -> None:
-    for module in probe_modules():
-        importlib.import_module(module)
-
-
 def list_probes(pattern: str = "*") -> list[str]:
     """Names of the registered probes matching an fnmatch `pattern`, sorted."""
-    _load()
-    return sorted(n for n in _PROBES if fnmatch.fnmatchcase(n, pattern))
+    return sorted(_PROBES.names(pattern))
 
 
 def get_probe(name: str) -> ProbeSpec:
-    """The registry entry of probe `name` (ConfigError naming the registered ones otherwise)."""
-    _load()
-    if name not in _PROBES:
-        raise ConfigError(f"unknown probe={name!r}; choose one of {', '.join(map(repr, _PROBES))}")
-    return _PROBES[name]
+    """The registry entry of probe `name` (ConfigError naming the closest and every registered
+    one otherwise)."""
+    return _PROBES.entry(name)
 
 
 __all__ = ["NOT_PROBES", "Option", "OptionsChecked", "ProbeSpec", "check_only", "get_probe",

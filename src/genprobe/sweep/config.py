@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import inspect
 import itertools
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, GenprobeError, first_line
+from ..errors import ConfigError, GenprobeError, did_you_mean, first_line
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +37,10 @@ always are), with their abbreviations."""
 
 
 
-def _suggest(name: str, choices) -> str:
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)
-    return f"did you mean {close[0]!r}? " if close else ""
-
-
 def _unknown(where: str, phrase: str, name: str, choices, listed_as: str) -> ConfigError:
     """ConfigError: ``WHERE: unknown PHRASE; did you mean 'x'? LISTED_AS: a, b, c``."""
     listed = ", ".join(sorted(map(str, choices)))
-    return ConfigError(f"{where}: unknown {phrase}; {_suggest(name, choices)}{listed_as}: {listed}")
+    return ConfigError(f"{where}: unknown {phrase}; {did_you_mean(name, choices)}{listed_as}: {listed}")
 
 
 def _train_fields() -> list[str]:
@@ -339,7 +333,7 @@ def _train_config(base: dict, point: dict, where: str):
     for key in arch_options:
         if key not in allowed:
             raise ConfigError(f"{where}: {key!r} is neither a training option nor an option of arch "
-                              f"{arch!r}; {_suggest(key, [*fields, *allowed])}training options: "
+                              f"{arch!r}; {did_you_mean(key, [*fields, *allowed])}training options: "
                               f"{', '.join(f for f in fields if f not in NOT_SWEPT)}; "
                               f"{arch} options: {', '.join(allowed)}")
     try:

@@ -14,10 +14,10 @@ Initialization (``fcn`` and ``cnn``):
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -26,43 +26,55 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, check_choice
 from ..params import reset_module
+from ..registry import Registry
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered architecture: its factory ``f(input_shape, num_classes, **options)`` and an
+    input shape (no batch dim) it is built for in the shared architecture tester
+    (``tests/test_zoo.py``), as a probe's ``tiny`` options are in the probe tester."""
+
+    factory: Callable[..., nn.Module]
+    example_input: tuple[int, ...]
+
+
+MODELS: Registry[ModelSpec] = Registry("arch")
+"""The architectures, by name."""
 
 ACTIVATIONS = ("relu", "tanh", "erf")
 PARAMETERIZATIONS = ("standard", "ntk")
 
 
-def register_model(name: str):
-    """Decorator adding an architecture factory ``f(input_shape, num_classes, **options)``."""
+def register_model(name: str, *, example_input: Sequence[int] = (1, 8, 8)):
+    """Decorator adding an architecture factory ``f(input_shape, num_classes, **options)``;
+    `example_input`: an input shape the shared tester builds it for."""
 
     def wrap(factory):
-        _MODELS[name] = factory
+        MODELS.register(name, ModelSpec(factory, tuple(example_input)))
         return factory
 
     return wrap
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Registered architecture names matching an fnmatch `pattern`."""
-    return [n for n in _MODELS if fnmatch.fnmatchcase(n, pattern)]
+    """Registered architecture names matching an fnmatch `pattern`, in registration order."""
+    return MODELS.names(pattern)
 
 
 def model_options(name: str) -> dict[str, object]:
     """The options an architecture accepts, with their defaults."""
-    sig = inspect.signature(_MODELS[name])
+    sig = inspect.signature(MODELS.entry(name).factory)
     return {p.name: p.default for p in list(sig.parameters.values())[2:]}
 
 
 def create_model(name: str, input_shape: Sequence[int], num_classes: int, **options) -> nn.Module:
     """Build architecture `name` for inputs of `input_shape` (no batch dim) and `num_classes` outputs."""
-    if name not in _MODELS:
-        raise ConfigError(f"unknown arch={name!r}; available: {', '.join(_MODELS)}")
     allowed = model_options(name)
     for key in options:
         if key not in allowed:
             raise ConfigError(f"arch {name!r} has no option {key!r}; its options: {', '.join(allowed)}")
-    return _MODELS[name](tuple(input_shape), int(num_classes), **options)
+    return MODELS.entry(name).factory(tuple(input_shape), int(num_classes), **options)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -321,7 +333,7 @@ class BasicBlock(nn.Module):
         return self.act2(h + self.shortcut(x))
 
 
-@register_model("resnet")
+@register_model("resnet", example_input=(3, 8, 8))
 class ResNet(ZooModel):
     """CIFAR-style ResNet (He et al. 2016, §4.2): a 3×3 stem, then stages of BasicBlocks, each
     stage after the first halving the resolution and doubling the width, GAP and a linear head.
