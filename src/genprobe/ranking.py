@@ -495,25 +495,8 @@ def rank_correlation(table: pd.DataFrame, *, target: str = "gap",
     columns = [str(c) for c in table.columns]
     if target not in table.columns:
         raise ConfigError(f"unknown target column {target!r}; the table has: {', '.join(columns)}")
-    from .measures import classify
-
-    not_ranked: dict[str, str] = {}
-    if measures is None:
-        attrs = table.attrs
-        directions, not_ranked = classify([c for c in columns if c != target],
-                                          probes=attrs.get("probes"),
-                                          baselines=attrs.get("baselines"),
-                                          user=attrs.get("user_measures"))
-        measures = list(directions)
-        if not measures:
-            raise ConfigError("the table has no registered measure columns ('baseline.*', a "
-                              "probe's measures, 'user.*'); pass measures=[...] to rank others")
-    else:
-        measures = _columns(table, measures, "measure")
-        if not measures:
-            raise ConfigError("measures=[] names no measure column; pass at least one")
-        known, _ = classify(measures)
-        directions = {m: known.get(m, 0) for m in measures}
+    directions, not_ranked = _measures(table, target, measures)
+    measures = list(directions)
     keep, excluded = eligible_models(table, max_train_error=opts.max_train_error)
     target_all = _numeric(table, target)
     keep &= ~np.isnan(target_all)
@@ -560,31 +543,83 @@ def rank_correlation(table: pd.DataFrame, *, target: str = "gap",
             row["note"] = ("constant over the models" if len(np.unique(mu[defined])) < 2 else
                            f"the {target} is constant over these models")
             continue
-        resampled = row["n_models"] >= MIN_INTERVAL_MODELS
-        Wm = (W if resampled else W[:1]) * defined[None, :]
-        sx = _signs(np.where(defined, mu, 0.0))
-
-        tau = _padded(_tau_b(sx, sy, Wm), len(W))
-        gran, psi = _granulated(sx, sy, codes, Wm)
-        gran, psi = _padded(gran, len(W)), {h: _padded(v, len(W)) for h, v in psi.items()}
-        score, chosen = cmi_score(sx, sy, codes, Wm)
-        score = _padded(score, len(W))
-        if not resampled:
-            row["note"] = (f"no interval: {row['n_models']} models (a bootstrap interval of a rank "
-                           f"correlation needs at least {MIN_INTERVAL_MODELS})")
-        for key, rep in (("kendall_tau", tau), ("granulated_tau", gran), ("cmi", score)):
-            row[key] = float(rep[0])
-            row[f"{key}_low"], row[f"{key}_high"] = _interval(rep[1:], opts.level, rep[0])
+        psi, chosen, replicates[name] = _score(row, mu, sy, codes, W, opts, cmi_score)
         by_axis[name] = {h: float(v[0]) for h, v in psi.items() if np.isfinite(v[0])}
         by_axis_interval[name] = {h: list(_interval(v[1:], opts.level, v[0])) for h, v in psi.items()
                                   if np.isfinite(v[0])}
         conditioning[name] = chosen
-        point = {"kendall_tau": tau, "granulated_tau": gran, "cmi": score}[opts.compare]
-        sign = 1.0 if opts.compare == "cmi" or not point[0] < 0 else -1.0
-        replicates[name] = sign * point
     for name, names in aliases.items():
         rows[name]["aliases"] = ", ".join(names)
+    _compare_with_reference(rows, replicates, opts)
 
+    order = sorted(rows, key=lambda m: (m not in replicates,
+                                        -replicates[m][0] if m in replicates else 0.0))
+    ranking = pd.DataFrame([rows[m] for m in order], columns=list(RANKING_COLUMNS))
+    ranking["direction"] = ranking["direction"].astype(int)
+    ranking["n_models"] = ranking["n_models"].astype(int)
+    ranking.attrs = {
+        "target": target, "hyperparameters": hp, "n_models": n,
+        "granulated_by_axis": by_axis, "granulated_by_axis_interval": by_axis_interval,
+        "cmi_conditioning": conditioning, "excluded": excluded, "not_ranked": not_ranked,
+        "resampling": (f"whole configurations of ({', '.join(hp)})" if repeated else "models"),
+        "leader": _leader(order, replicates, opts, n), "options": asdict(opts),
+        "correction": CORRECTION}
+    return ranking
+
+
+def _measures(table: pd.DataFrame, target: str, measures: Sequence[str] | None
+              ) -> tuple[dict[str, int], dict[str, str]]:
+    """({measure: expected direction}, {column: why it is not ranked}): the registered measures
+    among the columns (:func:`genprobe.measures.classify`, with the probe options in
+    ``table.attrs``), or the columns `measures` names (direction 0 when not registered)."""
+    from .measures import classify
+
+    if measures is None:
+        attrs = table.attrs
+        directions, not_ranked = classify([str(c) for c in table.columns if c != target],
+                                          probes=attrs.get("probes"),
+                                          baselines=attrs.get("baselines"),
+                                          user=attrs.get("user_measures"))
+        if not directions:
+            raise ConfigError("the table has no registered measure columns ('baseline.*', a "
+                              "probe's measures, 'user.*'); pass measures=[...] to rank others")
+        return directions, not_ranked
+    measures = _columns(table, measures, "measure")
+    if not measures:
+        raise ConfigError("measures=[] names no measure column; pass at least one")
+    known, _ = classify(measures)
+    return {m: known.get(m, 0) for m in measures}, {}
+
+
+def _score(row: dict[str, Any], mu: np.ndarray, sy: np.ndarray, codes, W: np.ndarray,
+           opts: RankingOptions, cmi_score) -> tuple[dict[str, np.ndarray], Any, np.ndarray]:
+    """Fill `row` with the measure `mu`'s three scores and their intervals over the resamples
+    `W` (none below :data:`MIN_INTERVAL_MODELS` models); return its per-axis granulated
+    replicates, the CMI's conditioning, and the replicates of the oriented `compare` score."""
+    defined = ~np.isnan(mu)
+    resampled = row["n_models"] >= MIN_INTERVAL_MODELS
+    Wm = (W if resampled else W[:1]) * defined[None, :]
+    sx = _signs(np.where(defined, mu, 0.0))
+    tau = _padded(_tau_b(sx, sy, Wm), len(W))
+    gran, psi = _granulated(sx, sy, codes, Wm)
+    gran, psi = _padded(gran, len(W)), {h: _padded(v, len(W)) for h, v in psi.items()}
+    score, chosen = cmi_score(sx, sy, codes, Wm)
+    score = _padded(score, len(W))
+    if not resampled:
+        row["note"] = (f"no interval: {row['n_models']} models (a bootstrap interval of a rank "
+                       f"correlation needs at least {MIN_INTERVAL_MODELS})")
+    for key, rep in (("kendall_tau", tau), ("granulated_tau", gran), ("cmi", score)):
+        row[key] = float(rep[0])
+        row[f"{key}_low"], row[f"{key}_high"] = _interval(rep[1:], opts.level, rep[0])
+    point = {"kendall_tau": tau, "granulated_tau": gran, "cmi": score}[opts.compare]
+    sign = 1.0 if opts.compare == "cmi" or not point[0] < 0 else -1.0
+    return psi, chosen, sign * point
+
+
+def _compare_with_reference(rows: dict[str, dict[str, Any]], replicates: dict[str, np.ndarray],
+                            opts: RankingOptions) -> None:
+    """Each scored measure's paired difference from the reference's oriented score, its
+    interval, p-value and Holm-adjusted p-value, into `rows`."""
     ref = opts.reference
     if ref is not None and ref in replicates:
         p = {}
@@ -600,20 +635,6 @@ def rank_correlation(table: pd.DataFrame, *, target: str = "gap",
             rows[name]["p_value"], rows[name]["p_holm"] = value, float(q)
     elif ref is not None and ref in rows:
         rows[ref]["note"] = rows[ref]["note"] or "the reference, not scored"
-
-    order = sorted(rows, key=lambda m: (m not in replicates,
-                                        -replicates[m][0] if m in replicates else 0.0))
-    ranking = pd.DataFrame([rows[m] for m in order], columns=list(RANKING_COLUMNS))
-    ranking["direction"] = ranking["direction"].astype(int)
-    ranking["n_models"] = ranking["n_models"].astype(int)
-    ranking.attrs = {
-        "target": target, "hyperparameters": hp, "n_models": n,
-        "granulated_by_axis": by_axis, "granulated_by_axis_interval": by_axis_interval,
-        "cmi_conditioning": conditioning, "excluded": excluded, "not_ranked": not_ranked,
-        "resampling": (f"whole configurations of ({', '.join(hp)})" if repeated else "models"),
-        "leader": _leader(order, replicates, opts, n), "options": asdict(opts),
-        "correction": CORRECTION}
-    return ranking
 
 
 def _padded(scores: np.ndarray, rows: int) -> np.ndarray:
