@@ -231,32 +231,7 @@ def criticality_search(
         states.extend(fresh)
         if best()[0] == 0.0:
             return
-        while True:
-            bound = best()[0]
-            active = [s for s in fresh if s.open(rtol) and not s.pruned]
-            for s in active:
-                if s.lower_bound(d2) > bound:
-                    s.pruned = True
-            active = [s for s in active if not s.pruned]
-            if not active:
-                return
-            request = []
-            for s in active:
-                if not s.verified:
-                    request.append((s.alpha, s.lo, "search"))
-                request.append((s.alpha, math.sqrt(s.lo * s.hi), "search"))
-            losses = yield request
-            asked.extend(request)
-            rounds += 1
-            k = 0
-            for s in active:
-                floor_ok = True
-                if not s.verified:
-                    floor_ok = losses[k] <= epsilon
-                    k += 1
-                mid_ok = losses[k] <= epsilon
-                k += 1
-                _update(s, floor_ok, mid_ok)
+        rounds += yield from _bisect(fresh, d2, epsilon, rtol, best, asked)
 
     alphas = sorted({float(a) for a in alphas})
     yield from solve(alphas, "grid")
@@ -278,6 +253,41 @@ def criticality_search(
     # at α* = 0 any σ works; report the largest one evaluated feasible (0: only σ → 0)
     sigma = st.lo if (st.verified and st.lo in sigmas or st.alpha > 0) else 0.0
     return SearchOutcome(states, value, st.alpha, sigma, rounds, asked)
+
+
+def _bisect(fresh: list[AlphaState], d2: float, epsilon: float, rtol: float, best,
+            asked: list) -> Generator[Request, list[float], int]:
+    """Bisect the σ bracket of every α of `fresh` still open (ratio above 1 + `rtol`) and not
+    pruned (its lower bound on μ above the best found so far, `best()`), all of them a round at a
+    time: yields the (α, σ, "search") points of a round, receives their losses, records them in
+    `asked`; returns the number of rounds."""
+    rounds = 0
+    while True:
+        bound = best()[0]
+        active = [s for s in fresh if s.open(rtol) and not s.pruned]
+        for s in active:
+            if s.lower_bound(d2) > bound:
+                s.pruned = True
+        active = [s for s in active if not s.pruned]
+        if not active:
+            return rounds
+        request = []
+        for s in active:
+            if not s.verified:
+                request.append((s.alpha, s.lo, "search"))
+            request.append((s.alpha, math.sqrt(s.lo * s.hi), "search"))
+        losses = yield request
+        asked.extend(request)
+        rounds += 1
+        k = 0
+        for s in active:
+            floor_ok = True
+            if not s.verified:
+                floor_ok = losses[k] <= epsilon
+                k += 1
+            mid_ok = losses[k] <= epsilon
+            k += 1
+            _update(s, floor_ok, mid_ok)
 
 
 def _update(s: AlphaState, floor_ok: bool, mid_ok: bool) -> None:
