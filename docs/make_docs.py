@@ -5,7 +5,7 @@
 
 A probe page holds its table between ``<!-- options:begin -->`` and ``<!-- options:end -->``: every
 keyword option of the probe's function with its default, its command-line flag and its meaning
-(the registered ``Option`` help, or the shared option's help from :mod:`genprobe.probes.common`).
+(the registered ``Option`` help, or the shared option's help from :mod:`genprobe.options`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _default(value) -> str:
 def options_table(name: str) -> str:
     """The markdown options table of registered probe `name`."""
     from genprobe.cli import _SHARED_ORDER
-    from genprobe.probes.common import SHARED_HELP
+    from genprobe.options import SHARED_HELP
     from genprobe.probes.registry import get_probe
 
     spec = get_probe(name)

@@ -107,7 +107,7 @@ def test_version_probes_listing_and_probe_help(capsys):
 
 def test_a_failed_self_check_comes_first_on_stderr(tiny_run, tmp_path, capsys, monkeypatch):
     """A probe whose self-check fails says so before its numbers, never only in meta.json."""
-    import genprobe.probes.common as common
+    import genprobe.options as common
 
     def failing(*args, **kwargs):
         return {"what": "the engine against a plain evaluation", "value": 0.3, "tolerance": 1e-4,

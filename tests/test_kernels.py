@@ -423,7 +423,7 @@ def test_ntk_phase_against_a_literal_cell_and_round_trip(tmp_path):
     assert r.self_check["passed"]
     assert r.summary["chance"] == pytest.approx(1 / 3)
     # one cell by hand: the same class-balanced subsets, numpy's eigh and solve
-    from genprobe.probes.common import sample
+    from genprobe.options import sample
     from genprobe.values import Data
 
     train = Data(data[0], data[1]).subset(sample(Data(data[0], data[1]), num_classes=3, n=21,

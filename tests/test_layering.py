@@ -142,3 +142,14 @@ def test_lazy_names_resolve_to_the_functions_not_their_modules():
         assert "no_such_name" in str(exc)
     else:
         raise AssertionError("an unknown name resolved")
+
+
+def test_the_options_layer_sits_below_the_engines_and_the_probes():
+    """genprobe.options is what every probe, the kernels and the measures check their options
+    with: it imports no engine and no probe, and the kernels borrow nothing from the probes."""
+    graph = import_graph()
+    below = graph["genprobe.options"]
+    assert not any(d.startswith(("genprobe.engine", "genprobe.probes", "genprobe.kernels"))
+                   for d in below), sorted(below)
+    kernels = set().union(*(deps for m, deps in graph.items() if m.startswith("genprobe.kernels")))
+    assert not any(d.startswith("genprobe.probes") for d in kernels), sorted(kernels)

@@ -17,7 +17,7 @@ import genprobe as gp
 import genprobe.measures as M
 from foreign import make_subject
 from genprobe.errors import ConfigError
-from genprobe.probes.common import generator
+from genprobe.options import generator
 from genprobe.probes.registry import get_probe, list_probes
 from genprobe.zoo.models import NTKLinear
 from invoke import call

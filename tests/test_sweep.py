@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 import genprobe.zoo.train as T
+from genprobe import options
 from genprobe.errors import ConfigError, OutputError
 from genprobe.probes import registry
 from genprobe.sweep import (
@@ -95,7 +96,7 @@ class Counter:
     def __call__(self, *args, **kwargs):
         try:
             return self.function(*args, **kwargs)
-        except registry.OptionsChecked:
+        except options.OptionsChecked:
             self.calls -= 1
             raise
         finally:
@@ -392,6 +393,7 @@ KILLED = textwrap.dedent("""
     from pathlib import Path
     import yaml
     import genprobe.zoo.train as T
+    from genprobe import options
     from genprobe.probes import registry
     from genprobe.sweep import SweepConfig, run_sweep
 
@@ -401,7 +403,7 @@ KILLED = textwrap.dedent("""
     def stall(original, at):
         @functools.wraps(original)
         def wrapped(*args, **kwargs):
-            if registry._CHECK_ONLY.get():  # the sweep checking options before training
+            if options._CHECK_ONLY.get():  # the sweep checking options before training
                 return original(*args, **kwargs)
             calls["n"] += 1
             if calls["n"] == at:  # in the second run: say so, then wait to be killed

@@ -6,7 +6,7 @@ Ctrl-C prints one line saying what was kept and how to resume, and exits 130.
 
 ``genprobe probe NAME`` commands are built from the probe registry
 (:mod:`genprobe.probes.registry`): the shared options a probe's function accepts
-(:data:`genprobe.probes.common.SHARED_HELP`), then its own registered options.
+(:data:`genprobe.options.SHARED_HELP`), then its own registered options.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def _option(name: str, annotation, default, help: str, *decls: str) -> inspect.P
 
 def _probe_command(spec) -> Callable:
     """A typer command for registered probe `spec` (see the module docstring)."""
-    from .probes.common import SHARED_HELP
+    from .options import SHARED_HELP
 
     accepted = spec.parameters()
     params = [inspect.Parameter("runs", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[Path],
@@ -153,7 +153,7 @@ def _probe_command(spec) -> Callable:
 
 
 def _probe_options(kwargs: dict) -> dict:
-    from .probes.common import parse_checkpoints
+    from .options import parse_checkpoints
 
     options = {}
     for name, value in kwargs.items():

@@ -76,7 +76,7 @@ effective units; buffers stay) such that the expected 0–1 error on the measure
 by bisection on σ, each step a Monte-Carlo mean over ``sharpness_samples`` draws, with two
 changes: the bracket [0, 1] is doubled until the deviation reaches the target (their fixed
 [0, 2] silently returns 2 for networks whose error needs more noise), and the draws are common
-random numbers — draw s is u_s = σ · z_s with z_s from :func:`genprobe.probes.common.generator`
+random numbers — draw s is u_s = σ · z_s with z_s from :func:`genprobe.options.generator`
 ``(seed, "pacbayes", s)``, the same z at every σ — so the search is reproducible and the
 deviation changes with σ alone, not with fresh noise. The perturbed networks are evaluated by
 :class:`genprobe.engine.variants.VariantEvaluator` (one stack of draws per σ). θ⁰ and
@@ -112,16 +112,16 @@ from .engine.rules import scaled_map
 from .engine.variants import VariantEvaluator
 from .errors import ConfigError, first_line
 from .evaluate import logits as model_logits
-from .probes.common import (
+from .options import (
     check_int,
     check_number,
     check_resources,
     check_split,
     check_subject,
     generator,
+    options_checked,
     split_data,
 )
-from .probes.registry import options_checked
 
 logger = logging.getLogger(__name__)
 
@@ -415,7 +415,7 @@ def baselines(subject, *, split: str = "train", n: int | None = None, seed: int 
 
     Args:
         subject, split, n, seed, device, batch_size, memory_budget: the shared options
-            (:mod:`genprobe.probes.common`); the margin and the PAC-Bayes search use the
+            (:mod:`genprobe.options`); the margin and the PAC-Bayes search use the
             seeded class-balanced subset of `n` examples of `split` (default: all of it).
         sharpness_samples: noise draws per σ in the Monte-Carlo mean (cost: each bisection step
             evaluates this many perturbed networks on the data; ~5–25 steps).

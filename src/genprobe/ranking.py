@@ -113,7 +113,7 @@ class RankingOptions:
     max_train_error: float = 0.5
 
     def checked(self) -> RankingOptions:
-        from .probes.common import check_int, check_number
+        from .options import check_int, check_number
 
         check_int("bootstrap", self.bootstrap, 0)
         if isinstance(self.level, bool) or not isinstance(self.level, (int, float)) \

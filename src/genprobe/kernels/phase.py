@@ -35,7 +35,7 @@ from .. import progress
 from ..engine import lapack, spectrum
 from ..errors import ConfigError, DataError, check_choice
 from ..figures import GREY, SEQUENTIAL, SEQUENTIAL_ALT, VERMILLION, new_figure, styled
-from ..probes.common import check_int, check_number, sample
+from ..options import check_int, check_number, sample
 from ..results import Result
 from ..values import Data
 from .chaos import critical_sigma_w2, order_to_chaos

@@ -30,20 +30,21 @@ from ..engine.activations import UnitStats
 from ..engine.edits import Edit, masks_edit
 from ..engine.variants import VariantEvaluator
 from ..errors import ConfigError, check_choice
-from ..results import names, percent
-from ..subject import Subject
-from .common import (
+from ..options import (
     Split,
     check_int,
     check_resources,
     check_split,
     check_subject,
     generator,
+    options_checked,
     result_meta,
     split_data,
     trained_check,
 )
-from .registry import Option, options_checked, register_probe
+from ..results import names, percent
+from ..subject import Subject
+from .registry import Option, register_probe
 from .single_directions import (
     ALL,
     CurveResult,
@@ -158,7 +159,7 @@ def ablation(
     """Cumulative ablation curves (see the module docstring).
 
     The shared options (subject, split, n, per_class, seed, batch_size, memory_budget, device)
-    mean what :mod:`genprobe.probes.common` says. `layers`: fnmatch patterns of modules whose
+    mean what :mod:`genprobe.options` says. `layers`: fnmatch patterns of modules whose
     output units are ablated (:func:`genprobe.params.select_sites`). `orders`: number of random
     orders (1 for the deterministic ones). `steps`: levels per curve (default: every k up to
     :data:`DEFAULT_STEPS` units, else that many equal fractions); more than a layer's units is

@@ -21,20 +21,21 @@ from .. import progress
 from ..engine.edits import Edit, activation_noise_edit
 from ..engine.variants import VariantEvaluator
 from ..errors import ConfigError
-from ..results import number
-from ..subject import Subject
-from .common import (
+from ..options import (
     Split,
     check_int,
     check_resources,
     check_split,
     check_subject,
     derive_seed,
+    options_checked,
     result_meta,
     split_data,
     trained_check,
 )
-from .registry import Option, options_checked, register_probe
+from ..results import number
+from ..subject import Subject
+from .registry import Option, register_probe
 from .single_directions import CurveResult, curve_summary, layer_sites, train_stats
 
 DEFAULT_SCALES = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -96,7 +97,7 @@ def activation_noise(
     device: str = "auto",
 ) -> NoiseResult:
     """Accuracy against activation noise (see the module docstring); shared options as in
-    :mod:`genprobe.probes.common`."""
+    :mod:`genprobe.options`."""
     check_subject(subject, "activation_noise")
     check_split(split)
     check_int("draws", draws, 1)

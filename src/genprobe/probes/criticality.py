@@ -84,20 +84,21 @@ from ..engine.edits import Edit, path_edit
 from ..engine.variants import VariantEvaluator
 from ..errors import ConfigError, check_choice
 from ..figures import BLUE, SEQUENTIAL, VERMILLION, new_figure, styled
-from ..results import Result, names, number, percent
-from ..subject import Subject
-from .common import (
+from ..options import (
     Split,
     check_int,
     check_number,
     check_resources,
     check_split,
     check_subject,
+    options_checked,
     result_meta,
     split_data,
     trained_check,
 )
-from .registry import Option, options_checked, register_probe
+from ..results import Result, names, number, percent
+from ..subject import Subject
+from .registry import Option, register_probe
 
 logger = logging.getLogger(__name__)
 
@@ -613,7 +614,7 @@ def criticality(
     """Module criticality μ_i of every selected unit, network criticality Σ μ_i, and the valleys.
 
     The shared options (subject, modules, split, n, per_class, seed, batch_size, memory_budget,
-    device) mean what :mod:`genprobe.probes.common` says.
+    device) mean what :mod:`genprobe.options` says.
 
     Args:
         subject: the network (needs ``init``, θ⁰).
@@ -626,7 +627,7 @@ def criticality(
             (default :data:`DEFAULT_SIGMAS`; 1 is always added).
         samples: noise draws per (α, σ) point. noise: ``"absolute"`` or ``"relative"`` σ.
         split: data for L_S (the paper: ``"train"``). n / per_class: a seeded class-balanced
-            subset (:func:`genprobe.probes.common.sample`).
+            subset (:func:`genprobe.options.sample`).
         rtol: bisection stops when σ_hi / σ_lo ≤ 1 + rtol. refine: α refinement rounds.
         valley: ``"full"`` evaluates the whole α × σ grid (the valley figure); ``"search"``
             only what μ needs: the noiseless valley, then the σ grid at the α whose noiseless

@@ -49,19 +49,20 @@ from ..engine.gramstore import digest, open_store, stream_gram
 from ..errors import ConfigError, DataError, check_choice
 from ..figures import BLUE, GREY, SEQUENTIAL, VERMILLION, new_figure, styled
 from ..memory import resolve_memory_budget, return_freed_memory
-from ..results import Result, number, percent
-from ..subject import Subject
-from ..values import Data
-from .common import (
+from ..options import (
     Checkpoints,
     check_int,
     check_number,
     check_subject,
+    options_checked,
     result_meta,
     sample,
     select_checkpoints,
 )
-from .registry import Option, options_checked, register_probe
+from ..results import Result, number, percent
+from ..subject import Subject
+from ..values import Data
+from .registry import Option, register_probe
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def ntk(
     """The empirical NTK of a sample of the training set, its spectrum and mean prediction.
 
     Args (the shared ones — subject, n, per_class, checkpoints, seed, device, memory_budget —
-    mean what :mod:`genprobe.probes.common` says; n and per_class None: the whole train split):
+    mean what :mod:`genprobe.options` says; n and per_class None: the whole train split):
         n_test: test examples for the mean prediction, a seeded class-balanced sample (0: no test
             kernel and no prediction; None: as many as the train sample, or the whole test split
             when the train sample is the whole split).

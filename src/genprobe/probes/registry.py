@@ -11,18 +11,17 @@ A probe module defines its function and result class and registers them once::
         ...  # the work
 
 The command line (:mod:`genprobe.cli`) builds ``genprobe probe NAME`` from the entry: the
-shared options of :mod:`genprobe.probes.common` that the function accepts (``--modules``,
+shared options of :mod:`genprobe.options` that the function accepts (``--modules``,
 ``--checkpoints``, ``--seed``, ``--n``, ``--per-class``, ``--split``, ``--device``,
 ``--memory-budget-mb``, ``--batch-size``), then the probe's own ``options``. Adding a probe is one
 file in ``genprobe/probes/`` (found by :func:`probe_modules`) plus its tests; the shared probe tester
 (``tests/test_probe_contract.py``) runs every registered probe with its ``tiny`` options, and checks
-that its bad inputs are caught before :func:`options_checked` and that nothing before it runs the
+that its bad inputs are caught before :func:`~genprobe.options.options_checked` and that nothing before it runs the
 model on more than two examples.
 """
 
 from __future__ import annotations
 
-import contextvars
 import fnmatch
 import importlib
 import inspect
@@ -30,10 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..options import check_only
 from ..registry import Registry
 from ..results import Result
 
-NOT_PROBES = frozenset({"registry", "common", "single_directions"})
+NOT_PROBES = frozenset({"registry", "single_directions"})
 """Modules of :mod:`genprobe.probes` that hold shared machinery, not a probe."""
 
 
@@ -122,7 +122,7 @@ class ProbeSpec:
     def check(self, subject, options: dict[str, Any]) -> None:
         """Check `options` against `subject` (its model, data and recorded checkpoints) the way
         the probe itself does, and stop where its work would begin: the probe's own checks,
-        run up to its :func:`options_checked`. Raises what the probe would (ConfigError,
+        run up to its :func:`~genprobe.options.options_checked`. Raises what the probe would (ConfigError,
         DataError, StateError, ModuleSelectionError). Cheap: a forward pass or two, never the
         probe's work, so a sweep checks every run's options before the first run trains."""
         check_only(self.function, subject, options, f"probe {self.name!r}")
@@ -139,36 +139,6 @@ def _load() -> None:
 
 
 _PROBES: Registry[ProbeSpec] = Registry("probe", load=_load)
-
-_CHECK_ONLY = contextvars.ContextVar("genprobe_probe_check_only", default=False)
-
-
-class OptionsChecked(Exception):  # noqa: N818 - a signal, not an error
-    """Raised by :func:`options_checked` under :meth:`ProbeSpec.check`: the options passed."""
-
-
-def check_only(function: Callable[..., Any], subject, options: dict[str, Any], what: str) -> None:
-    """Run ``function(subject, **options)`` up to its :func:`options_checked` and stop there
-    (see :meth:`ProbeSpec.check`); `what` names it in the TypeError of a function that has no
-    such mark."""
-    token = _CHECK_ONLY.set(True)
-    try:
-        function(subject, **options)
-    except OptionsChecked:
-        return
-    finally:
-        _CHECK_ONLY.reset(token)
-    raise TypeError(f"{what} ran to the end in check-only mode: it must call options_checked() "
-                    "once its options are checked")
-
-
-def options_checked() -> None:
-    """Mark the end of a probe's option checks: everything before this call checks the options
-    against the subject (types, ranges, module and layer names, checkpoints, samples, memory);
-    everything after does the work. Under :meth:`ProbeSpec.check` the probe stops here."""
-    if _CHECK_ONLY.get():
-        raise OptionsChecked
-
 
 def register_probe(name: str, result: type[Result], *, summary: str, paper: str,
                    options: tuple[Option, ...] = (), demo: dict | None = None,
@@ -206,5 +176,5 @@ def get_probe(name: str) -> ProbeSpec:
     return _PROBES.entry(name)
 
 
-__all__ = ["NOT_PROBES", "Option", "OptionsChecked", "ProbeSpec", "check_only", "get_probe",
-           "list_probes", "options_checked", "probe_modules", "register_probe"]
+__all__ = ["NOT_PROBES", "Option", "ProbeSpec", "get_probe", "list_probes", "probe_modules",
+           "register_probe"]

@@ -34,9 +34,7 @@ from ..engine.edits import Edit, replace_edit, stack_edits
 from ..engine.variants import VariantEvaluator
 from ..errors import StateError, check_choice
 from ..figures import BLUE, SEQUENTIAL, VERMILLION, new_figure, styled
-from ..results import Result, names, number, percent, points
-from ..subject import Subject
-from .common import (
+from ..options import (
     Checkpoints,
     Split,
     check_int,
@@ -44,12 +42,15 @@ from .common import (
     check_resources,
     check_split,
     check_subject,
+    options_checked,
     result_meta,
     select_checkpoints,
     split_data,
     trained_check,
 )
-from .registry import Option, options_checked, register_probe
+from ..results import Result, names, number, percent, points
+from ..subject import Subject
+from .registry import Option, register_probe
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ def robustness(
     """Re-initialization / re-randomization robustness of every selected module.
 
     Args (the shared ones — subject, modules, checkpoints, split, n, per_class, seed,
-    batch_size, memory_budget, device — mean what :mod:`genprobe.probes.common` says):
+    batch_size, memory_budget, device — mean what :mod:`genprobe.options` says):
         checkpoints: epochs to re-initialize to (default ``"all"``); θ⁰ is always a column,
             since the robust/critical verdict is re-initialization to it.
         rerandomize: also re-randomize each module, ``draws`` times.

@@ -26,18 +26,19 @@ from ..engine.edits import Edit, masks_edit
 from ..engine.variants import VariantEvaluator
 from ..errors import ConfigError
 from ..figures import new_figure, styled
-from ..results import Result, number, percent, points
-from ..subject import Subject
-from .common import (
+from ..options import (
     Split,
     check_int,
     check_resources,
     check_split,
     check_subject,
+    options_checked,
     result_meta,
     split_data,
 )
-from .registry import Option, options_checked, register_probe
+from ..results import Result, number, percent, points
+from ..subject import Subject
+from .registry import Option, register_probe
 from .single_directions import layer_sites, selectivity_index
 
 logger = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def selectivity(
     device: str = "auto",
 ) -> SelectivityResult:
     """Selectivity and importance of every unit of the chosen layers, measured on `split` (see
-    the module docstring); shared options as in :mod:`genprobe.probes.common`."""
+    the module docstring); shared options as in :mod:`genprobe.options`."""
     check_subject(subject, "selectivity")
     check_split(split)
     seed = check_int("seed", seed, 0)

@@ -38,20 +38,21 @@ from ..engine.grams import IMPLEMENTATIONS, Implementation, cosine_from_gram, gr
 from ..errors import DataError, StateError, check_choice
 from ..evaluate import logits, per_example
 from ..figures import BLACK, DIVERGING, GREY, VERMILLION, new_figure, styled
-from ..params import split_state
-from ..results import Result, number
-from ..subject import Subject
-from ..values import Data
-from .common import (
+from ..options import (
     Checkpoints,
     check_int,
     check_resources,
     check_subject,
+    options_checked,
     result_meta,
     sample,
     select_checkpoints,
 )
-from .registry import Option, options_checked, register_probe
+from ..params import split_state
+from ..results import Result, number
+from ..subject import Subject
+from ..values import Data
+from .registry import Option, register_probe
 
 logger = logging.getLogger(__name__)
 
@@ -415,7 +416,7 @@ def stiffness(
     """Gradient-alignment stiffness of a class-balanced sample (see the module docstring).
 
     Args (the shared ones — subject, per_class, n, checkpoints, seed, device, memory_budget —
-    mean what :mod:`genprobe.probes.common` says):
+    mean what :mod:`genprobe.options` says):
         per_class: default :data:`DEFAULT_PER_CLASS`, capped by the smallest class.
         pairs: ``"train-train"``, ``"train-test"`` (rows train, columns test), ``"test-test"``.
         checkpoints: states to follow over training besides θ^F (default None: θ^F only); the

@@ -444,7 +444,8 @@ def _check_builds(runs: list[SweepRun], source: str, *, probes: Mapping[str, dic
 
     from ..data import load_dataset
     from ..device import rng_devices
-    from ..probes.registry import check_only, get_probe
+    from ..options import check_only
+    from ..probes.registry import get_probe
     from ..subject import Subject
     from ..zoo import create_model
 

@@ -1,4 +1,7 @@
-"""Options every probe shares, with one meaning each, and the helpers that implement them.
+"""The options layer, below the engines: the options every probe shares, with one meaning each,
+and the helpers every probe, the kernels and the measures use to check them, resolve the data
+and its sample, derive seeds, record ``meta`` (:func:`result_meta`) and mark where the checks
+end (:func:`options_checked`, which a sweep's check before training stops at).
 
 =================  ===========================================================================
 ``subject``        the network and its data (:class:`genprobe.subject.Subject`).
@@ -22,18 +25,19 @@
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, DataError, StateError
-from ..values import Data
+from .errors import ConfigError, DataError, StateError
+from .values import Data
 
 SPLITS = ("train", "test")
 Split = Literal["train", "test"]
@@ -55,7 +59,7 @@ SHARED_HELP = {
 
 def check_subject(subject, probe: str) -> None:
     """TypeError-free check that `subject` is a Subject (a path or a model is a common slip)."""
-    from ..subject import Subject
+    from .subject import Subject
 
     if not isinstance(subject, Subject):
         hint = (" (a run directory: load it with gp.Subject.load(path))" if isinstance(subject, (str, bytes))
@@ -86,8 +90,8 @@ def check_number(name: str, value, *, low: float = -math.inf, high: float = math
 def check_resources(*, batch_size=None, memory_budget=None, device="auto") -> torch.device:
     """The resolved device, after checking `batch_size` (an int ≥ 1 or None), `memory_budget`
     (bytes > 0 or None) and `device` (available here): ConfigError naming the bad one."""
-    from ..device import resolve_device
-    from ..memory import resolve_memory_budget
+    from .device import resolve_device
+    from .memory import resolve_memory_budget
 
     check_int("batch_size", batch_size, 1, optional=True)
     resolved = resolve_device(device)
@@ -236,7 +240,7 @@ def trained_check(subject, data: Data, base, *, what: str, batch_size: int | Non
     (`base`) against a plain :func:`genprobe.evaluate` on the same data, value = |Δloss| + |Δerror|,
     or the largest of the probe's own discrepancies `extra` (e.g. the valley at α = 1, σ = 0
     against the trained loss) when larger; tolerance 1e-4 × max(1, loss)."""
-    from ..evaluate import evaluate
+    from .evaluate import evaluate
 
     plain = evaluate(subject.model, subject.final, data, batch_size=batch_size, device=device)
     value = max([abs(float(base.loss) - plain.loss) + abs(float(base.error) - plain.error), *extra])
@@ -244,4 +248,34 @@ def trained_check(subject, data: Data, base, *, what: str, batch_size: int | Non
     return {"what": what, "value": value, "tolerance": tol, "passed": bool(value <= tol)}
 
 
-__all__ = ["SHARED_HELP", "SPLITS", "check_int", "check_number", "check_resources", "check_split", "derive_seed", "generator", "parse_checkpoints", "result_meta", "sample", "select_checkpoints", "split_data", "trained_check"]
+_CHECK_ONLY = contextvars.ContextVar("genprobe_probe_check_only", default=False)
+
+
+class OptionsChecked(Exception):  # noqa: N818 - a signal, not an error
+    """Raised by :func:`options_checked` under :meth:`ProbeSpec.check`: the options passed."""
+
+
+def check_only(function: Callable[..., Any], subject, options: dict[str, Any], what: str) -> None:
+    """Run ``function(subject, **options)`` up to its :func:`options_checked` and stop there
+    (see :meth:`ProbeSpec.check`); `what` names it in the TypeError of a function that has no
+    such mark."""
+    token = _CHECK_ONLY.set(True)
+    try:
+        function(subject, **options)
+    except OptionsChecked:
+        return
+    finally:
+        _CHECK_ONLY.reset(token)
+    raise TypeError(f"{what} ran to the end in check-only mode: it must call options_checked() "
+                    "once its options are checked")
+
+
+def options_checked() -> None:
+    """Mark the end of a probe's option checks: everything before this call checks the options
+    against the subject (types, ranges, module and layer names, checkpoints, samples, memory);
+    everything after does the work. Under :meth:`ProbeSpec.check` the probe stops here."""
+    if _CHECK_ONLY.get():
+        raise OptionsChecked
+
+
+__all__ = ["OptionsChecked", "SHARED_HELP", "check_only", "options_checked", "SPLITS", "check_int", "check_number", "check_resources", "check_split", "derive_seed", "generator", "parse_checkpoints", "result_meta", "sample", "select_checkpoints", "split_data", "trained_check"]
