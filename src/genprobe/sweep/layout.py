@@ -261,12 +261,24 @@ class _SweepDirectory:
         outputs.write_text_atomic(self.out / SWEEP_FILE, text)
 
     def record(self, run: SweepRun) -> dict[str, Any] | None:
-        path = self.out / RUNS_DIR / run.id / RECORD
-        try:
-            record = json.loads(path.read_text()) if path.is_file() else None
-        except (OSError, ValueError, UnicodeDecodeError):
-            return None
-        return record if isinstance(record, dict) and record.get("run") == run.id else None
+        return read_record(self.out / RUNS_DIR / run.id, run.id)
+
+
+def read_record(run: Path, run_id: str) -> dict[str, Any] | None:
+    """The ``record.json`` of the run directory `run` when it is the record of `run_id`; None
+    when it is missing, unreadable, or another run's."""
+    path = run / RECORD
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and record.get("run") == run_id else None
+
+
+def write_record(run: Path, record: dict[str, Any]) -> None:
+    """Write the run directory `run`'s ``record.json`` atomically (creating `run`)."""
+    run.mkdir(parents=True, exist_ok=True)
+    outputs.write_text_atomic(run / RECORD, json.dumps(record, indent=1))
 
 
 def _current(record: dict[str, Any] | None, config: SweepConfig) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
@@ -12,17 +11,16 @@ from typing import Any
 
 import pandas as pd
 
-from .. import outputs
 from .._version import __version__
 from .config import SweepConfig
 from .layout import (
-    RECORD,
-    RUNS_DIR,
     _current,
     _SweepDirectory,
     _write_table,
     build_table,
     read_table,
+    run_dir,
+    write_record,
 )
 from .work import _unit, run_unit
 
@@ -152,7 +150,5 @@ def _crashed(out: Path, unit: dict, error: str | None) -> dict[str, Any]:
               "probes": unit["probes"], "baselines": unit["baselines"], "figures": unit["figures"],
               "device": unit["device"], "threads": unit["threads"], "genprobe_version": __version__,
               "seconds": math.nan}
-    run = out / RUNS_DIR / unit["run"]
-    run.mkdir(parents=True, exist_ok=True)
-    outputs.write_text_atomic(run / RECORD, json.dumps(record, indent=1))
+    write_record(run_dir(out, unit["run"]), record)
     return record

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -14,7 +13,7 @@ from .. import outputs, store
 from .._version import __version__
 from ..errors import GenprobeError, RunError, one_line
 from .config import SweepConfig, SweepRun, run_id
-from .layout import METRICS, RECORD, RUNS_DIR
+from .layout import METRICS, RECORD, RUNS_DIR, write_record
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +75,7 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
         record["error"] = f"{phase}: {kind}{one_line(exc, 300)}"
         log.warning("run %s failed: %s", unit["run"], record["error"])
     record["seconds"] = time.perf_counter() - began
-    run.mkdir(parents=True, exist_ok=True)
-    outputs.write_text_atomic(run / RECORD, json.dumps(record, indent=1))
+    write_record(run, record)
     return record
 
 
