@@ -46,7 +46,7 @@ def test_train_from_yaml_with_flag_override(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["train", "--arch", "nope", "--dataset", "digits"], "unknown arch='nope'"),
     (["train", "--arch", "fcn", "--dataset", "nope"], "unknown dataset='nope'"),
-    (["train", "--arch", "fcn", "--epochs", "0"], "epochs must be a positive integer"),
+    (["train", "--arch", "fcn", "--epochs", "0"], "epochs must be an integer >= 1"),
     (["train", "--arch", "fcn", "--epochs", "abc"], "Invalid value"),
     (["train", "--arch", "fcn", "--opt", "width"], "write KEY=VALUE"),
     (["train", "--arch", "fcn", "--device", "cuda:0"] if not __import__("torch").cuda.is_available()

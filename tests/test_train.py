@@ -76,7 +76,7 @@ def test_every_arch_trains_and_loss_goes_down(arch, tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"arch": "nope"}, "unknown arch='nope'"),
     ({"dataset": "nope"}, "unknown dataset='nope'"),
-    ({"epochs": 0}, "epochs must be a positive integer"),
+    ({"epochs": 0}, "epochs must be an integer >= 1"),
     ({"lr": -1.0}, "lr must be a positive number"),
     ({"label_noise": 1.5}, "label_noise must be in"),
     ({"checkpoints": "1,99"}, "outside 0..3"),

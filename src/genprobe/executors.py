@@ -78,9 +78,10 @@ def core_sets(jobs: int, threads: int) -> list[list[int]]:
 
 def check_jobs(jobs, threads) -> tuple[int, int]:
     """(jobs, threads) as positive ints (threads None: :func:`default_threads`); ConfigError."""
+    from .options import check_int
+
     for name, value in (("jobs", jobs), ("threads", threads)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        check_int(name, value, 1, optional=True)
     jobs = 1 if jobs is None else jobs
     return jobs, default_threads(jobs) if threads is None else threads
 

@@ -117,11 +117,11 @@ from .options import (
     check_number,
     check_resources,
     check_split,
-    check_subject,
     generator,
     options_checked,
     split_data,
 )
+from .subject import check_subject
 
 logger = logging.getLogger(__name__)
 

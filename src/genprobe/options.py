@@ -57,16 +57,6 @@ SHARED_HELP = {
 """Command-line help of the shared options (the CLI adds those a probe's function accepts)."""
 
 
-def check_subject(subject, probe: str) -> None:
-    """TypeError-free check that `subject` is a Subject (a path or a model is a common slip)."""
-    from .subject import Subject
-
-    if not isinstance(subject, Subject):
-        hint = (" (a run directory: load it with gp.Subject.load(path))" if isinstance(subject, (str, bytes))
-                or hasattr(subject, "__fspath__") else "")
-        raise ConfigError(f"{probe} takes a gp.Subject, got {type(subject).__name__}{hint}")
-
-
 def check_int(name: str, value, minimum: int = 0, *, optional: bool = False) -> int | None:
     """`value` as an int ≥ `minimum` (None allowed when `optional`); ConfigError otherwise."""
     if value is None and optional:

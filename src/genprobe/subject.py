@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import params as P
-from .errors import DataError, StateError, one_line
+from .errors import ConfigError, DataError, StateError, one_line
 from .values import Data, as_data
 
 
@@ -152,6 +152,15 @@ class Subject:
         from .runs import read_run
 
         return cls(**read_run(run_dir, data_dir=data_dir))
+
+
+def check_subject(subject, probe: str) -> None:
+    """ConfigError unless `subject` is a Subject (a path or a model is a common slip), naming
+    the `probe` (or function) it was given to."""
+    if not isinstance(subject, Subject):
+        hint = (" (a run directory: load it with gp.Subject.load(path))" if isinstance(subject, (str, bytes))
+                or hasattr(subject, "__fspath__") else "")
+        raise ConfigError(f"{probe} takes a gp.Subject, got {type(subject).__name__}{hint}")
 
 
 def _check_finite(what: str, state: P.State) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
+from ..options import check_int
 from ..registry import Registry
 from ..values import Data
 
@@ -176,8 +177,7 @@ def _check_options(info: DatasetInfo, options: dict[str, Any]) -> dict[str, Any]
 def _check_size(name: str, value: int | None, available: int | None) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    check_int(name, value, 1)
     if available is not None and value > available:
         raise ConfigError(f"{name}={value} but the split holds only {available} examples")
 
@@ -247,8 +247,7 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | Path | None = None
         ConfigError: a bad option value.
     """
     info = _info(name)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
+    check_int("seed", seed, 0)
     if isinstance(label_noise, bool) or not isinstance(label_noise, (int, float)) \
             or not 0.0 <= label_noise <= 1.0:
         raise ConfigError(f"label_noise must be a fraction in [0, 1], got {label_noise!r}")

@@ -54,6 +54,7 @@ from torch import Tensor
 from ..device import resolve_device
 from ..errors import ConfigError, DataError, check_choice
 from ..memory import resolve_memory_budget
+from ..options import check_int
 
 Arch = Literal["fcn", "cnn-flatten", "cnn-gap"]
 Activation = Literal["relu", "erf"]
@@ -108,11 +109,6 @@ def check_hyperparameters(sigma_w2, sigma_b2, activation) -> tuple[float, float]
             raise ConfigError(f"{name} must be {what} (a variance), got {value!r}")
     return float(sigma_w2), float(sigma_b2)
 
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _as_inputs(x, name: str, arch: str, device: torch.device) -> Tensor:
@@ -401,7 +397,7 @@ def _block_shape(net: _Net, n1: int, n2: int, batch_size: int | None, memory_bud
     pairs = entries // per_pair
     if batch_size is None:
         batch_size = max(1, min(n1, pairs // n2))
-    rows = _check_int("batch_size", batch_size, 1)
+    rows = check_int("batch_size", batch_size, 1)
     return rows, max(1, min(n2, pairs // rows))
 
 
@@ -426,10 +422,10 @@ def infinite_by_depth(
     """
     check_choice("arch", arch, ARCHS)
     sigma_w2, sigma_b2 = check_hyperparameters(sigma_w2, sigma_b2, activation)
-    filter_size = _check_int("filter_size", filter_size, 1)
+    filter_size = check_int("filter_size", filter_size, 1)
     if isinstance(depths, (int, np.integer)) or not isinstance(depths, Iterable):
         raise ConfigError(f"depths must be a list of integers >= 0, got {depths!r}")
-    depths = sorted({_check_int("depth", d, 0) for d in depths})
+    depths = sorted({check_int("depth", d, 0) for d in depths})
     if not depths:
         raise ConfigError("depths is empty; give at least one depth >= 0")
     dev = resolve_device(device)
@@ -508,7 +504,7 @@ def infinite(
     Raises ConfigError for an unknown arch or activation, depth < 0, σ_w² ≤ 0, σ_b² < 0;
     DataError for inputs of the wrong rank or shape, or non-finite inputs.
     """
-    depth = _check_int("depth", depth, 0)
+    depth = check_int("depth", depth, 0)
     return infinite_by_depth(arch, x1, x2, depths=[depth], sigma_w2=sigma_w2, sigma_b2=sigma_b2,
                              activation=activation, filter_size=filter_size, batch_size=batch_size,
                              memory_budget=memory_budget, device=device)[depth]

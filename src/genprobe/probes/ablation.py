@@ -35,7 +35,6 @@ from ..options import (
     check_int,
     check_resources,
     check_split,
-    check_subject,
     generator,
     options_checked,
     result_meta,
@@ -43,7 +42,7 @@ from ..options import (
     trained_check,
 )
 from ..results import names, percent
-from ..subject import Subject
+from ..subject import Subject, check_subject
 from .registry import Option, register_probe
 from .single_directions import (
     ALL,

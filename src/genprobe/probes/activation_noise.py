@@ -26,7 +26,6 @@ from ..options import (
     check_int,
     check_resources,
     check_split,
-    check_subject,
     derive_seed,
     options_checked,
     result_meta,
@@ -34,7 +33,7 @@ from ..options import (
     trained_check,
 )
 from ..results import number
-from ..subject import Subject
+from ..subject import Subject, check_subject
 from .registry import Option, register_probe
 from .single_directions import CurveResult, curve_summary, layer_sites, train_stats
 

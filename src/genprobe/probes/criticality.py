@@ -90,14 +90,13 @@ from ..options import (
     check_number,
     check_resources,
     check_split,
-    check_subject,
     options_checked,
     result_meta,
     split_data,
     trained_check,
 )
 from ..results import Result, names, number, percent
-from ..subject import Subject
+from ..subject import Subject, check_subject
 from .registry import Option, register_probe
 
 logger = logging.getLogger(__name__)

@@ -53,14 +53,13 @@ from ..options import (
     Checkpoints,
     check_int,
     check_number,
-    check_subject,
     options_checked,
     result_meta,
     sample,
     select_checkpoints,
 )
 from ..results import Result, number, percent
-from ..subject import Subject
+from ..subject import Subject, check_subject
 from ..values import Data
 from .registry import Option, register_probe
 

@@ -41,7 +41,6 @@ from ..options import (
     check_number,
     check_resources,
     check_split,
-    check_subject,
     options_checked,
     result_meta,
     select_checkpoints,
@@ -49,7 +48,7 @@ from ..options import (
     trained_check,
 )
 from ..results import Result, names, number, percent, points
-from ..subject import Subject
+from ..subject import Subject, check_subject
 from .registry import Option, register_probe
 
 logger = logging.getLogger(__name__)

@@ -31,13 +31,12 @@ from ..options import (
     check_int,
     check_resources,
     check_split,
-    check_subject,
     options_checked,
     result_meta,
     split_data,
 )
 from ..results import Result, number, percent, points
-from ..subject import Subject
+from ..subject import Subject, check_subject
 from .registry import Option, register_probe
 from .single_directions import layer_sites, selectivity_index
 

@@ -42,7 +42,6 @@ from ..options import (
     Checkpoints,
     check_int,
     check_resources,
-    check_subject,
     options_checked,
     result_meta,
     sample,
@@ -50,7 +49,7 @@ from ..options import (
 )
 from ..params import split_state
 from ..results import Result, number
-from ..subject import Subject
+from ..subject import Subject, check_subject
 from ..values import Data
 from .registry import Option, register_probe
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError, check_choice
+from ..options import check_int
 from ..params import reset_module
 from ..registry import Registry
 
@@ -183,8 +184,7 @@ def _conv(c_in, c_out, k, parameterization, sigma_w, sigma_b, stride=1):
 
 
 def _positive(name: str, value, minimum: int = 1) -> None:
-    if not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    check_int(name, value, minimum)
 
 
 # ----------------------------------------------------------------------------- architectures

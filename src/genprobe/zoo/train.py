@@ -134,16 +134,13 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
                 raise ConfigError(f"{name} must be a mapping of option name: value, got {value!r}")
+        from ..options import check_int
+
         for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+            check_int(name, getattr(self, name), 1)
+        check_int("seed", self.seed, 0)
         for name in ("n_train", "n_test"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} must be a positive integer (or absent), got {value!r}")
+            check_int(name, getattr(self, name), 1, optional=True)
         if not (_number(self.lr) and self.lr > 0):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}")
         if not (_number(self.label_noise) and 0.0 <= self.label_noise <= 1.0):
