@@ -122,3 +122,21 @@ def test_a_failed_self_check_comes_first_on_stderr(tiny_run, tmp_path, capsys, m
     assert code == 0, err
     assert err.startswith("genprobe: robustness: Self-check FAILED: the engine against a plain "
                           "evaluation: 0.3 against a tolerance of 0.0001"), err
+
+
+def test_ctrl_c_while_the_command_line_imports_is_one_line(monkeypatch, capsys):
+    """A Ctrl-C that lands while `genprobe` is still importing its command line (the first
+    ~0.1 s of every command) is said in one line with exit 130, not a traceback."""
+    import types
+
+    from genprobe.__main__ import main
+
+    class Importing(types.ModuleType):
+        def __getattr__(self, name):
+            raise KeyboardInterrupt
+
+    monkeypatch.setitem(sys.modules, "genprobe.cli", Importing("genprobe.cli"))
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "genprobe: interrupted; nothing was written\n"
