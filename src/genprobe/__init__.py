@@ -10,6 +10,7 @@ only when it uses what needs them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 import types
@@ -64,10 +65,11 @@ _EAGER = ["ConfigError", "DataError", "GenprobeError", "ModuleSelectionError", "
           "RunError", "StateError", "__version__"]
 
 
-def _submodules() -> set[str]:
+@functools.cache
+def _submodules() -> frozenset[str]:
     import pkgutil
 
-    return {m.name for m in pkgutil.iter_modules(__path__)}
+    return frozenset(m.name for m in pkgutil.iter_modules(__path__))
 
 
 def _probe_exports() -> dict[str, object]:

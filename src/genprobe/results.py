@@ -226,19 +226,14 @@ class Result:
         return kind(table=table, summary=summary, meta=meta["meta"], tables=tables, tensors=tensors)
 
 
-RESULT_HOMES = ("genprobe.probes.registry", "genprobe.kernels")
-"""Where the result classes are defined: importing these registers every one (the probe registry
-imports each probe's module when asked for the probes). ``import genprobe`` imports neither."""
-
-
 def result_class(probe: str | None) -> type[Result]:
-    """The result class registered for `probe` (the base :class:`Result` for an unknown one),
-    importing :data:`RESULT_HOMES` first when it is not registered yet."""
+    """The result class registered for `probe` (the base :class:`Result` for an unknown one).
+    A class registers when its module is imported, which ``import genprobe`` no longer does: an
+    unregistered name first imports every probe and the kernels (by name: they import this
+    module, not the reverse)."""
     if probe not in _REGISTRY:
-        for home in RESULT_HOMES:  # by name: the homes import this module, not the reverse
-            module = importlib.import_module(home)
-            if hasattr(module, "list_probes"):
-                module.list_probes()
+        importlib.import_module("genprobe.probes.registry").list_probes()
+        importlib.import_module("genprobe.kernels")  # NTKPhaseResult
     return _REGISTRY.get(probe, Result)
 
 

@@ -41,6 +41,7 @@ from ..evaluate import (
     input_dtype,
     largest_activation_bytes,
 )
+from ..options import check_int
 from ..values import Data
 
 
@@ -158,8 +159,7 @@ def activation_stats(model: nn.Module, state: Mapping[str, Tensor], data: Data,
                                    "names with [n for n, _ in model.named_modules()]")
     if int(num_classes) < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
-    if batch_size is not None and batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    check_int("batch_size", batch_size, 1, optional=True)
     if len(data.y) and (int(data.y.min()) < 0 or int(data.y.max()) >= num_classes):
         raise ConfigError(f"labels must lie in [0, {num_classes}); got "
                           f"[{int(data.y.min())}, {int(data.y.max())}]")

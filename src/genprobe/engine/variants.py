@@ -89,6 +89,7 @@ from ..errors import ConfigError, ModuleSelectionError, StateError, check_choice
 from ..evaluate import DEFAULT_BATCH_SIZE, cpu_chunk
 from ..evaluate import per_example as loss_and_error
 from ..memory import resolve_memory_budget
+from ..options import check_int
 from ..values import Data
 from .edits import ActivationContext, Edit, EditResult, PathParams
 from .program import Program
@@ -168,8 +169,7 @@ class VariantEvaluator:
                  memory_budget: int | None = None, use_fx: bool = True, fast: bool = True,
                  stack: Literal["auto", "vmap", "loop"] = "auto"):
         check_choice("stack", stack, STACK_MODES)
-        if batch_size is not None and batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        check_int("batch_size", batch_size, 1, optional=True)
         self.device = resolve_device(device)
         self.memory_budget = resolve_memory_budget(memory_budget, self.device)
         self.data = data
