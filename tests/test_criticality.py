@@ -74,6 +74,15 @@ def _brute_force_valley(subject, unit, alphas, sigmas, samples, seed, loss):
     return out
 
 
+def _down_sets(valley, alphas, sigmas, eps) -> bool:
+    """Whether {σ : L(α, σ) ≤ ε} is a down-set of the fine grid at every α."""
+    for a in alphas:
+        ok = [valley[(a, s)] <= eps for s in [0.0, *sigmas]]
+        if any(ok[i + 1] and not ok[i] for i in range(len(ok) - 1)):
+            return False
+    return True
+
+
 def _mu_bounds(valley, alphas, sigmas, d2, eps):
     """(μ on the fine grid, its lower end one grid step up in σ) by the definition."""
     upper, lower = math.inf, math.inf
@@ -111,6 +120,12 @@ def test_bisection_equals_brute_force_on_a_fine_grid(nested64, loss):
         valley = _brute_force_valley(nested64, unit, alphas, fine, samples, seed, loss)
         upper, lower = _mu_bounds(valley, alphas, fine, d2, eps)
         mu = row["criticality"]
+        if not _down_sets(valley, alphas, fine, eps):
+            # noise that lowers the loss somewhere between grid points (the 0-1 error on 64
+            # examples, 3 draws): the search assumes a down-set in σ (module doc, step 2) and
+            # cannot see such a point; it still never claims a μ below one it verified
+            assert mu >= lower * (1 - 1e-9), unit.name
+            continue
         if upper == 0.0:
             assert mu == 0.0
             continue
@@ -198,8 +213,15 @@ def test_valley_search_gives_the_same_mu_with_fewer_evaluations(nested64, loss):
     eps = 0.02 if loss == "cross_entropy" else 0.05
     full = gp.criticality(nested64, loss=loss, epsilon=eps, samples=4)
     search = gp.criticality(nested64, loss=loss, epsilon=eps, samples=4, valley="search")
-    assert all(full.alphas.monotone)  # the assumption "search" makes, checked by "full"
-    assert np.allclose(search.modules.criticality, full.modules.criticality, rtol=1e-12)
+    # "search" skips the σ grid where the noiseless loss exceeds ε, assuming feasibility is a
+    # down-set in σ; where "full" saw the assumption hold at every α of a module, μ is the same
+    monotone = full.alphas.groupby("module").monotone.all()
+    assert monotone.any()
+    mu_full = full.modules.set_index("module").criticality
+    mu_search = search.modules.set_index("module").criticality
+    assert np.allclose(mu_search[monotone[monotone].index], mu_full[monotone[monotone].index], rtol=1e-12)
+    # on this subject the α where it fails do not decide μ: it is the same for every module
+    assert np.allclose(mu_search, mu_full, rtol=1e-12)
     assert search.summary["evaluations"] < full.summary["evaluations"]
     assert len(search.plot().axes) >= len(nested64.units()) + 1
 

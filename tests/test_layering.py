@@ -153,3 +153,21 @@ def test_the_options_layer_sits_below_the_engines_and_the_probes():
                    for d in below), sorted(below)
     kernels = set().union(*(deps for m, deps in graph.items() if m.startswith("genprobe.kernels")))
     assert not any(d.startswith("genprobe.probes") for d in kernels), sorted(kernels)
+
+
+def test_one_seed_derivation():
+    """Every seeded draw outside the datasets comes from genprobe.seeds (which imports only the
+    errors): a generator seeded by hand, or a SeedSequence built elsewhere, fails this test."""
+    assert import_graph()["genprobe.seeds"] <= {"genprobe.errors"}
+    hand = ("Generator().manual_seed", "SeedSequence(", "default_rng(", "np.random.seed(")
+    found = []
+    for path in ROOT.rglob("*.py"):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel == "seeds.py" or rel.startswith("data/"):  # the datasets' own documented streams
+            continue
+        for no, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            if any(h in code for h in hand) and "seed_sequence(" not in code \
+                    and not code.lstrip().startswith(("``", '"', "'")):
+                found.append(f"{rel}:{no}: {line.strip()}")
+    assert not found, found

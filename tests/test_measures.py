@@ -17,8 +17,8 @@ import genprobe as gp
 import genprobe.measures as M
 from foreign import make_subject
 from genprobe.errors import ConfigError
-from genprobe.options import generator
 from genprobe.probes.registry import get_probe, list_probes
+from genprobe.seeds import generator
 from genprobe.zoo.models import NTKLinear
 from invoke import call
 from test_ranking import _sweep_like

@@ -269,5 +269,5 @@ def test_rerandomize_leaves_global_rng_state_and_model_unchanged():
 @pytest.mark.parametrize("options", [{"seed": -1}, {"seed": 1.5}, {"seed": 0, "draw": -2}, {"seed": True}])
 def test_rerandomize_rejects_bad_seeds(options):
     s = make_subject("shared")
-    with pytest.raises(ConfigError, match="must be an int >= 0"):
+    with pytest.raises(ConfigError, match="must be an integer >= 0"):
         P.rerandomize(s.model, s.final, s.units("mid")[0], **options)

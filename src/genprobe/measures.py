@@ -76,7 +76,7 @@ effective units; buffers stay) such that the expected 0–1 error on the measure
 by bisection on σ, each step a Monte-Carlo mean over ``sharpness_samples`` draws, with two
 changes: the bracket [0, 1] is doubled until the deviation reaches the target (their fixed
 [0, 2] silently returns 2 for networks whose error needs more noise), and the draws are common
-random numbers — draw s is u_s = σ · z_s with z_s from :func:`genprobe.options.generator`
+random numbers — draw s is u_s = σ · z_s with z_s from :func:`genprobe.seeds.generator`
 ``(seed, "pacbayes", s)``, the same z at every σ — so the search is reproducible and the
 deviation changes with σ alone, not with fresh noise. The perturbed networks are evaluated by
 :class:`genprobe.engine.variants.VariantEvaluator` (one stack of draws per σ). θ⁰ and
@@ -117,10 +117,10 @@ from .options import (
     check_number,
     check_resources,
     check_split,
-    generator,
     options_checked,
     split_data,
 )
+from .seeds import generator
 from .subject import check_subject
 
 logger = logging.getLogger(__name__)

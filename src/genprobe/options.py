@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextvars
 import inspect
 import math
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -37,6 +36,7 @@ import torch
 from torch import Tensor
 
 from .errors import ConfigError, DataError, StateError
+from .seeds import generator
 from .values import Data
 
 SPLITS = ("train", "test")
@@ -132,19 +132,6 @@ def parse_checkpoints(text: str | None) -> Checkpoints:
     except ValueError:
         raise ConfigError(f"--checkpoints={text!r}: use 'all', 'none' or comma-separated epochs, "
                           "e.g. 0,1,5") from None
-
-
-def derive_seed(seed: int, *keys: str | int) -> int:
-    """A 62-bit seed derived from `seed` and `keys` (a unit's name, a purpose): independent
-    streams for independent things, the same stream for the same (seed, keys)."""
-    words = [int(seed)] + [zlib.crc32(k.encode()) if isinstance(k, str) else int(k) for k in keys]
-    state = np.random.SeedSequence(words).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31 ^ int(state[1])) % (1 << 62)
-
-
-def generator(seed: int, *keys: str | int) -> torch.Generator:
-    """A CPU generator seeded with :func:`derive_seed` of `seed` and `keys`."""
-    return torch.Generator().manual_seed(derive_seed(seed, *keys))
 
 
 def sample(data: Data, *, num_classes: int, n: int | None = None, per_class: int | None = None,
@@ -268,4 +255,4 @@ def options_checked() -> None:
         raise OptionsChecked
 
 
-__all__ = ["OptionsChecked", "SHARED_HELP", "check_only", "options_checked", "SPLITS", "check_int", "check_number", "check_resources", "check_split", "derive_seed", "generator", "parse_checkpoints", "result_meta", "sample", "select_checkpoints", "split_data", "trained_check"]
+__all__ = ["OptionsChecked", "SHARED_HELP", "check_only", "options_checked", "SPLITS", "check_int", "check_number", "check_resources", "check_split", "parse_checkpoints", "result_meta", "sample", "select_checkpoints", "split_data", "trained_check"]

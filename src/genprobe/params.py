@@ -23,7 +23,6 @@ import copy
 import difflib
 import fnmatch
 import itertools
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -35,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from .device import rng_devices
 from .errors import ConfigError, ModuleSelectionError, StateError, check_choice
+from .seeds import derive_seed
 
 State = dict[str, Tensor]
 BufferPolicy = Literal["keep", "follow"]
@@ -361,19 +361,15 @@ def reset_module(module: nn.Module) -> None:
 
 
 def rerandomize_seed(seed: int, unit: str, draw: int = 0) -> int:
-    """The torch seed of re-randomization draw `draw` of the unit named `unit` under `seed`.
-
-    ``numpy.random.SeedSequence([seed, zlib.crc32(unit.encode()), draw])`` hashed to 64 bits:
-    every (seed, unit, draw) gets a stream of its own, so re-randomizing never replays the stream
-    a model was built under after ``torch.manual_seed(seed)`` (which would reproduce θ⁰), and two
-    units of the same shape never get the same draw. ConfigError unless `seed` and `draw` are
-    ints ≥ 0.
+    """The torch seed of re-randomization draw `draw` of the unit named `unit` under `seed`:
+    :func:`genprobe.seeds.derive_seed` of (`seed`, `unit`, `draw`). Every (seed, unit, draw)
+    gets a stream of its own, so re-randomizing never replays the stream a model was built under
+    after ``torch.manual_seed(seed)`` (which would reproduce θ⁰), and two units of the same shape
+    never get the same draw. ConfigError unless `seed` and `draw` are integers ≥ 0.
     """
-    for what, value in (("seed", seed), ("draw", draw)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ConfigError(f"re-randomization {what} must be an int >= 0, got {value!r}")
-    entropy = [int(seed), zlib.crc32(unit.encode()), int(draw)]
-    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0])
+    if isinstance(draw, bool) or not isinstance(draw, (int, np.integer)) or draw < 0:
+        raise ConfigError(f"draw must be an integer >= 0, got {draw!r}")
+    return derive_seed(seed, unit, int(draw))
 
 
 def rerandomize(model: nn.Module, base: State, unit: Unit, seed: int,

@@ -78,6 +78,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ConfigError
+from .seeds import seed_sequence
 
 NOT_HYPERPARAMETERS = ("run", "status", "error", "gap", "loss_gap", "seed", "seconds",
                        "wall_seconds", "converged", "epochs_run")
@@ -449,7 +450,7 @@ def holm(p: Sequence[float]) -> np.ndarray:
 def _resample(n: int, clusters: np.ndarray, B: int, seed: int) -> np.ndarray:
     """(1 + B, n) weights: a row of ones (the point estimate), then B resamples of the clusters
     with replacement (each model weighs its cluster's count)."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed_sequence(seed))
     k = int(clusters.max()) + 1 if n else 0
     counts = rng.multinomial(k, np.full(k, 1.0 / k), size=B).astype(np.float64) if k and B \
         else np.zeros((0, k))

@@ -55,7 +55,10 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..options import check_int
 from ..params import BufferPolicy, Unit
+from ..seeds import generator as seeded_generator
+from ..seeds import seed_sequence
 from .activations import unit_dim
 
 NOISE_SCALES = ("absolute", "relative")
@@ -257,13 +260,13 @@ def noise_edit(unit: Unit, center: Mapping[str, Tensor], sigma: float, draws: in
 
     ``scale="relative"``: each parameter tensor's noise has standard deviation
     σ · ‖center_k‖_F / √numel_k (see :func:`noise_std`). Draws come from `generator`, else a
-    CPU generator seeded with `seed` (default 0), in the unit's key order: reproducible.
+    CPU generator derived from `seed` (default 0; :func:`genprobe.seeds.generator` of
+    (seed, "noise")), in the unit's key order: reproducible.
     """
     if scale not in NOISE_SCALES:
         raise ConfigError(f"unknown scale={scale!r}; choose one of {NOISE_SCALES}")
-    if draws < 1:
-        raise ConfigError(f"draws must be >= 1, got {draws}")
-    g = generator or torch.Generator().manual_seed(0 if seed is None else int(seed))
+    draws = check_int("draws", draws, 1)
+    g = generator or seeded_generator(0 if seed is None else seed, "noise")
     params = {}
     for k in unit.params:
         c = center[k]
@@ -356,12 +359,13 @@ def _noise_scales(std: float | Tensor | Sequence) -> tuple[Tensor, bool]:
 
 def standard_normal_draws(seed: int, draw: int, index: Tensor, shape: Sequence[int]) -> Tensor:
     """(n, *shape) float64 standard-normal draws, row i depending on (seed, draw, index[i]) only:
-    ``numpy.random.default_rng(SeedSequence([seed, draw, index[i]])).standard_normal(shape)``.
+    ``numpy.random.default_rng(seed_sequence(seed, draw, index[i])).standard_normal(shape)``
+    (:func:`genprobe.seeds.seed_sequence`).
     The draws of :func:`activation_noise_edit`: the same whatever the data chunking."""
     size = math.prod(shape)
     out = np.empty((len(index), size), dtype=np.float64)
     for i, ex in enumerate(index.tolist()):
-        out[i] = np.random.default_rng(np.random.SeedSequence([seed, draw, ex])).standard_normal(size)
+        out[i] = np.random.default_rng(seed_sequence(seed, draw, ex)).standard_normal(size)
     return torch.from_numpy(out).reshape(len(index), *shape)
 
 
@@ -383,12 +387,8 @@ def activation_noise_edit(module: str, std: float | Tensor | Sequence, *, seed: 
     each. The z of the current data chunk (`draws` of them) are kept while the chunk is
     evaluated.
     """
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ConfigError(f"activation noise seed must be an int >= 0, got {seed!r}")
-    if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or draws < 1:
-        raise ConfigError(f"draws must be an int >= 1, got {draws!r}")
+    seed, draws = check_int("seed", seed, 0), check_int("draws", draws, 1)
     scales, stacked = _noise_scales(std)
-    seed, draws = int(seed), int(draws)
     cache: dict[str, Any] = {"key": None, "z": {}}
 
     def z_of(d: int, index: Tensor, h: Tensor) -> Tensor:

@@ -35,13 +35,13 @@ from ..options import (
     check_int,
     check_resources,
     check_split,
-    generator,
     options_checked,
     result_meta,
     split_data,
     trained_check,
 )
 from ..results import names, percent
+from ..seeds import generator
 from ..subject import Subject, check_subject
 from .registry import Option, register_probe
 from .single_directions import (

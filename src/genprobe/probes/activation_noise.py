@@ -26,13 +26,13 @@ from ..options import (
     check_int,
     check_resources,
     check_split,
-    derive_seed,
     options_checked,
     result_meta,
     split_data,
     trained_check,
 )
 from ..results import number
+from ..seeds import derive_seed
 from ..subject import Subject, check_subject
 from .registry import Option, register_probe
 from .single_directions import CurveResult, curve_summary, layer_sites, train_stats

@@ -68,7 +68,6 @@ from __future__ import annotations
 
 import logging
 import math
-import zlib
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -96,6 +95,7 @@ from ..options import (
     trained_check,
 )
 from ..results import Result, names, number, percent
+from ..seeds import generator
 from ..subject import Subject, check_subject
 from .registry import Option, register_probe
 
@@ -330,10 +330,11 @@ def _init_bracket(st: AlphaState, ok: list[bool], sigmas: Sequence[float]) -> No
 def noise_draws(unit: P.Unit, state: Mapping[str, Tensor], samples: int, seed: int) -> dict[str, Tensor]:
     """The unit's fixed standard-normal draws z: key → (samples, *shape), in `state`'s dtypes.
 
-    Seeded by `seed` and the unit's name (a unit gets the same draws whatever else is selected).
+    From :func:`genprobe.seeds.generator` of (`seed`, "criticality", the unit's name): a unit
+    gets the same draws whatever else is selected.
     The noise at scale σ is u = σ · scale_k · z (see the module doc).
     """
-    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(unit.name.encode())) % (1 << 62))
+    g = generator(seed, "criticality", unit.name)
     return {k: torch.randn((samples, *state[k].shape), generator=g, dtype=state[k].dtype)
             for k in unit.params}
 

@@ -45,6 +45,7 @@ from ..errors import (
 )
 from ..evaluate import evaluate
 from ..params import state_of
+from ..seeds import generator
 from .models import create_model, list_models
 
 log = logging.getLogger(__name__)
@@ -471,7 +472,7 @@ def _train_epochs(config, out, model, optimizer, splits, device, start, rows, pr
             lr = config.learning_rate(epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch))
+            order = torch.randperm(len(y), generator=generator(config.seed, "order", epoch))
             model.train()
             began = time.perf_counter()
             for step in range(steps):
