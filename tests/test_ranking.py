@@ -1,4 +1,4 @@
-"""The ranking of measures (genprobe.ranking): each score against scipy and plain loops over
+"""The ranking of measures (genprobe.measures.ranking): each score against scipy and plain loops over
 models and pairs (ties included), the bootstrap intervals' coverage on families with a known τ,
 the paired comparison, the CMI conventions (the competition's against a literal transcription of
 its scoring program, tests/pgdl_reference.py), what is ranked and over which models, bad inputs."""
@@ -15,7 +15,8 @@ import pytest
 import scipy.stats
 
 import genprobe as gp
-import genprobe.ranking as R
+import genprobe.measures as R
+import genprobe.measures.scores as S
 from genprobe.errors import ConfigError
 
 
@@ -363,7 +364,7 @@ def test_weighted_scores_equal_the_scores_of_the_resampled_table():
     table = _grid(seeds=1, seed=6)
     counts = np.array([2, 0, 1, 3, 1, 0, 1, 2], dtype=float)
     mu, g = table["probe.z"].to_numpy(), table["gap"].to_numpy()
-    got = R._tau_b(R._signs(mu), R._signs(g), counts[None, :])[0]
+    got = S.tau_b(S.signs(mu), S.signs(g), counts[None, :])[0]
     repeated = np.repeat(np.arange(8), counts.astype(int))
     expected = scipy.stats.kendalltau(mu[repeated], g[repeated]).statistic
     assert got == pytest.approx(expected, abs=1e-12)
@@ -401,9 +402,9 @@ def test_the_p_value_agrees_with_the_interval():
     for shift, skew in [(0.3, 0.0), (0.1, 0.5), (0.05, -0.4), (0.0, 0.0), (-0.2, 0.3)]:
         reps = shift + 0.1 * rng.standard_normal(2000) + skew * rng.exponential(0.1, 2000)
         point = shift + 0.02
-        p = R._p_value(reps, point)
+        p = S.p_value(reps, point)
         for level in (0.8, 0.9, 0.95, 0.99):
-            low, high = R._interval(reps, level, point)
+            low, high = S.interval(reps, level, point)
             outside = low > 0 or high < 0
             if abs(p - (1 - level)) > 0.01:  # away from the boundary, where quantiles are coarse
                 assert outside == (p < 1 - level), (shift, skew, level, p, low, high)
@@ -411,8 +412,8 @@ def test_the_p_value_agrees_with_the_interval():
 
 def test_holm_adjusts_step_down():
     p = [0.01, 0.04, 0.03, math.nan, 0.5]
-    assert R.holm(p)[[0, 2, 1, 4]] == pytest.approx([0.04, 0.09, 0.09, 0.5])
-    assert math.isnan(R.holm(p)[3])
+    assert S.holm(p)[[0, 2, 1, 4]] == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert math.isnan(S.holm(p)[3])
 
 
 def test_the_leader_is_named_only_when_separated():

@@ -269,7 +269,7 @@ def test_sweep_report_ranks_the_measures_and_renders_offline(tiny_sweep):
                                    *[m for m in got["measure"] if m.startswith("ablation.auc:")]}
     assert "robustness.base_error" in doc["not_measures"]
     assert doc["runs_done"] == 4 and len(doc["runs"]) == 4
-    assert doc["ranking_reading"] == gp.ranking.headline(expected)
+    assert doc["ranking_reading"] == gp.measures.headline(expected)
     # the hyper-parameters that vary are columns of the runs' table in the page
     assert sorted(doc["hyperparameters"]) == ["label_noise", "width"]
     html = page.read_text()

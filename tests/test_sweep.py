@@ -312,7 +312,7 @@ def test_user_measures_join_the_table_and_the_ranking(tmp_path, caplog):
     assert "returned a Tensor, not a number" in errors["user.tensor"]
     assert "returned a str, not a number" in errors["user.text"]
     assert all("\n" not in line for line in errors.values())
-    ranking = gp.ranking.rank_sweep(table, bootstrap=50, max_train_error=1.0).set_index("measure")
+    ranking = gp.measures.rank_sweep(table, bootstrap=50, max_train_error=1.0).set_index("measure")
     assert ranking.loc["user.weight_norm", "direction"] == 1
     assert math.isfinite(ranking.loc["user.weight_norm", "kendall_tau"])
     assert "defined on 0 of 4 models" in ranking.loc["user.raises", "note"]

@@ -28,16 +28,15 @@ from .errors import StateError as StateError
 if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and editors
     from . import kernels as kernels
     from . import measures as measures
-    from . import ranking as ranking
     from .evaluate import Metrics as Metrics
     from .evaluate import evaluate as evaluate
     from .kernels import NTKPhaseResult as NTKPhaseResult
     from .kernels import ntk_phase as ntk_phase
+    from .measures import rank_correlation as rank_correlation
     from .measures import register_measure as register_measure
     from .params import Unit as Unit
     from .probes.registry import get_probe as get_probe
     from .probes.registry import list_probes as list_probes
-    from .ranking import rank_correlation as rank_correlation
     from .report import report as report
     from .results import Result as Result
     from .results import load as load
@@ -56,8 +55,7 @@ _LAZY = {
     "ntk_phase": ("genprobe.kernels", "ntk_phase"),
     "measures": ("genprobe.measures", None),
     "register_measure": ("genprobe.measures", "register_measure"),
-    "ranking": ("genprobe.ranking", None),
-    "rank_correlation": ("genprobe.ranking", "rank_correlation"),
+    "rank_correlation": ("genprobe.measures", "rank_correlation"),
 }
 """name: (module, attribute, or None for the module itself), imported on first use."""
 

@@ -251,7 +251,7 @@ def measures(
     from rich.console import Console
     from rich.table import Table
 
-    from . import ranking as R
+    from . import measures as R
     from .figures import save_figure
     from .sweep import measures_figure_paths, read_table
 

@@ -11,7 +11,6 @@ stream for the same (seed, keys), whatever else a call draws. The datasets' own 
 from __future__ import annotations
 
 import zlib
-
 from typing import TYPE_CHECKING
 
 import numpy as np

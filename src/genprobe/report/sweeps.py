@@ -1,9 +1,9 @@
 """The report of a sweep: how well each measure ranks the runs by generalization gap, the
 measures against the gap, the table of runs, and a section per run.
 
-The ranking is :func:`genprobe.ranking.rank_sweep` of the sweep's ``table.parquet`` (the runs and
-measures :func:`genprobe.ranking.rank_correlation` chooses, with the sweep's ``ranking`` options),
-drawn by :func:`genprobe.ranking.plot_rank_correlation`. Each finished run gets
+The ranking is :func:`genprobe.measures.rank_sweep` of the sweep's ``table.parquet`` (the runs and
+measures :func:`genprobe.measures.rank_correlation` chooses, with the sweep's ``ranking`` options),
+drawn by :func:`genprobe.measures.plot_rank_correlation`. Each finished run gets
 its training reading and every probe's reading; with at most :data:`RUN_FIGURES` finished runs,
 also the figures (folded), so a small sweep's report is one page holding everything.
 """
@@ -52,9 +52,9 @@ class SweepContent:
 
 
 def ranking_reading(ranking: pd.DataFrame, n_models: int | None = None) -> str:
-    """One paragraph on the ranking (:func:`genprobe.ranking.headline`): the best measure only
+    """One paragraph on the ranking (:func:`genprobe.measures.headline`): the best measure only
     when its interval separates it from the next."""
-    from ..ranking import headline
+    from ..measures import headline
 
     return headline(ranking)
 
@@ -74,7 +74,7 @@ RANKING_SHOWN = ("measure", "direction", "kendall_tau", "kendall_tau_low", "kend
 
 def _ranking_table(ranking: pd.DataFrame) -> pd.DataFrame:
     """The scored measures with each score as "value [low, high]", strongest first."""
-    from ..ranking import format_score as cell
+    from ..measures import format_score as cell
 
     scored = ranking.dropna(subset=["kendall_tau"])
     return pd.DataFrame({
@@ -129,7 +129,7 @@ def _measures_table(table: pd.DataFrame, measures: list[str]) -> pd.DataFrame:
 def build_sweep(sweep: Path) -> SweepContent:
     """Read a sweep directory into a :class:`SweepContent` (RunError, one line, when it has no
     finished run)."""
-    from .. import ranking as R
+    from .. import measures as R
     from ..sweep import read_config, read_table, run_dir
 
     sweep = Path(sweep)

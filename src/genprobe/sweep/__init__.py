@@ -15,7 +15,7 @@ A sweep config (YAML) names the runs and the probes::
     measures:                            # user-defined measures: a function of a Subject -> float
       sharpness: mypackage.measures:sharpness          # column user.sharpness
       margin: {function: "mypackage.measures:margin", direction: -1}
-    ranking: {min_models: 8, bootstrap: 1000}   # options of genprobe.ranking.rank_correlation
+    ranking: {min_models: 8, bootstrap: 1000}   # options of genprobe.measures.rank_correlation
     figures: true                        # save each probe's figure.png (false: faster)
     jobs: 2                              # optional defaults of --jobs and --threads
     threads: 1

@@ -282,9 +282,9 @@ def _user_measures(value, source: str) -> dict[str, dict[str, Any]]:
 
 
 def _ranking(value, source: str) -> dict[str, Any]:
-    """Options of :func:`genprobe.ranking.rank_correlation` for ``genprobe measures`` and the
+    """Options of :func:`genprobe.measures.rank_correlation` for ``genprobe measures`` and the
     report, checked now."""
-    from ..ranking import RankingOptions
+    from ..measures.ranking import RankingOptions
 
     if value is None:
         return {}

@@ -75,7 +75,7 @@ def build_table(runs: list[SweepRun], records: dict[str, dict],
     reached its training target; missing without one) and ``epochs_run``. ``table.attrs`` names
     the column groups (``hyperparameters``, ``metrics``, ``measures``), counts the runs, and with
     `config` holds its ``probes``, ``baselines``, ``user_measures`` and ``ranking`` options (what
-    :func:`genprobe.ranking.rank_correlation` reads to decide which columns are measures)."""
+    :func:`genprobe.measures.rank_correlation` reads to decide which columns are measures)."""
     hyper = varying(runs)
     rows = [(r, records[r.id]) for r in runs if r.id in records]
     measures: dict[str, None] = {}

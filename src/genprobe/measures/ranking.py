@@ -68,7 +68,6 @@ The paper's score is blind to the sign: a measure and its negation score the sam
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -77,8 +76,19 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError
-from .seeds import seed_sequence
+from ..errors import ConfigError
+from .scores import (
+    cell_codes,
+    cmi_paper,
+    cmi_pgdl,
+    granulated,
+    holm,
+    interval,
+    p_value,
+    resample,
+    signs,
+    tau_b,
+)
 
 NOT_HYPERPARAMETERS = ("run", "status", "error", "gap", "loss_gap", "seed", "seconds",
                        "wall_seconds", "converged", "epochs_run")
@@ -114,7 +124,7 @@ class RankingOptions:
     max_train_error: float = 0.5
 
     def checked(self) -> RankingOptions:
-        from .options import check_int, check_number
+        from ..options import check_int, check_number
 
         check_int("bootstrap", self.bootstrap, 0)
         if isinstance(self.level, bool) or not isinstance(self.level, (int, float)) \
@@ -236,225 +246,7 @@ def _axis_values(table: pd.DataFrame, column: str) -> pd.Series:
     return values.map(lambda v: repr(v) if isinstance(v, (list, dict, set)) else v)
 
 
-# ----------------------------------------------------------------------------- weighted scores
-# Every score takes W, a (B, n) array of model weights: row b is one resample's counts (the point
-# estimate is a row of ones; a model where the measure is NaN has weight 0). Pairs (i, j) of
-# distinct models weigh W_bi · W_bj.
-
-
-def _signs(v: np.ndarray) -> np.ndarray:
-    """(n, n) int8: sign(v_i − v_j), by comparison (infinite values order correctly)."""
-    return (v[:, None] > v[None, :]).astype(np.int8) - (v[:, None] < v[None, :]).astype(np.int8)
-
-
-def _quad(W: np.ndarray, S: np.ndarray) -> np.ndarray:
-    """Σ_ij W_bi S_ij W_bj per row b."""
-    return np.einsum("bi,bi->b", W @ S, W)
-
-
-def _tau_b(sx: np.ndarray, sy: np.ndarray, W: np.ndarray) -> np.ndarray:
-    """Kendall's τ-b per row of W: Σ w_i w_j sign·sign / √(Σ w_i w_j |sign x| · Σ w_i w_j |sign y|),
-    ties corrected as ``scipy.stats.kendalltau``; NaN where the measure or the target is constant."""
-    sx, sy = sx.astype(np.float64), sy.astype(np.float64)
-    num = _quad(W, sx * sy)
-    den = np.sqrt(_quad(W, np.abs(sx)) * _quad(W, np.abs(sy)))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
-
-
-def _cells(codes: Sequence[np.ndarray], n: int) -> np.ndarray:
-    """One int per model naming its combination of the given hyper-parameter codes."""
-    if not codes:
-        return np.zeros(n, dtype=np.int64)
-    return np.unique(np.stack(codes, axis=1), axis=0, return_inverse=True)[1].reshape(-1)
-
-
-def _granulated(sx, sy, codes: Mapping[str, np.ndarray], W) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Ψ and each ψ_h per row of W (Jiang et al.): ψ_h is the mean, over the groups of models
-    equal in every other hyper-parameter that hold ≥ 2 values of h (weight > 0), of τ-b within
-    the group (0 where the measure or the gap is constant there: τ-a's value; a measure that
-    does not move along an axis tells nothing about it and must not drop out of that axis's
-    mean); Ψ is the mean of the ψ_h that have a group."""
-    B, n = W.shape
-    per_axis: dict[str, np.ndarray] = {}
-    for h, axis in codes.items():
-        group = _cells([c for o, c in codes.items() if o != h], n)
-        total, count = np.zeros(B), np.zeros(B)
-        for gid in np.unique(group):
-            idx = np.flatnonzero(group == gid)
-            values = np.unique(axis[idx])
-            if len(values) < 2:
-                continue
-            Wg = W[:, idx]
-            present = np.stack([(Wg[:, axis[idx] == v] > 0).any(axis=1) for v in values], axis=1)
-            valid = present.sum(axis=1) >= 2
-            tau = np.nan_to_num(_tau_b(sx[np.ix_(idx, idx)], sy[np.ix_(idx, idx)], Wg), nan=0.0)
-            total += np.where(valid, tau, 0.0)
-            count += valid
-        if count.any():
-            with np.errstate(invalid="ignore", divide="ignore"):
-                per_axis[h] = np.where(count > 0, total / np.where(count > 0, count, 1), np.nan)
-    if not per_axis:
-        return np.full(B, np.nan), per_axis
-    stacked = np.stack(list(per_axis.values()))
-    finite = np.isfinite(stacked)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(finite, stacked, 0.0).sum(axis=0) / finite.sum(axis=0)
-    return np.where(finite.any(axis=0), mean, np.nan), per_axis
-
-
-def _pair_tables(sx, sy, cell: np.ndarray, W: np.ndarray, *, self_pairs: bool,
-                 tie_sign: int | None) -> np.ndarray:
-    """(B, cells², 3, 3) weighted pair counts by (cell of i, cell of j), V_g, V_μ. `tie_sign`:
-    None keeps a tie as its own category; −1 counts a tie as "−" (the competition's code).
-    `self_pairs`: also pair every model with itself (weight W_i², the competition's code)."""
-    from scipy import sparse
-
-    n = len(cell)
-    cells = int(cell.max()) + 1
-    vg, vm = sy.astype(np.int64), sx.astype(np.int64)
-    if tie_sign is not None:
-        vg, vm = np.where(vg == 0, tie_sign, vg), np.where(vm == 0, tie_sign, vm)
-    key = ((cell[:, None] * cells + cell[None, :]) * 9 + (vg + 1) * 3 + (vm + 1)).reshape(-1)
-    onehot = sparse.csr_matrix((np.ones(n * n), (np.arange(n * n), key)),
-                               shape=(n * n, cells * cells * 9))
-    out = np.empty((W.shape[0], cells * cells * 9))
-    step = max(1, 2**22 // max(n * n, 1))
-    for start in range(0, W.shape[0], step):
-        w = W[start:start + step]
-        pairs = w[:, :, None] * w[:, None, :]
-        if not self_pairs:
-            pairs[:, np.arange(n), np.arange(n)] = 0.0
-        out[start:start + step] = (onehot.T @ pairs.reshape(len(w), -1).T).T
-    return out.reshape(W.shape[0], cells * cells, 3, 3)
-
-
-def _normalized_cmi(joint: np.ndarray) -> np.ndarray:
-    """I(V_μ; V_g | U) / H(V_g | U) per row from pair weights (B, cells, V_g, V_μ), the
-    expectations over U weighted by each cell's share of the pairs; ∞ where H = 0."""
-    total = joint.sum(axis=(1, 2, 3))
-    cell = joint.sum(axis=(2, 3), keepdims=True)
-    gap = joint.sum(axis=3, keepdims=True)
-    measure = joint.sum(axis=2, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mi = np.where(joint > 0, joint * np.log(joint * cell / (gap * measure)), 0.0)
-        h = np.where(gap > 0, -gap * np.log(gap / cell), 0.0)
-        mi, h = mi.sum(axis=(1, 2, 3)) / total, h.sum(axis=(1, 2, 3)) / total
-        return np.where(h > 1e-12, mi / np.where(h > 1e-12, h, 1.0), np.inf)
-
-
-def _cmi_paper(sx, sy, codes: Mapping[str, np.ndarray], W) -> tuple[np.ndarray, list[str]]:
-    """The CMI score per row of W (module docstring, ``"paper"``) and the point estimate's
-    minimizing conditioning set (row 0)."""
-    names, n = list(codes), W.shape[1]
-    best, chosen = np.full(W.shape[0], np.inf), []
-    for size in range(min(2, len(names)), -1, -1):  # pairs; smaller sets only where none scores
-        todo = ~np.isfinite(best)
-        if not todo.any():
-            break
-        level, level_set = np.full(W.shape[0], np.inf), [None] * W.shape[0]
-        for subset in itertools.combinations(names, size):
-            cell = _cells([codes[h] for h in subset], n)
-            joint = _pair_tables(sx, sy, cell, W, self_pairs=False, tie_sign=None)
-            ratio = _normalized_cmi(joint)
-            if ratio[0] < level[0]:
-                level_set[0] = list(subset)
-            level = np.minimum(level, ratio)
-        if todo[0] and np.isfinite(level[0]):
-            chosen = level_set[0]
-        best = np.where(todo, level, best)
-    return np.where(np.isfinite(best), best, np.nan), chosen
-
-
-def _cmi_pgdl(sx, sy, codes: Mapping[str, np.ndarray], W) -> tuple[np.ndarray, list[str]]:
-    """The competition's score per row of W (module docstring, ``"pgdl"``): for each pair of
-    hyper-parameters, the cells are the (value of i, value of j) combinations of both
-    hyper-parameters over ordered pairs (i, j) of models, every model also paired with itself;
-    V = "+" when g_i > g_j (μ_i > μ_j) and "−" otherwise (a tie is "−"); per cell, in bits,
-    MI of its 2×2 table and H_g = −Σ p log2(p + 1e-12); the score is mean over cells of MI /
-    mean over cells of H_g (cells unweighted), minimized over the pairs of hyper-parameters."""
-    names, n = list(codes), W.shape[1]
-    best, chosen = np.full(W.shape[0], np.inf), []
-    for subset in itertools.combinations(names, 2):
-        cell = _cells([codes[h] for h in subset], n)
-        joint = _pair_tables(sx, sy, cell, W, self_pairs=True, tie_sign=-1)[:, :, ::2, ::2]
-        size = joint.sum(axis=(2, 3), keepdims=True)  # (B, cells, 1, 1)
-        present = size[:, :, 0, 0] > 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            p = joint / size
-            rows, cols = p.sum(axis=3, keepdims=True), p.sum(axis=2, keepdims=True)
-            mi = np.where(joint > 0, p * np.log2(p / (rows * cols)), 0.0).sum(axis=(2, 3))
-            h = -(rows * np.log2(rows + 1e-12)).sum(axis=(2, 3))
-            cells = present.sum(axis=1)
-            ratio = (np.where(present, mi, 0.0).sum(axis=1) / cells) / \
-                (np.where(present, h, 0.0).sum(axis=1) / cells)
-        ratio = np.where(cells > 0, ratio, np.inf)
-        if ratio[0] < best[0]:
-            chosen = list(subset)
-        best = np.fmin(best, ratio)
-    return np.where(np.isfinite(best), best, np.nan), chosen
-
-
 # ----------------------------------------------------------------------------- the ranking
-
-
-def _interval(replicates: np.ndarray, level: float, point: float) -> tuple[float, float]:
-    """The bias-corrected percentile interval (Efron's BC) of the bootstrap `replicates` around
-    the estimate `point`: the percentiles Φ(2 z₀ ± z_{(1+level)/2}), z₀ = Φ⁻¹(share of replicates
-    below the estimate, ties counted half). Without bias (z₀ = 0) it is the percentile interval;
-    it matters for the CMI, whose resamples sit above the estimate (an information measured on
-    fewer distinct pairs is biased upward)."""
-    from scipy.stats import norm
-
-    finite = replicates[np.isfinite(replicates)]
-    if len(finite) < max(2, len(replicates) // 2) or not math.isfinite(point):
-        return math.nan, math.nan
-    z0 = norm.ppf(_share_below(finite, point))
-    z = norm.ppf((1.0 + level) / 2.0)
-    lo, hi = np.quantile(finite, norm.cdf([2 * z0 - z, 2 * z0 + z]))
-    return float(lo), float(hi)
-
-
-def _share_below(finite: np.ndarray, value: float) -> float:
-    """The share of `finite` below `value`, ties counted half, kept within (0, 1)."""
-    share = (np.count_nonzero(finite < value) + 0.5 * np.count_nonzero(finite == value)) / len(finite)
-    return min(max(share, 0.5 / len(finite)), 1.0 - 0.5 / len(finite))
-
-
-def _p_value(replicates: np.ndarray, point: float) -> float:
-    """Two-sided bootstrap p-value of a zero difference, consistent with :func:`_interval`: the
-    smallest 1 − level at which the bias-corrected interval leaves out 0,
-    2 (1 − Φ(|2 z₀ − Φ⁻¹(share of replicates below 0)|)); without bias, twice the smaller tail."""
-    from scipy.stats import norm
-
-    finite = replicates[np.isfinite(replicates)]
-    if len(finite) < max(2, len(replicates) // 2) or not math.isfinite(point):
-        return math.nan
-    z0 = norm.ppf(_share_below(finite, point))
-    return float(min(1.0, 2.0 * norm.sf(abs(2 * z0 - norm.ppf(_share_below(finite, 0.0))))))
-
-
-def holm(p: Sequence[float]) -> np.ndarray:
-    """Holm's step-down adjusted p-values (NaN stays NaN)."""
-    p = np.asarray(p, dtype=np.float64)
-    out = np.full_like(p, np.nan)
-    idx = np.flatnonzero(np.isfinite(p))
-    order = idx[np.argsort(p[idx], kind="stable")]
-    m, running = len(order), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        out[i] = running
-    return out
-
-
-def _resample(n: int, clusters: np.ndarray, B: int, seed: int) -> np.ndarray:
-    """(1 + B, n) weights: a row of ones (the point estimate), then B resamples of the clusters
-    with replacement (each model weighs its cluster's count)."""
-    rng = np.random.default_rng(seed_sequence(seed))
-    k = int(clusters.max()) + 1 if n else 0
-    counts = rng.multinomial(k, np.full(k, 1.0 / k), size=B).astype(np.float64) if k and B \
-        else np.zeros((0, k))
-    return np.vstack([np.ones((1, n)), counts[:, clusters]]) if n else np.ones((1 + B, 0))
 
 
 def rank_correlation(table: pd.DataFrame, *, target: str = "gap",
@@ -508,14 +300,14 @@ def rank_correlation(table: pd.DataFrame, *, target: str = "gap",
     hp = _hyperparameters(data, np.ones(n, dtype=bool), target, measures, hyperparameters) if n \
         else []
     codes = {h: pd.factorize(_axis_values(data, h), use_na_sentinel=False)[0] for h in hp}
-    cell = _cells(list(codes.values()), n)
+    cell = cell_codes(list(codes.values()), n)
     seeds = "seed" in data.columns and "seed" not in hp and n > 0
     repeated = seeds and len(codes) > 0 and len(np.unique(cell)) < n and bool(
         pd.Series(_axis_values(data, "seed").to_numpy()).groupby(cell).nunique().gt(1).any())
     clusters = cell if repeated else np.arange(n)
-    W = _resample(n, clusters, opts.bootstrap, opts.seed)
-    sy = _signs(g)
-    cmi_score = _cmi_paper if opts.cmi == "paper" else _cmi_pgdl
+    W = resample(n, clusters, opts.bootstrap, opts.seed)
+    sy = signs(g)
+    cmi_score = cmi_paper if opts.cmi == "paper" else cmi_pgdl
 
     rows: dict[str, dict[str, Any]] = {}
     replicates: dict[str, np.ndarray] = {}
@@ -546,7 +338,7 @@ def rank_correlation(table: pd.DataFrame, *, target: str = "gap",
             continue
         psi, chosen, replicates[name] = _score(row, mu, sy, codes, W, opts, cmi_score)
         by_axis[name] = {h: float(v[0]) for h, v in psi.items() if np.isfinite(v[0])}
-        by_axis_interval[name] = {h: list(_interval(v[1:], opts.level, v[0])) for h, v in psi.items()
+        by_axis_interval[name] = {h: list(interval(v[1:], opts.level, v[0])) for h, v in psi.items()
                                   if np.isfinite(v[0])}
         conditioning[name] = chosen
     for name, names in aliases.items():
@@ -573,7 +365,7 @@ def _measures(table: pd.DataFrame, target: str, measures: Sequence[str] | None
     """({measure: expected direction}, {column: why it is not ranked}): the registered measures
     among the columns (:func:`genprobe.measures.classify`, with the probe options in
     ``table.attrs``), or the columns `measures` names (direction 0 when not registered)."""
-    from .measures import classify
+    from .registry import classify
 
     if measures is None:
         attrs = table.attrs
@@ -600,9 +392,9 @@ def _score(row: dict[str, Any], mu: np.ndarray, sy: np.ndarray, codes, W: np.nda
     defined = ~np.isnan(mu)
     resampled = row["n_models"] >= MIN_INTERVAL_MODELS
     Wm = (W if resampled else W[:1]) * defined[None, :]
-    sx = _signs(np.where(defined, mu, 0.0))
-    tau = _padded(_tau_b(sx, sy, Wm), len(W))
-    gran, psi = _granulated(sx, sy, codes, Wm)
+    sx = signs(np.where(defined, mu, 0.0))
+    tau = _padded(tau_b(sx, sy, Wm), len(W))
+    gran, psi = granulated(sx, sy, codes, Wm)
     gran, psi = _padded(gran, len(W)), {h: _padded(v, len(W)) for h, v in psi.items()}
     score, chosen = cmi_score(sx, sy, codes, Wm)
     score = _padded(score, len(W))
@@ -611,7 +403,7 @@ def _score(row: dict[str, Any], mu: np.ndarray, sy: np.ndarray, codes, W: np.nda
                        f"correlation needs at least {MIN_INTERVAL_MODELS})")
     for key, rep in (("kendall_tau", tau), ("granulated_tau", gran), ("cmi", score)):
         row[key] = float(rep[0])
-        row[f"{key}_low"], row[f"{key}_high"] = _interval(rep[1:], opts.level, rep[0])
+        row[f"{key}_low"], row[f"{key}_high"] = interval(rep[1:], opts.level, rep[0])
     point = {"kendall_tau": tau, "granulated_tau": gran, "cmi": score}[opts.compare]
     sign = 1.0 if opts.compare == "cmi" or not point[0] < 0 else -1.0
     return psi, chosen, sign * point
@@ -628,9 +420,9 @@ def _compare_with_reference(rows: dict[str, dict[str, Any]], replicates: dict[st
             diff = rep - replicates[ref]
             row = rows[name]
             row["vs_reference"] = float(diff[0])
-            row["vs_reference_low"], row["vs_reference_high"] = _interval(diff[1:], opts.level,
+            row["vs_reference_low"], row["vs_reference_high"] = interval(diff[1:], opts.level,
                                                                           diff[0])
-            p[name] = _p_value(diff[1:], diff[0]) if name != ref else math.nan
+            p[name] = p_value(diff[1:], diff[0]) if name != ref else math.nan
         adjusted = holm(list(p.values()))
         for (name, value), q in zip(p.items(), adjusted, strict=True):
             rows[name]["p_value"], rows[name]["p_holm"] = value, float(q)
@@ -657,7 +449,7 @@ def _leader(order: list[str], replicates: Mapping[str, np.ndarray], opts: Rankin
         out["separated"] = None
         return out
     diff = replicates[scored[0]] - replicates[scored[1]]
-    low, high = _interval(diff[1:], opts.level, diff[0])
+    low, high = interval(diff[1:], opts.level, diff[0])
     out |= {"second": scored[1], "difference": float(diff[0]), "low": low, "high": high,
             "separated": bool(math.isfinite(low) and low > 0)}
     if not math.isfinite(low):
@@ -752,68 +544,7 @@ def headline(ranking: pd.DataFrame) -> str:
     return text + "."
 
 
-# ----------------------------------------------------------------------------- figure
-
-
-def plot_rank_correlation(table: pd.DataFrame, ranking: pd.DataFrame, *,
-                          target: str | None = None, limit: int | None = None):
-    """A matplotlib Figure: each scored measure's Kendall τ-b, granulated τ and CMI with their
-    bootstrap intervals (error bars), largest |τ| first, then one scatter of target against
-    measure per measure. `ranking`: :func:`rank_correlation` of `table`; `limit`: at most this
-    many measures (the strongest)."""
-    from .figures import BLUE, GREEN, GREY, ORANGE, new_figure, style
-
-    target = target or ranking.attrs.get("target", "gap")
-    if target not in table.columns:
-        raise ConfigError(f"unknown target column {target!r} for the figure")
-    scored = ranking.dropna(subset=["kendall_tau"])
-    if limit is not None:
-        scored = scored.iloc[:limit]
-    names = list(scored["measure"])
-    ncols = min(4, max(1, len(names)))
-    nrows = math.ceil(len(names) / ncols)
-    keep, _ = eligible_models(table, max_train_error=ranking.attrs.get("options", {}).get(
-        "max_train_error", 0.5))
-    used = table[keep]
-    with style():
-        fig = new_figure(3.2 * ncols + 2.6, 0.35 * max(len(names), 1) + 1.6 + 2.6 * nrows)
-        grid = fig.add_gridspec(1 + nrows, ncols,
-                                height_ratios=[0.3 * max(len(names), 1) + 1.0] + [2.4] * nrows)
-        ax = fig.add_subplot(grid[0, :])
-        y = np.arange(len(names))
-        bars = (("kendall_tau", "Kendall τ-b", BLUE), ("granulated_tau", "granulated τ", ORANGE),
-                ("cmi", "CMI (PGDL score)", GREEN))
-        for i, (column, label, colour) in enumerate(bars):
-            value = scored[column].to_numpy(dtype=float)
-            low = scored[f"{column}_low"].to_numpy(dtype=float)
-            high = scored[f"{column}_high"].to_numpy(dtype=float)
-            errors = np.nan_to_num(np.vstack([value - low, high - value]), nan=0.0).clip(min=0.0)
-            ax.barh(y + (i - 1) * 0.27, value, height=0.27, color=colour, label=label,
-                    xerr=errors, error_kw={"elinewidth": 0.8, "capsize": 1.5, "ecolor": GREY})
-        ax.axvline(0.0, color=GREY, linewidth=0.8)
-        ax.set_yticks(y, names)
-        ax.invert_yaxis()
-        ax.set_xlim(-1.0, 1.0)
-        level = ranking.attrs.get("options", {}).get("level", 0.95)
-        ax.set_xlabel(f"rank correlation with {target} (CMI in [0, 1]); bars: "
-                      f"{level:.0%} bootstrap intervals")
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        ax.set_title(f"how well each measure ranks {len(used)} models by {target}")
-        g = used[target].to_numpy(dtype=np.float64, na_value=np.nan)
-        for k, (name, tau) in enumerate(zip(names, scored["kendall_tau"], strict=True)):
-            sx = fig.add_subplot(grid[1 + k // ncols, k % ncols])
-            mu = used[name].to_numpy(dtype=np.float64, na_value=np.nan)
-            ok = ~(np.isnan(mu) | np.isnan(g))
-            sx.scatter(mu[ok], g[ok], s=14, color=BLUE, alpha=0.8)
-            if ok.any() and (mu[ok] > 0).all() and mu[ok].max() > 100 * mu[ok].min():
-                sx.set_xscale("log")
-            sx.set_title(f"{name}\nτ = {tau:+.2f}", fontsize=8)
-            sx.tick_params(labelsize=7)
-            if k % ncols == 0:
-                sx.set_ylabel(target)
-    return fig
-
 
 __all__ = ["CMI_CONVENTIONS", "NOT_HYPERPARAMETERS", "RANKING_COLUMNS", "RankingOptions",
-           "SCORES", "eligible_models", "format_score", "headline", "holm", "plot_rank_correlation",
+           "SCORES", "eligible_models", "format_score", "headline",
            "rank_correlation", "rank_sweep"]
