@@ -140,3 +140,30 @@ def test_ctrl_c_while_the_command_line_imports_is_one_line(monkeypatch, capsys):
         main()
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == "genprobe: interrupted; nothing was written\n"
+
+
+def test_commands_show_the_library_defaults_they_do_not_restate(capsys):
+    """ntk-phase's options and train's help take their defaults from the function they call: a
+    default changed in the library shows in --help without touching the command line."""
+    import inspect
+
+    import typer
+
+    import genprobe.cli as cli
+    from genprobe.kernels.phase import ntk_phase
+    from genprobe.zoo.train import TrainConfig
+
+    code, out, _ = call(["ntk-phase", "--help"], capsys)
+    assert code == 0 and "LIBRARY" not in out and "library's default" not in out
+    assert f"[default: {inspect.signature(ntk_phase).parameters['sigma_b2'].default}]" in out
+    code, out, _ = call(["train", "--help"], capsys)
+    assert code == 0 and "{default}" not in out
+    assert f"[{TrainConfig().epochs}]" in " ".join(out.split())
+    for command in cli._OWNERS:  # every placeholder of every owned command is filled
+        cli._library_defaults(command)
+        function = cli._OWNERS[command][0]
+        for param in inspect.signature(function).parameters.values():
+            info = param.default
+            if isinstance(info, typer.models.OptionInfo):
+                assert info.default is not cli.LIBRARY, (command, param.name)
+                assert "{default}" not in (info.help or ""), (command, param.name)

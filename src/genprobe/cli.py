@@ -16,6 +16,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -29,6 +30,10 @@ probe_app = typer.Typer(no_args_is_help=True, help="Run a probe on one or more r
 app.add_typer(probe_app, name="probe")
 
 DEVICE_HELP = "Where to compute: auto (CUDA if available), cpu, cuda or cuda:N."
+LIBRARY: Any = "<the library's default>"
+"""An option's default when the library function the command calls owns it: :func:`main` fills
+in the function's own default (and a ``{default}`` in its help) before parsing that command's
+arguments, so that the command line never restates a default (see :data:`_OWNERS`)."""
 DATA_DIR_HELP = "Folder holding local data files (IDX files, CIFAR-10 batches) for datasets that read them."
 
 _on_interrupt: Callable[[], str] | None = None
@@ -61,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if "probe" in args:  # its subcommands import every probe: only for `genprobe probe ...`
             _register_probes()
+        for command in set(args) & set(_OWNERS):  # imports the library: only for that command
+            _library_defaults(command)
         code = app(args=args, standalone_mode=False)
         if code == 130:  # typer turns a KeyboardInterrupt into Exit(130) and returns its code
             raise KeyboardInterrupt
@@ -324,22 +331,22 @@ def train(
     arch: str | None = typer.Option(None, help="Architecture (see `genprobe archs`)."),
     dataset: str | None = typer.Option(None, help="Dataset (see `genprobe datasets`)."),
     out: Path | None = typer.Option(None, help="Run directory to write (default runs/ARCH-DATASET)."),
-    epochs: int | None = typer.Option(None, help="Training epochs [10] (the most, with --stop-loss/--stop-error)."),
-    lr: float | None = typer.Option(None, help="Peak learning rate [0.05]."),
-    batch_size: int | None = typer.Option(None, help="Minibatch size [128]."),
-    optimizer: str | None = typer.Option(None, help="sgd or adam [sgd]."),
-    momentum: float | None = typer.Option(None, help="SGD momentum [0.9]."),
-    weight_decay: float | None = typer.Option(None, help="L2 weight decay [5e-4]."),
-    schedule: str | None = typer.Option(None, help="cosine, constant or step [cosine]."),
-    label_noise: float | None = typer.Option(None, help="Fraction of training labels replaced by random ones [0]."),
-    checkpoints: str | None = typer.Option(None, help="every, log:N, or epochs like 1,2,5 [every]."),
+    epochs: int | None = typer.Option(None, help="Training epochs [{default}] (the most, with --stop-loss/--stop-error)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate [{default}]."),
+    batch_size: int | None = typer.Option(None, help="Minibatch size [{default}]."),
+    optimizer: str | None = typer.Option(None, help="sgd or adam [{default}]."),
+    momentum: float | None = typer.Option(None, help="SGD momentum [{default}]."),
+    weight_decay: float | None = typer.Option(None, help="L2 weight decay [{default}]."),
+    schedule: str | None = typer.Option(None, help="cosine, constant or step [{default}]."),
+    label_noise: float | None = typer.Option(None, help="Fraction of training labels replaced by random ones [{default}]."),
+    checkpoints: str | None = typer.Option(None, help="every, log:N, or epochs like 1,2,5 [{default}]."),
     stop_loss: float | None = typer.Option(None, help="Stop after the first epoch whose training cross-entropy is <= this, e.g. 0.01."),
     stop_error: float | None = typer.Option(None, help="Stop after the first epoch whose training error is <= this, in (0, 1)."),
     n_train: int | None = typer.Option(None, help="Use a seeded subset of this many training examples."),
     n_test: int | None = typer.Option(None, help="Use a seeded subset of this many test examples."),
     opt: list[str] | None = typer.Option(None, "--opt", help="Architecture option KEY=VALUE (repeatable), e.g. --opt width=256."),
     data_opt: list[str] | None = typer.Option(None, "--data-opt", help="Dataset option KEY=VALUE (repeatable)."),
-    seed: int | None = typer.Option(None, help="Seed of data split, corruption, init and data order [0]."),
+    seed: int | None = typer.Option(None, help="Seed of data split, corruption, init and data order [{default}]."),
     data_dir: Path | None = typer.Option(None, help=DATA_DIR_HELP),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
     resume: Path | None = typer.Option(None, help="Resume the unfinished run in this directory."),
@@ -442,19 +449,19 @@ def _number_list(text: str, flag: str, kind: type) -> list:
 
 @app.command("ntk-phase")
 def ntk_phase(
-    arch: str = typer.Option("fcn", help="fcn, cnn-flatten or cnn-gap (infinite width)."),
-    dataset: str = typer.Option("digits", help="Built-in dataset (see `genprobe datasets`)."),
+    arch: str = typer.Option(LIBRARY, help="fcn, cnn-flatten or cnn-gap (infinite width)."),
+    dataset: str = typer.Option(LIBRARY, help="Built-in dataset (see `genprobe datasets`)."),
     sigma_w2: str = typer.Option("0.5,1,1.25,1.5,1.75,2,2.5,3", "--sigma-w2",
                                  help="Comma-separated weight variances σ_w²."),
     depths: str = typer.Option("1,2,4,8,16,32,64,100", help="Comma-separated depths (hidden layers)."),
-    sigma_b2: float = typer.Option(0.18, "--sigma-b2", help="Bias variance σ_b²."),
-    activation: str = typer.Option("erf", help="erf or relu."),
-    n_train: int = typer.Option(256, help="Training examples (class-balanced, seeded)."),
-    n_test: int | None = typer.Option(1000, help="Test examples (at most the test split)."),
-    ridge: float = typer.Option(1e-4, help="Relative ridge of the mean prediction (× tr Θ/N)."),
-    filter_size: int = typer.Option(3, help="Convolution width of the CNNs."),
-    seed: int = typer.Option(0, help="Seed of the subsets."),
-    device: str = typer.Option("auto", help=DEVICE_HELP),
+    sigma_b2: float = typer.Option(LIBRARY, "--sigma-b2", help="Bias variance σ_b²."),
+    activation: str = typer.Option(LIBRARY, help="erf or relu."),
+    n_train: int = typer.Option(LIBRARY, help="Training examples (class-balanced, seeded)."),
+    n_test: int | None = typer.Option(LIBRARY, help="Test examples (at most the test split)."),
+    ridge: float = typer.Option(LIBRARY, help="Relative ridge of the mean prediction (× tr Θ/N)."),
+    filter_size: int = typer.Option(LIBRARY, help="Convolution width of the CNNs."),
+    seed: int = typer.Option(LIBRARY, help="Seed of the subsets."),
+    device: str = typer.Option(LIBRARY, help=DEVICE_HELP),
     data_dir: Path | None = typer.Option(None, help=DATA_DIR_HELP),
     out: Path | None = typer.Option(None, help="Result directory (default runs/ntk-phase-ARCH-DATASET)."),
 ) -> None:
@@ -559,3 +566,34 @@ def sweep(
               f"{out / TABLE} and {run_dir(out, 'RUN') / RECORD}); run the same command "
               "again to retry them", file=sys.stderr)
         raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------- library defaults
+
+_OWNERS = {  # command: (its function here, the library's "module:function or class", renames)
+    "ntk-phase": (ntk_phase, "genprobe.kernels.phase:ntk_phase", {"dataset": "data"}),
+    "train": (train, "genprobe.zoo.train:TrainConfig", {}),
+}
+
+
+def _library_defaults(command: str) -> None:
+    """Give `command`'s :data:`LIBRARY` options the defaults of the library function it calls,
+    and write them into a ``{default}`` in an option's help (a value shown as typed: a sequence
+    comma-joined)."""
+    import importlib
+
+    function, owner, renames = _OWNERS[command]
+    module, _, name = owner.partition(":")
+    library = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+    for key, param in inspect.signature(function).parameters.items():
+        info = param.default
+        default = library.get(renames.get(key, key))
+        if not isinstance(info, typer.models.OptionInfo) or default is None:
+            continue
+        value = default.default
+        if info.default is LIBRARY:
+            info.default = value
+        if info.help and "{default}" in info.help:
+            shown = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else f"{value:g}" \
+                if isinstance(value, float) else str(value)
+            info.help = info.help.replace("{default}", shown)
