@@ -684,3 +684,24 @@ def test_demo_quick_writes_a_report_that_renders_and_reruns_in_place(tmp_path):
     assert code == 0, err
     assert "4 models were already done" in out
     assert (tmp_path / "demo" / "notes.txt").read_text() == "mine"
+
+
+def test_one_json_converter_two_policies(tmp_path):
+    """outputs.jsonable: strict for files other programs read (NaN -> null, ±∞ -> strings), plain
+    for the sweep files genprobe reads back (a NaN measure stays NaN); a result whose meta holds a
+    NaN saves and loads (it raised at save when meta kept NaN and meta.json forbade it)."""
+    import torch
+
+    from genprobe.outputs import jsonable
+    from genprobe.results import Result
+
+    value = {1: (np.float32(0.5), torch.tensor(2)), "x": [math.nan, -math.inf, pd.NA], "p": tmp_path}
+    assert jsonable(value) == {"1": [0.5, 2], "x": [None, "-inf", None], "p": str(tmp_path)}
+    plain = jsonable(value, strict=False)
+    assert math.isnan(plain["x"][0]) and plain["x"][1] == -math.inf
+    json.dumps(jsonable(value), allow_nan=False)  # strict output is standard JSON
+    result = Result(pd.DataFrame({"a": [1.0]}), {"s": math.nan}, meta={"undefined": math.nan})
+    result.save(tmp_path / "r")
+    loaded = gp.load(tmp_path / "r")
+    assert loaded.meta["undefined"] is None and result.meta["undefined"] is None
+    assert math.isnan(loaded.summary["s"])

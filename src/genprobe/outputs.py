@@ -10,6 +10,7 @@ interrupted write never leaves a half-written result, and the previous one survi
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from .errors import OutputError
 
@@ -154,5 +156,34 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
-__all__ = ["MARKS", "check_creatable", "check_replaceable", "is_owned", "staged_directory",
+def jsonable(value: Any, *, strict: bool = True) -> Any:
+    """`value` as plain JSON data, genprobe's one converter: dicts (keys as strings), lists,
+    numpy / torch scalars as Python ones, paths and any other object as strings, pandas' missing
+    values as None. `strict`: every number a JSON number (NaN -> None, ±∞ -> "inf" / "-inf"), for
+    files other programs read (a report's export, a result's meta.json); otherwise floats stay as
+    they are (Python's json writes NaN / Infinity, which it reads back), for the sweep files only
+    genprobe reads, where a NaN measure must come back as NaN."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v, strict=strict) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v, strict=strict) for v in value]
+    if hasattr(value, "item") and callable(value.item) and not isinstance(value, (str, bytes)):
+        try:
+            value = value.item()  # numpy / torch scalars, pandas' NA-free scalars
+        except (ValueError, TypeError):
+            return str(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if strict and math.isnan(value):
+            return None
+        if strict and math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return value
+    if value.__class__.__name__ in ("NAType", "NaTType"):  # pandas' missing values
+        return None
+    return str(value)
+
+
+__all__ = ["MARKS", "check_creatable", "check_replaceable", "is_owned", "jsonable", "staged_directory",
            "tmp_name", "write_atomic", "write_text_atomic"]

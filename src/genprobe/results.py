@@ -33,6 +33,7 @@ from . import outputs
 from ._version import __version__
 from .errors import RunError, one_line
 from .figures import save_figure
+from .outputs import jsonable
 
 FILES = ("table.parquet", "tensors.safetensors", "meta.json", "figure.png", "figure.svg")
 """What :meth:`Result.save` writes in a result directory (plus ``table-NAME.parquet`` files)."""
@@ -104,20 +105,6 @@ def names(items: list[str], limit: int = 4) -> str:
     return ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
-        return value.item()
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return repr(value)
-
-
 @dataclass
 class Result:
     """Base result: ``table``, ``summary``, ``tables``, ``tensors``, ``meta``."""
@@ -139,7 +126,7 @@ class Result:
         self.summary = {k: float(v) for k, v in self.summary.items()}
         meta = {"probe": self.probe, "genprobe_version": __version__, "machine": machine(),
                 **self.meta}  # a loaded result keeps its own
-        self.meta = json.loads(json.dumps(_jsonable(meta)))  # exactly what save() writes
+        self.meta = jsonable(meta)  # exactly what save() writes
 
     def brief(self) -> pd.DataFrame:
         """The compact table the command line prints (the full ``table`` is in the saved result)."""
@@ -195,7 +182,7 @@ class Result:
             meta = {"summary": {k: (v if math.isfinite(v) else None) for k, v in self.summary.items()},
                     "nan_keys": [k for k, v in self.summary.items() if math.isnan(v)],
                     "inf_keys": {k: math.copysign(1.0, v) for k, v in self.summary.items() if math.isinf(v)},
-                    "meta": _jsonable(self.meta), "tables": sorted(self.tables)}
+                    "meta": jsonable(self.meta), "tables": sorted(self.tables)}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
             if figure:  # plot() builds a matplotlib Figure without pyplot: nothing to close
                 save_figure(self.plot(), tmp / "figure")

@@ -18,9 +18,9 @@ import pandas as pd
 from .. import outputs, store
 from ..errors import RunError, one_line
 from ..figures import new_figure, styled, to_svg
+from ..outputs import jsonable
 from ..results import Result, names, percent, points, result_file, self_check_failure
 from . import html as H
-from .document import clean
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def build_run(run: Path, *, figures: bool = True, on_figure=None,
                 on_figure()
         doc["probes"].append(entry)
     doc["missing"] = [{"probe": n, "command": f"genprobe probe {n} {run}"} for n in missing_probes(run)]
-    content.doc = clean(doc)
+    content.doc = jsonable(doc)
     return content
 
 
@@ -250,7 +250,7 @@ def build_results(results: Sequence[Result], *, on_figure=None) -> tuple[dict[st
         if on_figure:
             on_figure()
         doc["probes"].append(entry)
-    return clean(doc), figures
+    return jsonable(doc), figures
 
 
 def results_body(doc: dict[str, Any], figures: dict[str, str]) -> list[str]:

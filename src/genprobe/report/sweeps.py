@@ -21,9 +21,9 @@ import pandas as pd
 from .. import progress
 from ..errors import GenprobeError, RunError, one_line
 from ..figures import to_svg
+from ..outputs import jsonable
 from ..results import names
 from . import html as H
-from .document import clean
 from .runs import RunContent, anchor, build_run, count_figures, probe_dirs, probe_section
 
 logger = logging.getLogger(__name__)
@@ -181,7 +181,7 @@ def build_sweep(sweep: Path) -> SweepContent:
                 continue
             content.runs.append(run)
             doc["runs"].append(run.doc)
-    content.doc = clean(doc)
+    content.doc = jsonable(doc)
     content.subtitle = (f"{len(done)} of {len(table)} runs finished"
                         + (f" ({doc['runs_failed']} failed)" if doc["runs_failed"] else "")
                         + (f" · varying {names(hyper, 6)}" if hyper else "")

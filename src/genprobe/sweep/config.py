@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, GenprobeError, did_you_mean, first_line
+from ..outputs import jsonable
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,6 @@ def _float_fields() -> list[str]:
 
     return [f.name for f in dataclasses.fields(TrainConfig)
             if f.type in ("float", float, "float | None")]
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
 
 
 @dataclass(frozen=True)
@@ -140,11 +137,11 @@ class SweepConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The normalized config (what ``sweep.yaml`` holds)."""
-        return _jsonable({"name": self.name, "train": self.train, "grid": self.grid, "runs": self.runs,
+        return jsonable({"name": self.name, "train": self.train, "grid": self.grid, "runs": self.runs,
                           "probes": self.probes,
                           "baselines": False if self.baselines is None else self.baselines,
                           "measures": self.measures, "ranking": self.ranking,
-                          "figures": self.figures})
+                          "figures": self.figures}, strict=False)
 
     def size(self) -> int:
         """How many runs the grid and the explicit runs make (before repeats are merged)."""
@@ -424,7 +421,7 @@ def hyperparameters(config) -> dict[str, Any]:
     data_defaults = DATASETS[config.dataset].options() if config.dataset in DATASETS else {}
     for key, value in (data_defaults | config.dataset_options).items():
         flat[f"dataset_{key}"] = value
-    return _jsonable(flat)
+    return jsonable(flat, strict=False)
 
 
 def _check_builds(runs: list[SweepRun], source: str, *, probes: Mapping[str, dict] | None = None,

@@ -18,7 +18,7 @@ import yaml
 from .. import outputs, store
 from .._version import __version__
 from ..errors import ConfigError, OutputError, RunError, first_line
-from .config import SweepConfig, SweepRun, _jsonable
+from .config import SweepConfig, SweepRun
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class _SweepDirectory:
         before = read_config(self.out) or {}
         old = before.get("probes") if isinstance(before.get("probes"), dict) else {}
         changed = [name for name, options in config.probes.items()
-                   if name not in old or _jsonable(old[name] or {}) != _jsonable(options)]
+                   if name not in old or outputs.jsonable(old[name] or {}) != outputs.jsonable(options)]
         runs = self.out / RUNS_DIR
         for name in changed:
             for run in sorted(runs.iterdir()) if runs.is_dir() else []:
@@ -284,7 +284,7 @@ def write_record(run: Path, record: dict[str, Any]) -> None:
 def _current(record: dict[str, Any] | None, config: SweepConfig) -> bool:
     """Whether a run's record is done under the config's probes, baselines and figures."""
     return (record is not None and record.get("status") == "done"
-            and _jsonable(record.get("probes")) == _jsonable(config.probes)
-            and _jsonable(record.get("baselines")) == _jsonable(config.baselines)
-            and _jsonable(record.get("user_measures", {})) == _jsonable(config.measures)
+            and outputs.jsonable(record.get("probes")) == outputs.jsonable(config.probes)
+            and outputs.jsonable(record.get("baselines")) == outputs.jsonable(config.baselines)
+            and outputs.jsonable(record.get("user_measures", {})) == outputs.jsonable(config.measures)
             and (record.get("figures", False) or not config.figures))
