@@ -13,6 +13,7 @@ The network and data are the synthetic ResNet-8 of bench_robustness.py (random w
 from θ⁰, random CIFAR-sized inputs): the cost of the sweep does not depend on the numbers.
 
     python benchmarks/bench_ablation.py                 # ResNet-8 of width 32, (3, 32, 32), N = 2000
+    python benchmarks/bench_ablation.py --device cuda --batch-sizes 1000   # both methods on the GPU
 """
 
 from __future__ import annotations
@@ -30,13 +31,23 @@ import genprobe as gp
 STEPS, ORDERS = 20, 5
 
 
+def stage_sites(model) -> list[str]:
+    """The output of each stage's last block, after its ReLU."""
+    names = [n for n, _ in model.named_modules() if n.endswith(".act2")]
+    stages = sorted({n.split(".")[1] for n in names})
+    return [max((n for n in names if n.split(".")[1] == s), key=lambda n: int(n.split(".")[2]))
+            for s in stages]
+
+
 @torch.no_grad()
-def hook_sweep(subject, result, batch_size: int) -> dict:
-    """The plain loop: a forward hook zeroing k channels, one full forward per point."""
+def hook_sweep(subject, result, batch_size: int, device: str = "cpu") -> dict:
+    """The plain loop: a forward hook zeroing k channels, one full forward per point (the model
+    and the test set moved to `device` once)."""
     model = copy.deepcopy(subject.model).eval()
     model.load_state_dict(subject.final, strict=False)
+    model.to(device)
     modules = dict(model.named_modules())
-    x, y = subject.test
+    x, y = (t.to(device) for t in subject.test)
     out = {}
     for row in result.table.itertuples():
         rank = result.tensors[f"rank/{row.layer}/{row.order_id}"][: int(row.k)]
@@ -64,10 +75,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     subject = make_subject("cifar", args.n, 2, args.depth, args.width)
-    names = [n for n, _ in subject.model.named_modules() if n.endswith(".act2")]
-    stages = sorted({n.split(".")[1] for n in names})
-    sites = [max((n for n in names if n.split(".")[1] == s), key=lambda n: int(n.split(".")[2]))
-             for s in stages]
+    sites = stage_sites(subject.model)
     x = subject.test.x[:8]
     with torch.no_grad():
         subject.model(x)  # warm-up: the first operations of a fresh process are slow here
@@ -80,7 +88,7 @@ def main() -> None:
     print(f"genprobe: {engine:.2f} s (engine: {result.meta['engine']})")
     for batch_size in args.batch_sizes:
         began = time.perf_counter()
-        plain = hook_sweep(subject, result, batch_size)
+        plain = hook_sweep(subject, result, batch_size, args.device)
         seconds = time.perf_counter() - began
         worst = max(abs(r.accuracy - plain[r.layer, r.order_id, int(r.k)]) for r in result.table.itertuples())
         print(f"hook loop, batch {batch_size}: {seconds:.2f} s; speed-up {seconds / engine:.1f}x; "

@@ -31,7 +31,8 @@ refinement), ``rtol=0.1`` (σ* to 10%, far finer than the plain grid's 0.1 steps
 defaults (``refine=2``, ``rtol=0.05``) are selectable with ``--refine 2 --rtol 0.05``.
 
 Run: ``python benchmarks/bench_criticality.py [--epochs E] [--plain-evals N] [--valley full|search]
-[--refine R] [--rtol T]``.
+[--refine R] [--rtol T]``. ``--input cifar`` uses CIFAR-sized inputs (3, 32, 32) instead, ``--n``
+another number of examples, ``--device cuda`` trains and runs both methods on the GPU.
 """
 
 from __future__ import annotations
@@ -52,25 +53,31 @@ from genprobe.zoo import create_model
 
 N_TRAIN = 2000
 SHAPE = (1, 8, 8)
+SHAPES = {"digits": SHAPE, "cifar": (3, 32, 32)}
 CLASSES = 10
 
 
-def make_subject(epochs: int, seed: int = 0) -> gp.Subject:
+def make_subject(epochs: int, seed: int = 0, *, shape: tuple[int, ...] = SHAPE, n: int = N_TRAIN,
+                 device: str = "cpu") -> gp.Subject:
+    """The trained subject (trained on `device`; its model and data handed back on the CPU)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    x = torch.randn(N_TRAIN, *SHAPE, generator=g)
-    teacher = torch.randn(math.prod(SHAPE), CLASSES, generator=g)
+    x = torch.randn(n, *shape, generator=g)
+    teacher = torch.randn(math.prod(shape), CLASSES, generator=g)
     y = (x.flatten(1) @ teacher).argmax(-1)
-    model = create_model("resnet", input_shape=SHAPE, num_classes=CLASSES)
+    model = create_model("resnet", input_shape=shape, num_classes=CLASSES)
     init = {k: v.clone() for k, v in model.state_dict().items()}
+    model.to(device)
+    xd, yd = x.to(device), y.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     for _ in range(epochs):
         model.train()
-        for idx in torch.randperm(N_TRAIN, generator=g).split(128):
+        for idx in torch.randperm(n, generator=g).split(128):
             opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            idx = idx.to(device)
+            F.cross_entropy(model(xd[idx]), yd[idx]).backward()
             opt.step()
-    model.eval()
+    model.cpu().eval()
     return gp.Subject(model, init=init, train=(x, y))
 
 
@@ -86,16 +93,19 @@ def draw(unit, final, a_i: int, s_i: int, r: int) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def plain_evaluation(subject, unit, a_i: int, s_i: int, r: int) -> float:
-    """One evaluation of the plain protocol: deepcopy, load θ_i^α + σ z, full forward, error."""
+def plain_evaluation(subject, unit, a_i: int, s_i: int, r: int, device: str = "cpu",
+                     data=None) -> float:
+    """One evaluation of the plain protocol: deepcopy, load θ_i^α + σ z, full forward, error.
+    On `device`: the copy moved there, `data` (x, y) already there (default: the training set)."""
     a, s = ALPHAS[a_i], SIGMAS[s_i]
-    model = copy.deepcopy(subject.model)
+    x, y = subject.train if data is None else data
+    model = copy.deepcopy(subject.model).to(device)
     state = model.state_dict()
     z = draw(unit, subject.final, a_i, s_i, r)
     for k in unit.params:
         state[k] = (1 - a) * subject.init[k] + a * subject.final[k] + s * z[k]
     model.load_state_dict(state)
-    return float((model(subject.train.x).argmax(-1) != subject.train.y).double().mean())
+    return float((model(x).argmax(-1) != y).double().mean())
 
 
 @torch.no_grad()
@@ -140,10 +150,13 @@ def main() -> None:
     parser.add_argument("--refine", type=int, default=0, help="α refinement rounds (genprobe default 2)")
     parser.add_argument("--rtol", type=float, default=0.1, help="σ bisection tolerance (default 0.05)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--input", choices=sorted(SHAPES), default="digits",
+                        help="input shape: digits (1, 8, 8) or cifar (3, 32, 32)")
+    parser.add_argument("--n", type=int, default=N_TRAIN, help="training examples")
     args = parser.parse_args()
 
     t0 = time.perf_counter()
-    subject = make_subject(args.epochs)
+    subject = make_subject(args.epochs, shape=SHAPES[args.input], n=args.n, device=args.device)
     t_train = time.perf_counter() - t0
     units = subject.units()
     by_name = {u.name: u for u in units}
@@ -162,8 +175,9 @@ def main() -> None:
     timed_unit = check[0]
     points = [(a_i, s_i, r) for a_i in range(len(ALPHAS)) for s_i in range(len(SIGMAS))
               for r in range(DRAWS)][-args.plain_evals:]
+    data = tuple(t.to(args.device) for t in subject.train)
     t0 = time.perf_counter()
-    literal = [plain_evaluation(subject, timed_unit, *p) for p in points]
+    literal = [plain_evaluation(subject, timed_unit, *p, args.device, data) for p in points]
     t_fraction = time.perf_counter() - t0
     per_eval = t_fraction / len(points)
     t_plain = per_eval * len(ALPHAS) * len(SIGMAS) * DRAWS * len(units)
@@ -182,7 +196,7 @@ def main() -> None:
         rows.append((unit.name, mu_p, a_p, s_p, lower, mu_o, float(mods.loc[unit.name, "alpha_star"]),
                      float(mods.loc[unit.name, "sigma_star"]), agree))
 
-    print(f"# bench_criticality: resnet (depth 8, width 16, BN), {N_TRAIN} random (1, 8, 8) inputs, "
+    print(f"# bench_criticality: resnet (depth 8, width 16, BN), {args.n} random {SHAPES[args.input]} inputs, "
           f"teacher labels, {args.epochs} epochs ({t_train:.0f} s)")
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"threads {torch.get_num_threads()}, device {args.device}; trained error "

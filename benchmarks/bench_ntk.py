@@ -18,6 +18,7 @@ parameters, at initialization), streamed to disk with ``gp.ntk(out=...)``, with 
 spectrum: wall time of each phase and peak resident memory of the whole process.
 
     python benchmarks/bench_ntk.py --part resnet --threads 2
+    python benchmarks/bench_ntk.py --part resnet --device cuda
     python benchmarks/bench_ntk.py --part scale --n 30000 --n-test 1000 --threads 2 --memory-gib 4
 """
 
@@ -77,6 +78,11 @@ def vmap_ntk(model, x) -> torch.Tensor:
     return total.double()
 
 
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
 def floor_ntk(model, x) -> tuple[float, float]:
     """A lower bound on any method that forms per-example gradients: the K backward passes of the
     whole batch (parameter gradients of the batch sum, the same multiply-adds as the per-example
@@ -86,32 +92,38 @@ def floor_ntk(model, x) -> tuple[float, float]:
     out = model(x)
     for k in range(out.shape[1]):
         torch.autograd.grad(out[:, k].sum(), params, retain_graph=k < out.shape[1] - 1)
+    _sync(x.device)
     backward = time.perf_counter() - t0
-    j = torch.randn(len(x) * out.shape[1], sum(p.numel() for p in params), generator=torch.Generator().manual_seed(0))
+    j = torch.randn(len(x) * out.shape[1], sum(p.numel() for p in params),
+                    generator=torch.Generator().manual_seed(0)).to(x.device)
     t0 = time.perf_counter()
     j @ j.T
+    _sync(x.device)
     return backward, time.perf_counter() - t0
 
 
-def run_resnet(method: str, arch: str, n: int, out: Path) -> None:
+def run_resnet(method: str, arch: str, n: int, out: Path, device: str = "cpu") -> None:
     from genprobe.engine.grams import gram
     from genprobe.params import state_of
 
-    model = _model(arch)
-    x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model = _model(arch).to(device)
+    x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(device)
     if method == "floor":
         backward, product = floor_ntk(model, x)
         out.write_text(json.dumps({"method": method, "backward_s": backward, "product_s": product}))
         return
+    _sync(device)
     t0 = time.perf_counter()
     if method == "loop":
         k = loop_ntk(model, x)
     elif method == "vmap":
         k = vmap_ntk(model, x)
     else:
-        k = gram(model, state_of(model), x, of="outputs", trace_outputs=method == "genprobe-traced").matrix
+        k = gram(model, state_of(model), x, of="outputs", trace_outputs=method == "genprobe-traced",
+                 device=device).matrix
+    _sync(device)
     wall = time.perf_counter() - t0
-    torch.save(k, out.with_suffix(".pt"))
+    torch.save(k.cpu(), out.with_suffix(".pt"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out.write_text(json.dumps({"method": method, "wall_s": wall, "peak_rss_mib": peak}))
 
@@ -122,7 +134,8 @@ def part_resnet(args) -> None:
         for method in args.methods.split(","):
             out = Path(tmp) / f"{method}.json"
             subprocess.run([sys.executable, __file__, "--child", method, "--out", str(out), "--arch",
-                            args.arch, "--n", str(args.n), "--threads", str(args.threads)], check=True)
+                            args.arch, "--n", str(args.n), "--threads", str(args.threads),
+                            "--device", args.device], check=True)
             res = json.loads(out.read_text())
             if method == "floor":
                 floor = res
@@ -132,7 +145,7 @@ def part_resnet(args) -> None:
     ref = results["loop"]["kernel"] if "loop" in results else results["vmap"]["kernel"]
     scale = float(ref.abs().max())
     params = sum(p.numel() for p in _model(args.arch).parameters())
-    print(f"\nCIFAR {args.arch} ({params / 1e3:.0f}k parameters), N = {args.n}, K = 10, CPU, torch "
+    print(f"\nCIFAR {args.arch} ({params / 1e3:.0f}k parameters), N = {args.n}, K = 10, {args.device}, torch "
           f"{torch.__version__}, threads {args.threads or torch.get_num_threads()}\n")
     print("| method | wall (s) | speed-up vs loop | vs vmap(jacrev) | peak RSS (MiB) | max rel. diff |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -191,6 +204,7 @@ def main() -> None:
     ap.add_argument("--kernel-dir", default=None,
                     help="scale: keep the kernel files here (a second run resumes / reuses them)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="resnet: the device every method runs on")
     ap.add_argument("--methods", default="loop,vmap,genprobe,genprobe-traced,floor")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
@@ -198,7 +212,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        run_resnet(args.child, args.arch, args.n, Path(args.out))
+        run_resnet(args.child, args.arch, args.n, Path(args.out), args.device)
     elif args.part == "resnet":
         args.n = args.n or 64
         part_resnet(args)

@@ -22,6 +22,7 @@ method runs first).
     python benchmarks/bench_robustness.py            # ResNet-8, CIFAR-sized inputs (3, 32, 32), N = 2000
     python benchmarks/bench_robustness.py --input digits --n 2000
     python benchmarks/bench_robustness.py --arch fcn  # 784-256-256-256-10 MLP, N = 2000, 7 repeats
+    python benchmarks/bench_robustness.py --device cuda --batch-sizes 1000   # both on the GPU
 """
 
 from __future__ import annotations
@@ -74,15 +75,16 @@ def make_subject(input_kind: str, n: int, epochs: int, depth: int, width: int, s
 
 
 @torch.no_grad()
-def naive_map(subject, batch_size: int) -> dict:
-    """The plain loop: deepcopy + load_state_dict + full forward, per cell."""
+def naive_map(subject, batch_size: int, device: str = "cpu") -> dict:
+    """The plain loop: deepcopy + load_state_dict + full forward, per cell (the copy moved to
+    `device`, the test set moved there once)."""
     cells = {}
-    x, y = subject.test
+    x, y = (t.to(device) for t in subject.test)
     for unit in subject.units():
         targets = [(str(e), s) for e, s in subject.checkpoints.items()]
         targets.append(("rerandomize", P.rerandomize(subject.model, subject.final, unit, 0)))
         for name, source in targets:
-            model = copy.deepcopy(subject.model)
+            model = copy.deepcopy(subject.model).to(device)
             model.load_state_dict(P.replace(subject.final, source, unit.params))
             model.eval()
             logits = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
@@ -143,7 +145,7 @@ def main() -> None:
     methods = {"ours": ours} | ({"slow": slow} if args.breakdown else {})
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     for bs in batch_sizes:
-        methods[bs] = lambda bs=bs: naive_map(subject, bs)
+        methods[bs] = lambda bs=bs: naive_map(subject, bs, args.device)
     times: dict = {name: [] for name in methods}
     outputs: dict = {}
     for _ in range(args.repeat):

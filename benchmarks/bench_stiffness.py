@@ -114,7 +114,7 @@ def main() -> None:
                                 "--arch", args.arch, "--n", str(args.n), "--device", args.device,
                                 "--threads", str(args.threads)], check=True)
                 res = json.loads(out.read_text())
-                res["gram"] = torch.load(out.with_suffix(".pt"))
+                res["gram"] = torch.load(out.with_suffix(".pt"), weights_only=True)
                 if best is None or res["wall_s"] < best["wall_s"]:
                     best = res
             results[method] = best
