@@ -729,7 +729,7 @@ def finish_case(case: str, result: dict, peak: dict) -> dict:
 
 
 def _seconds(s: float | None) -> str:
-    return "—" if s is None else (f"{s:.3f}" if s < 10 else f"{s:.1f}")
+    return "—" if s is None else (f"{s:.3g}" if s < 10 else f"{s:.1f}")
 
 
 def _percent(x: float | None) -> str:
