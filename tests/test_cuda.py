@@ -638,7 +638,9 @@ class Transfers(TorchDispatchMode):
     inside kernels, so on CUDA ``torch.cuda.set_sync_debug_mode("warn")`` also counts every
     synchronizing call (``syncs``). The profiler was not used: its memcpy events do not say which
     tensor was copied (the data's own copies could not be told apart), and it needs CUPTI.
-    Counts are compared between two sizes of the same problem: see :func:`growth`.
+    Counts are compared between two sizes of the same problem: see :func:`growth`. On the CPU
+    (``GENPROBE_TEST_DEVICE=cpu``) there is no second device and the counts are zero: the tests
+    run, but only a device can fail them; the guard's own test uses the meta device instead.
     """
 
     def __init__(self, device: torch.device, data=()):
