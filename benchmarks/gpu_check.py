@@ -69,13 +69,15 @@ inputs), in rounds of stacked variants: the least certain estimate, hence the lo
 150 s limit. Each case's process also starts torch and CUDA (~5–10 s).
 
 The dry run (``--dry-run``) runs all of it on the CPU with tiny sizes (:data:`SIZES`) and the
-same code: tests/test_gpu_check.py runs it and checks the output's format, so the script cannot
-rot where no GPU is lent. It installs nothing and downloads nothing.
+same code, the tests beside the cases (:data:`SIDE_BY_SIDE`): tests/test_gpu_check.py runs it
+and checks the output's format, so the script cannot rot where no GPU is lent. It installs
+nothing and downloads nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import datetime
 import json
@@ -169,6 +171,9 @@ LIMITS = {
 BUDGET = {"gpu": 450.0, "dry": 300.0}
 """Seconds for the whole run: a case is not started with less than :data:`MIN_START` left."""
 MIN_START = {"gpu": 20.0, "dry": 10.0}
+SIDE_BY_SIDE = {"gpu": False, "dry": True}
+"""Whether the tests run beside the cases: in the dry run (one thread each: this machine's two
+cores), not in the GPU run, where nothing else may run while a case is timed."""
 COUNT_LIMIT = 20.0
 """A variants case's FLOPs are counted by an extra untimed run only when the timed one took less."""
 
@@ -900,10 +905,11 @@ def main(argv: list[str] | None = None) -> int:
         }
     else:
         say("tests: pytest -m cuda tests/test_cuda.py ...")
-        report["tests"] = run_tests(
-            device, out, min(LIMITS[mode]["tests"], deadline - time.perf_counter())
-        )
-        say(f"tests: {report['tests']['summary']} ({report['tests']['seconds']} s)")
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        tests = pool.submit(run_tests, device, out, min(LIMITS[mode]["tests"], BUDGET[mode]))
+        if not SIDE_BY_SIDE[mode]:
+            tests.result()
+            say(f"tests: {tests.result()['summary']} ({tests.result()['seconds']} s)")
         for case in CASES:
             left = deadline - time.perf_counter()
             if left < MIN_START[mode]:
@@ -923,6 +929,10 @@ def main(argv: list[str] | None = None) -> int:
                     else f"{r['ratio']:.1f}x (goal {GOALS[case]:g}x) in {r['wall_s']} s"
                 )
             )
+        report["tests"] = tests.result()
+        pool.shutdown()
+        if SIDE_BY_SIDE[mode]:
+            say(f"tests: {report['tests']['summary']} ({report['tests']['seconds']} s)")
     report["seconds"] = time.perf_counter() - began
     failed = [c for c, r in report["cases"].items() if not r["ok"]]
     if report["tests"] is not None and not report["tests"]["ok"]:
