@@ -818,16 +818,17 @@ KNOWN_VARIANTS_TRAFFIC = pytest.mark.xfail(
     DEVICE is not None and DEVICE.type != "cpu",
     strict=True,
     reason="known from reading: per data chunk and edit, the variants engine copies results to the "
-    "host (variants.py:606-612, _Acc.add .cpu()), edited parameters built on the host to the "
-    "device (variants.py:535 and :547, PathParams built on the host by take()), stack indices "
-    "(variants.py:534-540, 672-673) and activation-edit arguments (edits.py:326-327, 399, 411)",
+    "host (variants.py _Acc.add: .cpu()), edited parameters built on the host to the device "
+    "(_run_plan, _run_one: v.to(self.device); PathParams.take builds on the host), stack indices "
+    "(_run_plan, _variants: torch.tensor(idx).to(...)) and activation-edit arguments (edits.py "
+    "_mask_fn, activation_noise_edit: .to(h.device))",
 )
 
 KNOWN_ACTIVATION_TRAFFIC = pytest.mark.xfail(
     DEVICE is not None and DEVICE.type != "cpu",
     strict=True,
     reason="known from reading: activation_stats copies four statistics per module and data chunk "
-    "to the host (activations.py:113-129, _Running.add .cpu())",
+    "to the host (activations.py _Running.add: .cpu())",
 )
 
 
