@@ -67,19 +67,16 @@ def _corruption_family():
 def test_network_criticality_rises_with_label_corruption():
     """Same FCN, labels corrupted with p ∈ {0, 0.2, 0.5}: the generalization gap (test error −
     error on the corrupted training labels) rises with p, and so does network criticality from
-    clean to corrupted labels (measured: 1.6e3 at p = 0, 1.5e6 at p = 0.2, 1.4e6 at p = 0.5)."""
+    clean to corrupted labels. Measured with two seed derivations (training order and noise
+    draws; the second is genprobe.seeds'): μ = 1.6e3 / 1.5e6 / 1.4e6 and 6.3e2 / 1.5e5 / 1.8e6 at
+    p = 0 / 0.2 / 0.5. The rise from clean labels holds in both (over 200×); the order between
+    0.2 and 0.5 does not (the p = 0.2 network moved 10×), so it is not asserted: one seed cannot
+    settle it."""
     rows = _corruption_family()
     gaps = [r[3] for r in rows]
     mus = [r[4] for r in rows]
     assert gaps == sorted(gaps) and gaps[-1] > gaps[0]
     assert min(mus[1:]) > 10 * mus[0]
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="measured: μ(p=0.5) = 1.45e6 is 4% below μ(p=0.2) = 1.51e6 "
-                   "(500-example subset, 4 draws): criticality saturates between 0.2 and 0.5 here")
-def test_network_criticality_strictly_ordered_by_corruption():
-    mus = [r[4] for r in _corruption_family()]
-    assert mus == sorted(mus)
 
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason="measured network criticality: ResNet 289 < FCN 3,983 < "
