@@ -410,8 +410,12 @@ def test_the_tolerance_sees_one_sgd_step():
 # ----------------------------------------------------------------------------- variants engine
 
 
+SAMPLE = 3
+"""Examples of the forward that finds the modules with per-example outputs."""
+
+
 def _outputs(subject, modules=None) -> dict[str, object]:
-    """Each module's first output on two examples, in the order of first calls."""
+    """Each module's first output on SAMPLE examples, in the order of first calls."""
     outputs: dict[str, object] = {}
 
     def record(name):
@@ -426,17 +430,23 @@ def _outputs(subject, modules=None) -> dict[str, object]:
     ]
     try:
         with torch.no_grad():
-            subject.model(subject.train.x[:2])
+            subject.model(subject.train.x[:SAMPLE])
     finally:
         for h in handles:
             h.remove()
     return outputs
 
 
+def _has_units(out) -> bool:
+    """A per-example output with units: (n, C, ...), n the examples (not, e.g., the (T, C) of
+    position embeddings, which no example owns)."""
+    return isinstance(out, Tensor) and out.dim() >= 2 and out.shape[0] == SAMPLE
+
+
 def _activation_module(subject) -> tuple[str, int]:
     """A module in the middle of the network whose output has units, and its unit count."""
     outputs = _outputs(subject)
-    names = [n for n, o in outputs.items() if isinstance(o, Tensor) and o.dim() >= 2]
+    names = [n for n, o in outputs.items() if _has_units(o)]
     name = names[(len(names) - 1) // 2]
     h = outputs[name]
     return name, h.shape[1] if h.dim() == 4 else h.shape[-1]
@@ -534,7 +544,7 @@ def test_activation_stats_on_the_device_equal_the_cpu(model):
     subject = make_subject(model, n_train=24)
     modules = [u.modules[0] for u in subject.units() if u.modules[0]]
     outputs = _outputs(subject, modules)
-    modules = [m for m in modules if isinstance(outputs.get(m), Tensor) and outputs[m].dim() >= 2]
+    modules = [m for m in modules if _has_units(outputs.get(m))]
     expected = _stats(subject, "cpu", modules)
     with untouched(f"activation_stats on {DEVICE}", subject.model):
         result = _stats(subject, DEVICE, modules)
@@ -890,7 +900,8 @@ def test_no_transfer_inside_the_variants_loop(model, use_fx, request):
 def test_no_transfer_inside_activation_stats(model, request):
     """One chunk of 24 examples against four of 6: per chunk only the inputs go to the device."""
     subject = make_subject(model, n_train=24)
-    modules = [u.modules[0] for u in subject.units()[:-1]]
+    outputs = _outputs(subject)
+    modules = [u.modules[0] for u in subject.units()[:-1] if _has_units(outputs.get(u.modules[0]))]
     seen = {}
     for batch in (24, 6):
         with Transfers(DEVICE, data=subject.train) as seen[batch]:
