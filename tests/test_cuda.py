@@ -297,16 +297,6 @@ def _gram(subject, device, x1, y1, x2=None, y2=None, **options):
     return gram(subject.model, subject.final, x1, x2, y1=y1, y2=y2, device=device, **options)
 
 
-MSE_UNDER_VMAP = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="a bug on every device: loss='mse' builds its one-hot target with F.one_hot "
-    "(grams.py:102), which reads the labels' maximum and fails under vmap; layerwise sends the "
-    "parameters without a rule (attention, embeddings, root-owned) through vmap(grad) and raises "
-    "(implementation='vmap' falls back to the per-example loop, with a warning)",
-)
-
-
 def _gram_cases():
     for model in MODELS:
         for implementation in IMPLEMENTATIONS:
@@ -316,13 +306,8 @@ def _gram_cases():
                 )
     for model in ("residual_bn", "shared"):  # the mse loss: its target is built on the device
         for implementation in IMPLEMENTATIONS:
-            hit = model == "shared" and implementation == "layerwise"  # vmap(grad) for `scale`
             yield pytest.param(
-                model,
-                implementation,
-                "loss-mse",
-                id=f"{model}-{implementation}-loss-mse",
-                marks=[MSE_UNDER_VMAP] if hit else [],
+                model, implementation, "loss-mse", id=f"{model}-{implementation}-loss-mse"
             )
 
 

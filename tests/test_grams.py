@@ -107,6 +107,29 @@ def test_loss_gram_equals_loop(subjects, references, name, impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("name", ["shared", "transformer", "positions"])
+def test_mse_loss_gram_equals_loop(subjects, name, impl):
+    """loss="mse" (½‖f − onehot(y)‖²) on models with parameters outside the layerwise rules (a
+    root-owned scale, attention, embeddings), which go through vmap(grad): the one-hot target
+    was built with F.one_hot, which vmap cannot batch (it raised, or fell back to the loop)."""
+    s = subjects[name]
+    x, y = s.train.x[:6], s.train.y[:6]
+    names = [k for k, _ in s.model.named_parameters()]
+    rows = []
+    for i in range(len(x)):
+        params = {k: s.final[k].clone().requires_grad_(True) for k in names}
+        out = functional_call(s.model, ({**s.final, **params},), (x[i:i + 1],))
+        loss = 0.5 * (out - F.one_hot(y[i:i + 1], out.shape[-1]).to(out.dtype)).pow(2).sum()
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                               for g, p in zip(grads, params.values(), strict=True)]))
+    f = torch.stack(rows)
+    r = gram(s.model, s.final, x, y1=y, loss="mse", implementation=impl)
+    assert_rel(r.matrix, f @ f.T)
+    assert r.implementation == ("loop" if impl == "loop" else impl if impl != "auto" else "layerwise")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", sorted(FOREIGN))
 def test_output_ntk_equals_loop(subjects, references, name, impl):
     s = subjects[name]

@@ -99,7 +99,8 @@ def _cross_entropy(out: Tensor, y: Tensor) -> Tensor:
 
 
 def _mse(out: Tensor, y: Tensor) -> Tensor:
-    target = F.one_hot(y, out.shape[-1]).to(out.dtype) if not y.is_floating_point() else y
+    # scatter, not F.one_hot: one_hot reads the labels' values, which vmap cannot batch
+    target = y if y.is_floating_point() else torch.zeros_like(out).scatter(-1, y.unsqueeze(-1), 1.0)
     return 0.5 * (out - target).pow(2).flatten(1).sum(1)
 
 
