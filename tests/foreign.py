@@ -107,11 +107,29 @@ class TokenClassifier(nn.Module):
         return self.head(torch.tanh(self.fc(self.embed(ids).mean(dim=1))))
 
 
+class Positions(nn.Module):
+    """Learned position embeddings indexed by a non-persistent buffer of position ids, as Hugging
+    Face encoders hold them (``state_dict()`` leaves it out), and a LayerNorm."""
+
+    def __init__(self, t=4, d=6, k=3):
+        super().__init__()
+        self.register_buffer("position_ids", torch.arange(t), persistent=False)
+        self.embed = nn.Linear(d, 10)
+        self.pos = nn.Embedding(t, 10)
+        self.norm = nn.LayerNorm(10)
+        self.head = nn.Linear(10, k)
+
+    def forward(self, x):
+        h = self.norm(self.embed(x) + self.pos(self.position_ids))
+        return self.head(torch.relu(h).mean(dim=1))
+
+
 TOKENS = {"tokens": (TokenClassifier, ("ids", 5, 20), 3)}
 """Models taking integer token ids: input shape ("ids", T, vocab)."""
 
 FOREIGN = {
     "nested": (Nested, (6,), 3),
+    "positions": (Positions, (4, 6), 3),
     "residual_bn": (Residual, (1, 6, 6), 3),
     "shared": (Shared, (5,), 3),
     "transformer": (TransformerClassifier, (4, 8), 3),

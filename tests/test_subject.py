@@ -199,3 +199,27 @@ def test_every_probe_self_check_passes_on_a_loaded_run_of_every_architecture(loa
                     assert check["passed"], (arch, name, check)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_non_persistent_buffers_are_the_models_own():
+    """A state is what state_dict() holds: a non-persistent buffer (a transformer's position ids)
+    is never required (Subject(model, init=model.state_dict()) raised "final is missing key
+    'position_ids'"), never in a state, and every forward uses the model's own value."""
+    from foreign import Positions
+    from genprobe.params import state_of
+
+    torch.manual_seed(0)
+    model = Positions().eval()
+    x, y = torch.randn(12, 4, 6), torch.randint(0, 3, (12,))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.head.weight.add_(0.1)
+    s = gp.Subject(model, init=init, train=(x, y), test=(x, y), num_classes=3)
+    assert "position_ids" not in s.final and "position_ids" not in s.init
+    assert "position_ids" not in state_of(model)
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(x), y)
+    assert gp.evaluate(s.model, s.final, s.train).loss == pytest.approx(float(expected), rel=1e-6)
+    r = gp.robustness(s, checkpoints=[0], draws=1)  # rewinding pos rewinds its weight only
+    assert set(r.table.module) == {u.name for u in s.units()}
+    assert torch.equal(model.position_ids, torch.arange(4))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import genprobe.params as P
-from foreign import make_subject
+from foreign import FOREIGN, make_subject
 from genprobe.engine.edits import (
     ActivationContext,
     Edit,
@@ -29,7 +29,7 @@ from genprobe.errors import ConfigError, ModuleSelectionError, StateError
 
 # a module per foreign model whose output activations get masked / noised, and the unit dim
 ACT = {"nested": ("blocks.0.ff", 1, 8), "residual_bn": ("bn1", 1, 4), "shared": ("mid", 1, 7),
-       "transformer": ("embed", -1, 16), "untraceable": ("a", 1, 6)}
+       "transformer": ("embed", -1, 16), "untraceable": ("a", 1, 6), "positions": ("embed", -1, 10)}
 
 TOL = 1e-5
 
@@ -64,8 +64,7 @@ def assert_matches(result, logits, y, b=None):
 
 
 def name_of(subject):
-    return {"Nested": "nested", "Residual": "residual_bn", "Shared": "shared",
-            "TransformerClassifier": "transformer", "Untraceable": "untraceable"}[type(subject.model).__name__]
+    return {factory.__name__: name for name, (factory, _, _) in FOREIGN.items()}[type(subject.model).__name__]
 
 
 def test_replace_every_unit(foreign_subject):

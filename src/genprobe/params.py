@@ -1,8 +1,11 @@
 """States, module units, and the state operations every probe uses.
 
 A *state* is a flat ``dict[str, Tensor]`` keyed like ``model.named_parameters()`` followed by
-``model.named_buffers()`` (tied tensors appear once, under their first name). States are never
-mutated in place: every operation here returns a new dict that shares the untouched tensors.
+the persistent ``model.named_buffers()`` — what ``state_dict()`` holds, tied tensors once under
+their first name. A non-persistent buffer (``register_buffer(..., persistent=False)``, e.g. a
+transformer's position ids) is the model's own: never required of the user, never rewound or
+saved; every forward uses the model's value. States are never mutated in place: every operation
+here returns a new dict that shares the untouched tensors.
 
 A *unit* is the thing a probe edits and reports on: a named set of parameter keys. By default
 every module that owns parameters directly is one unit, in forward order. Users select units
@@ -64,15 +67,18 @@ class Unit:
 
 
 def state_of(model: nn.Module) -> State:
-    """The model's current parameters and buffers, detached, as a new state (tied tensors once)."""
-    state = {k: v.detach().clone() for k, v in model.named_parameters()}
-    state.update({k: v.detach().clone() for k, v in model.named_buffers()})
-    return state
+    """The model's current parameters and persistent buffers, detached, as a new state (tied
+    tensors once)."""
+    params, buffers = state_keys(model)
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    return {k: own[k].detach().clone() for k in params + buffers}
 
 
 def state_keys(model: nn.Module) -> tuple[list[str], list[str]]:
-    """(parameter names, buffer names) of the model, tied tensors once."""
-    return [k for k, _ in model.named_parameters()], [k for k, _ in model.named_buffers()]
+    """(parameter names, persistent buffer names) of the model, tied tensors once."""
+    persistent = set(model.state_dict(keep_vars=True))
+    return ([k for k, _ in model.named_parameters()],
+            [k for k, _ in model.named_buffers() if k in persistent])
 
 
 def canonical_state(model: nn.Module, state: Mapping[str, Tensor], what: str = "state") -> State:

@@ -42,6 +42,7 @@ from ..evaluate import (
     largest_activation_bytes,
 )
 from ..options import check_int
+from ..params import state_keys
 from ..values import Data
 
 
@@ -165,7 +166,7 @@ def activation_stats(model: nn.Module, state: Mapping[str, Tensor], data: Data,
                           f"[{int(data.y.min())}, {int(data.y.max())}]")
     dev = resolve_device(device)
     private = copy.deepcopy(model)
-    keys = [k for k, _ in private.named_parameters()] + [k for k, _ in private.named_buffers()]
+    keys = [k for group in state_keys(private) for k in group]
     missing = [k for k in keys if k not in state]
     if missing:
         raise StateError(f"state is missing key {missing[0]!r}; pass a canonical state "

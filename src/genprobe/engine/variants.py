@@ -90,6 +90,7 @@ from ..evaluate import DEFAULT_BATCH_SIZE, cpu_chunk
 from ..evaluate import per_example as loss_and_error
 from ..memory import resolve_memory_budget
 from ..options import check_int
+from ..params import state_keys
 from ..values import Data
 from .edits import ActivationContext, Edit, EditResult, PathParams
 from .program import Program
@@ -639,7 +640,8 @@ def _alias_map(model: nn.Module) -> dict[str, str]:
 
 
 def _ordered_keys(model: nn.Module) -> list[str]:
-    return [k for k, _ in model.named_parameters()] + [k for k, _ in model.named_buffers()]
+    params, buffers = state_keys(model)
+    return params + buffers
 
 
 def _call_cost(module: nn.Module, out: Tensor) -> float:

@@ -172,7 +172,7 @@ def ablation(
     check_int("orders", orders, 1)
     check_int("steps", steps, 1, optional=True)
     seed = check_int("seed", seed, 0)
-    units = layer_sites(subject, layers, subject.data("train").x[:2])
+    units = layer_sites(subject, layers, subject.data("train").x[:3])
     sites = list(units)
     data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
     if scope == "per-layer":

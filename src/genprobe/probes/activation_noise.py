@@ -102,7 +102,7 @@ def activation_noise(
     check_int("draws", draws, 1)
     seed = check_int("seed", seed, 0)
     scales = _check_scales(DEFAULT_SCALES if scales is None else scales)
-    sites = list(layer_sites(subject, layers, subject.data("train").x[:2]))
+    sites = list(layer_sites(subject, layers, subject.data("train").x[:3]))
     data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
     check_resources(batch_size=batch_size, memory_budget=memory_budget, device=device)
     options_checked()

@@ -151,7 +151,7 @@ def selectivity(
     if not isinstance(importance, bool):
         raise ConfigError(f"importance must be True or False, got {importance!r}")
     data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
-    sites = list(layer_sites(subject, layers, data.x[:2]))
+    sites = list(layer_sites(subject, layers, data.x[:3]))
     check_resources(batch_size=batch_size, memory_budget=memory_budget, device=device)
     options_checked()
     stats = activation_stats(subject.model, subject.final, data, sites, num_classes=subject.num_classes)

@@ -39,7 +39,8 @@ def layer_sites(subject: Subject, layers, example: Tensor) -> dict[str, int]:
 
     Default (``layers=None``): every activation module; a model with none gets every module
     owning parameters whose output has a unit dimension, except the last one (the classifier).
-    An explicitly named layer whose output has no unit dimension is a ModuleSelectionError.
+    An explicitly named layer whose output has no unit dimension, or no row per example (a
+    position embedding of shape (T, D)), is a ModuleSelectionError; by default it is skipped.
     """
     sites = select_sites(subject.model, layers, subject.forward_order())
     if layers is None and not sites:
@@ -49,9 +50,11 @@ def layer_sites(subject: Subject, layers, example: Tensor) -> dict[str, int]:
     usable = {}
     for site in sites:
         shape = shapes.get(site)
-        if not isinstance(shape, tuple) or len(shape) < 2:
+        if not isinstance(shape, tuple) or len(shape) < 2 or shape[0] != len(example):
             if layers is not None:
                 what = "is never called" if site not in shapes else f"gives {shape!r}"
+                if isinstance(shape, tuple) and len(shape) >= 2:  # e.g. position embeddings
+                    what += f" for {len(example)} examples, not one row per example"
                 raise ModuleSelectionError(f"layer {site!r} {what}: its output has no unit dimension "
                                            "(need a tensor (N, C, ...)); choose another layer")
             continue
