@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import genprobe as gp
+from genprobe.logits import logits_of
 
 
 class Nested(nn.Module):
@@ -124,12 +125,49 @@ class Positions(nn.Module):
         return self.head(torch.relu(h).mean(dim=1))
 
 
+class Returned:
+    """What a Hugging Face model returns, in miniature: an object with ``logits`` and more."""
+
+    def __init__(self, logits, hidden):
+        self.logits, self.hidden = logits, hidden
+
+
+class ReturnsObject(nn.Module):
+    """Returns an object holding ``logits`` and a hidden state (read without ``output=``)."""
+
+    def __init__(self, d=5, k=3):
+        super().__init__()
+        self.fc = nn.Linear(d, 8)
+        self.head = nn.Linear(8, k)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        return Returned(self.head(h), h)
+
+
+class ReturnsScores(nn.Module):
+    """Returns a dict without ``logits``: needs ``Subject(..., output=OUTPUT)``."""
+
+    OUTPUT = staticmethod(lambda out: out["scores"])
+
+    def __init__(self, d=5, k=3):
+        super().__init__()
+        self.fc = nn.Linear(d, 8)
+        self.head = nn.Linear(8, k)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        return {"features": h, "scores": self.head(h)}
+
+
 TOKENS = {"tokens": (TokenClassifier, ("ids", 5, 20), 3)}
 """Models taking integer token ids: input shape ("ids", T, vocab)."""
 
 FOREIGN = {
     "nested": (Nested, (6,), 3),
     "positions": (Positions, (4, 6), 3),
+    "returns_object": (ReturnsObject, (5,), 3),
+    "returns_scores": (ReturnsScores, (5,), 3),
     "residual_bn": (Residual, (1, 6, 6), 3),
     "shared": (Shared, (5,), 3),
     "transformer": (TransformerClassifier, (4, 8), 3),
@@ -156,15 +194,16 @@ def make_subject(name: str, *, n_train: int = 32, n_test: int = 24, seed: int = 
         x_test = torch.randn(n_test, *shape, generator=g, dtype=dtype)
     y_test = torch.randint(0, k, (n_test,), generator=g)
     init = {k_: v.clone() for k_, v in model.state_dict().items()}
+    output = getattr(factory, "OUTPUT", None)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     recorded = {}
     for epoch in range(1, checkpoints + 1):
         model.train()
         for _ in range(steps):
             opt.zero_grad()
-            nn.functional.cross_entropy(model(x_train), y_train).backward()
+            nn.functional.cross_entropy(logits_of(model(x_train), output), y_train).backward()
             opt.step()
         recorded[epoch] = {k_: v.clone() for k_, v in model.state_dict().items()}
     model.eval()
     return gp.Subject(model, init=init, checkpoints=recorded, train=(x_train, y_train),
-                      test=(x_test, y_test), num_classes=k)
+                      test=(x_test, y_test), num_classes=k, output=output)

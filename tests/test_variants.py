@@ -29,7 +29,8 @@ from genprobe.errors import ConfigError, ModuleSelectionError, StateError
 
 # a module per foreign model whose output activations get masked / noised, and the unit dim
 ACT = {"nested": ("blocks.0.ff", 1, 8), "residual_bn": ("bn1", 1, 4), "shared": ("mid", 1, 7),
-       "transformer": ("embed", -1, 16), "untraceable": ("a", 1, 6), "positions": ("embed", -1, 10)}
+       "transformer": ("embed", -1, 16), "untraceable": ("a", 1, 6), "positions": ("embed", -1, 10),
+       "returns_object": ("fc", 1, 8), "returns_scores": ("fc", 1, 8)}
 
 TOL = 1e-5
 

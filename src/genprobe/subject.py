@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from . import params as P
 from .errors import ConfigError, DataError, StateError, one_line
+from .logits import Output, check_output, describe, logits_of, returning_logits
 from .values import Data, as_data
 
 
@@ -33,6 +34,10 @@ class Subject:
         train, test: ``(X, y)`` tensors or a map-style Dataset of ``(input, label)``.
         num_classes: default: ``max(label) + 1`` over train and test.
         meta: free-form provenance (the run's config when loaded from a run directory).
+        output: how to get the (N, K) logits from what the model returns. Default: a tensor is
+            the logits; of a tuple or list, its first element; of a mapping or an object (a
+            Hugging Face ``ModelOutput``), its ``logits``. Otherwise a function, e.g.
+            ``output=lambda out: out["scores"]``. The Subject's model returns the logits.
     """
 
     model: nn.Module
@@ -43,10 +48,12 @@ class Subject:
     test: Any = None
     num_classes: int | None = None
     meta: dict = field(default_factory=dict)
+    output: Output | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
             raise StateError(f"model must be a torch.nn.Module, got {type(self.model).__name__}")
+        check_output(self.output)
         self.model = copy.deepcopy(self.model).cpu().eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -84,7 +91,8 @@ class Subject:
                                 f"{self.num_classes}; labels must be 0..{self.num_classes - 1}")
         for name, d in (("train", self.train), ("test", self.test)):
             if d is not None:
-                _check_fits(model, self.final, d, name, self.num_classes)
+                if _check_fits(model, self.final, d, name, self.num_classes, self.output):
+                    self.model = model = returning_logits(model, self.output)
         self._order: list[str] | None = None
 
     def __repr__(self) -> str:
@@ -189,8 +197,11 @@ def _as_model_data(data, what: str, dtype: torch.dtype) -> Data | None:
     return Data(data.x.to(dtype), data.y)
 
 
-def _check_fits(model: nn.Module, state: P.State, data: Data, what: str, num_classes: int) -> None:
-    """DataError unless the model maps one example of `data` to (1, K) logits with K ≥ classes."""
+def _check_fits(model: nn.Module, state: P.State, data: Data, what: str, num_classes: int,
+                output: Output | None = None) -> bool:
+    """DataError unless the model maps one example of `data` to (1, K) logits with K ≥ classes
+    (read by :func:`~genprobe.logits.logits_of`); whether the model's return value is something
+    else than the logits tensor (so the Subject's copy must be made to return them)."""
     try:
         with torch.no_grad():
             out = torch.func.functional_call(model, state, (data.x[:1],))
@@ -198,10 +209,20 @@ def _check_fits(model: nn.Module, state: P.State, data: Data, what: str, num_cla
         first = one_line(exc)
         raise DataError(f"{what}: inputs of shape {tuple(data.x.shape[1:])} (dtype {data.x.dtype}) "
                         f"do not fit the model: {first}") from None
-    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != 1:
-        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+    if getattr(type(model), "_genprobe_returns_logits", False):
+        logits, adapted = out, False
+    else:
+        try:
+            logits, adapted = logits_of(out, output), output is not None or not isinstance(out, Tensor)
+        except StateError as exc:
+            raise DataError(f"on one {what} example, {exc}") from None
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != 1:
         raise DataError(f"the model must return logits of shape (N, K); on one {what} example it "
-                        f"returned {shape}")
+                        f"returned {describe(out)}" + (f", and the logits read from it are "
+                                                       f"{describe(logits)}" if adapted else ""))
+    out = logits
     if out.shape[1] < num_classes:
         raise DataError(f"the model gives {out.shape[1]} outputs but the labels have {num_classes} "
                         "classes; pass data whose labels the model can predict")
+    return adapted
+
