@@ -7,6 +7,8 @@ maps a name to ``(factory, input_shape, num_classes)``; factories take a seed.
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 from torch import nn
 
@@ -163,6 +165,31 @@ class ReturnsScores(nn.Module):
 TOKENS = {"tokens": (TokenClassifier, ("ids", 5, 20), 3)}
 """Models taking integer token ids: input shape ("ids", T, vocab)."""
 
+def hf_bert(vocab=50, k=3):
+    """A Hugging Face BERT encoder for sequence classification, built from a tiny config (nothing
+    downloaded): token ids in, a SequenceClassifierOutput out, a non-persistent position-ids
+    buffer, GELU MLPs, LayerNorm, a tanh pooler."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=24, max_position_embeddings=16, num_labels=k))
+
+
+def hf_gpt2(vocab=50, k=3):
+    """A Hugging Face GPT-2 decoder with a sequence-classification head (the last token's
+    logits), from a tiny config."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    return GPT2ForSequenceClassification(GPT2Config(
+        vocab_size=vocab, n_positions=16, n_embd=16, n_layer=2, n_head=2, num_labels=k,
+        pad_token_id=0))
+
+
+LIBRARIES = {"hf_bert": (hf_bert, ("ids", 8, 50), 3), "hf_gpt2": (hf_gpt2, ("ids", 8, 50), 3)} \
+    if importlib.util.find_spec("transformers") else {}
+"""Models of the libraries users bring (a test-only dependency), where installed."""
+
 FOREIGN = {
     "nested": (Nested, (6,), 3),
     "positions": (Positions, (4, 6), 3),
@@ -177,9 +204,9 @@ FOREIGN = {
 
 def make_subject(name: str, *, n_train: int = 32, n_test: int = 24, seed: int = 0, steps: int = 3,
                  dtype: torch.dtype = torch.float32, checkpoints: int = 1) -> gp.Subject:
-    """A Subject of foreign model `name` (of FOREIGN or TOKENS): θ⁰, a few SGD steps to θ^F (a checkpoint after each of
+    """A Subject of foreign model `name` (of FOREIGN, TOKENS or LIBRARIES): θ⁰, a few SGD steps to θ^F (a checkpoint after each of
     `checkpoints` "epochs"), random data. BatchNorm statistics are updated by the steps."""
-    factory, shape, k = (FOREIGN | TOKENS)[name]
+    factory, shape, k = (FOREIGN | TOKENS | LIBRARIES)[name]
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = factory().to(dtype)

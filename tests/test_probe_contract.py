@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import genprobe as gp
-from foreign import FOREIGN, TOKENS, make_subject
+from foreign import FOREIGN, LIBRARIES, TOKENS, make_subject
 from genprobe.device import resolve_device
 from genprobe.errors import ConfigError, DataError, GenprobeError, ModuleSelectionError, StateError
 from genprobe.probes.registry import get_probe, list_probes
@@ -24,7 +24,7 @@ from genprobe.probes.registry import get_probe, list_probes
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROBES = list_probes()
-MODELS = sorted(FOREIGN) + sorted(TOKENS)
+MODELS = sorted(FOREIGN) + sorted(TOKENS) + sorted(LIBRARIES)
 
 
 def _subject(name: str) -> gp.Subject:
@@ -83,7 +83,7 @@ def _results_equal(a, b) -> bool:
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("probe", PROBES)
 def test_probe_contract(probe, model, tmp_path):
-    factory, _, _ = (FOREIGN | TOKENS)[model]
+    factory, _, _ = (FOREIGN | TOKENS | LIBRARIES)[model]
     subject = _subject(model)
     # the caller's own model, in train mode with a hook of theirs: a Subject copies it, and
     # nothing a probe does may reach back into it
