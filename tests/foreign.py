@@ -183,7 +183,7 @@ def hf_gpt2(vocab=50, k=3):
 
     return GPT2ForSequenceClassification(GPT2Config(
         vocab_size=vocab, n_positions=16, n_embd=16, n_layer=2, n_head=2, num_labels=k,
-        pad_token_id=0))
+        pad_token_id=0, bos_token_id=1, eos_token_id=1))
 
 
 LIBRARIES = {"hf_bert": (hf_bert, ("ids", 8, 50), 3), "hf_gpt2": (hf_gpt2, ("ids", 8, 50), 3)} \

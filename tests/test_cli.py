@@ -167,3 +167,19 @@ def test_commands_show_the_library_defaults_they_do_not_restate(capsys):
             if isinstance(info, typer.models.OptionInfo):
                 assert info.default is not cli.LIBRARY, (command, param.name)
                 assert "{default}" not in (info.help or ""), (command, param.name)
+
+
+def test_units_lists_a_runs_units(tiny_run, capsys):
+    import genprobe as gp
+
+    code, out, err = call(["units", tiny_run], capsys)
+    assert code == 0, err
+    names = [line.split()[0] for line in out.splitlines()]
+    subject = gp.Subject.load(tiny_run)
+    assert names[:len(subject.units())] == [u.name for u in subject.units()]
+    assert "parameters" in out and out.rstrip().endswith("site")  # the fcn's ReLUs come last
+    first = subject.units()[0].name
+    code, out, _ = call(["units", tiny_run, "-m", first], capsys)
+    assert code == 0 and out.split()[0] == first
+    code, _, err = call(["units", tiny_run, "-m", "nosuch"], capsys)
+    assert code == 2 and err.startswith("genprobe: error:") and "nosuch" in err

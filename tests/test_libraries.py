@@ -48,3 +48,17 @@ def test_a_bert_from_its_config_becomes_a_subject_from_its_state_dict():
     with torch.no_grad():
         expected = model(x).logits
     torch.testing.assert_close(s.model(x), expected)
+
+
+def test_units_lists_what_modules_selects_and_the_activation_sites():
+    s = make_subject("hf_bert", n_train=12, n_test=6)
+    table = gp.units(s)
+    units = table[~table.site]
+    assert list(units.unit) == [u.name for u in s.units()]
+    assert units.parameters.sum() == sum(p.numel() for p in s.model.parameters())
+    sites = list(table[table.site].unit)  # the MLPs' GELUs (transformers' GELUActivation), the pooler
+    assert sites == ["bert.encoder.layer.0.intermediate.intermediate_act_fn",
+                     "bert.encoder.layer.1.intermediate.intermediate_act_fn", "bert.pooler.activation"]
+    layers = gp.units(s.model, {f"layer{i}": f"bert.encoder.layer.{i}" for i in range(2)})
+    assert list(layers[~layers.site].unit) == ["layer0", "layer1"]
+    assert list(layers[~layers.site].types) == ["BertLayer", "BertLayer"]

@@ -41,11 +41,12 @@ if TYPE_CHECKING:  # what the lazy names below resolve to, for type checkers and
     from .results import Result as Result
     from .results import load as load
     from .subject import Subject as Subject
+    from .subject import units as units
     from .values import Data as Data
 
 _LAZY = {
     "Subject": ("genprobe.subject", "Subject"), "Data": ("genprobe.values", "Data"),
-    "Unit": ("genprobe.params", "Unit"), "Metrics": ("genprobe.evaluate", "Metrics"),
+    "Unit": ("genprobe.params", "Unit"), "units": ("genprobe.subject", "units"), "Metrics": ("genprobe.evaluate", "Metrics"),
     "evaluate": ("genprobe.evaluate", "evaluate"),
     "get_probe": ("genprobe.probes.registry", "get_probe"),
     "list_probes": ("genprobe.probes.registry", "list_probes"),

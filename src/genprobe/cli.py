@@ -420,6 +420,22 @@ def _interrupt_note(run: Path) -> None:
 
 
 @app.command()
+def units(
+    run: Path = typer.Argument(..., metavar="RUN", help="A run directory written by `genprobe train`."),
+    modules: list[str] | None = typer.Option(None, "--modules", "-m", help="Patterns selecting units, as the probes take them (e.g. -m 'layers.*')."),
+) -> None:
+    """List a run's units (what --modules selects, in forward order, with their parameter counts)
+    and the activation modules the single-direction probes use by default."""
+    from .subject import Subject
+    from .subject import units as table_of
+
+    table = table_of(Subject.load(run), modules or None)
+    for row in table.itertuples():
+        kind = "site" if row.site else f"{row.parameters:,} parameters"
+        typer.echo(f"{row.unit:40s} {row.types:28s} {kind}")
+
+
+@app.command()
 def datasets() -> None:
     """List the built-in datasets."""
     from .data import describe, list_datasets

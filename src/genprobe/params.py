@@ -426,14 +426,23 @@ ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.SiLU, nn.Softplus, nn.ReLU6,
     nn.Hardtanh, nn.Mish)
 """The module types whose outputs are a network's activations (post-nonlinearity: the units of
-the single-direction probes). ``nn.ReLU6`` is a ``nn.Hardtanh``; subclasses count too."""
+the single-direction probes). ``nn.ReLU6`` is a ``nn.Hardtanh``; subclasses count too. So does a
+parameterless module whose class name ends in ``Activation`` (Hugging Face's ``GELUActivation``,
+``NewGELUActivation``, ... in its transformer blocks' MLPs): see :func:`is_activation`."""
+
+
+def is_activation(module: nn.Module) -> bool:
+    """Whether `module`'s output is an activation (see :data:`ACTIVATION_MODULES`)."""
+    return isinstance(module, ACTIVATION_MODULES) or (
+        type(module).__name__.endswith("Activation")
+        and next(module.parameters(recurse=True), None) is None)
 
 
 def select_sites(model: nn.Module, layers: str | Sequence[str] | None,
                  order: Sequence[str] | None = None, *, example: Tensor | None = None) -> list[str]:
     """Names of the modules whose output a single-direction probe ablates (its *sites*).
 
-    - ``None``: every activation module (:data:`ACTIVATION_MODULES`) that the forward calls.
+    - ``None``: every activation module (:func:`is_activation`) that the forward calls.
       Which are called is seen on `example` (one input batch; forward pre-hooks) when given,
       else from a ``torch.fx`` trace of the model (modules without children as leaves); a model
       that neither runs nor traces keeps all its activation modules.
@@ -457,7 +466,7 @@ def select_sites(model: nn.Module, layers: str | Sequence[str] | None,
 
     how = "list them with [n for n, _ in model.named_modules()]"
     if layers is None:
-        acts = [n for n in names if isinstance(modules[n], ACTIVATION_MODULES)]
+        acts = [n for n in names if is_activation(modules[n])]
         called = _called_modules(model, example)
         return ordered([n for n in acts if called is None or n in called])
     if isinstance(layers, str):

@@ -162,6 +162,33 @@ class Subject:
         return cls(**read_run(run_dir, data_dir=data_dir))
 
 
+def units(target: Subject | nn.Module, modules=None):
+    """The units a probe would edit, as a table a user reads to choose ``modules=``: one row per
+    unit (``unit``, its ``modules``, their ``types``, ``parameters``: a count) and after them
+    one row per default single-direction site (``unit`` the activation module's name, ``types``
+    its class, ``parameters`` 0, ``site`` True). `target`: a Subject (forward order, traced on
+    one example) or a bare ``nn.Module`` (registration order). `modules`: a selection as the
+    probes take it (patterns, or ``{name: patterns}`` for a transformer layer or a residual stage
+    as one unit; see :func:`genprobe.params.select_units`)."""
+    import pandas as pd
+
+    if isinstance(target, Subject):
+        model, order = target.model, target.forward_order()
+    elif isinstance(target, nn.Module):
+        model, order = target, None
+    else:
+        raise ConfigError(f"units() takes a Subject or an nn.Module, got {type(target).__name__}")
+    named = dict(model.named_modules())
+    sizes = dict(model.named_parameters())
+    rows = [{"unit": u.name, "modules": ", ".join(u.modules) or "(root)",
+             "types": ", ".join(sorted({type(named[m]).__name__ for m in u.modules})) or type(model).__name__,
+             "parameters": sum(sizes[k].numel() for k in u.params if k in sizes), "site": False}
+            for u in P.select_units(model, modules, order)]
+    rows += [{"unit": site, "modules": site, "types": type(named[site]).__name__, "parameters": 0,
+              "site": True} for site in P.select_sites(model, None, order)]
+    return pd.DataFrame(rows, columns=["unit", "modules", "types", "parameters", "site"])
+
+
 def check_subject(subject, probe: str) -> None:
     """ConfigError unless `subject` is a Subject (a path or a model is a common slip), naming
     the `probe` (or function) it was given to."""
