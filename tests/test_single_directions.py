@@ -4,15 +4,15 @@ implementations, closed forms and hand-built activations, in float64."""
 from __future__ import annotations
 
 import copy
-import logging
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import genprobe as gp
 from foreign import FOREIGN, TOKENS, make_subject
-from genprobe.engine.activations import unit_dim
+from genprobe.engine.activations import activation_stats, unit_dim
 from genprobe.engine.edits import standard_normal_draws
 from genprobe.errors import ConfigError, ModuleSelectionError
 from genprobe.probes.single_directions import selectivity_index
@@ -150,18 +150,10 @@ def test_selectivity_formula_and_a_unit_for_one_class():
 
 
 def test_selectivity_importance_equals_single_unit_hooks(subject64):
-    r = gp.selectivity(subject64)
+    r = gp.selectivity(subject64, negative="shift")  # the importance does not depend on it
     for row in r.table.sample(n=min(6, len(r.table)), random_state=0).itertuples():
         acc, _ = hooked_accuracy(subject64, row.layer, lambda out, unit=row.unit: set_units(out, [unit], 0.0))
         assert row.importance == pytest.approx(r.summary["base_accuracy"] - acc, abs=1e-12)
-
-
-def test_negative_activations_warn(caplog):
-    s = make_subject("nested", dtype=torch.float64, n_train=24, n_test=18)  # Tanh layers
-    with caplog.at_level(logging.WARNING, logger="genprobe.probes.selectivity"):
-        r = gp.selectivity(s, importance=False)
-    assert "negative activations" in caplog.text and "blocks.0.ff.1" in caplog.text
-    assert r.meta["negative_layers"] == ["blocks.0.ff.1", "blocks.1.ff.1"]
 
 
 class Summed(nn.Module):
@@ -192,3 +184,35 @@ def test_bad_layers():
     bad = gp.Subject(m, init={k: v + 1 for k, v in m.state_dict().items()}, train=(x, y), test=(x, y))
     with pytest.raises(ModuleSelectionError, match="'total'.*no unit dimension"):
         gp.ablation(bad, layers="total")
+
+
+def test_selectivity_on_negative_activations_is_an_error_or_a_chosen_variant():
+    """A tanh layer's class means can be negative, where the index leaves [0, 1]: an error naming
+    the layer by default; "skip" leaves it out; "shift" moves each unit's least-preferred class
+    mean to 0 (a variant), which keeps [0, 1] and leaves non-negative units as they were."""
+    s = make_subject("nested", n_train=40, n_test=30)  # Tanh sites: blocks.{0,1}.ff.1
+    with pytest.raises(gp.ConfigError, match=r"layer 'blocks.0.ff.1' has negative activations"):
+        gp.selectivity(s, importance=False)
+    shifted = gp.selectivity(s, importance=False, negative="shift")
+    assert shifted.table.selectivity.between(0.0, 1.0).all()
+    assert shifted.meta["negative_layers"] == ["blocks.0.ff.1", "blocks.1.ff.1"]
+    stats = activation_stats(s.model, s.final, s.test, ["blocks.0.ff.1"], num_classes=3)
+    means = stats["blocks.0.ff.1"].class_means
+    expected = selectivity_index(means - means.min(0).values.clamp(max=0.0))
+    got = shifted.table[shifted.table.layer == "blocks.0.ff.1"].selectivity.to_numpy()
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6)
+    plain = selectivity_index(means)  # what the formula gives unshifted: outside [0, 1] here
+    assert ((plain < 0) | (plain > 1)).any()
+    with pytest.raises(ModuleSelectionError, match="every chosen layer has negative"):
+        gp.selectivity(s, importance=False, negative="skip")
+    torch.manual_seed(0)  # a ReLU site: non-negative, the same under every choice
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[2].weight.add_(0.3)
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    relu = gp.Subject(model, init=init, train=(x, y), test=(x, y), num_classes=3)
+    base = gp.selectivity(relu, importance=False)
+    assert base.meta["negative_layers"] == [] and base.table.selectivity.between(0, 1).all()
+    assert base.table.selectivity.equals(
+        gp.selectivity(relu, importance=False, negative="shift").table.selectivity)

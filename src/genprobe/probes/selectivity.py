@@ -3,9 +3,13 @@ Botvinick 2018).
 
 The class selectivity of a unit is (μ_max − μ_−max) / (μ_max + μ_−max), with μ_max the largest
 class-conditional mean of its activation and μ_−max the mean of the other classes' means: 0 means
-no class preference, 1 a unit active for one class only. The formula assumes non-negative
-activations (post-ReLU); a layer with negative activations is reported with a warning and in
-``meta["negative_layers"]``. A unit's activation on one example is its value (a neuron) or its
+no class preference, 1 a unit active for one class only. The formula is defined for
+non-negative activations (post-ReLU): on a layer with negative ones (tanh, GELU, a pre-activation)
+it can fall outside [0, 1], so such a layer is an error unless ``negative=`` says what to do:
+``"skip"`` leaves it out (listed in ``meta["negative_layers"]``); ``"shift"`` — not Morcos et
+al.'s definition, a variant — subtracts from each unit's class means their minimum where it is
+below 0 (the least-preferred class's mean becomes 0), which keeps the index in [0, 1] and leaves
+non-negative units unchanged. A unit's activation on one example is its value (a neuron) or its
 mean over the feature map / the sequence (a channel). *Importance* is the accuracy drop when that
 unit alone is zeroed; the paper's finding is that selectivity predicts it poorly.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -24,7 +29,7 @@ from .. import progress
 from ..engine.activations import activation_stats
 from ..engine.edits import Edit, masks_edit
 from ..engine.variants import VariantEvaluator
-from ..errors import ConfigError
+from ..errors import ConfigError, ModuleSelectionError, check_choice
 from ..figures import new_figure, styled
 from ..options import (
     Split,
@@ -41,6 +46,9 @@ from .registry import Option, register_probe
 from .single_directions import layer_sites, selectivity_index
 
 logger = logging.getLogger(__name__)
+
+NEGATIVE = ("error", "skip", "shift")
+"""What selectivity does with a layer that has negative activations (see the module doc)."""
 
 
 class SelectivityResult(Result):
@@ -126,8 +134,10 @@ class SelectivityResult(Result):
     summary="class selectivity of every unit and its importance (accuracy drop when zeroed)",
     options=(Option("layers", str, "fnmatch pattern(s) of layers (repeatable); default: every "
                     "activation module.", multiple=True),
-             Option("importance", bool, "Also ablate each unit alone (one network per unit).")),
-    demo={}, tiny={"n": 12},
+             Option("importance", bool, "Also ablate each unit alone (one network per unit)."),
+             Option("negative", str, "A layer with negative activations: error, skip (leave it "
+                    "out) or shift (each unit's class means shifted to a minimum of 0).")),
+    demo={}, tiny={"n": 12, "negative": "shift"},
     measures={"mean_selectivity": 0, "mean_selectivity:*": 0,
               "selectivity_importance_spearman": 0})
 def selectivity(
@@ -136,6 +146,7 @@ def selectivity(
     layers: str | Sequence[str] | None = None,
     split: Split = "test",
     importance: bool = True,
+    negative: Literal["error", "skip", "shift"] = "error",
     n: int | None = None,
     per_class: int | None = None,
     seed: int = 0,
@@ -150,15 +161,24 @@ def selectivity(
     seed = check_int("seed", seed, 0)
     if not isinstance(importance, bool):
         raise ConfigError(f"importance must be True or False, got {importance!r}")
+    check_choice("negative", negative, NEGATIVE)
     data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
     sites = list(layer_sites(subject, layers, data.x[:3]))
     check_resources(batch_size=batch_size, memory_budget=memory_budget, device=device)
     options_checked()
     stats = activation_stats(subject.model, subject.final, data, sites, num_classes=subject.num_classes)
-    negative = [s for s in sites if float(stats[s].min.min()) < 0]
-    for s in negative:
-        logger.warning("selectivity: layer %s has negative activations (min %.3g); the selectivity "
-                       "formula assumes non-negative ones (post-ReLU)", s, float(stats[s].min.min()))
+    below = [s for s in sites if float(stats[s].min.min()) < 0]
+    if below and negative == "error":
+        s = below[0]
+        raise ConfigError(f"selectivity: layer {s!r} has negative activations (min "
+                          f"{float(stats[s].min.min()):.3g}; {len(below)} such layer(s)); the index "
+                          "is defined for non-negative ones (post-ReLU): choose post-ReLU layers, or "
+                          "negative='skip' (leave them out) or 'shift' (a variant; see the docs)")
+    if negative == "skip":
+        sites = [s for s in sites if s not in below]
+        if not sites:
+            raise ModuleSelectionError("selectivity: every chosen layer has negative activations "
+                                       "and negative='skip' leaves none; choose post-ReLU layers")
     ev = VariantEvaluator(subject.model, subject.final, data, batch_size=batch_size, device=device,
                           memory_budget=memory_budget)
     edits: list[Edit] = [Edit(label="base")]
@@ -172,7 +192,10 @@ def selectivity(
     rows = []
     for i, s in enumerate(sites):
         st = stats[s]
-        sel = selectivity_index(st.class_means)
+        means = st.class_means
+        if negative == "shift" and s in below:
+            means = means - means.min(0).values.clamp(max=0.0)
+        sel = selectivity_index(means)
         pref = st.class_means.argmax(0)
         drop = (1.0 - results[1 + i].error) if importance else None
         for u in range(st.units):
@@ -192,11 +215,11 @@ def selectivity(
     summary["selectivity_importance_spearman"] = float(rho)
     summary["base_accuracy"] = base_acc
     meta = result_meta(selectivity, dict(
-        layers=layers, split=split, importance=importance, n=n, per_class=per_class, seed=seed,
+        layers=layers, split=split, importance=importance, negative=negative, n=n, per_class=per_class, seed=seed,
         batch_size=batch_size, memory_budget=memory_budget, device=device), device=ev.device,
         engine=ev.mode, self_check=_check(subject, data, sites[0], stats[sites[0]], results,
                                           importance, base_acc),
-        sites=sites, negative_layers=negative, n_examples=len(data))
+        sites=sites, negative_layers=below, n_examples=len(data))
     return SelectivityResult(table=table, summary=summary, meta=meta)
 
 
