@@ -47,3 +47,37 @@ def test_readme_figure_and_links_exist():
     readme = (DOCS.parent / "README.md").read_text()
     for target in re.findall(r"\]\((docs/[^)#]+)", readme):
         assert (DOCS.parent / target).is_file(), target
+
+
+def test_your_model_page_runs_as_written(tmp_path, monkeypatch, capsys):
+    """docs/your_model.md: every python block, in order, in one namespace (a block that says
+    `# needs: transformers` only where it is installed)."""
+    import torch
+
+    text = (DOCS / "your_model.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 6
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    namespace: dict = {}
+    try:
+        for block in blocks:
+            if "# needs: transformers" in block and importlib.util.find_spec("transformers") is None:
+                continue
+            if "fashion-mnist" in block:
+                from genprobe.data import load_dataset
+                from genprobe.errors import DataError
+
+                try:
+                    load_dataset("fashion-mnist", n_train=10, n_test=10)
+                except DataError as exc:
+                    pytest.skip(f"the fine-tuning example needs fashion-mnist: {exc}")
+            exec(compile(block, "docs/your_model.md", "exec"), namespace)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "Subject(Sequential" in out
+    if importlib.util.find_spec("transformers") is not None:
+        assert "layer0" in out and isinstance(namespace["text"], namespace["gp"].Subject)
+    assert namespace["finetuned"].init is not None
