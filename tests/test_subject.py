@@ -223,3 +223,33 @@ def test_non_persistent_buffers_are_the_models_own():
     r = gp.robustness(s, checkpoints=[0], draws=1)  # rewinding pos rewinds its weight only
     assert set(r.table.module) == {u.name for u in s.units()}
     assert torch.equal(model.position_ids, torch.arange(4))
+
+
+class _Items(torch.utils.data.Dataset):
+    """A map-style Dataset with one bad item (or none)."""
+
+    def __init__(self, bad: str | None):
+        self.bad = bad
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        if i == 4 and self.bad == "raises":
+            raise OSError("corrupt file images/0004.png")
+        if i == 4 and self.bad == "no label":
+            return torch.randn(4)
+        if i == 4 and self.bad == "shape":
+            return torch.randn(5), 1
+        return torch.randn(4), i % 3
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("raises", r"train: reading item 4 of the dataset raised OSError: corrupt file images/0004.png"),
+    ("no label", r"train: item 4 of the dataset is a Tensor, not an \(input, label\) pair"),
+    ("shape", r"train: item 4's input has shape \(5,\), item 0's \(4,\); every input must have "
+              r"the same shape")])
+def test_a_bad_dataset_item_is_named(bad, message):
+    with pytest.raises(DataError, match=message):
+        gp.Subject(_model(), train=_Items(bad))
+    assert len(gp.Subject(_model(), train=_Items(None)).train) == 6

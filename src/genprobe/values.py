@@ -39,14 +39,28 @@ def as_data(data: Data | tuple | Dataset | None, what: str) -> Data | None:
     elif isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
         x, y = data
     elif isinstance(data, Dataset) or hasattr(data, "__getitem__"):
-        try:
-            items = [data[i] for i in range(len(data))]
-        except Exception as exc:
-            raise DataError(f"{what}: could not read items from the dataset ({exc})") from exc
+        items = []
+        for i in range(len(data)):
+            try:
+                item = data[i]
+            except Exception as exc:  # noqa: BLE001 - the user's Dataset: say where it failed
+                raise DataError(f"{what}: reading item {i} of the dataset raised "
+                                f"{type(exc).__name__}: {one_line(exc, 120)}") from None
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                got = f"a {type(item).__name__}" + (f" of {len(item)}" if isinstance(item, (tuple, list)) else "")
+                raise DataError(f"{what}: item {i} of the dataset is {got}, not an (input, label) "
+                                "pair; return (input, label) from __getitem__")
+            items.append(item)
         if not items:
             raise DataError(f"{what} is empty")
         try:
-            x = torch.stack([torch.as_tensor(i[0]) for i in items])
+            inputs = [torch.as_tensor(i[0]) for i in items]
+            bad = next((i for i, v in enumerate(inputs) if v.shape != inputs[0].shape), None)
+            if bad is not None:
+                raise DataError(f"{what}: item {bad}'s input has shape {tuple(inputs[bad].shape)}, "
+                                f"item 0's {tuple(inputs[0].shape)}; every input must have the "
+                                "same shape (pad sequences to one length)")
+            x = torch.stack(inputs)
             y = torch.as_tensor([int(i[1]) for i in items])
         except (TypeError, ValueError, RuntimeError, IndexError) as exc:
             raise DataError(f"{what}: items must be (input tensor, integer label) pairs "
