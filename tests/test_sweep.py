@@ -70,9 +70,10 @@ def write(path: Path, config: dict) -> Path:
 
 
 def same(a: pd.DataFrame, b: pd.DataFrame) -> None:
-    """Equal tables, exactly (metrics and measures to the last bit), but for the wall time."""
-    pd.testing.assert_frame_equal(a.drop(columns="seconds"), b.drop(columns="seconds"),
-                                  check_exact=True)
+    """Equal tables, exactly (metrics and measures to the last bit), but for the wall times."""
+    times = [c for c in a.columns if c == "seconds" or c.startswith("seconds_")]
+    assert times == [c for c in b.columns if c == "seconds" or c.startswith("seconds_")]
+    pd.testing.assert_frame_equal(a.drop(columns=times), b.drop(columns=times), check_exact=True)
     assert a.attrs == b.attrs
 
 
@@ -207,6 +208,27 @@ def test_table_and_records(reference):
             assert pd.isna(cell) if value is None else cell == value
         assert record["threads"] == 1 and record["status"] == "done"
     assert yaml.safe_load((reference / "sweep.yaml").read_text())["probes"] == TINY["probes"]
+
+
+def test_cost_columns_say_where_each_runs_time_went(reference):
+    """seconds_training and one seconds_PROBE per probe (and seconds_baselines): each positive, and
+    together the run's wall time but for its bookkeeping (reading metrics, writing the record)."""
+    table = read_table(reference)
+    phases = ["training", *TINY["probes"]]  # the tiny sweep has no baselines
+    costs = [f"seconds_{p}" for p in phases]
+    assert table.attrs["costs"] == costs and set(costs) <= set(table.columns)
+    parts = table[costs]
+    assert (parts > 0).all().all()
+    total = parts.sum(axis=1)
+    assert (total <= table.seconds).all()
+    assert ((table.seconds - total) < 0.2 * table.seconds + 1.0).all(), (table.seconds, total)
+    import genprobe as gp
+
+    bare = pd.DataFrame(table)  # a table read without its attrs: the costs are no hyper-parameter
+    bare.attrs = {}
+    ranked = gp.rank_correlation(bare, measures=["robustness.critical_fraction"], bootstrap=0,
+                                 min_models=2, max_train_error=1.0)
+    assert ranked.attrs["hyperparameters"] == ["width"]
 
 
 def test_rerun_skips_everything(reference, counted, tmp_path):

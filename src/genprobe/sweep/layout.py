@@ -31,6 +31,8 @@ LOCK = ".lock"
 METRICS = ("train_error", "test_error", "train_loss", "test_loss")
 """The final-epoch metrics of each run (from its ``metrics.parquet``)."""
 GAPS = ("gap", "loss_gap")
+COST_PREFIX = "seconds_"
+"""Column prefix of a run's seconds per phase (``seconds_training``, ``seconds_robustness``, ...)."""
 """test_error − train_error and test_loss − train_loss."""
 
 
@@ -71,7 +73,9 @@ def build_table(runs: list[SweepRun], records: dict[str, dict],
     """One row per recorded run, in the order of `runs`: ``run``, the hyper-parameters that
     vary, the final ``train_error``, ``test_error``, ``train_loss``, ``test_loss``, ``gap`` (test −
     train error), ``loss_gap``, every measure (``probe.key``, ``baseline.*``), ``status``,
-    ``error`` and ``seconds`` (wall time of the run's last attempt), ``converged`` (whether it
+    ``error`` and ``seconds`` (wall time of the run's last attempt), ``seconds_PHASE`` for each
+    phase of it (``training``, each probe by name, ``baselines``, ``user_measures``; the first
+    probe's includes loading the run), ``converged`` (whether it
     reached its training target; missing without one) and ``epochs_run``. ``table.attrs`` names
     the column groups (``hyperparameters``, ``metrics``, ``measures``), counts the runs, and with
     `config` holds its ``probes``, ``baselines``, ``user_measures`` and ``ranking`` options (what
@@ -99,9 +103,16 @@ def build_table(runs: list[SweepRun], records: dict[str, dict],
     columns["status"] = pd.Series([rec["status"] for _, rec in rows], dtype=object)
     columns["error"] = pd.Series([rec.get("error") for _, rec in rows], dtype=object)
     columns["seconds"] = pd.Series([rec.get("seconds", math.nan) for _, rec in rows], dtype="float64")
+    phases: dict[str, None] = {}
+    for _, rec in rows:
+        phases.update(dict.fromkeys(rec.get("phase_seconds", {})))
+    for phase in phases:  # where each run's time went: training, each probe, baselines, ...
+        columns[COST_PREFIX + phase] = pd.Series(
+            [rec.get("phase_seconds", {}).get(phase, math.nan) for _, rec in rows], dtype="float64")
     table = pd.DataFrame(columns)
     table.attrs = {"hyperparameters": hyper, "metrics": [*METRICS, *GAPS],
-                   "measures": list(measures), "runs": len(runs),
+                   "measures": list(measures), "costs": [COST_PREFIX + p for p in phases],
+                   "runs": len(runs),
                    "done": sum(rec["status"] == "done" for _, rec in rows),
                    "failed": sum(rec["status"] == "failed" for _, rec in rows)}
     if config is not None:  # what the ranking needs to decide which columns are measures

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -16,6 +17,22 @@ from .config import SweepConfig, SweepRun, run_id
 from .layout import METRICS, RECORD, RUNS_DIR, write_record
 
 log = logging.getLogger(__name__)
+
+class _PhaseClock:
+    """Wall seconds per phase of a run (training, each probe, the baselines, the user's
+    measures), added up into `into` as each phase ends, also when it fails."""
+
+    def __init__(self, into: dict[str, float]):
+        self.into = into
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.into[phase] = self.into.get(phase, 0.0) + time.perf_counter() - began
+
 
 def _unit(out: Path, run: SweepRun, config: SweepConfig, device: str, threads: int) -> dict[str, Any]:
     """Everything a worker needs to do one run (plain data: it crosses process boundaries)."""
@@ -40,24 +57,28 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
         "probes": unit["probes"], "baselines": unit["baselines"],
         "user_measures": unit.get("measures", {}), "measure_errors": {},
         "figures": unit["figures"], "device": unit["device"], "threads": unit["threads"],
-        "genprobe_version": __version__}
+        "genprobe_version": __version__, "phase_seconds": {}}
+    clock = _PhaseClock(record["phase_seconds"])
     phase = "training"
     try:
         (run / RECORD).unlink(missing_ok=True)  # a failed or outdated record is redone
         _clean_stale(run)
-        _train(run, unit)
-        record["metrics"] = _final_metrics(run)
+        with clock("training"):
+            _train(run, unit)
+            record["metrics"] = _final_metrics(run)
         subject = _LazySubject(run)
         for name, options in unit["probes"].items():
             phase = f"probe {name}"
-            summary = _probe(run, name, options, subject, unit["device"], unit["figures"])
+            with clock(name):  # the first one also loads the run
+                summary = _probe(run, name, options, subject, unit["device"], unit["figures"])
             record["measures"].update({f"{name}.{k}": v for k, v in summary.items()})
         if unit["baselines"] is not None:
             phase = "baselines"
             from .. import measures
 
             options = {"device": unit["device"]} | unit["baselines"]
-            values = measures.baselines(subject.get(), **options)
+            with clock("baselines"):
+                values = measures.baselines(subject.get(), **options)
             record["measures"].update({k if k.startswith("baseline.") else f"baseline.{k}": float(v)
                                        for k, v in values.items()})
         for name, entry in unit.get("measures", {}).items():
@@ -65,7 +86,8 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
             from ..measures import evaluate_measure, import_measure
 
             spec = import_measure(name, entry["function"], direction=entry["direction"])
-            record["measures"][spec.column], why = evaluate_measure(spec, subject.get())
+            with clock("user_measures"):
+                record["measures"][spec.column], why = evaluate_measure(spec, subject.get())
             if why is not None:  # the run goes on: one line names the measure
                 record["measure_errors"][spec.column] = why
                 log.warning("run %s: %s", unit["run"], why)
