@@ -196,6 +196,8 @@ def test_selectivity_on_negative_activations_is_an_error_or_a_chosen_variant():
     shifted = gp.selectivity(s, importance=False, negative="shift")
     assert shifted.table.selectivity.between(0.0, 1.0).all()
     assert shifted.meta["negative_layers"] == ["blocks.0.ff.1", "blocks.1.ff.1"]
+    assert "blocks.0.ff.1 and blocks.1.ff.1 (negative activations) it is the shifted variant" \
+        in shifted.reading()
     stats = activation_stats(s.model, s.final, s.test, ["blocks.0.ff.1"], num_classes=3)
     means = stats["blocks.0.ff.1"].class_means
     expected = selectivity_index(means - means.min(0).values.clamp(max=0.0))
@@ -214,5 +216,6 @@ def test_selectivity_on_negative_activations_is_an_error_or_a_chosen_variant():
     relu = gp.Subject(model, init=init, train=(x, y), test=(x, y), num_classes=3)
     base = gp.selectivity(relu, importance=False)
     assert base.meta["negative_layers"] == [] and base.table.selectivity.between(0, 1).all()
+    assert "shifted" not in base.reading()
     assert base.table.selectivity.equals(
         gp.selectivity(relu, importance=False, negative="shift").table.selectivity)

@@ -40,7 +40,7 @@ from ..options import (
     result_meta,
     split_data,
 )
-from ..results import Result, number, percent, points
+from ..results import Result, names, number, percent, points
 from ..subject import Subject, check_subject
 from .registry import Option, register_probe
 from .single_directions import layer_sites, selectivity_index
@@ -109,6 +109,11 @@ class SelectivityResult(Result):
                      f"{number(layers.loc[hi, 'mean_selectivity'])} in {hi}")
         text += (f"; {high} unit{'s' if high != 1 else ''} ({percent(high / max(1, len(t)), 0)}) "
                  f"exceed{'s' if high == 1 else ''} 0.8.")
+        shifted = self.meta.get("negative_layers", []) \
+            if self.meta.get("options", {}).get("negative") == "shift" else []
+        if shifted:
+            text += (f" On {names(shifted)} (negative activations) it is the shifted variant, each "
+                     "unit's least-preferred class mean moved to 0, not Morcos et al.'s index.")
         if t["importance"].notna().any():
             top = t.loc[t["importance"].idxmax()]
             text += (f" Zeroing one unit alone lowers the {split} accuracy by at most "
