@@ -72,10 +72,9 @@ def check_output(output: Any) -> Output | None:
 def returning_logits(model: nn.Module, output: Output | None) -> nn.Module:
     """`model` (a private copy, changed in place) made to return its logits: its class becomes a
     subclass of the same name whose ``forward`` applies :func:`logits_of`. Parameter, buffer and
-    module names, hooks and tracing stay those of the model itself."""
+    module names, hooks and tracing stay those of the model itself. The Subject calls it once, on
+    a model whose class does not return logits yet (``_genprobe_returns_logits``)."""
     cls = type(model)
-    if getattr(cls, "_genprobe_returns_logits", False):
-        cls = cls.__mro__[1]
 
     @functools.wraps(cls.forward)  # torch.fx reads the signature through __wrapped__
     def forward(self, *args, **kwargs):

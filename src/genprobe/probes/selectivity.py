@@ -16,7 +16,6 @@ unit alone is zeroed; the paper's finding is that selectivity predicts it poorly
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from typing import Literal
@@ -44,8 +43,6 @@ from ..results import Result, names, number, percent, points
 from ..subject import Subject, check_subject
 from .registry import Option, register_probe
 from .single_directions import layer_sites, selectivity_index
-
-logger = logging.getLogger(__name__)
 
 NEGATIVE = ("error", "skip", "shift")
 """What selectivity does with a layer that has negative activations (see the module doc)."""

@@ -18,20 +18,16 @@ from .layout import METRICS, RECORD, RUNS_DIR, write_record
 
 log = logging.getLogger(__name__)
 
-class _PhaseClock:
-    """Wall seconds per phase of a run (training, each probe, the baselines, the user's
-    measures), added up into `into` as each phase ends, also when it fails."""
 
-    def __init__(self, into: dict[str, float]):
-        self.into = into
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.into[phase] = self.into.get(phase, 0.0) + time.perf_counter() - began
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], phase: str):
+    """Add the wall seconds of the block to ``seconds[phase]`` (a run's training, each probe, the
+    baselines, the user's measures), also when it fails."""
+    began = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - began
 
 
 def _unit(out: Path, run: SweepRun, config: SweepConfig, device: str, threads: int) -> dict[str, Any]:
@@ -58,18 +54,18 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
         "user_measures": unit.get("measures", {}), "measure_errors": {},
         "figures": unit["figures"], "device": unit["device"], "threads": unit["threads"],
         "genprobe_version": __version__, "phase_seconds": {}}
-    clock = _PhaseClock(record["phase_seconds"])
+    seconds = record["phase_seconds"]
     phase = "training"
     try:
         (run / RECORD).unlink(missing_ok=True)  # a failed or outdated record is redone
         _clean_stale(run)
-        with clock("training"):
+        with _timed(seconds, "training"):
             _train(run, unit)
             record["metrics"] = _final_metrics(run)
         subject = _LazySubject(run)
         for name, options in unit["probes"].items():
             phase = f"probe {name}"
-            with clock(name):  # the first one also loads the run
+            with _timed(seconds, name):  # the first one also loads the run
                 summary = _probe(run, name, options, subject, unit["device"], unit["figures"])
             record["measures"].update({f"{name}.{k}": v for k, v in summary.items()})
         if unit["baselines"] is not None:
@@ -77,7 +73,7 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
             from .. import measures
 
             options = {"device": unit["device"]} | unit["baselines"]
-            with clock("baselines"):
+            with _timed(seconds, "baselines"):
                 values = measures.baselines(subject.get(), **options)
             record["measures"].update({k if k.startswith("baseline.") else f"baseline.{k}": float(v)
                                        for k, v in values.items()})
@@ -86,7 +82,7 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
             from ..measures import evaluate_measure, import_measure
 
             spec = import_measure(name, entry["function"], direction=entry["direction"])
-            with clock("user_measures"):
+            with _timed(seconds, "user_measures"):
                 record["measures"][spec.column], why = evaluate_measure(spec, subject.get())
             if why is not None:  # the run goes on: one line names the measure
                 record["measure_errors"][spec.column] = why
