@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import genprobe as gp
+from genprobe.inputs import call
 from genprobe.logits import logits_of
 
 
@@ -165,6 +166,42 @@ class ReturnsScores(nn.Module):
 TOKENS = {"tokens": (TokenClassifier, ("ids", 5, 20), 3)}
 """Models taking integer token ids: input shape ("ids", T, vocab)."""
 
+
+class MaskedTokens(nn.Module):
+    """Padded token ids and their attention mask as two arguments, ``model(ids, mask)``: the mean
+    of the embeddings over the unmasked tokens, a ReLU MLP. torch.fx traces it."""
+
+    def __init__(self, vocab=20, d=8, k=3):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.fc = nn.Linear(d, 12)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(12, k)
+
+    def forward(self, ids, mask):
+        m = mask.unsqueeze(-1).to(self.embed.weight.dtype)
+        pooled = (self.embed(ids) * m).sum(1) / m.sum(1).clamp_min(1.0)
+        return self.head(self.act(self.fc(pooled)))
+
+
+class MaskedTokensByName(MaskedTokens):
+    """The same network called with keyword arguments, ``model(**{"ids": ..., "mask": ...})``,
+    as a tokenizer's output is passed."""
+
+
+STRUCTURED = {"masked_tuple": (MaskedTokens, ("tuple", 6, 20), 3),
+              "masked_dict": (MaskedTokensByName, ("dict", 6, 20), 3)}
+"""Models taking a structured input: padded token ids and an attention mask, as a tuple
+``(ids, mask)`` or a mapping ``{"ids", "mask"}``: input shape (kind, T, vocab)."""
+
+
+def padded_tokens(n: int, t: int, vocab: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) (n, t) int64: each example 2..t real tokens (ids ≥ 1), then padding (id 0, mask 0)."""
+    lengths = torch.randint(2, t + 1, (n,), generator=g)
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, vocab, (n, t), generator=g) * mask
+    return ids, mask
+
 def hf_bert(vocab=50, k=3):
     """A Hugging Face BERT encoder for sequence classification, built from a tiny config (nothing
     downloaded): token ids in, a SequenceClassifierOutput out, a non-persistent position-ids
@@ -186,9 +223,11 @@ def hf_gpt2(vocab=50, k=3):
         pad_token_id=0, bos_token_id=1, eos_token_id=1))
 
 
-LIBRARIES = {"hf_bert": (hf_bert, ("ids", 8, 50), 3), "hf_gpt2": (hf_gpt2, ("ids", 8, 50), 3)} \
+LIBRARIES = {"hf_bert": (hf_bert, ("ids", 8, 50), 3), "hf_gpt2": (hf_gpt2, ("ids", 8, 50), 3),
+             "hf_bert_masked": (hf_bert, ("bert", 8, 50), 3)} \
     if importlib.util.find_spec("transformers") else {}
-"""Models of the libraries users bring (a test-only dependency), where installed."""
+"""Models of the libraries users bring (a test-only dependency), where installed. ``hf_bert_masked``
+takes what a tokenizer gives, ``{input_ids, attention_mask, token_type_ids}``, padded."""
 
 FOREIGN = {
     "nested": (Nested, (6,), 3),
@@ -202,23 +241,33 @@ FOREIGN = {
 }
 
 
+MODELS = FOREIGN | TOKENS | STRUCTURED | LIBRARIES
+"""Every model above by name."""
+
+
+def model_inputs(shape: tuple, n: int, g: torch.Generator, dtype: torch.dtype = torch.float32):
+    """`n` random inputs of a model's input `shape`: ("ids", T, vocab) token ids, ("tuple" |
+    "dict" | "bert", T, vocab) padded ids with their mask, else floating (n, *shape)."""
+    if shape[0] == "ids":
+        return torch.randint(0, shape[2], (n, shape[1]), generator=g)
+    if shape[0] in ("tuple", "dict", "bert"):
+        ids, mask = padded_tokens(n, shape[1], shape[2], g)
+        return {"tuple": (ids, mask), "dict": {"ids": ids, "mask": mask},
+                "bert": {"input_ids": ids, "attention_mask": mask,
+                         "token_type_ids": torch.zeros_like(ids)}}[shape[0]]
+    return torch.randn(n, *shape, generator=g, dtype=dtype)
+
+
 def make_subject(name: str, *, n_train: int = 32, n_test: int = 24, seed: int = 0, steps: int = 3,
                  dtype: torch.dtype = torch.float32, checkpoints: int = 1) -> gp.Subject:
-    """A Subject of foreign model `name` (of FOREIGN, TOKENS or LIBRARIES): θ⁰, a few SGD steps to θ^F (a checkpoint after each of
+    """A Subject of foreign model `name` (of MODELS): θ⁰, a few SGD steps to θ^F (a checkpoint after each of
     `checkpoints` "epochs"), random data. BatchNorm statistics are updated by the steps."""
-    factory, shape, k = (FOREIGN | TOKENS | LIBRARIES)[name]
+    factory, shape, k = MODELS[name]
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = factory().to(dtype)
-    if shape[0] == "ids":
-        x_train = torch.randint(0, shape[2], (n_train, shape[1]), generator=g)
-    else:
-        x_train = torch.randn(n_train, *shape, generator=g, dtype=dtype)
+    x_train, x_test = (model_inputs(shape, n, g, dtype) for n in (n_train, n_test))
     y_train = torch.randint(0, k, (n_train,), generator=g)
-    if shape[0] == "ids":
-        x_test = torch.randint(0, shape[2], (n_test, shape[1]), generator=g)
-    else:
-        x_test = torch.randn(n_test, *shape, generator=g, dtype=dtype)
     y_test = torch.randint(0, k, (n_test,), generator=g)
     init = {k_: v.clone() for k_, v in model.state_dict().items()}
     output = getattr(factory, "OUTPUT", None)
@@ -228,7 +277,7 @@ def make_subject(name: str, *, n_train: int = 32, n_test: int = 24, seed: int = 
         model.train()
         for _ in range(steps):
             opt.zero_grad()
-            nn.functional.cross_entropy(logits_of(model(x_train), output), y_train).backward()
+            nn.functional.cross_entropy(logits_of(call(model, x_train), output), y_train).backward()
             opt.step()
         recorded[epoch] = {k_: v.clone() for k_, v in model.state_dict().items()}
     model.eval()

@@ -21,19 +21,34 @@ from torch import nn
 from torch.func import functional_call
 
 import genprobe as gp
-from foreign import FOREIGN, TOKENS, make_subject
+from foreign import FOREIGN, LIBRARIES, STRUCTURED, TOKENS, make_subject
 from genprobe.engine import lapack
 from genprobe.errors import ConfigError, DataError, OutputError
 from invoke import call
 
 
-def jacobians(model: nn.Module, state: dict, x: torch.Tensor) -> torch.Tensor:
+def pick(x, index):
+    """Examples `index` of inputs `x`: a tensor, a tuple of tensors or a dict of them."""
+    if isinstance(x, dict):
+        return {k: v[index] for k, v in x.items()}
+    return tuple(v[index] for v in x) if isinstance(x, tuple) else x[index]
+
+
+def forward(model: nn.Module, state: dict, x):
+    """`model` under `state` on inputs `x`, unpacked by hand: model(x), model(*x), model(**x)."""
+    if isinstance(x, dict):
+        return functional_call(model, state, (), x)
+    return functional_call(model, state, x if isinstance(x, tuple) else (x,))
+
+
+def jacobians(model: nn.Module, state: dict, x) -> torch.Tensor:
     """(N, K, P): one autograd call per example and output (the obviously-right loop)."""
     names = [k for k, _ in model.named_parameters()]
     rows = []
-    for i in range(len(x)):
+    n = len(next(iter(x.values()))) if isinstance(x, dict) else len(x[0]) if isinstance(x, tuple) else len(x)
+    for i in range(n):
         params = {k: state[k].detach().clone().requires_grad_(True) for k in names}
-        out = functional_call(model, {**state, **params}, (x[i:i + 1],)).reshape(-1)
+        out = forward(model, {**state, **params}, pick(x, slice(i, i + 1))).reshape(-1)
         per_k = []
         for k in range(len(out)):
             grads = torch.autograd.grad(out[k], list(params.values()), retain_graph=True, allow_unused=True)
@@ -54,12 +69,13 @@ def assert_rel(actual, expected, rtol=1e-10):
     assert float((actual - expected).abs().max()) <= rtol * scale
 
 
-@pytest.mark.parametrize("name", sorted(FOREIGN | TOKENS))
+@pytest.mark.parametrize("name", sorted(FOREIGN | TOKENS | STRUCTURED) + sorted(
+    {"hf_bert_masked"} & set(LIBRARIES)))
 def test_kernel_equals_jacobian_loop(name):
     s = make_subject(name, dtype=torch.float64, n_train=12, n_test=8, checkpoints=1)
     full = gp.ntk(s, n=6, n_test=4, trace_outputs=False, checkpoints="all")
     idx, test_idx = full.tensors["indices"], full.tensors["test_indices"]
-    x, xt = s.train.x[idx], s.test.x[test_idx]
+    x, xt = pick(s.train.x, idx), pick(s.test.x, test_idx)
     expected = plain_ntk(s.model, s.final, x)
     assert full.kernel.shape == expected.shape
     assert_rel(full.kernel, expected)

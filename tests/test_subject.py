@@ -247,8 +247,8 @@ class _Items(torch.utils.data.Dataset):
 @pytest.mark.parametrize("bad, message", [
     ("raises", r"train: reading item 4 of the dataset raised OSError: corrupt file images/0004.png"),
     ("no label", r"train: item 4 of the dataset is a Tensor, not an \(input, label\) pair"),
-    ("shape", r"train: item 4's input has shape \(5,\), item 0's \(4,\); every input must have "
-              r"the same shape")])
+    ("shape", r"train: item 4's input is a tensor \(5,\) float32, item 0's a tensor \(4,\) "
+              r"float32; every input must have the same structure and shapes")])
 def test_a_bad_dataset_item_is_named(bad, message):
     with pytest.raises(DataError, match=message):
         gp.Subject(_model(), train=_Items(bad))

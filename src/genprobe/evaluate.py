@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
+from . import inputs
 from .device import resolve_device
+from .inputs import Inputs
 from .params import State
 from .values import Data
 
@@ -45,11 +46,11 @@ def per_example(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def largest_activation_bytes(model: nn.Module, x: Tensor, state: State | None = None) -> float:
+def largest_activation_bytes(model: nn.Module, x: Inputs, state: State | None = None) -> float:
     """Bytes per example of the largest tensor the input or any submodule's output takes, from
     one forward pass of the first (up to) two examples of `x` (under `state` when given)."""
-    sample = x[:2]
-    sizes = [sample.numel() * sample.element_size()]
+    sample = inputs.take(x, slice(0, 2))
+    sizes = [v.numel() * v.element_size() for v in inputs.leaves(sample)]
 
     def record(module, args, out):
         if isinstance(out, Tensor):
@@ -57,11 +58,11 @@ def largest_activation_bytes(model: nn.Module, x: Tensor, state: State | None = 
 
     handles = [m.register_forward_hook(record) for m in model.modules()]
     try:
-        functional_call(model, state, (sample,)) if state is not None else model(sample)
+        inputs.call(model, sample, state)
     finally:
         for h in handles:
             h.remove()
-    return max(sizes) / max(len(sample), 1)
+    return max(sizes) / max(inputs.count(sample), 1)
 
 
 def cpu_chunk(largest_bytes: float, limit: int = DEFAULT_BATCH_SIZE) -> int:
@@ -84,16 +85,8 @@ def input_dtype(state: State) -> torch.dtype | None:
     return next((v.dtype for v in state.values() if v.is_floating_point()), None)
 
 
-def as_input(x: Tensor, dev: torch.device, dtype: torch.dtype | None) -> Tensor:
-    """`x` on `dev`, floating inputs in `dtype` (integer inputs, token ids, stay integer). A view
-    or a new tensor: never written to."""
-    if x.is_floating_point() and dtype is not None:
-        return x.to(dev, dtype)
-    return x.to(dev)
-
-
 @torch.no_grad()
-def logits(model: nn.Module, state: State, x: Tensor, *, batch_size: int | None = None,
+def logits(model: nn.Module, state: State, x: Inputs, *, batch_size: int | None = None,
            device: str | torch.device = "auto") -> Tensor:
     """Model outputs (N, K) for inputs `x` under `state`, on the CPU, in eval mode.
 
@@ -106,22 +99,23 @@ def logits(model: nn.Module, state: State, x: Tensor, *, batch_size: int | None 
     state_dev = {k: v.to(dev) for k, v in state.items()}
     model = _private_model(model, dev)
     dtype = input_dtype(state_dev)
+    n = inputs.count(x)
     if batch_size is None:
         batch_size = DEFAULT_BATCH_SIZE
-        if dev.type == "cpu" and len(x):
-            sample = as_input(x[:2], dev, dtype).clone()
+        if dev.type == "cpu" and n:
+            sample = inputs.clone(inputs.move(inputs.take(x, slice(0, 2)), dev, dtype))
             batch_size = cpu_chunk(largest_activation_bytes(model, sample, state_dev))
     out = []
     guard = True  # until the model is seen not to write its input, it gets copies
-    for i in range(0, len(x), batch_size):
-        xb = as_input(x[i:i + batch_size], dev, dtype)
-        if guard and xb.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-            xb = xb.clone()
-            version = xb._version
-            out.append(functional_call(model, state_dev, (xb,)).float().cpu())
-            guard = xb._version != version
+    for i in range(0, n, batch_size):
+        xb = inputs.move(inputs.take(x, slice(i, i + batch_size)), dev, dtype)
+        if guard and inputs.shares(xb, x):
+            xb = inputs.clone(xb)
+            version = inputs.version(xb)
+            out.append(inputs.call(model, xb, state_dev).float().cpu())
+            guard = inputs.version(xb) != version
         else:
-            out.append(functional_call(model, state_dev, (xb,)).float().cpu())
+            out.append(inputs.call(model, xb, state_dev).float().cpu())
     return torch.cat(out) if out else torch.empty(0)
 
 

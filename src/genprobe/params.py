@@ -37,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from .device import rng_devices
 from .errors import ConfigError, ModuleSelectionError, StateError, check_choice
+from .inputs import Inputs, call
 from .seeds import derive_seed
 
 State = dict[str, Tensor]
@@ -121,7 +122,7 @@ def split_state(model: nn.Module, state: State) -> tuple[State, State]:
 # ----------------------------------------------------------------------------- units
 
 
-def forward_order(model: nn.Module, example: Tensor | None) -> list[str]:
+def forward_order(model: nn.Module, example: Inputs | None) -> list[str]:
     """Module names in forward order on `example` (one input, batch 1).
 
     A module's position is the earlier of its first call (a forward pre-hook) and the first use
@@ -178,7 +179,7 @@ def _tensors(obj):
             yield from _tensors(item)
 
 
-def _trace_first_uses(model: nn.Module, example: Tensor, owner: Mapping[int, str]) -> dict[str, int] | None:
+def _trace_first_uses(model: nn.Module, example: Inputs, owner: Mapping[int, str]) -> dict[str, int] | None:
     """{module name: clock at its first call or first use of a parameter in `owner`}; None if
     the forward raises. Watches no parameters (pre-hooks only) when `owner` is empty."""
     clock = itertools.count()
@@ -194,7 +195,7 @@ def _trace_first_uses(model: nn.Module, example: Tensor, owner: Mapping[int, str
     try:
         model.eval()
         with torch.no_grad(), (_ParameterUses(owner, saw) if owner else contextlib.nullcontext()):
-            model(example)
+            call(model, example)
     except Exception:  # an odd model: let the caller fall back rather than fail
         return None
     finally:
@@ -439,7 +440,7 @@ def is_activation(module: nn.Module) -> bool:
 
 
 def select_sites(model: nn.Module, layers: str | Sequence[str] | None,
-                 order: Sequence[str] | None = None, *, example: Tensor | None = None) -> list[str]:
+                 order: Sequence[str] | None = None, *, example: Inputs | None = None) -> list[str]:
     """Names of the modules whose output a single-direction probe ablates (its *sites*).
 
     - ``None``: every activation module (:func:`is_activation`) that the forward calls.
@@ -491,7 +492,7 @@ def select_sites(model: nn.Module, layers: str | Sequence[str] | None,
     return ordered(selected)
 
 
-def _called_modules(model: nn.Module, example: Tensor | None) -> set[str] | None:
+def _called_modules(model: nn.Module, example: Inputs | None) -> set[str] | None:
     """Names of the modules the forward calls (None: cannot tell)."""
     if example is not None:
         first = _trace_first_uses(model, example, {})

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import inputs
 from . import params as P
 from .errors import ConfigError, DataError, StateError, one_line
 from .logits import Output, check_output, describe, logits_of, returning_logits
@@ -101,8 +102,9 @@ class Subject:
         states = ["final"] + (["init"] if self.init is not None else [])
         if epochs:
             states.append(f"{len(epochs)} checkpoints (epochs {epochs[0]}..{epochs[-1]})")
-        data = [f"{name} {len(d)}×{tuple(d.x.shape[1:])}" for name, d in (("train", self.train), ("test", self.test))
-                if d is not None]
+        data = [f"{name} {len(d)}×{tuple(d.x.shape[1:])}" if isinstance(d.x, Tensor) else
+                f"{name} {len(d)}×{inputs.describe(d.x)}"
+                for name, d in (("train", self.train), ("test", self.test)) if d is not None]
         return (f"Subject({type(self.model).__name__}, {params:,} parameters; {', '.join(states)}; "
                 f"{', '.join(data) or 'no data'}; {self.num_classes} classes)")
 
@@ -143,7 +145,7 @@ class Subject:
             example = None
             for d in (self.train, self.test):
                 if d is not None:
-                    example = d.x[:1]
+                    example = inputs.take(d.x, slice(0, 1))
                     break
             self._order = P.forward_order(self.model, example)
         return self._order
@@ -219,9 +221,9 @@ def _check_not_final(model: nn.Module, init: P.State, final: P.State) -> None:
 def _as_model_data(data, what: str, dtype: torch.dtype) -> Data | None:
     """Data with floating inputs in the model's dtype (integer inputs, token ids, stay integer)."""
     data = as_data(data, what)
-    if data is None or not data.x.is_floating_point() or data.x.dtype == dtype:
+    if data is None or not any(v.is_floating_point() and v.dtype != dtype for v in inputs.leaves(data.x)):
         return data
-    return Data(data.x.to(dtype), data.y)
+    return Data(inputs.move(data.x, "cpu", dtype), data.y)
 
 
 def _check_fits(model: nn.Module, state: P.State, data: Data, what: str, num_classes: int,
@@ -231,11 +233,12 @@ def _check_fits(model: nn.Module, state: P.State, data: Data, what: str, num_cla
     else than the logits tensor (so the Subject's copy must be made to return them)."""
     try:
         with torch.no_grad():
-            out = torch.func.functional_call(model, state, (data.x[:1],))
+            out = inputs.call(model, inputs.take(data.x, slice(0, 1)), state)
     except Exception as exc:  # noqa: BLE001 - any failure here means: the inputs do not fit
         first = one_line(exc)
-        raise DataError(f"{what}: inputs of shape {tuple(data.x.shape[1:])} (dtype {data.x.dtype}) "
-                        f"do not fit the model: {first}") from None
+        shape = (f"of shape {tuple(data.x.shape[1:])} (dtype {data.x.dtype})" if isinstance(data.x, Tensor)
+                 else inputs.describe(data.x))
+        raise DataError(f"{what}: inputs {shape} do not fit the model: {first}") from None
     if getattr(type(model), "_genprobe_returns_logits", False):
         logits, adapted = out, False
     else:

@@ -32,11 +32,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .. import inputs
 from ..device import resolve_device
 from ..errors import ConfigError, ModuleSelectionError, StateError
 from ..evaluate import (
     DEFAULT_BATCH_SIZE,
-    as_input,
     cpu_chunk,
     input_dtype,
     largest_activation_bytes,
@@ -178,7 +178,7 @@ def activation_stats(model: nn.Module, state: Mapping[str, Tensor], data: Data,
         batch_size = DEFAULT_BATCH_SIZE
         if dev.type == "cpu" and len(data):
             batch_size = cpu_chunk(largest_activation_bytes(
-                private, as_input(data.x[:2], dev, dtype).clone()))
+                private, inputs.clone(inputs.move(inputs.take(data.x, slice(0, 2)), dev, dtype))))
 
     running: dict[str, _Running] = {}
     current: dict[str, Tensor] = {}
@@ -203,10 +203,10 @@ def activation_stats(model: nn.Module, state: Mapping[str, Tensor], data: Data,
     try:
         for start in range(0, len(data), batch_size):
             current["y"] = data.y[start:start + batch_size].long()
-            x = as_input(data.x[start:start + batch_size], dev, dtype)
-            if x.untyped_storage().data_ptr() == data.x.untyped_storage().data_ptr():
-                x = x.clone()   # never hand the caller's data to a forward that may write it
-            private(x)
+            x = inputs.move(inputs.take(data.x, slice(start, start + batch_size)), dev, dtype)
+            if inputs.shares(x, data.x):
+                x = inputs.clone(x)   # never hand the caller's data to a forward that may write it
+            inputs.call(private, x)
     finally:
         for h in handles:
             h.remove()

@@ -71,10 +71,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import grad, jacrev, vmap
 
+from .. import inputs
 from ..device import resolve_device
 from ..errors import ConfigError, DataError, check_choice
+from ..inputs import Inputs
 from ..memory import resolve_memory_budget
 from ..params import State, split_state
 from .rules import is_dense_rule, module_gram, outer, rule, rule_input, rules_match
@@ -201,49 +203,55 @@ def _split_rows(s: _Setup, split: int | None) -> int | None:
     return None if split is None else _rows(s, split)
 
 
-def _call(s: _Setup, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-    return functional_call(s.model, ({**s.params, **params}, s.buffers), (x,))
+def _call(s: _Setup, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
+    return inputs.call(s.model, x, ({**s.params, **params}, s.buffers))
+
+
+def _one(xi: Inputs) -> Inputs:
+    """One example (as vmap hands it, without the example dimension) as a batch of one."""
+    return inputs.apply(lambda v: v.unsqueeze(0), xi)
 
 
 # ----------------------------------------------------------------------------- loop
 
 
-def _loop_block(s: _Setup, x: Tensor, y: Tensor | None, keys: list[str], split: int | None) -> Tensor:
+def _loop_block(s: _Setup, x: Inputs, y: Tensor | None, keys: list[str], split: int | None) -> Tensor:
     """Gram (R, R) (R = :func:`_rows`), by one autograd call per example and output."""
     rows = []
-    for i in range(len(x)):
+    n = inputs.count(x)
+    for i in range(n):
         leaves = {k: s.params[k].detach().requires_grad_(True) for k in keys}
         with torch.enable_grad():
-            out = _call(s, leaves, x[i:i + 1])
+            out = _call(s, leaves, inputs.take(x, slice(i, i + 1)))
             objs = _objectives(s, out, None if y is None else y[i:i + 1])
             for obj in objs:
                 grads = torch.autograd.grad(obj, list(leaves.values()), retain_graph=True,
                                             allow_unused=True)
                 rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                                        for g, p in zip(grads, leaves.values(), strict=True)]))
-    feats = torch.stack(rows).reshape(_rows(s, len(x)), -1)  # (n·K', P), or (n, K'·P) traced
+    feats = torch.stack(rows).reshape(_rows(s, n), -1)  # (n·K', P), or (n, K'·P) traced
     return outer(feats, _split_rows(s, split)).double()
 
 
 # ----------------------------------------------------------------------------- vmap
 
 
-def _vmap_block(s: _Setup, x: Tensor, y: Tensor | None, keys: list[str], split: int | None) -> Tensor:
+def _vmap_block(s: _Setup, x: Inputs, y: Tensor | None, keys: list[str], split: int | None) -> Tensor:
     """Gram (R, R) from vmap(grad) (loss) or vmap(jacrev) (outputs) over parameters `keys`."""
     sub = {k: s.params[k] for k in keys}
 
     if s.of == "loss":
         def f(p, xi, yi):
-            out = _call(s, p, xi.unsqueeze(0))
+            out = _call(s, p, _one(xi))
             return s.loss_fn(out, yi.unsqueeze(0)).sum()
 
         grads = _quiet_vmap(vmap(grad(f), in_dims=(None, 0, 0)))(sub, x, y)  # {k: (n, *shape)}
     else:
         def f(p, xi):
-            return _call(s, p, xi.unsqueeze(0)).reshape(-1)
+            return _call(s, p, _one(xi)).reshape(-1)
 
         grads = _quiet_vmap(vmap(jacrev(f), in_dims=(None, 0)))(sub, x)  # {k: (n, K, *shape)}
-    rows = _rows(s, len(x))
+    rows = _rows(s, inputs.count(x))
     total = 0
     for g in grads.values():
         total = total + outer(g.reshape(rows, -1), _split_rows(s, split)).double()
@@ -253,7 +261,7 @@ def _vmap_block(s: _Setup, x: Tensor, y: Tensor | None, keys: list[str], split: 
 # ----------------------------------------------------------------------------- layerwise
 
 
-def _plan_layerwise(s: _Setup, x: Tensor) -> bool:
+def _plan_layerwise(s: _Setup, x: Inputs) -> bool:
     """Choose the modules with rules and check the model on sample `x` (n ≥ 2 when possible).
 
     Returns False (layerwise impossible) when examples interact in the batched forward or the
@@ -284,7 +292,7 @@ def _plan_layerwise(s: _Setup, x: Tensor) -> bool:
             h.remove()
     try:
         with torch.no_grad():
-            single = _quiet_vmap(vmap(lambda xi: _call(s, {}, xi.unsqueeze(0)).squeeze(0)))(x)
+            single = _quiet_vmap(vmap(lambda xi: _call(s, {}, _one(xi)).squeeze(0)))(x)
     except Exception as exc:  # noqa: BLE001 - any vmap failure means: not vmappable
         logger.info("layerwise: the forward cannot be vmapped (%s)", _short(exc))
         return False
@@ -304,7 +312,7 @@ def _plan_layerwise(s: _Setup, x: Tensor) -> bool:
     return True
 
 
-def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None, residual: bool = True,
+def _layerwise_block(s: _Setup, x: Inputs, y: Tensor | None, residual: bool = True,
                      split: int | None = None) -> Tensor:
     """Gram (R, R) (with `split`: its cross block): rules for covered modules from one batched
     backward, vmap for the rest (unless `residual` is False). The first call checks the rules
@@ -317,7 +325,7 @@ def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None, residual: bool = Tr
     leaves = {k: v.detach().requires_grad_(True) for k, v in s.params.items()}
     try:
         with torch.enable_grad():
-            out = functional_call(s.model, (leaves, s.buffers), (x,))
+            out = inputs.call(s.model, x, (leaves, s.buffers))
     finally:
         for h in handles:
             h.remove()
@@ -361,9 +369,10 @@ def _layerwise_block(s: _Setup, x: Tensor, y: Tensor | None, residual: bool = Tr
     if s.residual and residual:
         total = total + _vmap_block(s, x, y, s.residual, split)
     if isinstance(total, int):  # no parameter at all
-        r = _rows(s, len(x))
+        r = _rows(s, inputs.count(x))
         r1 = r if split is None else _rows(s, split)
-        return torch.zeros(r1, r - r1 if split is not None else r, dtype=torch.float64, device=x.device)
+        return torch.zeros(r1, r - r1 if split is not None else r, dtype=torch.float64,
+                           device=inputs.leaves(x)[0].device)
     return total
 
 
@@ -386,7 +395,7 @@ def _short(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------- blocks
 
 
-def _estimate_bytes(s: _Setup, x: Tensor) -> int:
+def _estimate_bytes(s: _Setup, x: Inputs) -> int:
     """Rough bytes per example of a block under the chosen implementation (documented upper-ish
     estimate: activations ×4 for values, gradients and temporaries)."""
     item = max((v.element_size() for v in s.params.values() if v.is_floating_point()), default=4)
@@ -411,7 +420,7 @@ def _estimate_bytes(s: _Setup, x: Tensor) -> int:
             handles.append(mod.register_forward_hook(hook))
     try:
         with torch.no_grad():
-            _call(s, {}, x[:1])
+            _call(s, {}, inputs.take(x, slice(0, 1)))
     except Exception:  # noqa: BLE001 - an unvmappable odd model still gets an estimate
         pass
     finally:
@@ -434,7 +443,7 @@ def _estimate_bytes(s: _Setup, x: Tensor) -> int:
 
 
 def _setup(model: nn.Module, state: State, of: str, loss, implementation: str,
-           dev: torch.device, sample: Tensor, sample_y: Tensor | None, traced: bool) -> _Setup:
+           dev: torch.device, sample: Inputs, sample_y: Tensor | None, traced: bool) -> _Setup:
     """Resolve the implementation on a small `sample` of the inputs (vmap gate, layerwise plan
     and its gradient check) and estimate the memory per example."""
     check_choice("of", of, OFS)
@@ -445,22 +454,22 @@ def _setup(model: nn.Module, state: State, of: str, loss, implementation: str,
     loss_fn = resolve_loss(loss)
     s = _Setup(model, params, buffers, of, loss_fn, 1, implementation, traced=traced and of == "outputs")
     with torch.no_grad():
-        out = _call(s, {}, sample[:1])
+        out = _call(s, {}, inputs.take(sample, slice(0, 1)))
     s.outputs = 1 if of == "loss" else out[0].numel()
     if implementation in ("auto", "layerwise"):
         s.impl = "layerwise" if _plan_layerwise(s, sample) else "vmap"
         if s.impl == "layerwise":
-            _layerwise_block(s, sample[:1], _take(sample_y, slice(0, 1)), residual=False)  # checks the rules
+            _layerwise_block(s, inputs.take(sample, slice(0, 1)), _take(sample_y, slice(0, 1)), residual=False)  # checks the rules
     if s.impl == "vmap" and not _vmappable(s, sample):
         s.impl = "loop"
     s.per_example_bytes = _estimate_bytes(s, sample)
     return s
 
 
-def _vmappable(s: _Setup, x: Tensor) -> bool:
+def _vmappable(s: _Setup, x: Inputs) -> bool:
     try:
         with torch.no_grad():
-            _quiet_vmap(vmap(lambda xi: _call(s, {}, xi.unsqueeze(0))))(x[:2])
+            _quiet_vmap(vmap(lambda xi: _call(s, {}, _one(xi))))(inputs.take(x, slice(0, 2)))
     except Exception as exc:  # noqa: BLE001 - any vmap failure means: not vmappable
         logger.warning("vmap: the forward cannot be vmapped (%s); falling back to the per-example "
                        "loop (correct, slow)", _short(exc))
@@ -468,7 +477,7 @@ def _vmappable(s: _Setup, x: Tensor) -> bool:
     return True
 
 
-def _block(s: _Setup, x: Tensor, y: Tensor | None, split: int | None = None) -> Tensor:
+def _block(s: _Setup, x: Inputs, y: Tensor | None, split: int | None = None) -> Tensor:
     """Gram of the rows of block `x`: (n, n) for the loss and traced outputs (the mean over the
     K outputs), (n, n, K, K) for outputs; exactly symmetric (G_ij == G_ji;
     Θ[i, j, k, l] == Θ[j, i, l, k]). With `split`, only the cross block of examples [:split]
@@ -486,8 +495,8 @@ def _block(s: _Setup, x: Tensor, y: Tensor | None, split: int | None = None) -> 
         g = _loop_block(s, x, y, list(s.params), split)
     if split is None:
         g = (g + g.T) / 2  # exactly symmetric by construction: BLAS's f @ f.T need not be
-    n1 = len(x) if split is None else split
-    n2 = len(x) if split is None else len(x) - split
+    n1 = inputs.count(x) if split is None else split
+    n2 = inputs.count(x) if split is None else inputs.count(x) - split
     kk = s.outputs
     if s.traced:
         return g / kk
@@ -530,8 +539,8 @@ def _as_targets(y: Tensor | None, n: int, of: str, what: str) -> Tensor | None:
 def gram_blocks(
     model: nn.Module,
     state: State,
-    x1: Tensor,
-    x2: Tensor | None = None,
+    x1: Inputs,
+    x2: Inputs | None = None,
     *,
     y1: Tensor | None = None,
     y2: Tensor | None = None,
@@ -559,17 +568,17 @@ def gram_blocks(
     that is needed). Other arguments as in :func:`gram`.
     """
     dev = resolve_device(device)
-    if len(x1) == 0 or (x2 is not None and len(x2) == 0):
+    if inputs.count(x1) == 0 or (x2 is not None and inputs.count(x2) == 0):
         raise DataError("the Gram needs at least one example in each set")
-    y1 = _as_targets(y1, len(x1), of, "y1")
-    y2 = _as_targets(y2, len(x2), of, "y2") if x2 is not None else None
+    y1 = _as_targets(y1, inputs.count(x1), of, "y1")
+    y2 = _as_targets(y2, inputs.count(x2), of, "y2") if x2 is not None else None
     budget = resolve_memory_budget(memory_budget, dev)
     dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
-    x1 = _inputs(x1, dev, dtype)
-    x2 = None if x2 is None else _inputs(x2, dev, dtype)
+    x1 = inputs.move(x1, dev, dtype)
+    x2 = None if x2 is None else inputs.move(x2, dev, dtype)
     y1 = None if y1 is None else y1.to(dev)
     y2 = None if y2 is None else y2.to(dev)
-    s = _setup(_working_copy(model, dev), state, of, loss, implementation, dev, x1[:4],
+    s = _setup(_working_copy(model, dev), state, of, loss, implementation, dev, inputs.take(x1, slice(0, 4)),
                _take(y1, slice(0, 4)), trace_outputs)
     block = _block_size(s, budget) if block_size is None else int(block_size)
     if block < 2:
@@ -603,11 +612,6 @@ def _working_copy(model: nn.Module, dev: torch.device) -> nn.Module:
     return copy.deepcopy(model).eval().to(dev)
 
 
-def _inputs(x: Tensor, dev: torch.device, dtype: torch.dtype) -> Tensor:
-    """Floating inputs on `dev` in the state's dtype; integer inputs (token ids) stay integer."""
-    return x.to(dev, dtype) if x.is_floating_point() else x.to(dev)
-
-
 def _take(y: Tensor | None, sl: slice) -> Tensor | None:
     return None if y is None else y[sl]
 
@@ -626,7 +630,7 @@ def _tiles(s: _Setup, x1, y1, x2, y2, block: int, info: dict,
         return skip is None or not all(skip(r, c) for r, c in pairs)
 
     if x2 is None:
-        n = len(x1)
+        n = inputs.count(x1)
         if n <= block:
             if not needed((slice(0, n), slice(0, n))):
                 return
@@ -638,7 +642,7 @@ def _tiles(s: _Setup, x1, y1, x2, y2, block: int, info: dict,
         parts = _chunks(n, block // 2)
         for ia in parts:  # the diagonal blocks, each on its own
             if needed((ia, ia)):
-                g = _block(s, x1[ia], _take(y1, ia)).cpu()
+                g = _block(s, inputs.take(x1, ia), _take(y1, ia)).cpu()
                 info["blocks"] += 1
                 d = _diag(g)
                 yield GramBlock(ia, ia, g, d, d)
@@ -647,12 +651,12 @@ def _tiles(s: _Setup, x1, y1, x2, y2, block: int, info: dict,
                 ia, ib = parts[a], parts[b]
                 if not needed((ia, ib)):
                     continue
-                g = _block(s, torch.cat([x1[ia], x1[ib]]), _cat(_take(y1, ia), _take(y1, ib)),
+                g = _block(s, inputs.cat([inputs.take(x1, ia), inputs.take(x1, ib)]), _cat(_take(y1, ia), _take(y1, ib)),
                            split=ia.stop - ia.start).cpu()
                 info["blocks"] += 1
                 yield GramBlock(ia, ib, g, None, None)
         return
-    n1, n2 = len(x1), len(x2)
+    n1, n2 = inputs.count(x1), inputs.count(x2)
     size = block if n1 + n2 <= block else max(1, block // 2)
     rows = [slice(0, n1)] if n1 + n2 <= block else _chunks(n1, size)
     cols = [slice(0, n2)] if n1 + n2 <= block else _chunks(n2, size)
@@ -660,7 +664,7 @@ def _tiles(s: _Setup, x1, y1, x2, y2, block: int, info: dict,
         for ib in cols:
             if not needed((ia, ib)):
                 continue
-            g = _block(s, torch.cat([x1[ia], x2[ib]]), _cat(_take(y1, ia), _take(y2, ib))).cpu()
+            g = _block(s, inputs.cat([inputs.take(x1, ia), inputs.take(x2, ib)]), _cat(_take(y1, ia), _take(y2, ib))).cpu()
             info["blocks"] += 1
             na = ia.stop - ia.start
             d = _diag(g)
@@ -670,8 +674,8 @@ def _tiles(s: _Setup, x1, y1, x2, y2, block: int, info: dict,
 def gram(
     model: nn.Module,
     state: State,
-    x1: Tensor,
-    x2: Tensor | None = None,
+    x1: Inputs,
+    x2: Inputs | None = None,
     *,
     y1: Tensor | None = None,
     y2: Tensor | None = None,
@@ -708,8 +712,8 @@ def gram(
     when a derivative is not finite (e.g. a NaN loss at this state).
     """
     check_choice("of", of, OFS)
-    n1 = len(x1)
-    n2 = n1 if x2 is None else len(x2)
+    n1 = inputs.count(x1)
+    n2 = n1 if x2 is None else inputs.count(x2)
     info: dict = {}
     matrix = diag1 = diag2 = None
     for blk in gram_blocks(model, state, x1, x2, y1=y1, y2=y2, of=of, loss=loss,

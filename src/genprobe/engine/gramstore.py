@@ -26,8 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import outputs
+from .. import inputs, outputs
 from ..errors import DataError, OutputError, first_line
+from ..inputs import Inputs
 from .grams import gram_blocks
 
 KIND = "kernels"
@@ -61,8 +62,8 @@ def stream_gram(
     fingerprint: Mapping[str, Any],
     model: nn.Module,
     state: Mapping[str, Tensor],
-    x1: Tensor,
-    x2: Tensor | None = None,
+    x1: Inputs,
+    x2: Inputs | None = None,
     *,
     on_block=None,
     **options,
@@ -80,7 +81,8 @@ def stream_gram(
     fingerprint = json.loads(json.dumps(dict(fingerprint)))
     meta = _read_meta(meta_file, fingerprint) if meta_file.exists() else None
     square = x2 is None
-    n1, n2 = len(x1), len(x1) if square else len(x2)
+    n1 = inputs.count(x1)
+    n2 = n1 if square else inputs.count(x2)
     info: dict = {}
     disk = None
     done: set[str] = set(meta["done"]) if meta else set()
@@ -237,13 +239,16 @@ def _read_meta(path: Path, fingerprint: dict) -> dict:
     return meta
 
 
-def digest(*tensors: Tensor | Mapping[str, Tensor]) -> str:
-    """A short content digest of tensors (or state dicts), for fingerprints."""
+def digest(*tensors: Tensor | tuple | Mapping[str, Tensor]) -> str:
+    """A short content digest of tensors (or tuples of them, or state dicts and other mappings:
+    an input structure), for fingerprints."""
     import hashlib
 
     h = hashlib.sha256()
     for t in tensors:
-        for key, v in (sorted(t.items()) if isinstance(t, Mapping) else [("", t)]):
+        items = (sorted(t.items()) if isinstance(t, Mapping) else
+                 [(f"[{i}]", v) for i, v in enumerate(t)] if isinstance(t, tuple) else [("", t)])
+        for key, v in items:
             v = v.detach().cpu().contiguous()
             h.update(f"{key}{tuple(v.shape)}{v.dtype}".encode())
             h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.func import functional_call
 
+from ..inputs import Inputs
 from .edits import ActivationContext, ActivationFn
 
 
@@ -39,8 +40,8 @@ class Program:
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         if not placeholders:
             raise fx.proxy.TraceError("the traced graph has no input")
-        self.input = placeholders[0]
-        self.extra_inputs = {n: (n.args[0] if n.args else None) for n in placeholders[1:]}
+        self.placeholders = placeholders
+        self.defaults = {n: (n.args[0] if n.args else None) for n in placeholders}
         self.output = next(n for n in self.nodes if n.op == "output")
         modules = dict(self.gm.named_modules())
         self.module_keys: dict[fx.Node, list[tuple[str, str]]] = {}
@@ -164,13 +165,30 @@ class Program:
     def has_call_site(self, module: str) -> bool:
         return any(n.op == "call_module" and n.target == module for n in self.nodes)
 
-    def run_base(self, x: Tensor) -> dict[fx.Node, Any]:
-        env: dict[fx.Node, Any] = {}
+    def bind(self, x: Inputs) -> dict[fx.Node, Any]:
+        """The graph's inputs for a batch `x`: a tensor is the first argument, a tuple the
+        first arguments in order, a dict the arguments of those names; the rest keep their
+        defaults. TypeError on a name the forward does not take."""
+        env = dict(self.defaults)
+        if isinstance(x, Tensor):
+            env[self.placeholders[0]] = x
+        elif isinstance(x, dict):
+            named = {n.target: n for n in self.placeholders}
+            for k, v in x.items():
+                if k not in named:
+                    raise TypeError(f"the traced forward takes no argument {k!r}")
+                env[named[k]] = v
+        else:
+            if len(x) > len(self.placeholders):
+                raise TypeError(f"the traced forward takes {len(self.placeholders)} arguments, got {len(x)}")
+            env.update(zip(self.placeholders[:len(x)], x, strict=True))
+        return env
+
+    def run_base(self, x: Inputs) -> dict[fx.Node, Any]:
+        env = self.bind(x)
         empty = ActivationContext(torch.empty(0, dtype=torch.long))
         for n in self.nodes:
-            if n.op == "placeholder":
-                env[n] = x if n is self.input else self.extra_inputs[n]
-            else:
+            if n.op != "placeholder":
                 env[n] = self.run_node(n, env.__getitem__, {}, {}, empty)
         return env
 

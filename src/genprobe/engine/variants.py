@@ -82,12 +82,14 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, fx, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 
+from .. import inputs
 from ..device import resolve_device
 from ..errors import ConfigError, ModuleSelectionError, StateError, check_choice
 from ..evaluate import DEFAULT_BATCH_SIZE, cpu_chunk
 from ..evaluate import per_example as loss_and_error
+from ..inputs import Inputs
 from ..memory import resolve_memory_budget
 from ..options import check_int
 from ..params import state_keys
@@ -206,7 +208,7 @@ class VariantEvaluator:
     def _try_channels_last(self) -> bool:
         """Switch the private model to channels-last when it is a conv net on images and its
         forward gives the same outputs that way (a ``.view`` on a conv output would not)."""
-        if self.data.x.dim() != 4 or not any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
+        if not isinstance(self.data.x, Tensor) or self.data.x.dim() != 4 or not any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
             return False
         x = self._input(torch.arange(min(4, len(self.data))))
         with torch.no_grad():
@@ -221,16 +223,13 @@ class VariantEvaluator:
             self.model.to(memory_format=torch.contiguous_format)
         return False
 
-    def _input(self, index: Tensor | slice) -> Tensor:
+    def _input(self, index: Tensor | slice) -> Inputs:
         """The inputs `index` on the device, floating ones in the model's dtype, integer ones
         (token ids) unchanged. A slice may be a view of the caller's data: never written to."""
-        x = self.data.x[index]
+        x = inputs.take(self.data.x, index)
         if isinstance(index, slice) and (self._profile is None or self._profile.writes_input):
-            x = x.clone()  # the model writes its input in place: never the caller's data
-        if x.is_floating_point() and self.input_dtype is not None:
-            x = x.to(self.device, self.input_dtype)
-        else:
-            x = x.to(self.device)
+            x = inputs.clone(x)  # the model writes its input in place: never the caller's data
+        x = inputs.move(x, self.device, self.input_dtype)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     # -- public ----------------------------------------------------------------
@@ -286,7 +285,7 @@ class VariantEvaluator:
             if env is not None:
                 base_out = _check_logits(env[program.output])
             elif need_base:
-                base_out = _check_logits(self.model(x))
+                base_out = _check_logits(inputs.call(self.model, x))
             for plan, acc in zip(plans, accs, strict=True):
                 out = self._run_plan(plan, program, env, x, index, base_out)
                 acc.add(out, y, per_example, logits)
@@ -340,11 +339,11 @@ class VariantEvaluator:
     def _module_profile(self) -> _Profile:
         if self._profile is None:
             x = self._input(torch.arange(min(4, len(self.data))))
-            k = max(len(x), 1)
+            k = max(inputs.count(x), 1)
             order: dict[str, int] = {}
             calls: list[tuple[int, float]] = []
             started: dict[str, int] = {}
-            sizes = [x.numel() * x.element_size() / k]
+            sizes = [v.numel() * v.element_size() / k for v in inputs.leaves(x)]
             counter = 0
 
             def pre(name):
@@ -368,13 +367,13 @@ class VariantEvaluator:
             for name, m in self.model.named_modules():
                 handles.append(m.register_forward_pre_hook(pre(name)))
                 handles.append(m.register_forward_hook(post(name)))
-            version = x._version
+            version = inputs.version(x)
             try:
-                self.model(x)
+                inputs.call(self.model, x)
             finally:
                 for h in handles:
                     h.remove()
-            self._profile = _Profile(order, calls, max(sizes), x._version != version)
+            self._profile = _Profile(order, calls, max(sizes), inputs.version(x) != version)
         return self._profile
 
     # -- planning ----------------------------------------------------------------
@@ -513,7 +512,7 @@ class VariantEvaluator:
     def _verify(self, program: Program) -> None:
         x = self._input(torch.arange(min(4, len(self.data))))
         ours = program.run_base(x)[program.output]
-        theirs = self.model(x)
+        theirs = inputs.call(self.model, x)
         if not (isinstance(ours, Tensor) and ours.shape == theirs.shape
                 and torch.allclose(ours, theirs, rtol=1e-4, atol=1e-5)):
             raise RuntimeError("the traced graph's output differs from the model's forward")
@@ -580,8 +579,8 @@ class VariantEvaluator:
                  for m, fn in acts.items()]
         try:
             if override:
-                return _check_logits(functional_call(self.model, override, (x,)))
-            return _check_logits(self.model(x))
+                return _check_logits(inputs.call(self.model, x, override))
+            return _check_logits(inputs.call(self.model, x))
         finally:
             for h in hooks:
                 h.remove()

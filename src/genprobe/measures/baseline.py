@@ -432,7 +432,7 @@ def baselines(subject, *, split: str = "train", n: int | None = None, seed: int 
                        "the initial state θ⁰ (pass init=<state_dict at init> to Subject)")
     out = {"params": float(sum(final[k].numel() for k in P.state_keys(model)[0]))}
     out |= _norm_measures(model, final, init)
-    if data.x.is_floating_point():
+    if isinstance(data.x, Tensor) and data.x.is_floating_point():
         out["log_path_norm"] = log_path_norm(model, final, tuple(data.x.shape[1:]))
     else:
         out["log_path_norm"] = _nan("log_path_norm", "the inputs are not floating point")

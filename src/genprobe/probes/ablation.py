@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .. import progress
+from .. import inputs, progress
 from ..engine.activations import UnitStats
 from ..engine.edits import Edit, masks_edit
 from ..engine.variants import VariantEvaluator
@@ -172,7 +172,7 @@ def ablation(
     check_int("orders", orders, 1)
     check_int("steps", steps, 1, optional=True)
     seed = check_int("seed", seed, 0)
-    units = layer_sites(subject, layers, subject.data("train").x[:3])
+    units = layer_sites(subject, layers, inputs.take(subject.data("train").x, slice(0, 3)))
     sites = list(units)
     data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
     if scope == "per-layer":

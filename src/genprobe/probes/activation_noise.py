@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import progress
+from .. import inputs, progress
 from ..engine.edits import Edit, activation_noise_edit
 from ..engine.variants import VariantEvaluator
 from ..errors import ConfigError
@@ -102,7 +102,7 @@ def activation_noise(
     check_int("draws", draws, 1)
     seed = check_int("seed", seed, 0)
     scales = _check_scales(DEFAULT_SCALES if scales is None else scales)
-    sites = list(layer_sites(subject, layers, subject.data("train").x[:3]))
+    sites = list(layer_sites(subject, layers, inputs.take(subject.data("train").x, slice(0, 3))))
     data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
     check_resources(batch_size=batch_size, memory_budget=memory_budget, device=device)
     options_checked()

@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .. import progress
+from .. import inputs, progress
 from ..device import resolve_device
 from ..engine import spectrum
 from ..engine.grams import IMPLEMENTATIONS, Implementation, gram
@@ -353,10 +353,8 @@ def _sample(subject: Subject, split: str, n, per_class, seed: int) -> tuple[Data
 
 
 def _output_count(subject: Subject, data: Data) -> int:
-    from torch.func import functional_call
-
     with torch.no_grad():
-        out = functional_call(subject.model, dict(subject.final), (data.x[:1],))
+        out = inputs.call(subject.model, inputs.take(data.x, slice(0, 1)), dict(subject.final))
     return int(out[0].numel())
 
 
@@ -398,12 +396,10 @@ def _self_check(subject: Subject, train: Data, kernel: Tensor | None, files: dic
     state = dict(subject.final)  # the weights probed, never the module's own
     params = {k: state[k].detach().clone().requires_grad_(True)
               for k, _ in subject.model.named_parameters()}
-    from torch.func import functional_call
-
     rows = []
     for i in range(m):
         with torch.enable_grad():
-            out = functional_call(subject.model, {**state, **params}, (train.x[i:i + 1],)).reshape(-1)
+            out = inputs.call(subject.model, inputs.take(train.x, slice(i, i + 1)), {**state, **params}).reshape(-1)
             per_k = []
             for k in range(len(out)):
                 g = torch.autograd.grad(out[k], list(params.values()), retain_graph=True, allow_unused=True)

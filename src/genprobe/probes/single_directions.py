@@ -20,9 +20,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .. import inputs
 from ..engine.activations import UnitStats, activation_stats, unit_dim
 from ..errors import ModuleSelectionError
 from ..figures import new_figure, styled
+from ..inputs import Inputs
 from ..params import select_sites
 from ..results import Result, percent
 from ..subject import Subject
@@ -32,7 +34,7 @@ ALL = "all"
 
 
 
-def layer_sites(subject: Subject, layers, example: Tensor) -> dict[str, int]:
+def layer_sites(subject: Subject, layers, example: Inputs) -> dict[str, int]:
     """The layers to probe and their unit counts ``{layer: C}`` (the size of the output's unit
     dim, :func:`~genprobe.engine.activations.unit_dim`), in forward order, checked on `example`
     (a couple of inputs).
@@ -50,11 +52,11 @@ def layer_sites(subject: Subject, layers, example: Tensor) -> dict[str, int]:
     usable = {}
     for site in sites:
         shape = shapes.get(site)
-        if not isinstance(shape, tuple) or len(shape) < 2 or shape[0] != len(example):
+        if not isinstance(shape, tuple) or len(shape) < 2 or shape[0] != inputs.count(example):
             if layers is not None:
                 what = "is never called" if site not in shapes else f"gives {shape!r}"
                 if isinstance(shape, tuple) and len(shape) >= 2:  # e.g. position embeddings
-                    what += f" for {len(example)} examples, not one row per example"
+                    what += f" for {inputs.count(example)} examples, not one row per example"
                 raise ModuleSelectionError(f"layer {site!r} {what}: its output has no unit dimension "
                                            "(need a tensor (N, C, ...)); choose another layer")
             continue
@@ -86,7 +88,7 @@ def _output_shapes(subject: Subject, x: Tensor, sites: Sequence[str]) -> dict[st
         handles.append(modules[site].register_forward_hook(hook))
     try:
         with torch.no_grad():
-            torch.func.functional_call(model, subject.final, (x,))
+            inputs.call(model, x, subject.final)
     finally:
         for h in handles:
             h.remove()

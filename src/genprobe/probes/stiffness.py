@@ -33,11 +33,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .. import progress
+from .. import inputs, progress
 from ..engine.grams import IMPLEMENTATIONS, Implementation, cosine_from_gram, gram, resolve_loss
 from ..errors import DataError, StateError, check_choice
 from ..evaluate import logits, per_example
 from ..figures import BLACK, DIVERGING, GREY, VERMILLION, new_figure, styled
+from ..inputs import Inputs
 from ..options import (
     Checkpoints,
     check_int,
@@ -284,7 +285,7 @@ def _self_check(subject: Subject, state: dict, data: Data, diag: Tensor, cos: Te
     params, buffers = split_state(model, state)
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     with torch.enable_grad():
-        out = torch.func.functional_call(model, (leaves, buffers), (data.x[:1],))
+        out = inputs.call(model, inputs.take(data.x, slice(0, 1)), (leaves, buffers))
         loss = resolve_loss("cross_entropy")(out, data.y[:1]).sum()
         grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
     plain = sum(float(g.double().pow(2).sum()) for g in grads if g is not None)
@@ -311,8 +312,9 @@ def _check_losses(subject: Subject, state: dict, data: Data, positions: Tensor, 
                         f"example(s), positions {shown}: stiffness is undefined there")
 
 
-def _pair_distance(x1: Tensor, x2: Tensor, kind: str) -> Tensor:
-    a, b = x1.reshape(len(x1), -1).double(), x2.reshape(len(x2), -1).double()
+def _pair_distance(x1: Inputs, x2: Inputs, kind: str) -> Tensor:
+    """(N1, N2) input-space distances; a tuple's or mapping's parts are flattened and joined."""
+    a, b = (torch.cat([v.reshape(len(v), -1).double() for v in inputs.leaves(x)], 1) for x in (x1, x2))
     if kind == "euclidean":
         return torch.cdist(a, b)
     na, nb = a.norm(dim=1), b.norm(dim=1)
