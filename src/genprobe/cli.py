@@ -547,11 +547,25 @@ def sweep(
     jobs: int | None = typer.Option(None, help="Runs at once (default: the config's jobs, else 1)."),
     threads: int | None = typer.Option(None, help="Threads per run (default: the config's, else "
                                        "an equal share of the cores). Results depend on it."),
-    executor: str = typer.Option("local", help="local (worker processes, no Ray) or ray."),
+    executor: str = typer.Option("local", help="local (worker processes, no Ray), ray, or submitit "
+                                 "(a SLURM job per run; pip install 'genprobe[submitit]')."),
     address: str | None = typer.Option(None, help="Ray cluster address host:port (with --executor "
                                        "ray; default: a local Ray instance)."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     allow_large: bool = typer.Option(False, help="Accept a sweep of more than 1,000 runs."),
+    slurm_partition: str | None = typer.Option(None, help="SLURM partition(s) of the jobs "
+                                               "(--executor submitit; default: the config's "
+                                               "slurm: partition, else the cluster's default)."),
+    slurm_time: int | None = typer.Option(None, help="Time limit of each job, minutes (default: "
+                                          "the config's slurm: time, else 60)."),
+    slurm_cpus: int | None = typer.Option(None, help="CPUs per job (default: the config's slurm: "
+                                          "cpus, else --threads, else 1)."),
+    slurm_gpus: int | None = typer.Option(None, help="GPUs per job (default: the config's slurm: "
+                                          "gpus, else 0)."),
+    slurm_mem: float | None = typer.Option(None, help="Memory per job, GB (default: the config's "
+                                           "slurm: mem, else the partition's default)."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="--no-wait: submit the jobs and return "
+                              "(--executor submitit); the same command again collects them."),
 ) -> None:
     """Train a grid of models and probe each (SWEEP/table.parquet); re-run to resume or retry."""
     import pandas as pd
@@ -561,15 +575,30 @@ def sweep(
 
     cfg = SweepConfig.from_yaml(config)
     out = out or default_out(cfg)
+    slurm = {k: v for k, v in (("partition", slurm_partition), ("time", slurm_time),
+                               ("cpus", slurm_cpus), ("gpus", slurm_gpus), ("mem", slurm_mem))
+             if v is not None}
+    again = (f"genprobe sweep {config} --out {out}"
+             + (" --executor submitit" if executor == "submitit" else ""))
 
     def kept() -> str:
+        jobs_go_on = "; its SLURM jobs go on" if executor == "submitit" else ""
         return (f"{out} keeps {len(records(out))} recorded run(s) and the trained epochs of unfinished "
-                f"ones; resume with: genprobe sweep {config} --out {out}")
+                f"ones{jobs_go_on}; resume with: {again}")
 
     global _on_interrupt
     _on_interrupt = kept
     outcome = run_sweep(cfg, out, jobs=jobs, threads=threads, executor=executor, address=address,
-                        device=device, allow_large=allow_large)
+                        device=device, allow_large=allow_large, slurm=slurm, wait=wait)
+    if outcome.running:
+        before = outcome.running - outcome.submitted
+        typer.echo(f"submitted {outcome.submitted} job(s)"
+                   + (f" ({before} more still queued or running from before)" if before else "")
+                   + f"; {outcome.done} of {outcome.runs} runs done; their logs are in "
+                   f"{out / 'submitit'}. Collect them with the same command without --no-wait "
+                   f"(it waits for the jobs, submits again those that died, and writes "
+                   f"{out / TABLE}): {again}")
+        return
     shown = [c for c in ("run", *outcome.table.attrs["hyperparameters"], "test_error",
                          "gap", "status") if c in outcome.table.columns]
     with pd.option_context("display.max_rows", 60, "display.width", 160,

@@ -19,6 +19,7 @@ A sweep config (YAML) names the runs and the probes::
     figures: true                        # save each probe's figure.png (false: faster)
     jobs: 2                              # optional defaults of --jobs and --threads
     threads: 1
+    slurm: {partition: gpu, time: 120, cpus: 4, gpus: 1, mem: 16}   # --executor submitit's jobs
 
 Keys in ``train``, ``grid`` and ``runs`` are :class:`~genprobe.zoo.train.TrainConfig` fields or
 options of the run's architecture (``width``, ``depth``, ``batchnorm``, ``dropout`` ... go to
@@ -36,6 +37,8 @@ The sweep directory (``OUT``)::
                           (each probe's saved result) and record.json (see below)
     table.parquet         one row per run, in the config's expansion order (see :func:`read_table`)
     table.json            the table's column groups and counts (also in ``table.attrs``)
+    submitit/             with --executor submitit: jobs.json (the jobs submitted for each run)
+                          and logs/<job id>/ (submitit's pickled call, stdout, stderr, result)
 
 A run's id is readable and a function of its training config alone (:func:`run_id`), so the same
 config always maps to the same directory. A unit of work is one run: train it (continuing a run

@@ -22,7 +22,7 @@ from ..outputs import jsonable
 log = logging.getLogger(__name__)
 
 KEYS = ("name", "train", "grid", "runs", "probes", "baselines", "measures", "ranking", "figures",
-        "jobs", "threads")
+        "jobs", "threads", "slurm")
 """The keys of a sweep config."""
 NOT_SWEPT = ("device", "data_dir")
 """TrainConfig fields that say where a run computes or finds its data, not what it trains: they
@@ -84,6 +84,7 @@ class SweepConfig:
     name: str = "sweep"
     jobs: int | None = None
     threads: int | None = None
+    slurm: dict[str, Any] = field(default_factory=dict)
     source: str = "sweep config"
 
     @classmethod
@@ -127,10 +128,11 @@ class SweepConfig:
                      measures=_user_measures(data.get("measures"), source),
                      ranking=_ranking(data.get("ranking"), source), figures=figures,
                      name=name, jobs=data.get("jobs"), threads=data.get("threads"), source=source)
-        from ..executors import check_jobs
+        from ..executors import check_jobs, check_slurm
 
         try:
             check_jobs(config.jobs, config.threads)
+            config.slurm = check_slurm(data.get("slurm"))
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
         return config
@@ -141,7 +143,8 @@ class SweepConfig:
                           "probes": self.probes,
                           "baselines": False if self.baselines is None else self.baselines,
                           "measures": self.measures, "ranking": self.ranking,
-                          "figures": self.figures}, strict=False)
+                          "figures": self.figures}
+                         | ({"slurm": self.slurm} if self.slurm else {}), strict=False)
 
     def size(self) -> int:
         """How many runs the grid and the explicit runs make (before repeats are merged)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from .._version import __version__
+from ..errors import OutputError
 from .config import SweepConfig
 from .layout import (
     _current,
@@ -19,6 +20,7 @@ from .layout import (
     _write_table,
     build_table,
     read_table,
+    records,
     run_dir,
     write_record,
 )
@@ -29,7 +31,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class SweepOutcome:
     """What :func:`run_sweep` did: the sweep directory, its table, and how many runs were done
-    before (``reused``), are done now, and failed."""
+    before (``reused``), are done now, and failed; with ``--executor submitit``, how many jobs
+    it submitted and left running."""
 
     out: Path
     table: pd.DataFrame
@@ -37,6 +40,11 @@ class SweepOutcome:
     done: int
     failed: int
     reused: int
+    submitted: int = 0
+    """Jobs this invocation submitted (``--executor submitit``; 0 otherwise)."""
+    running: int = 0
+    """Jobs left queued or running when it returned (``wait=False``; 0 otherwise): the next
+    invocation collects them."""
 
     @property
     def failed_runs(self) -> list[str]:
@@ -52,34 +60,48 @@ def run_sweep(config: SweepConfig | str | Path, out: str | Path | None = None, *
               jobs: int | None = None, threads: int | None = None, executor: str = "local",
               address: str | None = None, device: str = "auto",
               progress: bool = True, on_run: Callable[[dict], None] | None = None,
-              allow_large: bool = False) -> SweepOutcome:
+              allow_large: bool = False, slurm: Mapping[str, Any] | None = None,
+              wait: bool = True) -> SweepOutcome:
     """Run a sweep (a :class:`SweepConfig`, or the path of its YAML file) into `out` (default
     :func:`default_out`); see the module docstring.
 
     ``jobs`` / ``threads``: concurrent runs and intra-op threads per run (defaults: the config's,
-    else 1 job and an equal share of the cores). Results depend on the thread count (floating-point
+    else 1 job and an equal share of the cores; with ``submitit``, ``jobs`` alone caps the runs at
+    once, and threads default to the job's CPUs). Results depend on the thread count (floating-point
     summation order), not on the number of jobs; each record keeps its thread count.
-    ``executor``: ``local`` (:class:`~genprobe.executors.LocalExecutor`) or ``ray``
-    (:class:`~genprobe.executors.RayExecutor`, at ``address`` or a local instance). ``device``:
-    where runs train and probes compute. ``on_run(record)`` is called as each run finishes.
-    ``allow_large``: accept more than :data:`LARGE` runs.
+    ``executor``: ``local`` (:class:`~genprobe.executors.LocalExecutor`), ``ray``
+    (:class:`~genprobe.executors.RayExecutor`, at ``address`` or a local instance) or
+    ``submitit`` (:class:`~genprobe.executors.SubmititExecutor`: a SLURM job per run, with the
+    config's ``slurm:`` options updated by ``slurm``; ``wait=False`` submits and returns, and the
+    next invocation collects). ``device``: where runs train and probes compute. ``on_run(record)``
+    is called as each run finishes. ``allow_large``: accept more than :data:`LARGE` runs.
 
     Everything is checked before anything is written. A failed run is recorded and the sweep
     goes on; the outcome counts them. Raises OutputError when `out` is not a sweep directory
     genprobe made, or another sweep holds it.
     """
     from ..device import resolve_device
-    from ..executors import check_jobs, make_executor
+    from ..executors import check_slurm, make_executor, running_jobs
 
     if not isinstance(config, SweepConfig):
         config = SweepConfig.from_yaml(config)
     resolve_device(device)
     runs = config.expand(allow_large=allow_large, device=device)
-    jobs, threads = check_jobs(jobs if jobs is not None else config.jobs,
-                               threads if threads is not None else config.threads)
-    runner = make_executor(executor, jobs=jobs, threads=threads, address=address, device=device)
     out = Path(out) if out is not None else default_out(config)
+    flags = check_slurm(slurm)
+    if jobs is None and executor != "submitit":  # the config's jobs: fit a machine's cores; a
+        jobs = config.jobs  # cluster's scheduler starts as many jobs as it can, unless --jobs
+    runner = make_executor(executor, jobs=jobs,
+                           threads=threads if threads is not None else config.threads,
+                           address=address, device=device, out=out, wait=wait, name=config.name,
+                           slurm=config.slurm | flags if executor == "submitit" else flags,
+                           run_seconds=_longest_run(out) if executor == "submitit" else None)
+    threads = runner.threads
     _SweepDirectory(out).check()  # before Ray starts
+    if executor != "submitit" and (busy := running_jobs(out, [r.id for r in runs])):
+        raise OutputError(f"{len(busy)} job(s) that --executor submitit submitted still run in "
+                          f"{out} ({', '.join(busy[:3])}{' ...' if len(busy) > 3 else ''}); collect "
+                          "them with --executor submitit, or cancel them (scancel) first")
     with runner, _SweepDirectory(out) as directory:
         directory.clean()
         directory.forget_changed_probes(config)
@@ -101,7 +123,26 @@ def run_sweep(config: SweepConfig | str | Path, out: str | Path | None = None, *
     table = read_table(out)  # as every reader will see it (parquet's own dtypes)
     done = int((table.status == "done").sum())
     return SweepOutcome(out=out, table=table, runs=len(runs), done=done,
-                        failed=int((table.status == "failed").sum()), reused=reused)
+                        failed=int((table.status == "failed").sum()), reused=reused,
+                        submitted=getattr(runner, "submitted", 0),
+                        running=getattr(runner, "running", 0))
+
+
+def _longest_run(out: Path) -> float | None:
+    """The wall seconds of the longest run recorded done in the sweep directory `out` (the
+    estimate a job's time limit is checked against); None when none is."""
+    import json
+
+    longest = None
+    for path in records(out) if out.is_dir() else []:
+        try:
+            record = json.loads(path.read_text())
+            seconds = float(record["seconds"]) if record.get("status") == "done" else math.nan
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        if math.isfinite(seconds):
+            longest = seconds if longest is None else max(longest, seconds)
+    return longest
 
 
 def _execute(runner, todo, runs, records, out, reused, show, on_run, config) -> None:
