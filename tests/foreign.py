@@ -266,8 +266,9 @@ def make_subject(name: str, *, n_train: int = 32, n_test: int = 24, seed: int = 
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = factory().to(dtype)
-    x_train, x_test = (model_inputs(shape, n, g, dtype) for n in (n_train, n_test))
+    x_train = model_inputs(shape, n_train, g, dtype)
     y_train = torch.randint(0, k, (n_train,), generator=g)
+    x_test = model_inputs(shape, n_test, g, dtype)
     y_test = torch.randint(0, k, (n_test,), generator=g)
     init = {k_: v.clone() for k_, v in model.state_dict().items()}
     output = getattr(factory, "OUTPUT", None)

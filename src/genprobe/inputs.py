@@ -9,7 +9,8 @@ structure with the example dimension first on every tensor ("leaf"):
   ``model(**inputs)`` (a tokenizer's ``BatchEncoding`` is a mapping and is read as one).
 
 Floating leaves are cast to the model's dtype when moved; integer leaves (token ids, attention
-masks) are never cast. The functions here are the one place that knows the structure: the
+masks) are never cast. :class:`Streamed` inputs stay in their Dataset and are read a batch at a
+time (:func:`take`), for data larger than memory. The functions here are the one place that knows the structure: the
 engines batch, slice, stack and move inputs through them, so a tensor input takes the same path
 it always did (each function's first branch) at no cost.
 """
@@ -17,12 +18,13 @@ it always did (each function's first branch) at no cost.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .errors import DataError
+from .errors import DataError, one_line
 
 Inputs = Tensor | tuple | dict
 """A batch of inputs: a tensor, a tuple of tensors, or a dict of names to tensors (N first)."""
@@ -54,6 +56,47 @@ def _leaf(v: Any) -> Tensor:
     return v if isinstance(v, Tensor) else torch.as_tensor(v)
 
 
+def read_item(dataset: Any, i: int, what: str) -> tuple[Any, Any]:
+    """Item `i` of a map-style `dataset` as its ``(input, label)`` pair; DataError naming the
+    index when ``__getitem__`` raises or returns something else than a pair."""
+    try:
+        item = dataset[i]
+    except Exception as exc:  # noqa: BLE001 - the user's Dataset: say where it failed
+        raise DataError(f"{what}: reading item {i} of the dataset raised "
+                        f"{type(exc).__name__}: {one_line(exc, 120)}") from None
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        got = f"a {type(item).__name__}" + (f" of {len(item)}" if isinstance(item, (tuple, list)) else "")
+        raise DataError(f"{what}: item {i} of the dataset is {got}, not an (input, label) pair; "
+                        "return (input, label) from __getitem__")
+    return item[0], item[1]
+
+
+@dataclass(frozen=True, eq=False)
+class Streamed:
+    """Inputs left in a map-style Dataset: items ``positions`` of ``dataset``, read a batch at
+    a time by :func:`take` (and checked as they are read, floating parts cast to ``dtype``).
+    ``first``: item ``positions[0]``'s input, read once, for shapes and messages."""
+
+    dataset: Any
+    positions: Tensor  # (N,) int64 indices into dataset
+    what: str
+    first: Inputs
+    dtype: torch.dtype | None = None
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def read(self, index: Tensor | slice | Sequence[int]) -> Inputs:
+        """Examples `index` (of this selection), read from the Dataset and stacked."""
+        where = self.positions[index]
+        items = [read_item(self.dataset, int(i), self.what)[0] for i in where.reshape(-1).tolist()]
+        if not items:
+            return take(stack([self.first], self.what), slice(0, 0))
+        x = stack(items, self.what, [int(i) for i in where.reshape(-1)], reference=self.first)
+        check(x, self.what, where.reshape(-1))
+        return x if self.dtype is None else move(x, "cpu", self.dtype)
+
+
 def leaves(x: Inputs) -> list[Tensor]:
     """The tensors of `x`, in order (a dict's in its key order)."""
     if isinstance(x, Tensor):
@@ -70,18 +113,25 @@ def apply(fn: Callable[[Tensor], Tensor], x: Inputs) -> Inputs:
     return tuple(fn(v) for v in x)
 
 
-def count(x: Inputs) -> int:
+def count(x: Inputs | Streamed) -> int:
     """Number of examples (the leading dimension)."""
-    return len(x) if isinstance(x, Tensor) else len(leaves(x)[0])
+    return len(x) if isinstance(x, (Tensor, Streamed)) else len(leaves(x)[0])
 
 
-def take(x: Inputs, index: Tensor | slice | Sequence[int]) -> Inputs:
-    """Examples `index` of `x` (a slice keeps views)."""
+def take(x: Inputs | Streamed, index: Tensor | slice | Sequence[int]) -> Inputs:
+    """Examples `index` of `x` (a slice keeps views; streamed inputs are read)."""
     if isinstance(x, Tensor):
         return x[index]
     if not isinstance(index, (Tensor, slice)):
         index = torch.as_tensor(index, dtype=torch.long)
+    if isinstance(x, Streamed):
+        return x.read(index)
     return apply(lambda v: v[index], x)
+
+
+def load(x: Inputs | Streamed) -> Inputs:
+    """`x` in memory: streamed inputs read whole (for a sample a probe drew), others as they are."""
+    return x.read(slice(None)) if isinstance(x, Streamed) else x
 
 
 def move(x: Inputs, device: torch.device | str, dtype: torch.dtype | None) -> Inputs:
@@ -96,10 +146,11 @@ def clone(x: Inputs) -> Inputs:
     return x.clone() if isinstance(x, Tensor) else apply(Tensor.clone, x)
 
 
-def shares(a: Inputs, b: Inputs) -> bool:
+def shares(a: Inputs, b: Inputs | Streamed) -> bool:
     """Whether a leaf of `a` starts at the same storage as the corresponding leaf of `b` (a
-    slice of the caller's data, which a model writing its input would corrupt)."""
-    return any(u.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    slice of the caller's data, which a model writing its input would corrupt). Batches read
+    from streamed inputs are new tensors."""
+    return not isinstance(b, Streamed) and any(u.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
                for u, v in zip(leaves(a), leaves(b), strict=True))
 
 
@@ -162,16 +213,20 @@ def structure(x: Inputs) -> tuple:
     return ("tuple", tuple(one(v) for v in x))
 
 
-def stack(items: Sequence[Any], what: str) -> Inputs:
+def stack(items: Sequence[Any], what: str, positions: Sequence[int] | None = None,
+          reference: Inputs | None = None) -> Inputs:
     """Batch per-example inputs (each a tensor, tuple or mapping of one example, without the
-    example dimension) into one Inputs. DataError naming the first item whose structure (kind,
-    keys, shapes) differs from item 0's."""
+    example dimension) into one Inputs. DataError naming the first item (by its `positions` in
+    the dataset, default 0, 1, ...) whose structure (kind, keys, shapes) differs from
+    `reference`'s (default: the first item's; named item 0)."""
     parts = [normalize(i) for i in items]
-    ref = structure(parts[0])
-    for i, p in enumerate(parts):
+    positions = list(range(len(parts))) if positions is None else list(positions)
+    first = parts[0] if reference is None else reference
+    ref = structure(first)
+    for i, p in zip(positions, parts, strict=True):
         if structure(p) != ref:
             raise DataError(f"{what}: item {i}'s input is {_kind(p)} {describe(p, 0)}, item 0's "
-                            f"{_kind(parts[0])} {describe(parts[0], 0)}; every input must have the "
+                            f"{_kind(first)} {describe(first, 0)}; every input must have the "
                             "same structure and shapes (pad sequences to one length)")
     first = parts[0]
     if isinstance(first, Tensor):
@@ -185,7 +240,7 @@ def _kind(x: Inputs) -> str:
     return "a tensor" if isinstance(x, Tensor) else "a mapping" if isinstance(x, dict) else "a tuple"
 
 
-def check(x: Inputs, what: str) -> None:
+def check(x: Inputs, what: str, positions: Tensor | None = None) -> None:
     """DataError unless every leaf has the same leading length and holds real numbers or
     integers without NaN or infinity (no complex; a boolean mask only as a part of a tuple or
     mapping)."""
@@ -208,5 +263,6 @@ def check(x: Inputs, what: str) -> None:
         if v.is_floating_point() and v.numel():
             bad = (~torch.isfinite(v.reshape(len(v), -1))).any(1).nonzero().flatten()
             if len(bad):
+                first = int(bad[0]) if positions is None else int(positions[int(bad[0])])
                 raise DataError(f"{what}: {len(bad)} input(s){part} hold NaN or infinite values "
-                                f"(first at position {int(bad[0])}); clean or drop them")
+                                f"(first at position {first}); clean or drop them")

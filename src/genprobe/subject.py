@@ -8,6 +8,7 @@ device by the code that evaluates them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,12 @@ class Subject:
             the logits; of a tuple or list, its first element; of a mapping or an object (a
             Hugging Face ``ModelOutput``), its ``logits``. Otherwise a function, e.g.
             ``output=lambda out: out["scores"]``. The Subject's model returns the logits.
+        stream: for a Dataset: True reads it a batch at a time whenever a probe passes over it
+            (never whole: for data larger than memory; a probe's sample is read into memory),
+            False reads it into memory once; None (default) streams it when its inputs would take
+            more than a quarter of the available memory. Labels of a streamed Dataset come from
+            its ``targets`` attribute when it has one (torchvision's datasets do), else from
+            reading every item once.
     """
 
     model: nn.Module
@@ -50,6 +57,7 @@ class Subject:
     num_classes: int | None = None
     meta: dict = field(default_factory=dict)
     output: Output | None = None
+    stream: bool | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -79,8 +87,8 @@ class Subject:
         if self.init is not None:
             _check_not_final(model, self.init, self.final)
         dtype = next((v.dtype for v in self.final.values() if v.is_floating_point()), torch.float32)
-        self.train = _as_model_data(self.train, "train", dtype)
-        self.test = _as_model_data(self.test, "test", dtype)
+        self.train = _as_model_data(self.train, "train", dtype, self.stream)
+        self.test = _as_model_data(self.test, "test", dtype, self.stream)
         labels = [d.y for d in (self.train, self.test) if d is not None]
         if self.num_classes is None:
             self.num_classes = int(max(int(y.max()) for y in labels)) + 1 if labels else None
@@ -103,7 +111,8 @@ class Subject:
         if epochs:
             states.append(f"{len(epochs)} checkpoints (epochs {epochs[0]}..{epochs[-1]})")
         data = [f"{name} {len(d)}×{tuple(d.x.shape[1:])}" if isinstance(d.x, Tensor) else
-                f"{name} {len(d)}×{inputs.describe(d.x)}"
+                f"{name} {len(d)}×{inputs.describe(d.x.first, 0)} (streamed)"
+                if isinstance(d.x, inputs.Streamed) else f"{name} {len(d)}×{inputs.describe(d.x)}"
                 for name, d in (("train", self.train), ("test", self.test)) if d is not None]
         return (f"Subject({type(self.model).__name__}, {params:,} parameters; {', '.join(states)}; "
                 f"{', '.join(data) or 'no data'}; {self.num_classes} classes)")
@@ -218,9 +227,12 @@ def _check_not_final(model: nn.Module, init: P.State, final: P.State) -> None:
                          "{k: v.clone() for k, v in model.state_dict().items()}")
 
 
-def _as_model_data(data, what: str, dtype: torch.dtype) -> Data | None:
-    """Data with floating inputs in the model's dtype (integer inputs, token ids, stay integer)."""
-    data = as_data(data, what)
+def _as_model_data(data, what: str, dtype: torch.dtype, stream: bool | None) -> Data | None:
+    """Data with floating inputs in the model's dtype (integer inputs, token ids, stay integer);
+    streamed inputs are cast as they are read."""
+    data = as_data(data, what, stream)
+    if data is not None and isinstance(data.x, inputs.Streamed):
+        return Data(dataclasses.replace(data.x, dtype=dtype), data.y)
     if data is None or not any(v.is_floating_point() and v.dtype != dtype for v in inputs.leaves(data.x)):
         return data
     return Data(inputs.move(data.x, "cpu", dtype), data.y)

@@ -574,8 +574,8 @@ def gram_blocks(
     y2 = _as_targets(y2, inputs.count(x2), of, "y2") if x2 is not None else None
     budget = resolve_memory_budget(memory_budget, dev)
     dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
-    x1 = inputs.move(x1, dev, dtype)
-    x2 = None if x2 is None else inputs.move(x2, dev, dtype)
+    x1 = inputs.move(inputs.load(x1), dev, dtype)
+    x2 = None if x2 is None else inputs.move(inputs.load(x2), dev, dtype)
     y1 = None if y1 is None else y1.to(dev)
     y2 = None if y2 is None else y2.to(dev)
     s = _setup(_working_copy(model, dev), state, of, loss, implementation, dev, inputs.take(x1, slice(0, 4)),

@@ -208,9 +208,11 @@ class VariantEvaluator:
     def _try_channels_last(self) -> bool:
         """Switch the private model to channels-last when it is a conv net on images and its
         forward gives the same outputs that way (a ``.view`` on a conv output would not)."""
-        if not isinstance(self.data.x, Tensor) or self.data.x.dim() != 4 or not any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
+        if not any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
             return False
         x = self._input(torch.arange(min(4, len(self.data))))
+        if not isinstance(x, Tensor) or x.dim() != 4:
+            return False
         with torch.no_grad():
             reference = self.model(x)
             self.model.to(memory_format=torch.channels_last)

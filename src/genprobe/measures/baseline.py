@@ -92,8 +92,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.func import functional_call
 
+from .. import inputs, progress
 from .. import params as P
-from .. import progress
 from ..engine.edits import Edit, noise_edit, stack_edits
 from ..engine.rules import scaled_map
 from ..engine.variants import VariantEvaluator
@@ -432,8 +432,9 @@ def baselines(subject, *, split: str = "train", n: int | None = None, seed: int 
                        "the initial state θ⁰ (pass init=<state_dict at init> to Subject)")
     out = {"params": float(sum(final[k].numel() for k in P.state_keys(model)[0]))}
     out |= _norm_measures(model, final, init)
-    if isinstance(data.x, Tensor) and data.x.is_floating_point():
-        out["log_path_norm"] = log_path_norm(model, final, tuple(data.x.shape[1:]))
+    first = inputs.take(data.x, slice(0, 1))
+    if isinstance(first, Tensor) and first.is_floating_point():
+        out["log_path_norm"] = log_path_norm(model, final, tuple(first.shape[1:]))
     else:
         out["log_path_norm"] = _nan("log_path_norm", "the inputs are not floating point")
     out |= _pacbayes(subject, data, init, seed=seed, device=device, batch_size=batch_size,
