@@ -69,7 +69,14 @@ def stalled(monkeypatch, tmp_path, local_cluster):
     monkeypatch.setenv("STALL_MARKER", str(marker))
     monkeypatch.setenv("STALL_RUN", runs()[1])
     monkeypatch.setattr(genprobe.sweep.run, "run_unit", submitit_work.stall_in_selectivity)
-    return marker
+    yield marker
+    if marker.exists():  # a failed test leaves no job sleeping behind it
+        pid = int(marker.read_text())
+        try:
+            if b"submitit.core._submit" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def wait_for(marker: Path, timeout: float = 120.0) -> int:
