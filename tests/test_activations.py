@@ -216,7 +216,7 @@ def test_select_sites_patterns_match_every_module():
 
 def test_select_sites_errors():
     model = ConvNet()
-    with pytest.raises(ModuleSelectionError, match=r"'act3' matches no module.*act1.*named_modules"):
+    with pytest.raises(ModuleSelectionError, match=r"'act3' matches no module or site.*act1.*gp.units"):
         P.select_sites(model, "act3")
     with pytest.raises(ModuleSelectionError, match="not a site selection"):
         P.select_sites(model, 3)

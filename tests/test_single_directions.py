@@ -8,7 +8,9 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import genprobe as gp
 from foreign import FOREIGN, TOKENS, make_subject
@@ -20,17 +22,61 @@ from genprobe.probes.single_directions import selectivity_index
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+class _Functional(TorchFunctionMode):
+    """The plain way to edit a functional site ``kind(producer)[#k]`` or ``kind@forward[#k]``:
+    the k-th call of that activation function on `producer`'s output (of the model's forward)
+    in a forward pass, its output replaced by fn(output)."""
+
+    NAMES = {"relu": (F.relu, torch.relu, torch.Tensor.relu), "tanh": (torch.tanh, torch.Tensor.tanh)}
+
+    def __init__(self, model, site, fn):
+        super().__init__()
+        base, _, k = site.partition("#")
+        self.k, self.fn, self.seen = int(k or 1), fn, 0
+        if "@" in base:
+            kind, producer = base.split("@")[0], None
+        else:
+            kind, producer = base[:-1].split("(")
+        self.funcs = self.NAMES[kind]
+        self.outputs = {}  # module name -> its output in this forward
+        self.handles = [m.register_forward_hook(lambda m, a, out, n=n: self.outputs.__setitem__(n, out))
+                        for n, m in model.named_modules() if n]
+        self.producer = producer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.producer is None:
+            match = all(args[0] is not o for o in self.outputs.values())
+        else:
+            match = args[0] is self.outputs.get(self.producer)
+        if func in self.funcs and match:
+            self.seen += 1
+            if self.seen == self.k:
+                return self.fn(out.clone())
+        return out
+
+
 def hooked_accuracy(subject, site, fn, split="test"):
     """Accuracy and mean loss with `site`'s output replaced by fn(output), by a forward hook on a
-    copy of the model: one full forward, the obviously-right way."""
+    copy of the model (or, for a functional site, the matching call of the function): one full
+    forward, the obviously-right way."""
     model = copy.deepcopy(subject.model)
-    handle = dict(model.named_modules())[site].register_forward_hook(lambda m, a, out: fn(out.clone()))
     data = subject.data(split)
-    try:
-        with torch.no_grad():
-            logits = torch.func.functional_call(model, subject.final, (data.x,))
-    finally:
-        handle.remove()
+    if "(" in site or "@" in site:
+        mode = _Functional(model, site, fn)
+        try:
+            with torch.no_grad(), mode:
+                logits = torch.func.functional_call(model, subject.final, (data.x,))
+        finally:
+            for h in mode.handles:
+                h.remove()
+    else:
+        handle = dict(model.named_modules())[site].register_forward_hook(lambda m, a, out: fn(out.clone()))
+        try:
+            with torch.no_grad():
+                logits = torch.func.functional_call(model, subject.final, (data.x,))
+        finally:
+            handle.remove()
     acc = float((logits.argmax(-1) == data.y).double().mean())
     loss = float(nn.functional.cross_entropy(logits.double(), data.y))
     return acc, loss

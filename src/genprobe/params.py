@@ -440,23 +440,28 @@ def is_activation(module: nn.Module) -> bool:
 
 
 def select_sites(model: nn.Module, layers: str | Sequence[str] | None,
-                 order: Sequence[str] | None = None, *, example: Inputs | None = None) -> list[str]:
-    """Names of the modules whose output a single-direction probe ablates (its *sites*).
+                 order: Sequence[str] | None = None, *, example: Inputs | None = None,
+                 functional: Sequence[str] = ()) -> list[str]:
+    """Names of the sites whose output a single-direction probe ablates: modules, and the
+    `functional` sites (activation functions the forward calls itself, found by
+    :func:`genprobe.engine.sites.discover`: ``"relu(fc1)"``).
 
-    - ``None``: every activation module (:func:`is_activation`) that the forward calls.
-      Which are called is seen on `example` (one input batch; forward pre-hooks) when given,
-      else from a ``torch.fx`` trace of the model (modules without children as leaves); a model
-      that neither runs nor traces keeps all its activation modules.
-    - a pattern or list of ``fnmatch`` patterns: every module whose name matches one (any
-      module, parameterless ones included: ``"*relu*"``, ``"stages.*.act2"``).
+    - ``None``: every activation module (:func:`is_activation`) that the forward calls, and
+      every functional site. Which modules are called is seen on `example` (one input batch;
+      forward pre-hooks) when given, else from a ``torch.fx`` trace of the model (modules
+      without children as leaves); a model that neither runs nor traces keeps all its
+      activation modules.
+    - a pattern or list of ``fnmatch`` patterns: every module or functional site whose name
+      matches one (any module, parameterless ones included: ``"*relu*"``, ``"stages.*.act2"``,
+      ``"relu(*)"``).
 
     Names come in `order` (module names, e.g. ``Subject.forward_order()``; names not in it
     last, in registration order), each once. A module used at two call sites (one ``nn.ReLU``
     applied twice) is one site: an edit of its output applies at both calls. Raises
-    ModuleSelectionError for a pattern that matches nothing (naming the closest module names)
+    ModuleSelectionError for a pattern that matches nothing (naming the closest names)
     or a value of another type.
     """
-    names = [n for n, _ in model.named_modules() if n]
+    names = [n for n, _ in model.named_modules() if n] + list(functional)
     modules = dict(model.named_modules())
     rank = {n: i for i, n in enumerate(order or ())}
     registration = {n: i for i, n in enumerate(names)}
@@ -465,11 +470,11 @@ def select_sites(model: nn.Module, layers: str | Sequence[str] | None,
         return sorted(dict.fromkeys(selected), key=lambda n: (n not in rank, rank.get(n, 0),
                                                                 registration[n]))
 
-    how = "list them with [n for n, _ in model.named_modules()]"
+    how = "list them with gp.units(subject) or `genprobe units RUN`"
     if layers is None:
-        acts = [n for n in names if is_activation(modules[n])]
-        called = _called_modules(model, example)
-        return ordered([n for n in acts if called is None or n in called])
+        acts = [n for n in names if n in modules and is_activation(modules[n])]
+        called = _called_modules(model, example) if acts else None
+        return ordered([n for n in acts if called is None or n in called] + list(functional))
     if isinstance(layers, str):
         patterns = [layers]
     elif isinstance(layers, (list, tuple)) and all(isinstance(p, str) for p in layers):
@@ -486,8 +491,8 @@ def select_sites(model: nn.Module, layers: str | Sequence[str] | None,
         hits = [n for n in names if fnmatch.fnmatchcase(n, p)]
         if not hits:
             close = difflib.get_close_matches(p, names, n=5, cutoff=0.5)
-            hint = f"closest module names: {', '.join(close)}" if close else "no close module name"
-            raise ModuleSelectionError(f"layer pattern {p!r} matches no module ({hint}); {how}")
+            hint = f"closest names: {', '.join(close)}" if close else "no close name"
+            raise ModuleSelectionError(f"layer pattern {p!r} matches no module or site ({hint}); {how}")
         selected += hits
     return ordered(selected)
 

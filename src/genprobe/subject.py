@@ -180,11 +180,21 @@ def units(target: Subject | nn.Module, modules=None):
     its class, ``parameters`` 0, ``site`` True). `target`: a Subject (forward order, traced on
     one example) or a bare ``nn.Module`` (registration order). `modules`: a selection as the
     probes take it (patterns, or ``{name: patterns}`` for a transformer layer or a residual stage
-    as one unit; see :func:`genprobe.params.select_units`)."""
+    as one unit; see :func:`genprobe.params.select_units`). For a Subject, the sites include the
+    activation functions its forward calls itself (``relu(fc1)``, type ``relu``; see
+    :mod:`genprobe.engine.sites`), found on one example."""
     import pandas as pd
 
+    functional: list[str] = []
     if isinstance(target, Subject):
+        from .engine.sites import discover, is_functional
+
         model, order = target.model, target.forward_order()
+        data = target.train if target.train is not None else target.test
+        if data is not None:
+            seen = discover(copy.deepcopy(model), inputs.take(data.x, slice(0, 1)), target.final)
+            functional = [s for s in seen if is_functional(s)]
+            order = list(seen) + [n for n in order if n not in seen]
     elif isinstance(target, nn.Module):
         model, order = target, None
     else:
@@ -195,8 +205,9 @@ def units(target: Subject | nn.Module, modules=None):
              "types": ", ".join(sorted({type(named[m]).__name__ for m in u.modules})) or type(model).__name__,
              "parameters": sum(sizes[k].numel() for k in u.params if k in sizes), "site": False}
             for u in P.select_units(model, modules, order)]
-    rows += [{"unit": site, "modules": site, "types": type(named[site]).__name__, "parameters": 0,
-              "site": True} for site in P.select_sites(model, None, order)]
+    rows += [{"unit": site, "modules": site, "parameters": 0, "site": True,
+              "types": type(named[site]).__name__ if site in named else site.split("(")[0].split("@")[0].split("#")[0]}
+             for site in P.select_sites(model, None, order, functional=functional)]
     return pd.DataFrame(rows, columns=["unit", "modules", "types", "parameters", "site"])
 
 

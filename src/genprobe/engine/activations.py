@@ -44,6 +44,7 @@ from ..evaluate import (
 from ..options import check_int
 from ..params import state_keys
 from ..values import Data
+from .sites import hooked, is_functional
 
 
 def unit_dim(h: Tensor | tuple[int, ...]) -> int:
@@ -147,14 +148,14 @@ def activation_stats(model: nn.Module, state: Mapping[str, Tensor], data: Data,
     """:class:`UnitStats` of each of `modules`' outputs over `data`, under `state`, in one pass.
 
     `state`: canonical keys (``Subject.final``); `data`: ``(x, y)`` with floating inputs (cast
-    to the state's dtype) or integer token ids; `modules`: module names (e.g. from
-    :func:`genprobe.params.select_sites`); `num_classes`: K, for the class-conditional means.
-    Runs forward hooks on a private eval-mode copy of the model; returns {module: UnitStats} in
-    the order of `modules`.
+    to the state's dtype) or integer token ids; `modules`: sites, module names or functional
+    sites (:mod:`genprobe.engine.sites`; e.g. from :func:`genprobe.params.select_sites`);
+    `num_classes`: K, for the class-conditional means. Hooks a private eval-mode copy of the
+    model; returns {site: UnitStats} in the order of `modules`.
     """
     modules = list(dict.fromkeys(modules))
     named = dict(model.named_modules())
-    unknown = [m for m in modules if m not in named]
+    unknown = [m for m in modules if m not in named and not is_functional(m)]
     if unknown:
         raise ModuleSelectionError(f"activation_stats: unknown module {unknown[0]!r}; list the "
                                    "names with [n for n, _ in model.named_modules()]")
@@ -184,7 +185,7 @@ def activation_stats(model: nn.Module, state: Mapping[str, Tensor], data: Data,
     current: dict[str, Tensor] = {}
 
     def hook(name):
-        def record(module, args, out):
+        def record(out):
             if not isinstance(out, Tensor):
                 raise ConfigError(f"module {name!r} returns a {type(out).__name__}, not a tensor: "
                                   "it has no units")
@@ -198,18 +199,13 @@ def activation_stats(model: nn.Module, state: Mapping[str, Tensor], data: Data,
             r.add(out, current["y"])
         return record
 
-    private_named = dict(private.named_modules())
-    handles = [private_named[m].register_forward_hook(hook(m)) for m in modules]
-    try:
+    with hooked(private, {m: hook(m) for m in modules}):
         for start in range(0, len(data), batch_size):
             current["y"] = data.y[start:start + batch_size].long()
             x = inputs.move(inputs.take(data.x, slice(start, start + batch_size)), dev, dtype)
             if inputs.shares(x, data.x):
                 x = inputs.clone(x)   # never hand the caller's data to a forward that may write it
             inputs.call(private, x)
-    finally:
-        for h in handles:
-            h.remove()
     not_called = [m for m in modules if m not in running]
     if not_called:
         raise ModuleSelectionError(f"module {not_called[0]!r} is never called in the forward: "

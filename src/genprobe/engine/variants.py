@@ -96,6 +96,7 @@ from ..params import state_keys
 from ..values import Data
 from .edits import ActivationContext, Edit, EditResult, PathParams
 from .program import Program
+from .sites import hooked, is_functional
 
 logger = logging.getLogger(__name__)
 
@@ -245,6 +246,8 @@ class VariantEvaluator:
         """Names of the fx nodes `edit` recomputes (the rest come from the cache), in order;
         ``None`` when it runs the full forward."""
         self._check(edit)
+        if any(is_functional(m) for m in edit.activations):
+            return None
         nodes, _ = self._nodes(edit, self._program(frozenset(edit.activations)))
         return None if nodes is None else [n.name for n in nodes]
 
@@ -317,8 +320,8 @@ class VariantEvaluator:
         full way, with no tracing and no cached activations. Both routes give the same results
         up to float rounding (tested against the naive loop).
         """
-        if not self.use_fx:
-            return "full"
+        if not self.use_fx or any(is_functional(m) for e in edits for m in e.activations):
+            return "full"  # a functional site is edited through a TorchFunctionMode, not the fx graph
         counts = [len(keep) for keep, _ in distinct]
         if sum(counts) + need_base <= 1:
             return "full"
@@ -396,7 +399,7 @@ class VariantEvaluator:
             if have != want:
                 raise StateError(f"edit of {k!r} has shape {have}, expected {want}")
         for m in e.activations:
-            if m not in self.module_names:
+            if m not in self.module_names and not is_functional(m):
                 raise ModuleSelectionError(f"activation edit of unknown module {m!r}; modules: "
                                            f"{', '.join(sorted(n for n in self.module_names if n))}")
         for k, v in e.args.items():
@@ -576,16 +579,8 @@ class VariantEvaluator:
         return v
 
     def _full_forward(self, override, x, acts, ctx) -> Tensor:
-        modules = dict(self.model.named_modules())
-        hooks = [modules[m].register_forward_hook(lambda mod, inp, out, fn=fn: fn(out, ctx))
-                 for m, fn in acts.items()]
-        try:
-            if override:
-                return _check_logits(inputs.call(self.model, x, override))
-            return _check_logits(inputs.call(self.model, x))
-        finally:
-            for h in hooks:
-                h.remove()
+        with hooked(self.model, {m: (lambda out, fn=fn: fn(out, ctx)) for m, fn in acts.items()}):
+            return _check_logits(inputs.call(self.model, x, override or None))
 
 
 class _Acc:

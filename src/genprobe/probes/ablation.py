@@ -129,7 +129,8 @@ class AblationResult(CurveResult):
     "ablation", AblationResult, paper="Morcos, Barrett, Rabinowitz & Botvinick 2018",
     summary="accuracy as more and more units of a layer are ablated; area under the curve",
     options=(Option("layers", str, "fnmatch pattern(s) of layers whose output units are ablated "
-                    "(repeatable); default: every activation module.", multiple=True),
+                    "(repeatable); default: every activation module and activation function called in "
+                    "the forward, e.g. relu(fc1).", multiple=True),
              Option("mode", str, "zero, or mean (the unit's training-set mean)."),
              Option("order", str, "random, selectivity (most selective first) or norm."),
              Option("orders", int, "Random orders (mean and range)."),

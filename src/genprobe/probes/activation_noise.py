@@ -76,7 +76,7 @@ class NoiseResult(CurveResult):
     "activation_noise", NoiseResult, paper="Morcos, Barrett, Rabinowitz & Botvinick 2018",
     summary="accuracy as Gaussian noise proportional to each unit's spread is added to a layer",
     options=(Option("layers", str, "fnmatch pattern(s) of layers (repeatable); default: every "
-                    "activation module.", multiple=True),
+                    "activation module and activation function called in the forward.", multiple=True),
              Option("scales", float, "Noise scale (repeatable) [0, 0.25, 0.5, 1, 2, 4].", multiple=True),
              Option("draws", int, "Noise draws per scale (the same at every scale).")),
     demo={"draws": 2}, tiny={"draws": 2, "scales": [0.0, 0.5, 2.0]},

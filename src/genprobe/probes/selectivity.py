@@ -27,6 +27,7 @@ import torch
 from .. import inputs, progress
 from ..engine.activations import activation_stats
 from ..engine.edits import Edit, masks_edit
+from ..engine.sites import hooked
 from ..engine.variants import VariantEvaluator
 from ..errors import ConfigError, ModuleSelectionError, check_choice
 from ..figures import new_figure, styled
@@ -135,7 +136,7 @@ class SelectivityResult(Result):
     "selectivity", SelectivityResult, paper="Morcos, Barrett, Rabinowitz & Botvinick 2018",
     summary="class selectivity of every unit and its importance (accuracy drop when zeroed)",
     options=(Option("layers", str, "fnmatch pattern(s) of layers (repeatable); default: every "
-                    "activation module.", multiple=True),
+                    "activation module and activation function called in the forward.", multiple=True),
              Option("importance", bool, "Also ablate each unit alone (one network per unit)."),
              Option("negative", str, "A layer with negative activations: error, skip (leave it "
                     "out) or shift (each unit's class means shifted to a minimum of 0).")),
@@ -235,21 +236,17 @@ def _check(subject, data, site, st, results, importance, base_acc) -> dict:
         return {"what": "importance not computed", "value": 0.0, "tolerance": 0.0, "passed": True}
     model = copy.deepcopy(subject.model)
 
-    def hook(mod, args, out):
+    def zero_unit_0(out):
         out = out.clone()
         out.select(unit_dim(out), 0).zero_()
         return out
 
-    handle = dict(model.named_modules())[site].register_forward_hook(hook)
     correct = 0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(data), 256):
-                part = slice(start, start + 256)
-                logits = inputs.call(model, inputs.take(data.x, part), subject.final)
-                correct += int((logits.argmax(-1) == data.y[part]).sum())
-    finally:
-        handle.remove()
+    with torch.no_grad(), hooked(model, {site: zero_unit_0}):
+        for start in range(0, len(data), 256):
+            part = slice(start, start + 256)
+            logits = inputs.call(model, inputs.take(data.x, part), subject.final)
+            correct += int((logits.argmax(-1) == data.y[part]).sum())
     plain = correct / len(data)
     engine = 1.0 - float(results[1].error[0])
     value = abs(plain - engine)

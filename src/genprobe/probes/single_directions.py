@@ -4,14 +4,16 @@ units' statistics, the class-selectivity index, and the accuracy curves of ablat
 with their areas.
 
 A *unit* (a direction) is one feature of a linear layer's output, one channel (feature map) of a
-conv layer's output, or one hidden neuron of a transformer MLP; a *layer* is a module whose output
-holds the units (by default every activation module: ``nn.ReLU``, ``nn.GELU``, ...; see
+conv layer's output, or one hidden neuron of a transformer MLP; a *layer* is a site whose output
+holds the units: by default every activation module (``nn.ReLU``, ``nn.GELU``, ...) and every
+activation function the forward calls itself (``relu(fc1)``: :mod:`genprobe.engine.sites`; see
 :func:`genprobe.params.select_sites`). The probes: :mod:`genprobe.probes.ablation`,
 :mod:`genprobe.probes.activation_noise`, :mod:`genprobe.probes.selectivity`.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
@@ -22,6 +24,7 @@ from torch import Tensor
 
 from .. import inputs
 from ..engine.activations import UnitStats, activation_stats, unit_dim
+from ..engine.sites import discover, is_functional
 from ..errors import ModuleSelectionError
 from ..figures import new_figure, styled
 from ..inputs import Inputs
@@ -39,16 +42,20 @@ def layer_sites(subject: Subject, layers, example: Inputs) -> dict[str, int]:
     dim, :func:`~genprobe.engine.activations.unit_dim`), in forward order, checked on `example`
     (a couple of inputs).
 
-    Default (``layers=None``): every activation module; a model with none gets every module
-    owning parameters whose output has a unit dimension, except the last one (the classifier).
-    An explicitly named layer whose output has no unit dimension, or no row per example (a
-    position embedding of shape (T, D)), is a ModuleSelectionError; by default it is skipped.
+    Default (``layers=None``): every activation module and every activation function the
+    forward calls itself (a functional site, :mod:`genprobe.engine.sites`: ``"relu(fc1)"``); a
+    model with neither gets every module owning parameters whose output has a unit dimension,
+    except the last one (the classifier). An explicitly named layer whose output has no unit
+    dimension, or no row per example (a position embedding of shape (T, D)), is a
+    ModuleSelectionError; by default it is skipped.
     """
-    sites = select_sites(subject.model, layers, subject.forward_order())
+    shapes = discover(copy.deepcopy(subject.model), example, subject.final)
+    functional = [s for s in shapes if is_functional(s)]
+    order = list(shapes) + [n for n in subject.forward_order() if n not in shapes]
+    sites = select_sites(subject.model, layers, order, functional=functional)
     if layers is None and not sites:
         owners = [u.modules[0] for u in subject.units()]
         sites = [m for m in owners[:-1] if m]
-    shapes = _output_shapes(subject, example, sites)
     usable = {}
     for site in sites:
         shape = shapes.get(site)
@@ -72,27 +79,6 @@ def train_stats(subject: Subject, sites: Sequence[str]) -> dict[str, UnitStats]:
     spreads of the noise, the selectivity order)."""
     return activation_stats(subject.model, subject.final, subject.data("train"), sites,
                             num_classes=subject.num_classes)
-
-
-def _output_shapes(subject: Subject, x: Tensor, sites: Sequence[str]) -> dict[str, object]:
-    """What each site's module returns on two examples: a shape tuple, or a type name."""
-    import copy
-
-    model = copy.deepcopy(subject.model)
-    modules = dict(model.named_modules())
-    found: dict[str, object] = {}
-    handles = []
-    for site in sites:
-        def hook(mod, args, out, site=site):
-            found.setdefault(site, tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__)
-        handles.append(modules[site].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            inputs.call(model, x, subject.final)
-    finally:
-        for h in handles:
-            h.remove()
-    return found
 
 
 def selectivity_index(class_means: Tensor) -> Tensor:
