@@ -566,11 +566,15 @@ def sweep(
                                            "slurm: mem, else the partition's default)."),
     wait: bool = typer.Option(True, "--wait/--no-wait", help="--no-wait: submit the jobs and return "
                               "(--executor submitit); the same command again collects them."),
+    plan: bool = typer.Option(False, "--plan", help="Print the runs (done, to do), the estimated "
+                              "seconds of one run per phase and the total for these --jobs and "
+                              "--executor, then exit; nothing is written to --out (estimates from "
+                              "its finished runs, else a short calibration in a temporary folder)."),
 ) -> None:
     """Train a grid of models and probe each (SWEEP/table.parquet); re-run to resume or retry."""
     import pandas as pd
 
-    from .sweep import SweepConfig, default_out, run_sweep
+    from .sweep import SweepConfig, default_out, plan_sweep, run_sweep
     from .sweep.layout import RECORD, TABLE, records, run_dir
 
     cfg = SweepConfig.from_yaml(config)
@@ -578,6 +582,11 @@ def sweep(
     slurm = {k: v for k, v in (("partition", slurm_partition), ("time", slurm_time),
                                ("cpus", slurm_cpus), ("gpus", slurm_gpus), ("mem", slurm_mem))
              if v is not None}
+    if plan:
+        typer.echo(plan_sweep(cfg, out, jobs=jobs, threads=threads, executor=executor,
+                              address=address, device=device, allow_large=allow_large,
+                              slurm=slurm, wait=wait).text())
+        return
     again = (f"genprobe sweep {config} --out {out}"
              + (" --executor submitit" if executor == "submitit" else ""))
 

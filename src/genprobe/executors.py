@@ -97,12 +97,13 @@ def check_jobs(jobs, threads) -> tuple[int, int]:
 def make_executor(kind: str, *, jobs: int | None, threads: int | None, address: str | None = None,
                   device: str = "auto", out: str | Path | None = None,
                   slurm: Mapping[str, Any] | None = None, wait: bool = True, name: str = "genprobe",
-                  run_seconds: float | None = None):
+                  run_seconds: float | None = None, check_time: bool = True):
     """The executor `kind` (``local``, ``ray`` or ``submitit``); checks what it needs (Ray or
     submitit installed, the address reachable, the SLURM options, the sweep directory `out` on
     shared storage, the time limit against `run_seconds`, the longest finished run) before any
     work, with one-line errors. ``slurm``: the options of :class:`SubmititExecutor`; ``wait``:
-    False to submit and return (submitit only)."""
+    False to submit and return (submitit only); ``check_time``: False when the caller checks the
+    time limit itself (the sweep's plan, against its estimate)."""
     if kind not in EXECUTORS:
         raise ConfigError(f"unknown executor={kind!r}; choose one of 'local', 'ray', 'submitit'")
     if address is not None and kind != "ray":
@@ -121,7 +122,7 @@ def make_executor(kind: str, *, jobs: int | None, threads: int | None, address: 
     if out is None:
         raise ConfigError("the submitit executor needs the sweep directory (out=)")
     return SubmititExecutor(out, jobs=jobs, threads=threads, device=device, slurm=slurm, wait=wait,
-                            name=name, run_seconds=run_seconds)
+                            name=name, run_seconds=run_seconds, check_time=check_time)
 
 
 # ----------------------------------------------------------------------------- local
@@ -514,6 +515,20 @@ SHARED_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "beegfs", "ceph", "cifs",
 do is the cluster's set-up, which no file system type can tell)."""
 
 
+def time_limit_problem(limit: int, run_seconds: float,
+                       basis: str = "the longest finished run of this sweep took") -> str | None:
+    """Why a job's time limit of `limit` minutes cannot hold a run of `run_seconds` seconds plus
+    :data:`JOB_START_S` (one line: `basis` says where the run's seconds come from, the fix names
+    the least limit that would); None when it can."""
+    import math
+
+    needed = run_seconds + JOB_START_S
+    if limit * 60 >= needed:
+        return None
+    return (f"slurm time {limit} min cannot hold one run: {basis} {run_seconds / 60:.1f} min (and a "
+            f"job needs {JOB_START_S:g} s to start); give --slurm-time {math.ceil(needed / 60)} or more")
+
+
 def _import_submitit():
     try:
         import submitit
@@ -746,7 +761,8 @@ class SubmititExecutor:
     at most this many runs at once (default: as many as the scheduler starts). `device`:
     ``cuda`` needs gpus >= 1. `wait`: False to submit and return (the next invocation collects).
     `run_seconds`: the longest finished run of this sweep, to check the time limit (None: it cannot
-    be checked, and a warning says so). `cluster`: ``slurm`` or ``local`` (default: the
+    be checked, and a warning says so; `check_time` False: the caller checks it, see
+    :func:`time_limit_problem`). `cluster`: ``slurm`` or ``local`` (default: the
     :data:`CLUSTER_VARIABLE` environment variable, else slurm).
 
     Every check happens here, before anything is written or submitted: submitit installed,
@@ -765,7 +781,7 @@ class SubmititExecutor:
     def __init__(self, out: str | Path, *, jobs: int | None = None, threads: int | None = None,
                  device: str = "auto", slurm: Mapping[str, Any] | None = None, wait: bool = True,
                  name: str = "genprobe", run_seconds: float | None = None,
-                 cluster: str | None = None) -> None:
+                 cluster: str | None = None, check_time: bool = True) -> None:
         import shutil
 
         from .options import check_int
@@ -805,7 +821,8 @@ class SubmititExecutor:
                 raise ConfigError(error)
             if note:
                 log.warning("%s", note)
-        self._check_time(run_seconds)
+        if check_time:
+            self._check_time(run_seconds)
 
     def _check_partition(self) -> None:
         from .errors import did_you_mean
@@ -825,17 +842,13 @@ class SubmititExecutor:
     def _check_time(self, run_seconds: float | None) -> None:
         import math
 
-        limit = self.options["time"]
         if run_seconds is None or not math.isfinite(run_seconds):
             log.warning("the time limit of %d min cannot be checked against a run's cost: no run of "
-                        "this sweep has finished yet to estimate it from", limit)
+                        "this sweep has finished yet to estimate it from", self.options["time"])
             return
-        needed = run_seconds + JOB_START_S
-        if limit * 60 < needed:
-            raise ConfigError(f"slurm time {limit} min cannot hold one run: the longest finished run "
-                              f"of this sweep took {run_seconds / 60:.1f} min (and a job needs "
-                              f"{JOB_START_S:g} s to start); give --slurm-time "
-                              f"{math.ceil(needed / 60)} or more")
+        problem = time_limit_problem(self.options["time"], run_seconds)
+        if problem:
+            raise ConfigError(problem)
 
     def describe(self) -> str:
         where = self.options.get("partition", "the default partition")
@@ -980,4 +993,5 @@ class SubmititExecutor:
 
 __all__ = ["EXECUTORS", "LocalExecutor", "RayExecutor", "SubmititExecutor", "alive_jobs",
            "available_cores", "check_address", "check_jobs", "check_slurm", "core_sets",
-           "default_threads", "make_executor", "read_jobs", "running_jobs", "storage_problem"]
+           "default_threads", "make_executor", "read_jobs", "running_jobs", "storage_problem",
+           "time_limit_problem"]

@@ -44,9 +44,15 @@ A run's id is readable and a function of its training config alone (:func:`run_i
 config always maps to the same directory. A unit of work is one run: train it (continuing a run
 killed mid-training from its last epoch), run each probe (a saved result that loads is reused),
 the baselines, then write ``record.json`` atomically: hyper-parameters, final train/test error and
-loss, every scalar measure, status ``done`` or ``failed`` with a one-line error, wall seconds,
+loss, every scalar measure, status ``done`` or ``failed`` with a one-line error, wall seconds and
+seconds per phase (``phase_seconds``), the phases that reused saved work (``reused``: a finished
+training, a probe result that loaded), the epochs this attempt trained (``epochs_trained``),
 threads. Every file is written atomically, so a sweep killed at any point (SIGKILL included) and
 run again redoes nothing that finished and ends with the same table.
+
+``plan_sweep`` (``genprobe sweep --plan``) estimates what a sweep will cost before it starts: the
+runs done and to do, the seconds of one run in each phase (from this sweep's finished runs, else
+a short calibration), the total for the jobs (:mod:`genprobe.sweep.plan`).
 
 Re-running a sweep skips runs whose record says ``done`` under the same probes and baselines, and
 retries failed runs (their finished parts are reused). Changing a probe's options removes the
@@ -66,10 +72,11 @@ from .layout import (
     run_dir,
     varying,
 )
+from .plan import SweepPlan, plan_sweep
 from .run import SweepOutcome, default_out, run_sweep
 from .work import run_unit
 
-__all__ = ["SweepConfig", "SweepOutcome", "SweepRun", "build_table", "default_out", "hyperparameters",
-           "measures_figure_paths", "read_config", "read_table", "records", "run_dir", "run_id",
-           "run_sweep", "run_unit", "varying"]
+__all__ = ["SweepConfig", "SweepOutcome", "SweepPlan", "SweepRun", "build_table", "default_out",
+           "hyperparameters", "measures_figure_paths", "plan_sweep", "read_config", "read_table",
+           "records", "run_dir", "run_id", "run_sweep", "run_unit", "varying"]
 

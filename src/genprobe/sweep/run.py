@@ -80,28 +80,10 @@ def run_sweep(config: SweepConfig | str | Path, out: str | Path | None = None, *
     goes on; the outcome counts them. Raises OutputError when `out` is not a sweep directory
     genprobe made, or another sweep holds it.
     """
-    from ..device import resolve_device
-    from ..executors import check_slurm, make_executor, running_jobs
-
-    if not isinstance(config, SweepConfig):
-        config = SweepConfig.from_yaml(config)
-    resolve_device(device)
-    runs = config.expand(allow_large=allow_large, device=device)
-    out = Path(out) if out is not None else default_out(config)
-    flags = check_slurm(slurm)
-    if jobs is None and executor != "submitit":  # the config's jobs: fit a machine's cores; a
-        jobs = config.jobs  # cluster's scheduler starts as many jobs as it can, unless --jobs
-    runner = make_executor(executor, jobs=jobs,
-                           threads=threads if threads is not None else config.threads,
-                           address=address, device=device, out=out, wait=wait, name=config.name,
-                           slurm=config.slurm | flags if executor == "submitit" else flags,
-                           run_seconds=_longest_run(out) if executor == "submitit" else None)
+    config, runs, out, runner = _prepare(config, out, jobs=jobs, threads=threads, executor=executor,
+                                         address=address, device=device, allow_large=allow_large,
+                                         slurm=slurm, wait=wait)
     threads = runner.threads
-    _SweepDirectory(out).check()  # before Ray starts
-    if executor != "submitit" and (busy := running_jobs(out, [r.id for r in runs])):
-        raise OutputError(f"{len(busy)} job(s) that --executor submitit submitted still run in "
-                          f"{out} ({', '.join(busy[:3])}{' ...' if len(busy) > 3 else ''}); collect "
-                          "them with --executor submitit, or cancel them (scancel) first")
     with runner, _SweepDirectory(out) as directory:
         directory.clean()
         directory.forget_changed_probes(config)
@@ -126,6 +108,40 @@ def run_sweep(config: SweepConfig | str | Path, out: str | Path | None = None, *
                         failed=int((table.status == "failed").sum()), reused=reused,
                         submitted=getattr(runner, "submitted", 0),
                         running=getattr(runner, "running", 0))
+
+
+def _prepare(config: SweepConfig | str | Path, out: str | Path | None, *, jobs: int | None,
+             threads: int | None, executor: str, address: str | None, device: str,
+             allow_large: bool, slurm: Mapping[str, Any] | None, wait: bool,
+             check_time: bool = True) -> tuple[SweepConfig, list, Path, Any]:
+    """Every check a sweep makes before it writes anything (:func:`run_sweep`, and the plan of
+    :func:`genprobe.sweep.plan.plan_sweep`, which must refuse what the sweep would): the config
+    and every run, the device, the executor and its options, the sweep directory. Returns the
+    config, its runs, the sweep directory and the executor (not entered). `check_time`: False
+    when the caller checks a submitit job's time limit itself."""
+    from ..device import resolve_device
+    from ..executors import check_slurm, make_executor, running_jobs
+
+    if not isinstance(config, SweepConfig):
+        config = SweepConfig.from_yaml(config)
+    resolve_device(device)
+    runs = config.expand(allow_large=allow_large, device=device)
+    out = Path(out) if out is not None else default_out(config)
+    flags = check_slurm(slurm)
+    if jobs is None and executor != "submitit":  # the config's jobs: fit a machine's cores; a
+        jobs = config.jobs  # cluster's scheduler starts as many jobs as it can, unless --jobs
+    runner = make_executor(executor, jobs=jobs,
+                           threads=threads if threads is not None else config.threads,
+                           address=address, device=device, out=out, wait=wait, name=config.name,
+                           slurm=config.slurm | flags if executor == "submitit" else flags,
+                           run_seconds=_longest_run(out) if executor == "submitit" else None,
+                           check_time=check_time)
+    _SweepDirectory(out).check()  # before Ray starts
+    if executor != "submitit" and (busy := running_jobs(out, [r.id for r in runs])):
+        raise OutputError(f"{len(busy)} job(s) that --executor submitit submitted still run in "
+                          f"{out} ({', '.join(busy[:3])}{' ...' if len(busy) > 3 else ''}); collect "
+                          "them with --executor submitit, or cancel them (scancel) first")
+    return config, runs, out, runner
 
 
 def _longest_run(out: Path) -> float | None:

@@ -53,21 +53,25 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
         "probes": unit["probes"], "baselines": unit["baselines"],
         "user_measures": unit.get("measures", {}), "measure_errors": {},
         "figures": unit["figures"], "device": unit["device"], "threads": unit["threads"],
-        "genprobe_version": __version__, "phase_seconds": {}}
+        "genprobe_version": __version__, "phase_seconds": {}, "reused": [], "epochs_trained": 0}
     seconds = record["phase_seconds"]
     phase = "training"
     try:
         (run / RECORD).unlink(missing_ok=True)  # a failed or outdated record is redone
         _clean_stale(run)
         with _timed(seconds, "training"):
-            _train(run, unit)
+            record["epochs_trained"] = _train(run, unit)
             record["metrics"] = _final_metrics(run)
+        if not record["epochs_trained"]:
+            record["reused"].append("training")
         subject = _LazySubject(run)
         for name, options in unit["probes"].items():
             phase = f"probe {name}"
             with _timed(seconds, name):  # the first one also loads the run
-                summary = _probe(run, name, options, subject, unit["device"], unit["figures"])
+                summary, saved = _probe(run, name, options, subject, unit["device"], unit["figures"])
             record["measures"].update({f"{name}.{k}": v for k, v in summary.items()})
+            if saved:
+                record["reused"].append(name)
         if unit["baselines"] is not None:
             phase = "baselines"
             from .. import measures
@@ -128,8 +132,9 @@ def _clean_stale(run: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _train(run: Path, unit: dict[str, Any]) -> None:
-    """Train the run at `run`, continue it if it was interrupted, or leave it if finished."""
+def _train(run: Path, unit: dict[str, Any]) -> int:
+    """Train the run at `run`, continue it if it was interrupted, or leave it if finished; the
+    number of epochs this call trained (0 when it was finished)."""
     from ..zoo.train import TrainConfig, train_run
 
     config = TrainConfig.from_dict(unit["train"])
@@ -138,11 +143,17 @@ def _train(run: Path, unit: dict[str, Any]) -> None:
         if saved != unit["run"]:
             raise RunError(f"{run} holds a run of another config (id {saved}); move it away")
     if (run / store.FINAL).is_file():
-        return
+        return 0
     if (run / store.RESUME).is_file():
+        try:
+            before = int(store.read_metrics(run)["epoch"].max())
+        except (RunError, KeyError, ValueError):
+            before = 0
         train_run(config, run, resume=True)
     else:  # fresh; over what a killed start left (check_run_replaceable proves it is a run's)
+        before = 0
         train_run(config, run, overwrite=run.is_dir() and any(run.iterdir()))
+    return max(0, int(store.read_metrics(run)["epoch"].max()) - before)
 
 
 def _final_metrics(run: Path) -> dict[str, Any]:
@@ -158,9 +169,9 @@ def _final_metrics(run: Path) -> dict[str, Any]:
 
 
 def _probe(run: Path, name: str, options: dict, subject: _LazySubject, device: str,
-           figures: bool) -> dict[str, float]:
-    """The summary of probe `name` on the run: from its saved result when that loads, else
-    computed and saved (with its figure when `figures`)."""
+           figures: bool) -> tuple[dict[str, float], bool]:
+    """The summary of probe `name` on the run and whether it was saved before: from its saved
+    result when that loads, else computed and saved (with its figure when `figures`)."""
     from ..probes.registry import get_probe
     from ..results import Result
 
@@ -173,11 +184,11 @@ def _probe(run: Path, name: str, options: dict, subject: _LazySubject, device: s
         if result is not None and result.probe == name:
             if figures and not (path / "figure.png").is_file():
                 result.save(path, figure=True)
-            return result.summary
+            return result.summary, True
     spec = get_probe(name)
     kwargs = dict(options)
     if "device" in spec.parameters():
         kwargs.setdefault("device", device)
     result = spec.function(subject.get(), **kwargs)
     result.save(path, figure=figures)
-    return result.summary
+    return result.summary, False
