@@ -286,6 +286,34 @@ def test_sweep_report_ranks_the_measures_and_renders_offline(tiny_sweep):
         assert shown.screenshot.startswith(b"\x89PNG") and len(shown.screenshot) > 10_000
 
 
+def test_sweep_report_shows_where_the_time_went(tiny_sweep, tmp_path):
+    """The cost section: per phase its seconds summed over the runs, its share, its median per
+    run — the table's seconds_* columns, also when the table is read without its attrs."""
+    from genprobe.report.sweeps import cost_table
+
+    table = pd.read_parquet(tiny_sweep / "table.parquet")
+    page = gp.report(tiny_sweep, out=tmp_path / "r.html")
+    doc = json.loads(page.with_suffix(".json").read_text())["sweep"]
+    costs = pd.DataFrame(doc["costs"])
+    assert list(costs["phase"]) == ["training", "robustness", "ablation"]
+    for row in costs.itertuples():
+        column = table[f"seconds_{row.phase}"]
+        assert row.seconds == pytest.approx(column.sum()) and row.seconds > 0
+        assert row.median_per_run == pytest.approx(column.median())
+    assert costs["share"].sum() == pytest.approx(1.0)
+    assert doc["seconds_total"] == pytest.approx(table["seconds"].sum())
+    bare = table.copy()
+    bare.attrs = {}
+    pd.testing.assert_frame_equal(cost_table(bare), costs)
+    html = page.read_text()
+    section = html[html.index('<section id="costs">'):]
+    section = section[:section.index("</section>")]
+    assert "<h2>Where the time went</h2>" in section and '<a href="#costs">' in html
+    for row in costs.itertuples():
+        assert f">{row.phase}</td>" in section and f">{row.share:.0%}</td>" in section
+    assert f"{doc['seconds_total']:.4g} s in all" in section
+
+
 def test_a_sweep_with_no_finished_run_is_refused(tmp_path):
     from genprobe.outputs import MARKS
 

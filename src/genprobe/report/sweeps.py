@@ -1,5 +1,6 @@
 """The report of a sweep: how well each measure ranks the runs by generalization gap, the
-measures against the gap, the table of runs, and a section per run.
+measures against the gap, the table of runs, where the study's time went (:func:`cost_table`),
+and a section per run.
 
 The ranking is :func:`genprobe.measures.rank_sweep` of the sweep's ``table.parquet`` (the runs and
 measures :func:`genprobe.measures.rank_correlation` chooses, with the sweep's ``ranking`` options),
@@ -126,6 +127,24 @@ def _measures_table(table: pd.DataFrame, measures: list[str]) -> pd.DataFrame:
     return frame.reset_index(drop=True)
 
 
+def cost_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Where a study's time went, from a sweep table's ``seconds_PHASE`` columns (found by their
+    prefix, so a table read without its attrs works too): one row per phase (``training``, each
+    probe, ``baselines``, ``user_measures``) with its ``seconds`` summed over the runs, its
+    ``share`` of all phases' seconds, and its ``median_per_run`` (over the runs that have it);
+    every run of the table counts, failed ones included (their time was spent too)."""
+    from ..sweep.layout import COST_PREFIX
+
+    columns = [c for c in table.columns if str(c).startswith(COST_PREFIX)]
+    totals = {c: float(table[c].sum(skipna=True)) for c in columns}
+    whole = sum(totals.values())
+    return pd.DataFrame({
+        "phase": [c[len(COST_PREFIX):] for c in columns],
+        "seconds": [totals[c] for c in columns],
+        "share": [totals[c] / whole if whole > 0 else math.nan for c in columns],
+        "median_per_run": [float(table[c].median(skipna=True)) for c in columns]})
+
+
 def build_sweep(sweep: Path) -> SweepContent:
     """Read a sweep directory into a :class:`SweepContent` (RunError, one line, when it has no
     finished run)."""
@@ -162,6 +181,8 @@ def build_sweep(sweep: Path) -> SweepContent:
         doc["ranking_attrs"] = dict(ranking.attrs)
         doc["ranking_reading"] = ranking_reading(ranking)
     doc["table"] = table.to_dict(orient="records")
+    doc["costs"] = cost_table(table).to_dict(orient="records")
+    doc["seconds_total"] = float(table["seconds"].sum(skipna=True)) if "seconds" in table else math.nan
     run_dirs = [run_dir(sweep, r) for r in done["run"]]
     with_results = [d for d in run_dirs if d.is_dir() and probe_dirs(d)]
     draw = len(done) <= RUN_FIGURES
@@ -198,7 +219,8 @@ def sweep_body(content: SweepContent) -> list[str]:
                        for r in content.runs)
     ranking_nav = '<li><a href="#ranking">ranking of the measures</a></li>'
     body = ['<nav><ul>' + (runs_nav + ranking_nav if networks_first else ranking_nav)
-            + '<li><a href="#runs">runs</a></li>' + ("" if networks_first else runs_nav)
+            + '<li><a href="#runs">runs</a></li>' + ('<li><a href="#costs">where the time went'
+            '</a></li>' if doc.get("costs") else "") + ("" if networks_first else runs_nav)
             + '<li><a href="#provenance">provenance</a></li></ul></nav>']
     run_sections = [_run_section(run, entry) for run, entry in
                     zip(content.runs, [d for d in doc["runs"] if "error" not in d], strict=True)]
@@ -250,6 +272,8 @@ def sweep_body(content: SweepContent) -> list[str]:
         body.append("<h3>Measures of each run</h3>"
                     + H.table(_measures_table(table, doc["measures"]), max_rows=len(doc["measures"])))
     body.append("</section>")
+    if doc.get("costs"):
+        body.append(_cost_section(doc))
     if not networks_first:
         body += run_sections
     for entry in doc["runs"]:
@@ -257,6 +281,23 @@ def sweep_body(content: SweepContent) -> list[str]:
             body.append(f'<section><h2>{H.escape(entry["name"])}</h2><p class="failed">'
                         f'{H.escape(entry["error"])}</p></section>')
     return body
+
+
+def _cost_section(doc: dict[str, Any]) -> str:
+    costs = pd.DataFrame(doc["costs"])
+    top = costs.sort_values("seconds", ascending=False).iloc[0]
+    most = (f"; {H.escape(top['phase'])} took the most, {top['share']:.0%} of the phases' seconds"
+            if pd.notna(top["share"]) else "")
+    shown = pd.DataFrame({"phase": costs["phase"], "seconds": costs["seconds"],
+                          "share": [f"{v:.0%}" if pd.notna(v) else "" for v in costs["share"]],
+                          "median per run (s)": costs["median_per_run"]})
+    return ('<section id="costs"><h2>Where the time went</h2>'
+            f"<p>The {doc['runs_total']} runs took {doc['seconds_total']:.4g} s in all (each run's "
+            "wall seconds in its last attempt, summed: with several jobs the study took less "
+            f"wall-clock time){most}. A phase that reused saved work (a finished training, a probe "
+            "result from an earlier invocation) counts the loading only; the first probe of a "
+            "run includes loading the run.</p>"
+            + H.table(shown, max_rows=len(shown)) + "</section>")
 
 
 def _run_section(run: RunContent, doc: dict[str, Any]) -> str:
@@ -276,4 +317,5 @@ def _run_section(run: RunContent, doc: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
-__all__ = ["RUN_FIGURES", "SweepContent", "build_sweep", "ranking_reading", "sweep_body"]
+__all__ = ["RUN_FIGURES", "SweepContent", "build_sweep", "cost_table", "ranking_reading",
+           "sweep_body"]
