@@ -10,9 +10,9 @@ structure with the example dimension first on every tensor ("leaf"):
 
 Floating leaves are cast to the model's dtype when moved; integer leaves (token ids, attention
 masks) are never cast. :class:`Streamed` inputs stay in their Dataset and are read a batch at a
-time (:func:`take`), for data larger than memory. The functions here are the one place that knows the structure: the
-engines batch, slice, stack and move inputs through them, so a tensor input takes the same path
-it always did (each function's first branch) at no cost.
+time (:func:`take`), for data larger than memory. The functions here are the one place that
+knows the structure: the engines batch, slice, stack and move inputs through them, so a tensor
+input takes the same path it always did (each function's first branch) at no cost.
 """
 
 from __future__ import annotations
