@@ -280,6 +280,56 @@ def test_ray_workers_run_at_the_local_executors_priority(monkeypatch):
     assert seen == {"LocalExecutor": os.nice(0), "RayExecutor": os.nice(0)}
 
 
+def in_ray(monkeypatch, work: str, units: list[int], *, gpus: int = 0, jobs: int = 1
+           ) -> dict[int, tuple]:
+    """{n: (record, error)} of units `units` run by `work` (a function of tests/sweep_work.py)
+    on a local Ray instance of `jobs` CPUs and `gpus` GPUs (a GPU that Ray counts and nothing
+    uses: a task that holds one gets a fresh process per call by Ray's default)."""
+    ray = pytest.importorskip("ray")
+    import sweep_work
+    from genprobe.executors import RayExecutor
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    outcomes: dict[int, tuple] = {}
+    ray.init(num_cpus=jobs, num_gpus=gpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=False, _system_config={"worker_niceness": 0})
+    try:
+        with RayExecutor(jobs=jobs, threads=1, device="cuda" if gpus else "cpu") as executor:
+            executor.run([{"n": n} for n in units], getattr(sweep_work, work),
+                         started=lambda unit: None,
+                         finished=lambda unit, record, error: outcomes.setdefault(
+                             unit["n"], (record, error)))
+    finally:
+        ray.shutdown()
+    return outcomes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gpus", [0, 1])
+def test_ray_workers_import_once_and_run_unit_after_unit(monkeypatch, gpus):
+    """One Ray worker process runs every unit of a one-job sweep (it imports the work, genprobe
+    and torch once), with or without a GPU (Ray gives a task holding a GPU a fresh process per
+    call; genprobe's actors keep theirs), with its thread variables set."""
+    outcomes = in_ray(monkeypatch, "die_on_odd", [0, 2, 4, 6], gpus=gpus)
+    assert all(error is None for _, error in outcomes.values()), outcomes
+    assert len({record["pid"] for record, _ in outcomes.values()}) == 1
+    assert all(record["omp"] == "1" for record, _ in outcomes.values())
+
+
+@pytest.mark.slow
+def test_a_ray_worker_that_dies_is_recorded_and_replaced(monkeypatch):
+    outcomes = in_ray(monkeypatch, "die_on_odd", [0, 1, 2, 3, 4])
+    assert sorted(outcomes) == [0, 1, 2, 3, 4]
+    for n, (record, error) in outcomes.items():
+        if n % 2:
+            assert record is None and error.startswith("ray: ActorDiedError"), error
+        else:
+            assert error is None and record["n"] == n
+    pids = [outcomes[n][0]["pid"] for n in (0, 2, 4)]
+    assert len(set(pids)) == 3  # each death gave the next unit a fresh worker
+
+
 def test_changed_probe_options_redo_that_probe_only(reference, tmp_path, counted):
     import shutil
 

@@ -13,8 +13,11 @@ work function records its own failures; the executor knows nothing about what a 
   runs, measured on 2 cores), so each job keeps to its cores. ``jobs=1`` runs in this process.
   A worker watches its parent and exits when the parent dies (a SIGKILLed sweep leaves no
   orphan writing into the sweep directory).
-- :class:`RayExecutor`: one Ray task per unit, ``num_cpus=threads`` and one GPU when the device
-  asks for CUDA (or is ``auto`` and the cluster has GPUs). Ray is an optional extra
+- :class:`RayExecutor`: a pool of Ray actors, each a worker process holding ``num_cpus=threads``
+  and one GPU when the device asks for CUDA (or is ``auto`` and the cluster has GPUs), that
+  imports the work function once and runs unit after unit, as the local executor's workers do
+  (a Ray *task* per unit would do on CPUs too, but Ray gives a task that holds a GPU a fresh
+  process each time: torch and genprobe imported again for every run). Ray is an optional extra
   (``pip install 'genprobe[ray]'``); on a cluster of several machines, the sweep directory must
   be on storage that every node sees at the same path.
 - :class:`SubmititExecutor`: one SLURM job per unit through submitit, submitted as one job array
@@ -389,9 +392,28 @@ def _held_stderr() -> Iterator[_HeldStderr]:
                     shutil.copyfileobj(held, stderr)
 
 
+class _RayWorker:
+    """The Ray actor of :class:`RayExecutor`: it sets the thread variables, imports the work
+    function (named ``module:qualname``) once, when it starts, then runs the units it is sent."""
+
+    def __init__(self, target: str, threads: int) -> None:
+        import importlib
+
+        os.environ.update(dict.fromkeys(THREAD_VARIABLES, str(threads)))
+        module, _, name = target.partition(":")
+        self.work = getattr(importlib.import_module(module), name)
+
+    def run(self, unit: Unit) -> Record:
+        return self.work(unit)
+
+
 class RayExecutor:
-    """One Ray task per unit on a Ray cluster (``address``), or on a local Ray instance of
-    jobs × threads CPUs (module docs)."""
+    """A pool of Ray actors (:class:`_RayWorker`, one per run at once) on a Ray cluster
+    (``address``), or on a local Ray instance of jobs × threads CPUs (module docs). The pool has
+    as many actors as the cluster's CPUs hold runs of `threads` (on the local instance: `jobs`),
+    at most one per unit; an actor that dies (out of memory, a signal) is reported as the unit's
+    error and replaced for the next unit, and each actor ends as soon as no unit is left for it
+    (releasing its CPUs and GPU)."""
 
     def __init__(self, *, jobs: int = 1, threads: int = 1, address: str | None = None,
                  device: str = "auto") -> None:
@@ -440,29 +462,50 @@ class RayExecutor:
 
     def run(self, units: list[Unit], work: Work, *, started: Started, finished: Finished) -> None:
         ray = self.ray
+        if not units:
+            return
         cpus = int(ray.cluster_resources().get("CPU", self.jobs * self.threads))
-        in_flight = max(self.jobs, cpus // self.threads, 1)
-        task = ray.remote(num_cpus=self.threads, num_gpus=self._gpus(), max_retries=0)(work)
+        size = min(max(self.jobs, cpus // self.threads, 1), len(units))
+        actor = ray.remote(num_cpus=self.threads, num_gpus=self._gpus(), max_restarts=0,
+                           max_task_retries=0)(_RayWorker)
+        target = f"{work.__module__}:{work.__qualname__}"
         pending = list(reversed(units))
-        refs: dict[Any, Unit] = {}
+        workers: list[Any] = [actor.remote(target, self.threads) for _ in range(size)]
+        calls: dict[Any, tuple[int, Unit]] = {}
+
+        def next_unit(i: int) -> None:
+            if pending:
+                unit = pending.pop()
+                calls[workers[i].run.remote(unit)] = (i, unit)
+                started(unit)
+            else:  # nothing left for this actor: end it, its CPUs and GPU go back to the cluster
+                stop(i)
+
+        def stop(i: int) -> None:
+            if workers[i] is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(workers[i])
+                workers[i] = None
+
         try:
-            while pending or refs:
-                while pending and len(refs) < in_flight:
-                    unit = pending.pop()
-                    refs[task.remote(unit)] = unit
-                    started(unit)
-                done, _ = ray.wait(list(refs), num_returns=1)
+            for i in range(size):
+                next_unit(i)
+            while calls:
+                done, _ = ray.wait(list(calls), num_returns=1)
                 for ref in done:
-                    unit = refs.pop(ref)
+                    i, unit = calls.pop(ref)
                     try:
                         record, error = ray.get(ref), None
-                    except Exception as exc:  # the task's process died, or Ray lost it
+                    except Exception as exc:  # the actor's process died, or Ray lost it
                         record, error = None, f"ray: {type(exc).__name__}: {one_line(exc)}"
+                        if isinstance(exc, ray.exceptions.RayActorError):  # a fresh one
+                            stop(i)
+                            workers[i] = actor.remote(target, self.threads)
                     finished(unit, record, error)
-        finally:
-            for ref in refs:
-                with contextlib.suppress(Exception):
-                    ray.cancel(ref, force=True)
+                    next_unit(i)
+        finally:  # interrupted: end the actors, and the runs they hold (resumable, like a SIGKILL)
+            for i in range(len(workers)):
+                stop(i)
 
 
 
