@@ -5,6 +5,7 @@ import copy
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -47,8 +48,9 @@ def nested64():
 # ----------------------------------------------------------------------------- reference
 
 
-def _brute_force_valley(subject, unit, alphas, sigmas, samples, seed, loss):
-    """The definition, literally: deepcopy, load θ_i^α + σ z_b, full forward, mean over draws.
+def _brute_force_valley(subject, unit, alphas, sigmas, samples, seed, loss, draws=None):
+    """The definition, literally: deepcopy, load θ_i^α + σ z_b, full forward, mean over draws
+    (the first `draws` of the `samples`, default all).
 
     Returns {(α, σ): MC mean of L_S}; σ = 0 is the unperturbed point."""
     init, final = subject.init, subject.final
@@ -59,7 +61,7 @@ def _brute_force_valley(subject, unit, alphas, sigmas, samples, seed, loss):
     for a in alphas:
         for s in [0.0, *sigmas]:
             values = []
-            for b in range(1 if s == 0 else samples):
+            for b in range(1 if s == 0 else draws or samples):
                 state = {k: v.clone() for k, v in final.items()}
                 for k in unit.params:
                     state[k] = (1 - a) * init[k] + a * final[k] + s * z[k][b]
@@ -135,16 +137,24 @@ def test_bisection_equals_brute_force_on_a_fine_grid(nested64, loss):
     assert checked >= 1  # the test exercises the bisection, not only μ = 0
 
 
-def test_search_points_equal_the_literal_valley(nested64):
-    """Every (α, σ) row of the table is the literal deepcopy-and-evaluate MC mean."""
+@pytest.mark.parametrize("loss", ["cross_entropy", "error"])
+def test_search_points_equal_the_literal_valley(nested64, loss):
+    """Every (α, σ) row of the table is the literal deepcopy-and-evaluate MC mean over the draws
+    it records; a row with fewer draws than asked is one the full mean puts above ε (its first
+    draws already proved it: DRAW_STAGES), so the search saw the feasibility of the full mean."""
     unit = nested64.units()[-1]
-    r = gp.criticality(nested64, modules=unit.name, loss="cross_entropy",
-                       alphas=[0.0, 0.5, 1.0], sigmas=[0.01, 0.1], samples=3, seed=1, refine=0)
-    rows = r.table.sample(8, random_state=0) if len(r.table) > 8 else r.table
-    for _, row in rows.iterrows():
-        ref = _brute_force_valley(nested64, unit, [row.alpha], [row.sigma] if row.sigma else [],
-                                  3, 1, "cross_entropy")
+    r = gp.criticality(nested64, modules=unit.name, loss=loss, alphas=[0.0, 0.5, 1.0],
+                       sigmas=[0.01, 0.1, 1.0], samples=6, seed=1, refine=0)
+    eps = r.summary["epsilon"]
+    assert (r.table.samples < 6).sum() >= 1 and (r.table.samples == 6).sum() >= 1
+    for _, row in r.table.iterrows():
+        sigmas = [row.sigma] if row.sigma else []
+        ref = _brute_force_valley(nested64, unit, [row.alpha], sigmas, 6, 1, loss, draws=row.samples)
         assert row.loss_mean == pytest.approx(ref[(row.alpha, row.sigma)], rel=1e-10, abs=1e-12)
+        if row.sigma:
+            full = _brute_force_valley(nested64, unit, [row.alpha], sigmas, 6, 1, loss)
+            assert row.feasible == (full[(row.alpha, row.sigma)] <= eps)
+            assert row.samples == 6 or full[(row.alpha, row.sigma)] > eps
 
 
 def test_valley_at_alpha_one_sigma_zero_is_the_trained_loss(nested64):
@@ -427,3 +437,22 @@ def test_memory_budget_splits_the_stacks_not_the_results(nested64):
     assert list(whole.table.sigma) == list(split.table.sigma)
     assert np.allclose(whole.table.loss_mean, split.table.loss_mean, rtol=1e-12, atol=1e-14)
     assert np.allclose(whole.modules.criticality, split.modules.criticality, rtol=1e-12)
+
+
+@pytest.mark.parametrize("valley", ["full", "search"])
+def test_staged_draws_give_the_same_answer_with_fewer_evaluations(nested64, monkeypatch, valley):
+    """Drawing a point's noise in stages (DRAW_STAGES) and stopping once its losses prove it
+    infeasible changes no feasibility, so no μ: against every draw of every point."""
+    from genprobe.probes import criticality as C
+
+    options = dict(samples=8, seed=2, valley=valley, sigmas=[0.01, 0.1, 1.0], alphas=[0.0, 0.5, 1.0],
+                   refine=1)
+    staged = gp.criticality(nested64, **options)
+    monkeypatch.setattr(C, "DRAW_STAGES", ())
+    whole = gp.criticality(nested64, **options)
+    pd.testing.assert_frame_equal(staged.modules.drop(columns="evaluations"),
+                                  whole.modules.drop(columns="evaluations"))
+    keys = ["module", "alpha", "sigma", "stage"]
+    assert staged.table[keys + ["feasible"]].equals(whole.table[keys + ["feasible"]])
+    assert staged.summary["evaluations"] < whole.summary["evaluations"]
+    assert (whole.table.samples[whole.table.sigma > 0] == 8).all()
