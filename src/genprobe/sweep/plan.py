@@ -15,22 +15,31 @@ measures — the ``seconds_PHASE`` columns of the table):
   cut down — trained :data:`CALIBRATION_EPOCHS` epoch, then every probe, the baselines and the
   user's measures once on it, with the run's planned checkpoints present (each a copy of the one
   trained state), so that a probe that works per checkpoint does the real run's amount of work.
-  Training is extrapolated: the same run is also trained for one epoch more, the difference is
-  an epoch's cost and the rest a run's fixed cost (loading its data, building its model), and a
-  run of E epochs costs fixed + E epochs (with a stop target E is its ``epochs``: an upper
+  Training is extrapolated: the same run is also trained for more epochs (as many as take about
+  :data:`CALIBRATION_SECONDS`, at least 2, at most its own), the difference over the extra epochs
+  is an epoch's cost and the rest a run's fixed cost (loading its data, building its model), and
+  a run of E epochs costs fixed + E epochs (with a stop target E is its ``epochs``: an upper
   bound). The other phases are taken as measured, on a network trained one epoch (a probe whose
   cost depends on the trained state, such as criticality's search, may differ on the real run).
-  The calibration runs twice, in this process, with the sweep's threads per run: the first pass
-  pays what a worker pays once, on its first run (imports, lazy initialisation; reported as
-  ``startup_seconds``), the second is the estimate. It runs in a folder made with
-  :func:`tempfile.mkdtemp`, removed afterwards (only that folder).
+  The calibration runs in a fresh worker process started as the local executor starts one (the
+  sweep's threads per run, set before torch loads, on its own cores): a first pass pays what a
+  worker pays once, on its first run (imports, the dataset's source read once per process;
+  reported as ``startup_seconds``), then measured passes follow — one, or for a short run as
+  many as fill :data:`CALIBRATION_SECONDS` (at most :data:`CALIBRATION_REPEATS`), each phase's
+  estimate their median. It runs in a folder
+  made with :func:`tempfile.mkdtemp`, removed afterwards (only that folder). Only the first run
+  is calibrated: runs of other sizes (a wider network) cost what they cost.
 
 The total: the sum of the estimates of the runs to do (a run whose training finished before costs
 no training) divided by the runs at once (``--jobs``, at most the runs to do; with ``--executor
-submitit`` and no ``--jobs``, all of them) — a lower bound when the runs do not divide evenly
-among the jobs, and without the start-up (one per worker, and Ray's own start). Measured on the
-tests' tiny sweep (``tests/test_plan.py``): from finished runs each phase within 1.0–1.2× of the
-measured medians, from the calibration within 0.6–1.6×.
+submitit`` and no ``--jobs``, all of them), plus one worker's start-up when a calibration
+measured it — a lower bound when the runs do not divide evenly among the jobs, without Ray's own
+start (about 8 s on one machine) or a SLURM queue, and for a machine as loaded as it was during
+the calibration. Measured on the
+tests' tiny sweep (``tests/test_plan.py``), each phase's estimate over the median the sweep then
+measured: from its finished runs 1.0× (the same medians); from the calibration 0.6–1.2× over 10
+repetitions on the 2-core machine with another job beside them (phases of 30–60 ms), and one run
+plus the start-up 0.9–1.1× of a worker's first run.
 
 The plan writes nothing into the sweep directory, and refuses what the sweep would refuse, with
 the same one-line errors (it goes through the same checks, :func:`genprobe.sweep.run._prepare`).
@@ -42,9 +51,11 @@ the sweep's own error.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import statistics
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +71,15 @@ from .run import _longest_run, _prepare
 log = logging.getLogger(__name__)
 
 CALIBRATION_EPOCHS = 1
-"""Epochs the calibration run trains: one shows an epoch's cost; the probes then run on it."""
+"""Epochs the calibration run trains before its probes run on it."""
+CALIBRATION_SECONDS = 1.0
+"""About how long the calibration's longer training lasts (more epochs when one is short): an
+epoch's cost is the difference of two training times, which must stand well above their noise
+(a 40 ms epoch measured as the difference of 1 and 2 epochs came out anywhere from 0.6× to 4×).
+Also the time the measured passes fill: a short run is calibrated again, up to
+:data:`CALIBRATION_REPEATS` times, and each phase's estimate is the median."""
+CALIBRATION_REPEATS = 5
+"""At most this many measured passes (after the first, which pays the start-up)."""
 
 
 @dataclass
@@ -90,7 +109,8 @@ class SweepPlan:
     total_seconds: float
     """The work left: the sum of the estimates of the runs to do."""
     wall_seconds: float
-    """``total_seconds / parallel``."""
+    """``total_seconds / parallel``, plus :attr:`startup_seconds` when known (the workers start
+    together; 0 when nothing is left to do)."""
     startup_seconds: float | None = None
     """What a worker pays once, on its first run (the calibration's first pass less its second);
     None without a calibration."""
@@ -133,9 +153,9 @@ class SweepPlan:
                      if self.todo else "total: nothing to do (every run is done)")
         if self.upper_bound:
             lines.append("  (an upper bound: runs with a stop target end when they reach it)")
-        if self.startup_seconds:
-            lines.append(f"  (plus about {_duration(self.startup_seconds)} per worker on its first "
-                         "run: imports and lazy initialisation)")
+        if self.startup_seconds and self.todo:
+            lines.append(f"  (of which about {_duration(self.startup_seconds)} for each worker's "
+                         "first run: imports, its data read once)")
         if self.time_limit:
             lines.append(self.time_limit)
         return "\n".join(lines)
@@ -165,8 +185,6 @@ def plan_sweep(config: SweepConfig | str | Path, out: str | Path | None = None, 
     run, and the total for the executor's jobs. Writes nothing into `out`; raises what the sweep
     would raise, before it would start (ConfigError, DataError, OutputError, ...); RunError when
     the calibration run fails (its one-line error)."""
-    import torch
-
     from .run import default_out
 
     if not isinstance(config, SweepConfig):
@@ -187,15 +205,7 @@ def plan_sweep(config: SweepConfig | str | Path, out: str | Path | None = None, 
     missing = [p for p in phases_of(config) if p not in estimate]
     if missing:
         first = (todo or runs)[0]
-        threads_before = torch.get_num_threads()
-        quiet = logging.getLogger("genprobe")  # the warnings of a network trained one epoch
-        level = quiet.level                    # (a NaN baseline ...) say nothing of the sweep
-        quiet.setLevel(logging.ERROR)
-        try:
-            measured, training_fixed, startup = _calibrate(first, config, device, runner.threads)
-        finally:
-            torch.set_num_threads(threads_before)
-            quiet.setLevel(level)
+        measured, training_fixed, startup = _calibrate(first, config, device, runner.threads)
         calibrated = first.id
         for phase in missing:
             estimate[phase], sources[phase] = measured.get(phase, 0.0), "calibration"
@@ -223,7 +233,9 @@ def plan_sweep(config: SweepConfig | str | Path, out: str | Path | None = None, 
                      phases={"training": statistics.median(training.values())} | others,
                      sources=sources, seconds_per_epoch=per_epoch, training_fixed=fixed,
                      epochs=run_epochs,
-                     total_seconds=total, wall_seconds=total / parallel, startup_seconds=startup,
+                     total_seconds=total,
+                     wall_seconds=total / parallel + (startup or 0.0) if todo else 0.0,
+                     startup_seconds=startup,
                      calibrated=calibrated, run_seconds=cost,
                      upper_bound=not epochs_run and any(r.config.stop_targets() for r in shown))
     if executor == "submitit":
@@ -271,57 +283,104 @@ def _samples(records: list[dict[str, Any]], config: SweepConfig
 
 def _calibrate(run: SweepRun, config: SweepConfig, device: str, threads: int
                ) -> tuple[dict[str, float], float, float]:
-    """Run `run` cut down (module docstring) twice in a temporary folder, removed afterwards:
-    the second pass's seconds of each phase (training: per epoch), a run's fixed training cost,
-    and what the first pass cost more (a worker's start-up)."""
+    """Run `run` cut down (module docstring) in a fresh worker process, as the local executor
+    starts one (:class:`genprobe.executors._Worker`: its threads set before torch loads, on its
+    own cores), in a temporary folder made and removed here: the seconds of each phase in the
+    second pass (training: per epoch), a run's fixed training cost, and what the first pass cost
+    more (a worker's start-up: imports, its data source read for the first time). RunError
+    (one line) when a calibration run fails or its process dies."""
+    from ..executors import STOP_WAIT_S, _Worker, core_sets
+
+    temp = Path(tempfile.mkdtemp(prefix="genprobe-plan-"))
+    log.info("calibrating the plan on run %s (%d epoch) in %s", run.id, CALIBRATION_EPOCHS, temp)
+    unit = {"temp": str(temp), "run": run.id, "train": run.config.to_dict(),
+            "hyperparameters": run.hyperparameters, "probes": config.probes,
+            "baselines": config.baselines, "measures": config.measures, "figures": config.figures,
+            "device": device, "threads": threads}
+    worker = None
+    try:
+        worker = _Worker(_calibration, core_sets(1, threads)[0], threads)
+        worker.send(unit)
+        result, died = worker.receive()
+        worker.unit = None
+    finally:
+        if worker is not None:
+            worker.stop()
+            worker.reap(time.monotonic() + STOP_WAIT_S)
+        shutil.rmtree(temp, ignore_errors=True)
+    if result is None or "error" in result:
+        why = died if result is None else result["error"]
+        raise RunError(f"the plan's calibration of run {run.id} failed, so nothing can be "
+                       f"estimated: {why}")
+    return result["seconds"], result["fixed"], result["startup"]
+
+
+def _calibration(unit: dict[str, Any]) -> dict[str, Any]:
+    """The calibration's work in its worker process (:func:`_calibrate`): passes of the run cut
+    down to :data:`CALIBRATION_EPOCHS` (the first for the start-up; each later one with a longer
+    training); ``{"seconds", "fixed", "startup"}``, or ``{"error"}`` with the failed run's
+    one-line error."""
     from ..zoo.train import TrainConfig
     from .work import run_unit
 
-    def shortened(epochs: int):
-        return TrainConfig.from_dict(run.config.to_dict() | {
+    logging.getLogger("genprobe").setLevel(logging.ERROR)  # a network trained one epoch warns
+    full = TrainConfig.from_dict(unit["train"])             # (a NaN baseline ...): not the sweep's
+    temp = Path(unit["temp"])
+
+    def work(folder: Path, epochs: int, probes: bool) -> dict[str, Any]:
+        short = TrainConfig.from_dict(unit["train"] | {
             "epochs": epochs, "checkpoints": "every", "stop_loss": None, "stop_error": None})
+        record = run_unit({
+            "out": str(folder), "run": run_id(short), "train": short.to_dict() | {"device": unit["device"]},
+            "hyperparameters": unit["hyperparameters"], "figures": unit["figures"],
+            "device": unit["device"], "threads": unit["threads"],
+            "probes": unit["probes"] if probes else {}, "measures": unit["measures"] if probes else {},
+            "baselines": unit["baselines"] if probes else None})
+        if record["status"] != "done":
+            raise RunError(record["error"])
+        return record
 
-    planned = run.config.checkpoint_epochs()
-    temp = Path(tempfile.mkdtemp(prefix="genprobe-plan-"))
-    log.info("calibrating the plan on run %s (%d epoch) in %s", run.id, CALIBRATION_EPOCHS, temp)
-
-    def unit(folder: Path, epochs: int, work: bool) -> dict[str, Any]:
-        short = shortened(epochs)
-        return {"out": str(folder), "run": run_id(short), "train": short.to_dict() | {"device": device},
-                "hyperparameters": run.hyperparameters, "figures": config.figures,
-                "device": device, "threads": threads,
-                "probes": config.probes if work else {}, "measures": config.measures if work else {},
-                "baselines": config.baselines if work else None}
-
-    passes = []
     try:
-        for n in range(2):
-            folder = temp / f"pass-{n}"
-            trained = _check(run_unit(unit(folder, CALIBRATION_EPOCHS, False)), run)
+        first = spent = 0.0
+        passes: list[tuple[dict[str, float], float, float]] = []  # (phases, longer training, total)
+        extra = CALIBRATION_EPOCHS
+        while not passes or (len(passes) < CALIBRATION_REPEATS and spent < CALIBRATION_SECONDS):
+            folder = temp / f"pass-{len(passes) + (first > 0)}"
+            trained = work(folder, CALIBRATION_EPOCHS, False)
             where = folder / RUNS_DIR / trained["run"]
             state = store.checkpoint_path(where, CALIBRATION_EPOCHS)
-            for epoch in planned:  # the real run's checkpoints, each the one trained state
+            for epoch in full.checkpoint_epochs():  # the real run's checkpoints, each this state
                 if not store.checkpoint_path(where, epoch).is_file():
                     shutil.copyfile(state, store.checkpoint_path(where, epoch))
-            probed = _check(run_unit(unit(folder, CALIBRATION_EPOCHS, True)), run)
+            probed = work(folder, CALIBRATION_EPOCHS, True)
             seconds = dict(probed["phase_seconds"])
-            seconds["training"] = trained["phase_seconds"]["training"]
-            passes.append((seconds, trained["seconds"] + probed["seconds"]))
-        longer = _check(run_unit(unit(temp / "longer", CALIBRATION_EPOCHS + 1, False)), run)
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-    (_, first), (seconds, second) = passes
-    short, long = seconds["training"], longer["phase_seconds"]["training"]
-    per_epoch = long - short if long > short else short / CALIBRATION_EPOCHS
+            seconds["training"] = short = trained["phase_seconds"]["training"]
+            total = trained["seconds"] + probed["seconds"]
+            if not first:  # the first pass: a worker's first run, start-up included
+                first = total
+                continue
+            if not passes:
+                extra = min(full.epochs, max(CALIBRATION_EPOCHS + 1,
+                                             math.ceil(CALIBRATION_SECONDS / max(short, 1e-3))))
+            long = math.nan
+            if extra > CALIBRATION_EPOCHS:
+                longer = work(temp / f"longer-{len(passes)}", extra, False)
+                long = longer["phase_seconds"]["training"]
+                spent += longer["seconds"]
+            spent += total
+            passes.append((seconds, long, total))
+    except RunError as exc:
+        return {"error": str(exc)}
+    seconds = {k: statistics.median(p[k] for p, *_ in passes) for k in passes[0][0]}
+    short, long = seconds["training"], statistics.median(long for _, long, _ in passes)
+    per_epoch = short / CALIBRATION_EPOCHS
+    if not math.isnan(long) and long > short:  # NaN: no longer training (a one-epoch run)
+        per_epoch = (long - short) / (extra - CALIBRATION_EPOCHS)
+    second = statistics.median(total for *_, total in passes)
     seconds["training"] = per_epoch
-    return seconds, max(0.0, short - per_epoch * CALIBRATION_EPOCHS), max(0.0, first - second)
+    return {"seconds": seconds, "fixed": max(0.0, short - per_epoch * CALIBRATION_EPOCHS),
+            "startup": max(0.0, first - second)}
 
 
-def _check(record: dict[str, Any], run: SweepRun) -> dict[str, Any]:
-    if record["status"] != "done":
-        raise RunError(f"the plan's calibration of run {run.id} failed, so nothing can be "
-                       f"estimated: {record['error']}")
-    return record
-
-
-__all__ = ["CALIBRATION_EPOCHS", "SweepPlan", "phases_of", "plan_sweep"]
+__all__ = ["CALIBRATION_EPOCHS", "CALIBRATION_REPEATS", "CALIBRATION_SECONDS", "SweepPlan",
+           "phases_of", "plan_sweep"]
