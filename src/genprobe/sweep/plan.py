@@ -134,8 +134,9 @@ class SweepPlan:
         """The plan as ``genprobe sweep --plan`` prints it."""
         lines = [f"{self.runs} runs in {self.out}: {self.done} done, {self.todo} to do; "
                  f"{self.executor}"]
-        how = (f"from a calibration of run {self.calibrated} ({CALIBRATION_EPOCHS} epoch, then each "
-               "probe once, in a temporary folder since removed)" if self.calibrated else
+        how = (f"from a calibration of run {self.calibrated} ({CALIBRATION_EPOCHS} epoch, then "
+               "every probe on it, in a worker process and a temporary folder since removed)"
+               if self.calibrated else
                "from the finished runs of this sweep")
         lines.append(f"estimated seconds of one run, by phase ({how}):")
         width = max(len(p) for p in [*self.phases, "one run"])
