@@ -26,9 +26,10 @@ measures — the ``seconds_PHASE`` columns of the table):
   worker pays once, on its first run (imports, the dataset's source read once per process;
   reported as ``startup_seconds``), then measured passes follow — one, or for a short run as
   many as fill :data:`CALIBRATION_SECONDS` (at most :data:`CALIBRATION_REPEATS`), each phase's
-  estimate their median. It runs in a folder
-  made with :func:`tempfile.mkdtemp`, removed afterwards (only that folder). Only the first run
-  is calibrated: runs of other sizes (a wider network) cost what they cost.
+  estimate their median. It runs in a folder made with :func:`tempfile.mkdtemp`, removed
+  afterwards (only that folder). Only the first run is calibrated: runs of other sizes (a wider
+  network) cost what they cost. It runs on this machine: with ``--executor submitit`` or a Ray
+  cluster, the nodes may be faster or slower.
 
 The total: the sum of the estimates of the runs to do (a run whose training finished before costs
 no training) divided by the runs at once (``--jobs``, at most the runs to do; with ``--executor
