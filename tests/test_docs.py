@@ -51,7 +51,7 @@ def test_readme_figure_and_links_exist():
 
 def test_your_model_page_runs_as_written(tmp_path, monkeypatch, capsys):
     """docs/your_model.md: every python block, in order, in one namespace (a block that says
-    `# needs: transformers` only where it is installed)."""
+    `# needs: transformers` (or `torchvision`, `timm`) only where those are installed)."""
     import torch
 
     text = (DOCS / "your_model.md").read_text()
@@ -63,7 +63,8 @@ def test_your_model_page_runs_as_written(tmp_path, monkeypatch, capsys):
     namespace: dict = {}
     try:
         for block in blocks:
-            if "# needs: transformers" in block and importlib.util.find_spec("transformers") is None:
+            needs = re.search(r"# needs: (.*)", block)
+            if needs and any(importlib.util.find_spec(p.strip()) is None for p in needs.group(1).split(",")):
                 continue
             if "fashion-mnist" in block:
                 from genprobe.data import load_dataset

@@ -17,6 +17,7 @@ from genprobe.engine.edits import masks_edit
 from genprobe.engine.sites import discover, hooked, is_functional
 from genprobe.engine.variants import VariantEvaluator
 from genprobe.errors import ModuleSelectionError
+from genprobe.values import Data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,3 +161,37 @@ def test_a_transformer_layers_activation_function_is_a_site():
     seen = discover(model, torch.randn(2, 4, 8))
     assert [s for s in seen if is_functional(s)] == ["relu(0.linear1)"]
     assert seen["relu(0.linear1)"] == (2, 4, 12)
+
+
+class Layouts(nn.Module):
+    """Units on different dims: a Conv1d map (n, C, L), a channels-last Linear (n, H, W, C),
+    a Linear on (n, T, C), a parameter-free reshape."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv1d(2, 5, 3, padding=1)       # (n, 5, 7): units on dim 1
+        self.act = nn.ReLU()
+        self.fc = nn.Linear(7, 6)                        # (n, 5, 6) as a (n, T, C) sequence: last
+        self.mix = nn.Linear(6, 9)                       # on (n, 5, 1, 6): channels-last (n, H, W, C)
+        self.head = nn.Linear(9, 3)
+
+    def forward(self, x):
+        h = self.act(self.conv(x))
+        h = F.gelu(self.fc(h))
+        h = torch.relu(self.mix(h.unsqueeze(2)))         # (n, 5, 1, 9)
+        return self.head(h.mean(dim=(1, 2)))
+
+
+def test_a_sites_unit_dim_is_the_one_its_producing_layer_indexes():
+    model, dims = Layouts(), {}
+    shapes = discover(model, torch.randn(2, 2, 7), dims=dims)
+    assert shapes["act"] == (2, 5, 7) and dims["act"] == 1            # a shape rule would say 2
+    assert dims["gelu(fc)"] == 2 and dims["fc"] == 2
+    assert shapes["relu(mix)"] == (2, 5, 1, 9) and dims["relu(mix)"] == 3  # a shape rule: 1
+    x, y = torch.randn(12, 2, 7), torch.arange(12) % 3
+    stats = activation_stats(model, model.state_dict(), Data(x, y), ["act", "relu(mix)"],
+                              num_classes=3, dims=dims)
+    assert stats["act"].units == 5 and stats["relu(mix)"].units == 9
+    with torch.no_grad():
+        h = torch.relu(model.mix(F.gelu(model.fc(torch.relu(model.conv(x)))).unsqueeze(2)))
+    torch.testing.assert_close(stats["relu(mix)"].mean, h.double().mean(dim=(0, 1, 2)))

@@ -1,8 +1,10 @@
 """Per-unit statistics of module outputs, streamed over a data set (single-direction probes).
 
-A *unit* (Morcos et al. 2018) is one feature of a module's output along its unit dim
-(:func:`unit_dim`): a feature of a linear output (N, C), a hidden neuron of a transformer MLP
-(N, T, C) (the last dim), or a channel of a conv output (N, C, H, W) (dim 1). The *per-example
+A *unit* (Morcos et al. 2018) is one feature of a module's output along its unit dim: the dim the
+producing layer's weights index (:func:`genprobe.engine.sites.discover` finds it: a feature of a
+linear output (N, C), a hidden neuron of a transformer MLP (N, T, C) or of a channels-last
+ConvNeXt MLP (N, H, W, C) (the last dim), a channel of a conv output (N, C, H, W) or (N, C, L)
+(dim 1)); where no such layer is known, :func:`unit_dim` decides from the shape. The *per-example
 activation* of a unit is its mean over the other positions (pixels of a feature map, tokens of a
 sequence); for a linear output it is the activation itself.
 
@@ -144,14 +146,16 @@ class _Running:
 @torch.no_grad()
 def activation_stats(model: nn.Module, state: Mapping[str, Tensor], data: Data,
                      modules: Sequence[str], *, num_classes: int, batch_size: int | None = None,
-                     device: str | torch.device = "auto") -> dict[str, UnitStats]:
+                     device: str | torch.device = "auto",
+                     dims: Mapping[str, int] | None = None) -> dict[str, UnitStats]:
     """:class:`UnitStats` of each of `modules`' outputs over `data`, under `state`, in one pass.
 
     `state`: canonical keys (``Subject.final``); `data`: ``(x, y)`` with floating inputs (cast
     to the state's dtype) or integer token ids; `modules`: sites, module names or functional
     sites (:mod:`genprobe.engine.sites`; e.g. from :func:`genprobe.params.select_sites`);
-    `num_classes`: K, for the class-conditional means. Hooks a private eval-mode copy of the
-    model; returns {site: UnitStats} in the order of `modules`.
+    `num_classes`: K, for the class-conditional means; `dims`: each site's unit dim where known
+    (``discover(..., dims=)`` finds them; else :func:`unit_dim` of the output). Hooks a private
+    eval-mode copy of the model; returns {site: UnitStats} in the order of `modules`.
     """
     modules = list(dict.fromkeys(modules))
     named = dict(model.named_modules())
@@ -189,7 +193,7 @@ def activation_stats(model: nn.Module, state: Mapping[str, Tensor], data: Data,
             if not isinstance(out, Tensor):
                 raise ConfigError(f"module {name!r} returns a {type(out).__name__}, not a tensor: "
                                   "it has no units")
-            d = unit_dim(out)
+            d = dims[name] % out.dim() if dims and name in dims else unit_dim(out)
             if name not in running:
                 running[name] = _Running(out.shape[d], d, int(num_classes))
             r = running[name]

@@ -295,11 +295,11 @@ def mask_edit(module: str, mask: Tensor, value: float | Tensor = 0.0, *, dim: in
     return masks_edit({module: (mask, value)}, dim=dim, label=label)
 
 
-def masks_edit(masks: Mapping[str, tuple[Tensor, float | Tensor]], *, dim: int | None = None,
-               label: Any = None) -> Edit:
+def masks_edit(masks: Mapping[str, tuple[Tensor, float | Tensor]], *,
+               dim: int | Mapping[str, int] | None = None, label: Any = None) -> Edit:
     """:func:`mask_edit` at several modules at once: ``{module: (mask, value)}``, each as in
-    :func:`mask_edit`; stacked masks must all have the same number of rows B (variant b masks
-    row b of every module)."""
+    :func:`mask_edit`, with `dim` one for all or ``{module: dim}``; stacked masks must all have
+    the same number of rows B (variant b masks row b of every module)."""
     acts, args = {}, {}
     sizes = set()
     for i, (module, (mask, value)) in enumerate(masks.items()):
@@ -311,7 +311,8 @@ def masks_edit(masks: Mapping[str, tuple[Tensor, float | Tensor]], *, dim: int |
             raise ConfigError(f"value must be a scalar or ({mask.shape[-1]},), got shape "
                               f"{tuple(value.shape)}")
         sizes.add(None if mask.dim() == 1 else mask.shape[0])
-        acts[module] = _mask_fn(module, f"mask{i}", f"value{i}", dim)
+        acts[module] = _mask_fn(module, f"mask{i}", f"value{i}",
+                                dim.get(module) if isinstance(dim, Mapping) else dim)
         args[f"mask{i}"] = mask
         args[f"value{i}"] = value if mask.dim() == 1 else value.expand(mask.shape[0], *value.shape)
     if len(sizes) != 1:

@@ -127,20 +127,91 @@ def hooked(model: nn.Module, hooks: Mapping[str, Hook]) -> Iterator[None]:
             calls.remove()
 
 
+FEATURES_LAST = (nn.Linear, nn.Bilinear, nn.LayerNorm, nn.RMSNorm, nn.Embedding, nn.EmbeddingBag)
+"""Modules whose weights index the last dim of their output: a Linear on (n, H, W, C) or
+(n, T, C) features (a ConvNeXt MLP, a transformer's)."""
+
+FEATURES_FIRST = (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase, nn.GroupNorm)
+"""Modules whose weights index dim 1 of their output: convolutions, batch/instance/group norms."""
+
+ELEMENTWISE = (nn.Dropout, nn.Identity)
+"""Modules (besides activations) whose output keeps its input's layout."""
+
+
+def weights_dim(module: nn.Module, out: Tensor) -> int | None:
+    """The dim of `out` (n, ...) that `module`'s weights index: the one dim of the size of its
+    features (a Linear's or convolution's outputs, a norm's channels); where several dims have
+    that size, the last for :data:`FEATURES_LAST` (Linear, LayerNorm, ...) and 1 for
+    :data:`FEATURES_FIRST` (convolutions, BatchNorm, ...); None for other modules."""
+    default = (out.dim() - 1 if isinstance(module, FEATURES_LAST)
+               else 1 if isinstance(module, FEATURES_FIRST) else None)
+    if default is None or out.dim() < 2:
+        return default
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() < 1:
+        return default
+    features = weight.shape[1] if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) else weight.shape[0]
+    matches = [d for d in range(1, out.dim()) if out.shape[d] == features]
+    return matches[0] if len(matches) == 1 else default
+
+
+def unit_dim_of(shape: tuple[int, ...], dim: int | None) -> int:
+    """The unit dim of an output of `shape` (n, ...): `dim`, the dim its producing layer's weights
+    index (:func:`weights_dim`), where known; else 1 for a 4-D map (n, C, H, W) and the last
+    dim otherwise."""
+    if dim is not None:
+        return dim
+    return 1 if len(shape) == 4 else len(shape) - 1
+
+
 @torch.no_grad()
-def discover(model: nn.Module, x: inputs.Inputs, state: Mapping[str, Tensor] | None = None) -> dict[str, object]:
+def discover(model: nn.Module, x: inputs.Inputs, state: Mapping[str, Tensor] | None = None,
+             *, dims: dict[str, int] | None = None) -> dict[str, object]:
     """Every site of one forward of `model` on inputs `x` (under `state` when given), in the
     order of first output: ``{site: output shape}`` (a tuple; the output's type name when it is
-    not a tensor). Module sites are every called module but the model itself."""
+    not a tensor). Module sites are every called module but the model itself.
+
+    `dims`, when given, is filled with each tensor site's unit dim (:func:`unit_dim_of`): the
+    dim the weights of the layer that produced it index — followed through activations,
+    dropout, containers and modules that keep their input's shape — so a channels-last ``Linear`` output (n, H, W, C) has its units
+    last and a ``Conv1d`` output (n, C, L) at 1."""
     seen: dict[str, object] = {}
+    found: dict[str, int | None] = {}  # site: the dim its producer's weights index
+    produced: dict[int, tuple[weakref.ref, int | None]] = {}
+
+    def dim_of(t) -> int | None:
+        ref, dim = produced.get(id(t), (None, None))
+        return dim if ref is not None and ref() is t else None
 
     def module_hook(name):
         def hook(mod, args, out):
-            seen.setdefault(name, tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__)
+            if not isinstance(out, Tensor):
+                seen.setdefault(name, type(out).__name__)
+                return
+            source = args[0] if args and isinstance(args[0], Tensor) else None
+            dim = weights_dim(mod, out)
+            if dim is None and (is_activation(mod) or isinstance(mod, ELEMENTWISE)) and source is not None:
+                dim = dim_of(source)
+            elif dim is None:  # a container returning a child's output keeps the child's dim; a
+                # module keeping its input's shape (a residual block, an activation of its own) the input's
+                dim = dim_of(out)
+                if dim is None and source is not None and source.shape == out.shape:
+                    dim = dim_of(source)
+            if dim_of(out) is None:
+                produced[id(out)] = (weakref.ref(out), dim)
+            seen.setdefault(name, tuple(out.shape))
+            found.setdefault(name, dim)
         return hook
 
+    def call_hook(name, out):
+        if name not in seen:
+            seen[name] = tuple(out.shape)
+            base = name.split("#")[0]  # relu(fc1)#2: relu of fc1's output, the second time
+            found[name] = found.get(base[base.index("(") + 1:-1]) if base.endswith(")") else None
+        return None
+
     handles = [m.register_forward_hook(module_hook(n)) for n, m in model.named_modules() if n]
-    calls = _Calls(model, lambda name, out: seen.setdefault(name, tuple(out.shape)) and None)
+    calls = _Calls(model, call_hook)
     try:
         with calls:
             inputs.call(model, x, state)
@@ -148,4 +219,7 @@ def discover(model: nn.Module, x: inputs.Inputs, state: Mapping[str, Tensor] | N
         for h in handles:
             h.remove()
         calls.remove()
+    if dims is not None:
+        dims.update({site: unit_dim_of(shape, found.get(site)) for site, shape in seen.items()
+                     if isinstance(shape, tuple) and len(shape) >= 2})
     return seen

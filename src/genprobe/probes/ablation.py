@@ -177,12 +177,12 @@ def ablation(
     sites = list(units)
     data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
     if scope == "per-layer":
-        levels = {site: _levels(c, steps) for site, c in units.items()}
+        levels = {site: _levels(c, steps) for site, (c, _) in units.items()}
     else:
-        fractions = _fractions(steps, min(units.values()))
+        fractions = _fractions(steps, min(c for c, _ in units.values()))
     check_resources(batch_size=batch_size, memory_budget=memory_budget, device=device)
     options_checked()
-    stats = train_stats(subject, sites)
+    stats = train_stats(subject, units)
     n_orders = orders if order == "random" else 1
     value = {s: (stats[s].element_mean if mode == "mean" else torch.zeros(stats[s].units, dtype=torch.float64))
              for s in sites}
@@ -195,7 +195,7 @@ def ablation(
             for o in range(n_orders):
                 rank = ranks[f"rank/{site}/{o}"]
                 masks = _prefix_masks(rank, levels[site])
-                edits.append(masks_edit({site: (masks, value[site])}))
+                edits.append(masks_edit({site: (masks, value[site])}, dim=stats[site].dim))
                 plan.append((site, {site: levels[site]}, o))
     else:
         for o in range(n_orders):
@@ -204,7 +204,7 @@ def ablation(
                 c = stats[site].units
                 rank = ranks[f"rank/{site}/{o}"]
                 per_site[site] = (_prefix_masks(rank, [round(f * c) for f in fractions]), value[site])
-            edits.append(masks_edit(per_site))
+            edits.append(masks_edit(per_site, dim={s: stats[s].dim for s in sites}))
             plan.append((ALL, {"fractions": fractions}, o))
     ev = VariantEvaluator(subject.model, subject.final, data, batch_size=batch_size, device=device,
                           memory_budget=memory_budget)

@@ -102,16 +102,17 @@ def activation_noise(
     check_int("draws", draws, 1)
     seed = check_int("seed", seed, 0)
     scales = _check_scales(DEFAULT_SCALES if scales is None else scales)
-    sites = list(layer_sites(subject, layers, inputs.take(subject.data("train").x, slice(0, 3))))
+    units = layer_sites(subject, layers, inputs.take(subject.data("train").x, slice(0, 3)))
+    sites = list(units)
     data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
     check_resources(batch_size=batch_size, memory_budget=memory_budget, device=device)
     options_checked()
-    stats = train_stats(subject, sites)
+    stats = train_stats(subject, units)
     edits: list[Edit] = [Edit(label="base")]
     seeds = {site: derive_seed(seed, "noise", site) for site in sites}
     for site in sites:
         std = torch.tensor(scales, dtype=torch.float64)[:, None] * stats[site].var.clamp_min(0).sqrt()[None, :]
-        edits.append(activation_noise_edit(site, std, seed=seeds[site], draws=draws))
+        edits.append(activation_noise_edit(site, std, seed=seeds[site], draws=draws, dim=stats[site].dim))
     ev = VariantEvaluator(subject.model, subject.final, data, batch_size=batch_size, device=device,
                           memory_budget=memory_budget)
     with progress.task(f"activation noise ({len(sites)} layers, {len(data)} examples)", total=len(data)) as bar:

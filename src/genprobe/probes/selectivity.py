@@ -166,10 +166,12 @@ def selectivity(
         raise ConfigError(f"importance must be True or False, got {importance!r}")
     check_choice("negative", negative, NEGATIVE)
     data = split_data(subject, split, n=n, per_class=per_class, seed=seed)
-    sites = list(layer_sites(subject, layers, inputs.take(data.x, slice(0, 3))))
+    units = layer_sites(subject, layers, inputs.take(data.x, slice(0, 3)))
+    sites = list(units)
     check_resources(batch_size=batch_size, memory_budget=memory_budget, device=device)
     options_checked()
-    stats = activation_stats(subject.model, subject.final, data, sites, num_classes=subject.num_classes)
+    stats = activation_stats(subject.model, subject.final, data, sites, num_classes=subject.num_classes,
+                             dims={s: d for s, (_, d) in units.items()})
     below = [s for s in sites if float(stats[s].min.min()) < 0]
     if below and negative == "error":
         s = below[0]
@@ -188,7 +190,8 @@ def selectivity(
     if importance:
         for s in sites:
             c = stats[s].units
-            edits.append(masks_edit({s: (torch.eye(c, dtype=torch.bool), torch.zeros(c, dtype=torch.float64))}))
+            edits.append(masks_edit({s: (torch.eye(c, dtype=torch.bool), torch.zeros(c, dtype=torch.float64))},
+                                    dim=stats[s].dim))
     with progress.task(f"selectivity ({len(sites)} layers)", total=len(data)) as bar:
         results = ev.evaluate(edits, on_progress=lambda done, total: bar.advance(done))
     base_acc = 1.0 - float(results[0].error)
@@ -230,15 +233,13 @@ def _check(subject, data, site, st, results, importance, base_acc) -> dict:
     """The engine's accuracy with unit 0 of the first layer zeroed, against a forward hook."""
     import copy
 
-    from ..engine.activations import unit_dim
-
     if not importance:
         return {"what": "importance not computed", "value": 0.0, "tolerance": 0.0, "passed": True}
     model = copy.deepcopy(subject.model)
 
     def zero_unit_0(out):
         out = out.clone()
-        out.select(unit_dim(out), 0).zero_()
+        out.select(st.dim, 0).zero_()
         return out
 
     correct = 0

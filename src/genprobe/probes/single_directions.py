@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import inputs
-from ..engine.activations import UnitStats, activation_stats, unit_dim
+from ..engine.activations import UnitStats, activation_stats
 from ..engine.sites import discover, is_functional
 from ..errors import ModuleSelectionError
 from ..figures import new_figure, styled
@@ -37,10 +37,10 @@ ALL = "all"
 
 
 
-def layer_sites(subject: Subject, layers, example: Inputs) -> dict[str, int]:
-    """The layers to probe and their unit counts ``{layer: C}`` (the size of the output's unit
-    dim, :func:`~genprobe.engine.activations.unit_dim`), in forward order, checked on `example`
-    (a couple of inputs).
+def layer_sites(subject: Subject, layers, example: Inputs) -> dict[str, tuple[int, int]]:
+    """The layers to probe, their unit counts and unit dims ``{layer: (C, dim)}`` (the dim the
+    weights of the layer producing the output index, :func:`~genprobe.engine.sites.discover`),
+    in forward order, checked on `example` (a couple of inputs).
 
     Default (``layers=None``): every activation module and every activation function the
     forward calls itself (a functional site, :mod:`genprobe.engine.sites`: ``"relu(fc1)"``); a
@@ -49,7 +49,8 @@ def layer_sites(subject: Subject, layers, example: Inputs) -> dict[str, int]:
     dimension, or no row per example (a position embedding of shape (T, D)), is a
     ModuleSelectionError; by default it is skipped.
     """
-    shapes = discover(copy.deepcopy(subject.model), example, subject.final)
+    dims: dict[str, int] = {}
+    shapes = discover(copy.deepcopy(subject.model), example, subject.final, dims=dims)
     functional = [s for s in shapes if is_functional(s)]
     order = list(shapes) + [n for n in subject.forward_order() if n not in shapes]
     sites = select_sites(subject.model, layers, order, functional=functional)
@@ -67,18 +68,18 @@ def layer_sites(subject: Subject, layers, example: Inputs) -> dict[str, int]:
                 raise ModuleSelectionError(f"layer {site!r} {what}: its output has no unit dimension "
                                            "(need a tensor (N, C, ...)); choose another layer")
             continue
-        usable[site] = shape[unit_dim(shape)]
+        usable[site] = (shape[dims[site]], dims[site])
     if not usable:
         raise ModuleSelectionError("no layer with units to probe: the model has no activation "
                                    "modules; name layers whose outputs hold units, e.g. layers='fc1'")
     return usable
 
 
-def train_stats(subject: Subject, sites: Sequence[str]) -> dict[str, UnitStats]:
-    """The unit statistics of `sites` on the training set (the means of mean-ablation, the
-    spreads of the noise, the selectivity order)."""
-    return activation_stats(subject.model, subject.final, subject.data("train"), sites,
-                            num_classes=subject.num_classes)
+def train_stats(subject: Subject, sites: Mapping[str, tuple[int, int]]) -> dict[str, UnitStats]:
+    """The unit statistics of `sites` (:func:`layer_sites`) on the training set (the means of
+    mean-ablation, the spreads of the noise, the selectivity order)."""
+    return activation_stats(subject.model, subject.final, subject.data("train"), list(sites),
+                            num_classes=subject.num_classes, dims={s: d for s, (_, d) in sites.items()})
 
 
 def selectivity_index(class_means: Tensor) -> Tensor:
