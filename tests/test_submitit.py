@@ -246,8 +246,19 @@ def test_the_slurm_script_job_ids_and_which_jobs_still_run(fake_slurm, tmp_path,
 # ----------------------------------------------------------------------------- bad input
 
 
+def _outside_node_local_paths() -> Path:
+    """An existing folder, two levels deep at least, under none of NODE_LOCAL_PATHS (/tmp...):
+    the tests' folder unless the clone is itself under one (a CI checkout in /tmp)."""
+    for folder in (TESTS, Path.home(), Path(sys.prefix)):
+        real = Path(os.path.realpath(folder))
+        if len(real.parts) > 2 and not any(real == Path(p) or Path(p) in real.parents
+                                           for p in executors.NODE_LOCAL_PATHS):
+            return real
+    pytest.skip("no folder outside the node-local paths to test with")
+
+
 def test_storage_that_the_nodes_cannot_see():
-    here = TESTS  # an existing folder outside /tmp
+    here = _outside_node_local_paths()
     mounts = f"/dev/vda / ext4 rw 0 0\ntmpfs {here} tmpfs rw 0 0\nsrv:/home {here.parent} nfs4 rw 0 0\n"
     error, note = executors.storage_problem(here / "sweep", mounts)
     assert note is None and f"is on a file system of type tmpfs (mounted at {here})" in error
