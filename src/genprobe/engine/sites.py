@@ -173,8 +173,8 @@ def discover(model: nn.Module, x: inputs.Inputs, state: Mapping[str, Tensor] | N
 
     `dims`, when given, is filled with each tensor site's unit dim (:func:`unit_dim_of`): the
     dim the weights of the layer that produced it index — followed through activations,
-    dropout, containers and modules that keep their input's shape — so a channels-last ``Linear`` output (n, H, W, C) has its units
-    last and a ``Conv1d`` output (n, C, L) at 1."""
+    dropout, containers and modules that keep their input's shape — so a channels-last
+    ``Linear`` output (n, H, W, C) has its units last and a ``Conv1d`` output (n, C, L) at 1."""
     seen: dict[str, object] = {}
     found: dict[str, int | None] = {}  # site: the dim its producer's weights index
     produced: dict[int, tuple[weakref.ref, int | None]] = {}
