@@ -16,7 +16,7 @@ from torch import nn
 
 import genprobe as gp
 from genprobe import values
-from genprobe.errors import DataError
+from genprobe.errors import ConfigError, DataError
 from genprobe.inputs import Streamed
 from genprobe.probes.registry import get_probe, list_probes
 
@@ -121,6 +121,42 @@ def test_bad_streamed_data_is_named_when_read():
         gp.Subject(model, train=wrong, stream=True)
     with pytest.raises(DataError, match=r"stream must be True, False or None"):
         gp.Subject(model, train=Generated(5), stream="yes")
+
+
+@pytest.mark.parametrize("probe", ["robustness", "ablation", "activation_noise"])
+def test_worker_processes_read_a_streamed_dataset_ahead_with_the_same_results(probe):
+    torch.manual_seed(0)
+    model = ByName()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    train, test = Generated(60), Generated(45)
+    here, ahead = (gp.Subject(model, init=init, train=train, test=test, stream=True, workers=w)
+                   for w in (0, 2))
+    spec = get_probe(probe)
+    train.reads.clear(), test.reads.clear()
+    a = spec.function(ahead, **spec.tiny, batch_size=7)
+    in_this_process = len(train.reads) + len(test.reads)  # the workers' reads are in theirs
+    b = spec.function(here, **spec.tiny, batch_size=7)
+    pd.testing.assert_frame_equal(a.table, b.table, check_exact=True)
+    assert in_this_process < (len(train.reads) + len(test.reads) - in_this_process) / 4
+
+
+def test_an_item_that_fails_in_a_worker_is_named_in_one_line():
+    class Broken(Generated):
+        def __getitem__(self, i):
+            if i == 37:
+                raise OSError("corrupt file images/0037.png")
+            return super().__getitem__(i)
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 3))
+    s = gp.Subject(model, test=Broken(50), stream=True, workers=2)
+    with pytest.raises(DataError, match=r"^test: reading item 37 of the dataset raised OSError: corrupt file"):
+        gp.evaluate(s.model, s.final, s.test, batch_size=8)
+    assert gp.evaluate(s.model, s.final, s.test.subset(range(38, 50)), batch_size=8).n == 12
+    with pytest.raises(ConfigError, match=r"workers must be an integer >= 0, got -1"):
+        gp.Subject(model, test=Broken(50), stream=True, workers=-1)
 
 
 PEAK = textwrap.dedent("""

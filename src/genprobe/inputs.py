@@ -18,7 +18,7 @@ input takes the same path it always did (each function's first branch) at no cos
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -71,30 +71,111 @@ def read_item(dataset: Any, i: int, what: str) -> tuple[Any, Any]:
     return item[0], item[1]
 
 
+class _Items(torch.utils.data.Dataset):
+    """Items `positions` of a Dataset as a worker process reads them: ``(position, input)``, or
+    ``(position, DataError)`` where reading failed (raised in the main process, one line)."""
+
+    def __init__(self, dataset: Any, positions: list[int], what: str):
+        self.dataset, self.positions, self.what = dataset, positions, what
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, j: int) -> tuple[int, Any]:
+        i = self.positions[j]
+        try:
+            return i, read_item(self.dataset, i, self.what)[0]
+        except DataError as exc:
+            return i, exc
+
+
+class _Stacked:
+    """A worker's collate: a chunk of ``(position, input)`` as (count, one batch) — one tensor
+    per leaf crosses to the main process, not one per item — or (count, the first DataError)."""
+
+    def __init__(self, what: str, reference: Inputs):
+        self.what, self.reference = what, reference
+
+    def __call__(self, chunk: list[tuple[int, Any]]) -> tuple[int, Any]:
+        for _, item in chunk:
+            if isinstance(item, DataError):
+                return len(chunk), item
+        try:
+            return len(chunk), stack([item for _, item in chunk], self.what, [i for i, _ in chunk],
+                                     reference=self.reference)
+        except DataError as exc:
+            return len(chunk), exc
+
+
+READ_AHEAD_CHUNK = 16
+"""Items a worker reads per task when Dataset items are read ahead (``Streamed.workers``)."""
+
+
 @dataclass(frozen=True, eq=False)
 class Streamed:
     """Inputs left in a map-style Dataset: items ``positions`` of ``dataset``, read a batch at
     a time by :func:`take` (and checked as they are read, floating parts cast to ``dtype``).
-    ``first``: item ``positions[0]``'s input, read once, for shapes and messages."""
+    ``first``: item ``positions[0]``'s input, read once, for shapes and messages. ``workers``:
+    processes (a torch DataLoader's) that read items ahead while a pass goes through the
+    selection in order; 0 reads them in the calling process."""
 
     dataset: Any
     positions: Tensor  # (N,) int64 indices into dataset
     what: str
     first: Inputs
     dtype: torch.dtype | None = None
+    workers: int = 0
+    _ahead: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.positions)
 
+    def __getstate__(self) -> dict:  # a pass's reader (its worker processes) stays here
+        return {**self.__dict__, "_ahead": {}}
+
     def read(self, index: Tensor | slice | Sequence[int]) -> Inputs:
         """Examples `index` (of this selection), read from the Dataset and stacked."""
         where = self.positions[index]
+        if self.workers and isinstance(index, slice) and index.step in (None, 1) and len(where):
+            x = self._read_ahead(*index.indices(len(self))[:2])
+            check(x, self.what, where.reshape(-1))
+            return x if self.dtype is None else move(x, "cpu", self.dtype)
         items = [read_item(self.dataset, int(i), self.what)[0] for i in where.reshape(-1).tolist()]
         if not items:
             return take(stack([self.first], self.what), slice(0, 0))
         x = stack(items, self.what, [int(i) for i in where.reshape(-1)], reference=self.first)
         check(x, self.what, where.reshape(-1))
         return x if self.dtype is None else move(x, "cpu", self.dtype)
+
+    def _read_ahead(self, start: int, stop: int) -> Inputs:
+        """Items `start`..`stop` of the selection, stacked, from the pass's DataLoader: the one
+        that has read up to `start` goes on (its workers already read ahead); any other request
+        starts one at `start`, over the rest of the selection. It ends with the selection."""
+        ahead = self._ahead
+        if ahead.get("next") != start:
+            ahead.clear()
+            loader = torch.utils.data.DataLoader(
+                _Items(self.dataset, self.positions[start:].tolist(), self.what),
+                batch_size=READ_AHEAD_CHUNK, num_workers=self.workers,
+                collate_fn=_Stacked(self.what, self.first))
+            ahead.update(next=start, chunks=iter(loader), held=[], count=0)
+        held, want = ahead["held"], stop - start
+        try:
+            while ahead["count"] < want:
+                n, x = next(ahead["chunks"])
+                if isinstance(x, DataError):
+                    raise x
+                held.append(x)
+                ahead["count"] += n
+        except BaseException:
+            ahead.clear()
+            raise
+        x = cat(held) if len(held) > 1 else held[0]
+        rest = count(x) - want
+        ahead.update(next=stop, held=[take(x, slice(want, None))] if rest else [], count=rest)
+        if stop >= len(self):
+            ahead.clear()
+        return take(x, slice(0, want)) if rest else x
 
 
 def leaves(x: Inputs) -> list[Tensor]:

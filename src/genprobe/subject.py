@@ -21,6 +21,7 @@ from . import inputs
 from . import params as P
 from .errors import ConfigError, DataError, StateError, one_line
 from .logits import Output, check_output, describe, logits_of, returning_logits
+from .options import check_int
 from .values import Data, as_data
 
 
@@ -46,6 +47,10 @@ class Subject:
             more than a quarter of the available memory. Labels of a streamed Dataset come from
             its ``targets`` attribute when it has one (torchvision's datasets do), else from
             reading every item once.
+        workers: for a streamed Dataset: worker processes (a torch DataLoader's) that read its
+            items ahead of a probe's pass over it, for items whose reading costs (decoding an
+            image file, a transform); 0 (default) reads them in this process. The Dataset must
+            pickle or fork as a DataLoader's does.
     """
 
     model: nn.Module
@@ -58,6 +63,7 @@ class Subject:
     meta: dict = field(default_factory=dict)
     output: Output | None = None
     stream: bool | None = None
+    workers: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, nn.Module):
@@ -87,8 +93,9 @@ class Subject:
         if self.init is not None:
             _check_not_final(model, self.init, self.final)
         dtype = next((v.dtype for v in self.final.values() if v.is_floating_point()), torch.float32)
-        self.train = _as_model_data(self.train, "train", dtype, self.stream)
-        self.test = _as_model_data(self.test, "test", dtype, self.stream)
+        check_int("workers", self.workers, 0)
+        self.train = _as_model_data(self.train, "train", dtype, self.stream, self.workers)
+        self.test = _as_model_data(self.test, "test", dtype, self.stream, self.workers)
         labels = [d.y for d in (self.train, self.test) if d is not None]
         if self.num_classes is None:
             self.num_classes = int(max(int(y.max()) for y in labels)) + 1 if labels else None
@@ -238,12 +245,12 @@ def _check_not_final(model: nn.Module, init: P.State, final: P.State) -> None:
                          "{k: v.clone() for k, v in model.state_dict().items()}")
 
 
-def _as_model_data(data, what: str, dtype: torch.dtype, stream: bool | None) -> Data | None:
+def _as_model_data(data, what: str, dtype: torch.dtype, stream: bool | None, workers: int) -> Data | None:
     """Data with floating inputs in the model's dtype (integer inputs, token ids, stay integer);
-    streamed inputs are cast as they are read."""
+    streamed inputs are cast as they are read, by `workers` processes ahead of the reader."""
     data = as_data(data, what, stream)
     if data is not None and isinstance(data.x, inputs.Streamed):
-        return Data(dataclasses.replace(data.x, dtype=dtype), data.y)
+        return Data(dataclasses.replace(data.x, dtype=dtype, workers=workers), data.y)
     if data is None or not any(v.is_floating_point() and v.dtype != dtype for v in inputs.leaves(data.x)):
         return data
     return Data(inputs.move(data.x, "cpu", dtype), data.y)
