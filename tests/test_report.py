@@ -312,6 +312,14 @@ def test_sweep_report_shows_where_the_time_went(tiny_sweep, tmp_path):
     for row in costs.itertuples():
         assert f">{row.phase}</td>" in section and f">{row.share:.0%}</td>" in section
     assert f"{doc['seconds_total']:.4g} s in all" in section
+    from genprobe.memory import reset_peak_resident
+
+    measured = reset_peak_resident()  # Linux: every phase's peak memory is in the table
+    assert measured == all(f"peak_mib_{p}" in table for p in costs["phase"])
+    for row in costs.itertuples():
+        column = table.get(f"peak_mib_{row.phase}")
+        if column is not None:
+            assert row.peak_mib == column.max() and f">{row.peak_mib:,.0f}</td>" in section
 
 
 def test_a_sweep_with_no_finished_run_is_refused(tmp_path):

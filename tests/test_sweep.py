@@ -70,10 +70,17 @@ def write(path: Path, config: dict) -> Path:
 
 
 def same(a: pd.DataFrame, b: pd.DataFrame) -> None:
-    """Equal tables, exactly (metrics and measures to the last bit), but for the wall times."""
-    times = [c for c in a.columns if c == "seconds" or c.startswith("seconds_")]
-    assert times == [c for c in b.columns if c == "seconds" or c.startswith("seconds_")]
-    pd.testing.assert_frame_equal(a.drop(columns=times), b.drop(columns=times), check_exact=True)
+    """Equal tables, exactly (metrics and measures to the last bit), but for the wall times and
+    peak memory (and whether the system could measure it)."""
+    def costs(t):
+        return [c for c in t.columns if c == "seconds" or c.startswith(("seconds_", "peak_mib_"))]
+    times = costs(a)
+    assert [c for c in times if not c.startswith("peak_mib_")] == \
+        [c for c in costs(b) if not c.startswith("peak_mib_")]
+    a, b = a.drop(columns=times), b.drop(columns=costs(b))
+    a.attrs = {k: v for k, v in a.attrs.items() if k != "peaks"}
+    b.attrs = {k: v for k, v in b.attrs.items() if k != "peaks"}
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
     assert a.attrs == b.attrs
 
 
@@ -388,6 +395,26 @@ def test_user_measures_join_the_table_and_the_ranking(tmp_path, caplog):
     assert ranking.loc["user.weight_norm", "direction"] == 1
     assert math.isfinite(ranking.loc["user.weight_norm", "kendall_tau"])
     assert "defined on 0 of 4 models" in ranking.loc["user.raises", "note"]
+
+
+def test_peak_memory_per_phase_shows_what_a_phase_held(tmp_path):
+    """peak_mib_PHASE: the worker's peak resident memory during each phase; a user measure that
+    holds 512 MiB peaks at least 400 MiB above the tiny network's training, on every run."""
+    from genprobe.memory import reset_peak_resident
+    from genprobe.report.sweeps import cost_table
+
+    if not reset_peak_resident():
+        pytest.skip("this system cannot reset a process's peak resident memory (not Linux)")
+    config = tiny(grid={"width": [4, 6]}, measures={"held": "user_measures:allocates"})
+    run_sweep(SweepConfig.from_dict(config), tmp_path / "s", progress=False)
+    table = read_table(tmp_path / "s")
+    phases = ["training", *TINY["probes"], "user_measures"]
+    assert table.attrs["peaks"] == [f"peak_mib_{p}" for p in phases]
+    peaks = table[[f"peak_mib_{p}" for p in phases]]
+    assert (peaks > 50).all().all()  # a process with torch loaded holds more than that
+    assert (table.peak_mib_user_measures - table.peak_mib_training > 400).all(), peaks
+    costs = cost_table(table).set_index("phase")
+    assert costs.loc["user_measures", "peak_mib"] == table.peak_mib_user_measures.max()
 
 
 def test_sweep_of_the_tiny_example(tmp_path, capsys):

@@ -13,6 +13,12 @@ def weight_norm(subject) -> float:
                      if v.is_floating_point()))
 
 
+def allocates(subject) -> float:
+    """Holds 512 MiB (every page written) while it computes: its phase's peak memory shows it."""
+    block = torch.ones(512 * 2**20 // 8, dtype=torch.float64)
+    return float(block[:10].sum())
+
+
 def raises(subject) -> float:
     raise ValueError("this measure always fails")
 

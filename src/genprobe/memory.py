@@ -70,3 +70,27 @@ def return_freed_memory() -> None:
 
 __all__ = ["DEFAULT_MEMORY_CAP", "DEFAULT_MEMORY_FRACTION", "FALLBACK_MEMORY_BUDGET",
            "available_memory", "default_memory_budget", "resolve_memory_budget", "return_freed_memory"]
+
+
+def reset_peak_resident() -> bool:
+    """Start this process's peak resident memory afresh (Linux: ``/proc/self/clear_refs``, so
+    that :func:`peak_resident` measures from now); whether that was possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_resident() -> int | None:
+    """This process's peak resident memory in bytes since :func:`reset_peak_resident` (Linux's
+    ``VmHWM``: the libraries and data already resident count too), None where unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -93,7 +93,7 @@ from .scores import (
 NOT_HYPERPARAMETERS = ("run", "status", "error", "gap", "loss_gap", "seed", "seconds",
                        "wall_seconds", "converged", "epochs_run")
 """Columns never taken as hyper-parameters by default, besides measures (names with a ".") and
-``train_*`` / ``test_*`` metrics and ``seconds_*`` costs. The seed is the randomness a ranking averages over, not a
+``train_*`` / ``test_*`` metrics and ``seconds_*`` / ``peak_mib_*`` costs. The seed is the randomness a ranking averages over, not a
 hyper-parameter axis: pass ``hyperparameters=`` naming it to make it one."""
 SCORES = ("kendall_tau", "granulated_tau", "cmi")
 RANKING_COLUMNS = ("measure", "direction", "kendall_tau", "kendall_tau_low", "kendall_tau_high",
@@ -229,7 +229,7 @@ def _hyperparameters(table, rows, target, measures, given) -> list[str]:
         else:
             names = [str(c) for c in table.columns if "." not in str(c) and c != target
                      and c not in measures and c not in NOT_HYPERPARAMETERS
-                     and not str(c).startswith(("train_", "test_", "seconds_"))]
+                     and not str(c).startswith(("train_", "test_", "seconds_", "peak_mib_"))]
         names = [h for h in names if h != "seed"]
     clash = [h for h in names if h == target or h in measures]
     if clash:

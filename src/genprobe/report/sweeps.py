@@ -132,17 +132,22 @@ def cost_table(table: pd.DataFrame) -> pd.DataFrame:
     prefix, so a table read without its attrs works too): one row per phase (``training``, each
     probe, ``baselines``, ``user_measures``) with its ``seconds`` summed over the runs, its
     ``share`` of all phases' seconds, and its ``median_per_run`` (over the runs that have it);
-    every run of the table counts, failed ones included (their time was spent too)."""
-    from ..sweep.layout import COST_PREFIX
+    every run of the table counts, failed ones included (their time was spent too); and
+    ``peak_mib``, the largest peak resident memory of a worker in the phase over the runs (its
+    ``peak_mib_PHASE`` column; NaN where not measured)."""
+    from ..sweep.layout import COST_PREFIX, PEAK_PREFIX
 
     columns = [c for c in table.columns if str(c).startswith(COST_PREFIX)]
     totals = {c: float(table[c].sum(skipna=True)) for c in columns}
     whole = sum(totals.values())
+    phases = [c[len(COST_PREFIX):] for c in columns]
     return pd.DataFrame({
-        "phase": [c[len(COST_PREFIX):] for c in columns],
+        "phase": phases,
         "seconds": [totals[c] for c in columns],
         "share": [totals[c] / whole if whole > 0 else math.nan for c in columns],
-        "median_per_run": [float(table[c].median(skipna=True)) for c in columns]})
+        "median_per_run": [float(table[c].median(skipna=True)) for c in columns],
+        "peak_mib": [float(table[PEAK_PREFIX + p].max(skipna=True)) if PEAK_PREFIX + p in table
+                     else math.nan for p in phases]})
 
 
 def build_sweep(sweep: Path) -> SweepContent:
@@ -291,12 +296,17 @@ def _cost_section(doc: dict[str, Any]) -> str:
     shown = pd.DataFrame({"phase": costs["phase"], "seconds": costs["seconds"],
                           "share": [f"{v:.0%}" if pd.notna(v) else "" for v in costs["share"]],
                           "median per run (s)": costs["median_per_run"]})
+    peak = costs["peak_mib"] if "peak_mib" in costs else pd.Series(dtype="float64")
+    if peak.notna().any():
+        shown["peak memory (MiB)"] = [f"{v:,.0f}" if pd.notna(v) else "" for v in peak]
     return ('<section id="costs"><h2>Where the time went</h2>'
             f"<p>The {doc['runs_total']} runs took {doc['seconds_total']:.4g} s in all (each run's "
             "wall seconds in its last attempt, summed: with several jobs the study took less "
             f"wall-clock time){most}. A phase that reused saved work (a finished training, a probe "
             "result from an earlier invocation) counts the loading only; the first probe of a "
-            "run includes loading the run.</p>"
+            "run includes loading the run. Peak memory is the largest over the runs of a worker "
+            "process's peak resident memory during the phase (the libraries and data it already "
+            "held count too).</p>"
             + H.table(shown, max_rows=len(shown)) + "</section>")
 
 

@@ -33,6 +33,9 @@ METRICS = ("train_error", "test_error", "train_loss", "test_loss")
 GAPS = ("gap", "loss_gap")
 COST_PREFIX = "seconds_"
 """Column prefix of a run's seconds per phase (``seconds_training``, ``seconds_robustness``, ...)."""
+PEAK_PREFIX = "peak_mib_"
+"""Column prefix of a run's peak resident memory per phase in MiB (``peak_mib_training``, ...;
+``peak_mib_cuda:PHASE``: torch's peak allocation on the GPU), where it was measurable."""
 """test_error − train_error and test_loss − train_loss."""
 
 
@@ -75,7 +78,8 @@ def build_table(runs: list[SweepRun], records: dict[str, dict],
     train error), ``loss_gap``, every measure (``probe.key``, ``baseline.*``), ``status``,
     ``error`` and ``seconds`` (wall time of the run's last attempt), ``seconds_PHASE`` for each
     phase of it (``training``, each probe by name, ``baselines``, ``user_measures``; the first
-    probe's includes loading the run), ``converged`` (whether it
+    probe's includes loading the run) and ``peak_mib_PHASE`` (the worker's peak resident memory
+    during it, MiB, where measurable), ``converged`` (whether it
     reached its training target; missing without one) and ``epochs_run``. ``table.attrs`` names
     the column groups (``hyperparameters``, ``metrics``, ``measures``), counts the runs, and with
     `config` holds its ``probes``, ``baselines``, ``user_measures`` and ``ranking`` options (what
@@ -109,9 +113,16 @@ def build_table(runs: list[SweepRun], records: dict[str, dict],
     for phase in phases:  # where each run's time went: training, each probe, baselines, ...
         columns[COST_PREFIX + phase] = pd.Series(
             [rec.get("phase_seconds", {}).get(phase, math.nan) for _, rec in rows], dtype="float64")
+    peaks: dict[str, None] = {}
+    for _, rec in rows:
+        peaks.update(dict.fromkeys(rec.get("phase_peak_mib", {})))
+    for phase in peaks:
+        columns[PEAK_PREFIX + phase] = pd.Series(
+            [rec.get("phase_peak_mib", {}).get(phase, math.nan) for _, rec in rows], dtype="float64")
     table = pd.DataFrame(columns)
     table.attrs = {"hyperparameters": hyper, "metrics": [*METRICS, *GAPS],
                    "measures": list(measures), "costs": [COST_PREFIX + p for p in phases],
+                   "peaks": [PEAK_PREFIX + p for p in peaks],
                    "runs": len(runs),
                    "done": sum(rec["status"] == "done" for _, rec in rows),
                    "failed": sum(rec["status"] == "failed" for _, rec in rows)}

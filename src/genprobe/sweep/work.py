@@ -20,14 +20,33 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _timed(seconds: dict[str, float], phase: str):
+def _timed(seconds: dict[str, float], phase: str, peaks: dict[str, float] | None = None,
+           device: str = "cpu"):
     """Add the wall seconds of the block to ``seconds[phase]`` (a run's training, each probe, the
-    baselines, the user's measures), also when it fails."""
+    baselines, the user's measures), also when it fails; with `peaks`, the process's peak
+    resident memory during the block in MiB to ``peaks[phase]`` (the largest where a phase comes
+    again; where measurable: Linux), and where `device` is a GPU the peak of torch's allocations
+    on it to ``peaks["cuda:" + phase]``."""
+    import torch
+
+    from ..device import resolve_device
+    from ..memory import peak_resident, reset_peak_resident
+
+    cuda = peaks is not None and resolve_device(device).type == "cuda"
+    measured = peaks is not None and reset_peak_resident()
+    if peaks is not None and cuda:
+        torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
     try:
         yield
     finally:
         seconds[phase] = seconds.get(phase, 0.0) + time.perf_counter() - began
+        peak = peak_resident() if measured else None
+        if peak is not None:
+            peaks[phase] = max(peaks.get(phase, 0.0), peak / 2**20)
+        if peaks is not None and cuda:
+            key = f"cuda:{phase}"
+            peaks[key] = max(peaks.get(key, 0.0), torch.cuda.max_memory_allocated() / 2**20)
 
 
 def _unit(out: Path, run: SweepRun, config: SweepConfig, device: str, threads: int) -> dict[str, Any]:
@@ -53,13 +72,14 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
         "probes": unit["probes"], "baselines": unit["baselines"],
         "user_measures": unit.get("measures", {}), "measure_errors": {},
         "figures": unit["figures"], "device": unit["device"], "threads": unit["threads"],
-        "genprobe_version": __version__, "phase_seconds": {}, "reused": [], "epochs_trained": 0}
-    seconds = record["phase_seconds"]
+        "genprobe_version": __version__, "phase_seconds": {}, "phase_peak_mib": {}, "reused": [],
+        "epochs_trained": 0}
+    seconds, peaks = record["phase_seconds"], record["phase_peak_mib"]
     phase = "training"
     try:
         (run / RECORD).unlink(missing_ok=True)  # a failed or outdated record is redone
         _clean_stale(run)
-        with _timed(seconds, "training"):
+        with _timed(seconds, "training", peaks, unit["device"]):
             record["epochs_trained"] = _train(run, unit)
             record["metrics"] = _final_metrics(run)
         if not record["epochs_trained"]:
@@ -67,7 +87,7 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
         subject = _LazySubject(run)
         for name, options in unit["probes"].items():
             phase = f"probe {name}"
-            with _timed(seconds, name):  # the first one also loads the run
+            with _timed(seconds, name, peaks, unit["device"]):  # the first one also loads the run
                 summary, saved = _probe(run, name, options, subject, unit["device"], unit["figures"])
             record["measures"].update({f"{name}.{k}": v for k, v in summary.items()})
             if saved:
@@ -77,7 +97,7 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
             from .. import measures
 
             options = {"device": unit["device"]} | unit["baselines"]
-            with _timed(seconds, "baselines"):
+            with _timed(seconds, "baselines", peaks, unit["device"]):
                 values = measures.baselines(subject.get(), **options)
             record["measures"].update({k if k.startswith("baseline.") else f"baseline.{k}": float(v)
                                        for k, v in values.items()})
@@ -86,7 +106,7 @@ def run_unit(unit: dict[str, Any]) -> dict[str, Any]:
             from ..measures import evaluate_measure, import_measure
 
             spec = import_measure(name, entry["function"], direction=entry["direction"])
-            with _timed(seconds, "user_measures"):
+            with _timed(seconds, "user_measures", peaks, unit["device"]):
                 record["measures"][spec.column], why = evaluate_measure(spec, subject.get())
             if why is not None:  # the run goes on: one line names the measure
                 record["measure_errors"][spec.column] = why
