@@ -3,7 +3,8 @@
 Runs a sweep config from scratch into a fresh directory (``genprobe sweep CONFIG --out OUT``,
 its own jobs and threads), times it, and splits the runs' seconds by phase from the table's cost
 columns (``seconds_training``, ``seconds_<probe>``, ``seconds_baselines``): per phase the total,
-its share, and the median per run; then the probes' total against training's.
+its share, the median per run and the largest peak memory (``peak_mib_<phase>``); then the
+probes' total against training's.
 
     python benchmarks/bench_throughput.py examples/sweeps/generalization.yaml --out /tmp/gen
 """
@@ -33,12 +34,15 @@ def main() -> None:
     phases = [c for c in table.columns if c.startswith("seconds_")]
     runs = len(table)
     print(f"\n{runs} runs in {wall:.0f} s: {runs * 3600 / wall:.0f} models per hour\n")
-    print("| phase | total (s) | share | median per run (s) |\n|---|---:|---:|---:|")
+    print("| phase | total (s) | share | median per run (s) | peak memory, max over runs (MiB) |\n"
+          "|---|---:|---:|---:|---:|")
     total = float(table[phases].sum().sum())
     for c in phases:
         col = table[c].astype(float)
+        peak = "peak_mib_" + c.removeprefix("seconds_")
+        shown = f"{table[peak].max():,.0f}" if peak in table else "-"
         print(f"| {c.removeprefix('seconds_')} | {col.sum():.1f} | {col.sum() / total:.1%} | "
-              f"{col.median():.2f} |")
+              f"{col.median():.2f} | {shown} |")
     probes = [c for c in phases if c not in ("seconds_training", "seconds_baselines",
                                              "seconds_user_measures")]
     p, tr = float(table[probes].sum().sum()), float(table["seconds_training"].sum())
