@@ -54,13 +54,19 @@ class ByName(nn.Module):
         return self.net(image)
 
 
-def subjects(stream_kwargs: dict, **dataset):
+def moved() -> tuple[nn.Module, dict]:
+    """A ByName network moved away from its initial state, and that state."""
     torch.manual_seed(0)
     model = ByName()
     init = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))
+    return model, init
+
+
+def subjects(stream_kwargs: dict, **dataset):
+    model, init = moved()
     return [gp.Subject(model, init=init, train=Generated(60, **dataset), test=Generated(45, **dataset),
                        stream=stream) for stream in (True, False)]
 
@@ -125,12 +131,7 @@ def test_bad_streamed_data_is_named_when_read():
 
 @pytest.mark.parametrize("probe", ["robustness", "ablation", "activation_noise"])
 def test_worker_processes_read_a_streamed_dataset_ahead_with_the_same_results(probe):
-    torch.manual_seed(0)
-    model = ByName()
-    init = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.2 * torch.randn_like(p))
+    model, init = moved()
     train, test = Generated(60), Generated(45)
     here, ahead = (gp.Subject(model, init=init, train=train, test=test, stream=True, workers=w)
                    for w in (0, 2))
