@@ -90,21 +90,21 @@ class _Items(torch.utils.data.Dataset):
 
 
 class _Stacked:
-    """A worker's collate: a chunk of ``(position, input)`` as (count, one batch) — one tensor
-    per leaf crosses to the main process, not one per item — or (count, the first DataError)."""
+    """A worker's collate: a chunk of ``(position, input)`` as one batch — one tensor per leaf
+    crosses to the main process, not one per item — or the chunk's first DataError."""
 
     def __init__(self, what: str, reference: Inputs):
         self.what, self.reference = what, reference
 
-    def __call__(self, chunk: list[tuple[int, Any]]) -> tuple[int, Any]:
+    def __call__(self, chunk: list[tuple[int, Any]]) -> Inputs | DataError:
         for _, item in chunk:
             if isinstance(item, DataError):
-                return len(chunk), item
+                return item
         try:
-            return len(chunk), stack([item for _, item in chunk], self.what, [i for i, _ in chunk],
-                                     reference=self.reference)
+            return stack([item for _, item in chunk], self.what, [i for i, _ in chunk],
+                         reference=self.reference)
         except DataError as exc:
-            return len(chunk), exc
+            return exc
 
 
 READ_AHEAD_CHUNK = 16
@@ -136,14 +136,13 @@ class Streamed:
     def read(self, index: Tensor | slice | Sequence[int]) -> Inputs:
         """Examples `index` (of this selection), read from the Dataset and stacked."""
         where = self.positions[index]
-        if self.workers and isinstance(index, slice) and index.step in (None, 1) and len(where):
-            x = self._read_ahead(*index.indices(len(self))[:2])
-            check(x, self.what, where.reshape(-1))
-            return x if self.dtype is None else move(x, "cpu", self.dtype)
-        items = [read_item(self.dataset, int(i), self.what)[0] for i in where.reshape(-1).tolist()]
-        if not items:
+        if not len(where):
             return take(stack([self.first], self.what), slice(0, 0))
-        x = stack(items, self.what, [int(i) for i in where.reshape(-1)], reference=self.first)
+        if self.workers and isinstance(index, slice) and index.step in (None, 1):
+            x = self._read_ahead(*index.indices(len(self))[:2])
+        else:
+            items = [read_item(self.dataset, int(i), self.what)[0] for i in where.reshape(-1).tolist()]
+            x = stack(items, self.what, [int(i) for i in where.reshape(-1)], reference=self.first)
         check(x, self.what, where.reshape(-1))
         return x if self.dtype is None else move(x, "cpu", self.dtype)
 
@@ -158,21 +157,20 @@ class Streamed:
                 _Items(self.dataset, self.positions[start:].tolist(), self.what),
                 batch_size=READ_AHEAD_CHUNK, num_workers=self.workers,
                 collate_fn=_Stacked(self.what, self.first))
-            ahead.update(next=start, chunks=iter(loader), held=[], count=0)
+            ahead.update(next=start, chunks=iter(loader), held=[])
         held, want = ahead["held"], stop - start
         try:
-            while ahead["count"] < want:
-                n, x = next(ahead["chunks"])
+            while sum(count(h) for h in held) < want:
+                x = next(ahead["chunks"])
                 if isinstance(x, DataError):
                     raise x
                 held.append(x)
-                ahead["count"] += n
         except BaseException:
             ahead.clear()
             raise
         x = cat(held) if len(held) > 1 else held[0]
         rest = count(x) - want
-        ahead.update(next=stop, held=[take(x, slice(want, None))] if rest else [], count=rest)
+        ahead.update(next=stop, held=[take(x, slice(want, None))] if rest else [])
         if stop >= len(self):
             ahead.clear()
         return take(x, slice(0, want)) if rest else x

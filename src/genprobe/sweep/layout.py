@@ -31,12 +31,12 @@ LOCK = ".lock"
 METRICS = ("train_error", "test_error", "train_loss", "test_loss")
 """The final-epoch metrics of each run (from its ``metrics.parquet``)."""
 GAPS = ("gap", "loss_gap")
+"""test_error − train_error and test_loss − train_loss."""
 COST_PREFIX = "seconds_"
 """Column prefix of a run's seconds per phase (``seconds_training``, ``seconds_robustness``, ...)."""
 PEAK_PREFIX = "peak_mib_"
 """Column prefix of a run's peak resident memory per phase in MiB (``peak_mib_training``, ...;
 ``peak_mib_cuda:PHASE``: torch's peak allocation on the GPU), where it was measurable."""
-"""test_error − train_error and test_loss − train_loss."""
 
 
 
@@ -107,22 +107,11 @@ def build_table(runs: list[SweepRun], records: dict[str, dict],
     columns["status"] = pd.Series([rec["status"] for _, rec in rows], dtype=object)
     columns["error"] = pd.Series([rec.get("error") for _, rec in rows], dtype=object)
     columns["seconds"] = pd.Series([rec.get("seconds", math.nan) for _, rec in rows], dtype="float64")
-    phases: dict[str, None] = {}
-    for _, rec in rows:
-        phases.update(dict.fromkeys(rec.get("phase_seconds", {})))
-    for phase in phases:  # where each run's time went: training, each probe, baselines, ...
-        columns[COST_PREFIX + phase] = pd.Series(
-            [rec.get("phase_seconds", {}).get(phase, math.nan) for _, rec in rows], dtype="float64")
-    peaks: dict[str, None] = {}
-    for _, rec in rows:
-        peaks.update(dict.fromkeys(rec.get("phase_peak_mib", {})))
-    for phase in peaks:
-        columns[PEAK_PREFIX + phase] = pd.Series(
-            [rec.get("phase_peak_mib", {}).get(phase, math.nan) for _, rec in rows], dtype="float64")
+    costs = _per_phase(columns, rows, "phase_seconds", COST_PREFIX)  # where each run's time went
+    peaks = _per_phase(columns, rows, "phase_peak_mib", PEAK_PREFIX)
     table = pd.DataFrame(columns)
     table.attrs = {"hyperparameters": hyper, "metrics": [*METRICS, *GAPS],
-                   "measures": list(measures), "costs": [COST_PREFIX + p for p in phases],
-                   "peaks": [PEAK_PREFIX + p for p in peaks],
+                   "measures": list(measures), "costs": costs, "peaks": peaks,
                    "runs": len(runs),
                    "done": sum(rec["status"] == "done" for _, rec in rows),
                    "failed": sum(rec["status"] == "failed" for _, rec in rows)}
@@ -130,6 +119,19 @@ def build_table(runs: list[SweepRun], records: dict[str, dict],
         table.attrs |= {"probes": config.probes, "baselines": config.baselines,
                         "user_measures": config.measures, "ranking": config.ranking}
     return table
+
+
+def _per_phase(columns: dict[str, pd.Series], rows: list[tuple[SweepRun, dict]], key: str,
+               prefix: str) -> list[str]:
+    """Add a float column `prefix` + PHASE for each phase of the records' ``key`` mapping (NaN
+    where a run lacks it), in first-seen order; their names."""
+    phases: dict[str, None] = {}
+    for _, rec in rows:
+        phases.update(dict.fromkeys(rec.get(key, {})))
+    for phase in phases:
+        columns[prefix + phase] = pd.Series([rec.get(key, {}).get(phase, math.nan) for _, rec in rows],
+                                            dtype="float64")
+    return [prefix + p for p in phases]
 
 
 def read_table(sweep: str | Path) -> pd.DataFrame:

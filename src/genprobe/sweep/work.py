@@ -20,21 +20,20 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def _timed(seconds: dict[str, float], phase: str, peaks: dict[str, float] | None = None,
-           device: str = "cpu"):
+def _timed(seconds: dict[str, float], phase: str, peaks: dict[str, float], device: str):
     """Add the wall seconds of the block to ``seconds[phase]`` (a run's training, each probe, the
-    baselines, the user's measures), also when it fails; with `peaks`, the process's peak
-    resident memory during the block in MiB to ``peaks[phase]`` (the largest where a phase comes
-    again; where measurable: Linux), and where `device` is a GPU the peak of torch's allocations
-    on it to ``peaks["cuda:" + phase]``."""
+    baselines, the user's measures), also when it fails, and the process's peak resident memory
+    during the block in MiB to ``peaks[phase]`` (the largest where a phase comes again; where
+    measurable: Linux); where `device` is a GPU, the peak of torch's allocations on it to
+    ``peaks["cuda:" + phase]``."""
     import torch
 
     from ..device import resolve_device
     from ..memory import peak_resident, reset_peak_resident
 
-    cuda = peaks is not None and resolve_device(device).type == "cuda"
-    measured = peaks is not None and reset_peak_resident()
-    if peaks is not None and cuda:
+    cuda = resolve_device(device).type == "cuda"
+    measured = reset_peak_resident()
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
     began = time.perf_counter()
     try:
@@ -44,7 +43,7 @@ def _timed(seconds: dict[str, float], phase: str, peaks: dict[str, float] | None
         peak = peak_resident() if measured else None
         if peak is not None:
             peaks[phase] = max(peaks.get(phase, 0.0), peak / 2**20)
-        if peaks is not None and cuda:
+        if cuda:
             key = f"cuda:{phase}"
             peaks[key] = max(peaks.get(key, 0.0), torch.cuda.max_memory_allocated() / 2**20)
 
