@@ -68,10 +68,6 @@ def return_freed_memory() -> None:
         pass
 
 
-__all__ = ["DEFAULT_MEMORY_CAP", "DEFAULT_MEMORY_FRACTION", "FALLBACK_MEMORY_BUDGET",
-           "available_memory", "default_memory_budget", "resolve_memory_budget", "return_freed_memory"]
-
-
 def reset_peak_resident() -> bool:
     """Start this process's peak resident memory afresh (Linux: ``/proc/self/clear_refs``, so
     that :func:`peak_resident` measures from now); whether that was possible."""
@@ -94,3 +90,8 @@ def peak_resident() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+__all__ = ["DEFAULT_MEMORY_CAP", "DEFAULT_MEMORY_FRACTION", "FALLBACK_MEMORY_BUDGET",
+           "available_memory", "default_memory_budget", "peak_resident", "reset_peak_resident",
+           "resolve_memory_budget", "return_freed_memory"]
